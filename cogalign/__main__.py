@@ -1,0 +1,3 @@
+from cogalign.cli import main
+
+main()
