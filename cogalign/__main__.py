@@ -1,3 +1,4 @@
 from cogalign.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes (spawn) re-import this module
+    main()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from cogalign.errors import CogalignError
+
 TARGET_KINDS = ("vq", "px")
 RESIZE_MODES = ("stretch", "pad", "crop")
 RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming")
@@ -19,7 +21,7 @@ OUTPUT_FORMATS = ("parquet", "jsonl", "json")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit
 
 
-class OptionError(ValueError):
+class OptionError(CogalignError, ValueError):
     """An option value is invalid; the message names the option and the fix."""
 
 

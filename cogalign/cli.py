@@ -1,0 +1,173 @@
+"""The `cogalign` command line: a thin typer layer over the library."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cogalign.errors import CogalignError
+from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data.")
+
+
+def _default_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+
+
+def _say(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
+             max_image_pixels, allow_absolute_paths, fmt) -> ExpandOptions:
+    from cogalign.regions import parse_regions
+
+    return ExpandOptions(
+        targets=parse_list(targets, TARGET_KINDS, "targets"), regions=parse_regions(regions), vq=vq,
+        vq_resolution=parse_resolution(vq_resolution, "vq-resolution"),
+        px_resolution=parse_resolution(px_resolution, "px-resolution"), vq_scope=vq_scope, resize=resize,
+        resample=resample, seed=seed, templates=templates, max_image_pixels=max_image_pixels,
+        allow_absolute_paths=allow_absolute_paths, format=fmt)
+
+
+# Options shared by expand and validate, declared once.
+ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
+MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Reject images with more pixels than this (decompression-bomb guard).")
+AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths Default: off (only paths under --image-root are opened).")
+Workers = typer.Option(None, "--workers", help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
+
+
+@app.command()
+def expand(
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
+    vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a preset name (demo, vqgan-4096) or a taming checkpoint folder/file with its yaml."),
+    targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
+    regions: str = typer.Option("quarters", "--regions", help="Regions to draw from: names (full, upper-left, ..., left, ..., center, box) or groups (quarters, halves, all), comma-separated."),
+    vq_resolution: str = typer.Option("672", "--vq-resolution", help="Working resolution of the VQ target: N or HxW (a multiple of the tokenizer's factor)."),
+    px_resolution: str = typer.Option("672", "--px-resolution", help="Working resolution of the RGB target: N or HxW. 672 reproduces the paper (1.8 MB of text per quarter); 32 is trainable."),
+    vq_scope: str = typer.Option("region", "--vq-scope", help="region: encode each region on its own; image: encode the whole image once and slice the index grid."),
+    resize: str = typer.Option("stretch", "--resize", help="How images reach the working resolution: stretch, pad (LLaVA pad-to-square), crop (centre square)."),
+    resample: str = typer.Option("bicubic", "--resample", help="Resize filter: bicubic, bilinear, lanczos, nearest, box, hamming."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
+    image_root: Optional[Path] = ImageRoot,
+    batch_size: int = typer.Option(32, "--batch-size", help="Regions per tokenizer batch."),
+    workers: Optional[int] = Workers,
+    device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
+    num_shards: int = typer.Option(1, "--num-shards", help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
+    shard_index: int = typer.Option(0, "--shard-index", help="Which slice this run does, 0..num-shards-1."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier run wrote in --out and start over. Default: off (resume)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that unpickle Python objects (runs code from the file; only for sources you trust). Default: off."),
+    max_image_pixels: int = MaxPixels,
+    allow_absolute_paths: bool = AllowAbs,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print how many records would be expanded and the estimated output size, then stop. Default: off."),
+    no_progress: bool = NoProgress,
+) -> None:
+    """Expand every image record with one VQ pair and one RGB pair (Tables 4-6 of the paper)."""
+    from cogalign import report
+    from cogalign.executor import Runtime, expand as run_expand, resolve_options
+
+    try:
+        options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
+                           str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt)
+        runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
+                          device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
+                          slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
+        if dry_run:
+            from cogalign.validate import dry_run as run_dry
+
+            options, _, tokenizer = resolve_options(options, runtime, "cpu")
+            for key, value in run_dry(input, options, tokenizer).items():
+                typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")
+            return
+        result = run_expand(input, out, options, runtime, image_root)
+    except CogalignError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
+    where = str(out) + ("" if result.finalized else "  (this slice is done; run `cogalign merge-report "
+                                                     f"{out}` once all slices are)")
+    note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
+    for line in report.summary_lines(result.counts, result.reasons, result.seconds, where, note):
+        _say(line)
+
+
+@app.command()
+def validate(
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    image_root: Optional[Path] = ImageRoot,
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here."),
+    workers: Optional[int] = Workers,
+    max_image_pixels: int = MaxPixels,
+    allow_absolute_paths: bool = AllowAbs,
+    no_progress: bool = NoProgress,
+) -> None:
+    """Check every record and decode every image without computing targets; exit 1 if anything is rejected."""
+    from cogalign import report
+    from cogalign.validate import validate as run_validate
+
+    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths)
+    try:
+        result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
+                              rejects, progress=not no_progress)
+    except CogalignError as e:
+        _fail(str(e))
+    for line in report.summary_lines(result.counts, result.reasons, result.seconds, str(rejects or "-"),
+                                     expanded_label="would expand"):
+        _say(line)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("merge-report")
+def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced run (--num-shards).")) -> None:
+    """Write report.json, rejects.jsonl and the dataset card once every slice has finished."""
+    from cogalign import report
+
+    try:
+        rep = report.finalize(out)
+    except (CogalignError, FileNotFoundError) as e:
+        _fail(str(e))
+    _say(f"records: {rep['input']}  expanded: {rep['expanded']}  passed: {rep['passed']}  rejected: {rep['rejected']}")
+    _say(f"top reject reasons: {report.top_reasons(rep['reject_reasons'])}")
+    _say(f"output: {out}")
+
+
+def _mount_subcommands() -> None:
+    from cogalign.cli_templates import templates_app
+    from cogalign.cli_vq import vq_app
+
+    app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
+    app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except CogalignError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,118 @@
+"""`cogalign templates`: list, show and try out the cognition-alignment prompt templates."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import numpy as np
+import typer
+
+from cogalign.errors import CogalignError
+from cogalign.options import OptionError, parse_resolution
+from cogalign.regions import parse_regions, sample_region
+from cogalign.templates import KINDS, TemplateSampler
+
+templates_app = typer.Typer(
+    help="List, show and sample the prompt templates (Table 4: VQ, Table 5: RGB).",
+    no_args_is_help=True,
+)
+
+
+class Kind(str, Enum):
+    vq = "vq"
+    px = "px"
+
+
+class KindOrAll(str, Enum):
+    vq = "vq"
+    px = "px"
+    all = "all"
+
+
+TemplatesOption = typer.Option(
+    None, "--templates", metavar="PATH",
+    help="Directory with vq.txt/px.txt, or a .json/.yaml file {vq: [...], px: [...]}; "
+         "a kind it lacks uses the shipped templates. Default: the shipped Table 4/5 templates.",
+)
+
+
+def _sampler(templates: Optional[Path]) -> TemplateSampler:
+    try:
+        return TemplateSampler.from_path(templates)
+    except CogalignError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@templates_app.command("list")
+def list_templates(
+    kind: KindOrAll = typer.Option(KindOrAll.all, "--kind", help="Which table to list: vq, px or all."),
+    templates: Optional[Path] = TemplatesOption,
+) -> None:
+    """Print each template as KIND<TAB>ID<TAB>TEXT."""
+    sampler = _sampler(templates)
+    for k in KINDS if kind is KindOrAll.all else (kind.value,):
+        for template_id, text in enumerate(sampler.templates(k)):
+            typer.echo(f"{k}\t{template_id}\t{text}")
+
+
+@templates_app.command("show")
+def show(
+    template_id: int = typer.Argument(..., metavar="ID", help="Template id, as printed by `templates list` (0-based)."),
+    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table: vq or px."),
+    templates: Optional[Path] = TemplatesOption,
+) -> None:
+    """Print one template."""
+    items = _sampler(templates).templates(kind.value)
+    if not 0 <= template_id < len(items):
+        _fail(f"{kind.value} template id {template_id} out of range 0..{len(items) - 1}")
+    typer.echo(items[template_id])
+
+
+@templates_app.command("sample")
+def sample(
+    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table to draw from: vq or px."),
+    region: str = typer.Option(
+        "upper-left", "--region",
+        help="Region name, group (quarters, halves, all) or comma list, drawn uniformly per prompt."),
+    resolution: str = typer.Option(
+        "672", "--resolution", help="Working resolution N or HxW that the hint states."),
+    length: str = typer.Option(
+        "auto", "--length",
+        help="VQ hint length: a number, or auto = (h/factor)*(w/factor) of the region. Ignored for px."),
+    factor: int = typer.Option(
+        8, "--factor", min=1, help="VQ tokenizer downsampling factor f; VQ boxes align to it."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for regions and templates."),
+    count: int = typer.Option(3, "--count", min=1, help="How many prompts to print."),
+    templates: Optional[Path] = TemplatesOption,
+) -> None:
+    """Print filled prompts, one per line: [ID] REGION (x0, y0, x1, y1): TEXT."""
+    sampler = _sampler(templates)
+    rng = np.random.default_rng(seed)
+    try:
+        names = parse_regions(region, option="region")
+        height, width = parse_resolution(resolution)
+        fixed_length = None if length == "auto" else _parse_length(length)
+        align = factor if kind is Kind.vq else 1
+        for _ in range(count):
+            chosen = sample_region(rng, names, height, width, align)
+            n = fixed_length if fixed_length is not None else (chosen.height // factor) * (chosen.width // factor)
+            prompt = sampler.prompt(kind.value, rng, chosen, (height, width), n if kind is Kind.vq else None)
+            typer.echo(f"[{prompt.template_id}] {chosen.name} {chosen.box}: {prompt.text}")
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _parse_length(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise OptionError(f"--length {value!r}: expected a positive integer or auto") from None
+    if n < 1:
+        raise OptionError(f"--length {value!r}: expected a positive integer or auto")
+    return n

@@ -1,0 +1,85 @@
+"""Which part of the work is this process's: torchrun ranks and job slices.
+
+Output shard `j` belongs to worker `w` of `total` when `j % total == w`, where
+`total = num_slices * world_size` and `w = slice_index * world_size + rank`.
+A slice (`--num-shards K --shard-index i`) is one job of a Slurm array or one
+machine; ranks are the processes of one torchrun launch inside it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkSlice:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    slice_index: int = 0
+    num_slices: int = 1
+
+    @property
+    def worker(self) -> int:
+        return self.slice_index * self.world_size + self.rank
+
+    @property
+    def total(self) -> int:
+        return self.num_slices * self.world_size
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.total == self.worker
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(num_slices: int = 1, slice_index: int = 0) -> WorkSlice:
+    if not 0 <= slice_index < num_slices:
+        raise ValueError(f"--shard-index {slice_index} must be in 0..{num_slices - 1} (--num-shards {num_slices})")
+    return WorkSlice(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                     local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                     slice_index=slice_index, num_slices=num_slices)
+
+
+def init_process_group(work: WorkSlice) -> bool:
+    """Join torchrun's process group (nccl with gloo beside it on GPUs, gloo on CPUs)."""
+    if work.world_size <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    if torch.cuda.is_available():
+        torch.cuda.set_device(work.local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=48))
+    return True
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(work: WorkSlice, device: str) -> str:
+    """`auto` -> this rank's GPU if there is one, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return f"cuda:{work.local_rank}" if torch.cuda.is_available() else "cpu"

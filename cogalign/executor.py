@@ -1,0 +1,261 @@
+"""Run `expand` over a whole input: shards, resume, ranks, and overlapped stages.
+
+Records stream in input order. Worker processes prepare them (decode, crop,
+RGB text); the main process batches the VQ inputs through the tokenizer and
+finishes each record; one writer thread writes and publishes the shards. The
+output depends only on the input and `ExpandOptions`, never on batch size,
+worker count, ranks or interruptions.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from cogalign import distributed, estimate, report
+from cogalign.errors import CogalignError
+from cogalign.layout import Layout, check_or_write_manifest, clear_output
+from cogalign.options import ExpandOptions
+from cogalign.pool import PreparePool
+from cogalign.progress import Progress
+from cogalign.records import count_records, iter_records
+from cogalign.templates import TemplateSampler
+from cogalign.worker import EXPAND, PASS, Prepared, WorkerContext, finish
+from cogalign.writer import open_shard, write_atomic
+
+
+@dataclass
+class Runtime:
+    """Knobs that change speed, never the bytes written."""
+
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    shard_size: int | None = None
+    overwrite: bool = False
+    num_slices: int = 1
+    slice_index: int = 0
+    progress: bool = True
+    trust_pickle: bool = False
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    finalized: bool = False
+    report: dict | None = None
+
+
+def resolve_options(options: ExpandOptions, runtime: Runtime, device: str = "cpu"):
+    """Load the tokenizer and templates once; fill in their names and hashes."""
+    sampler = TemplateSampler.from_path(options.templates) if options.templates else TemplateSampler()
+    tokenizer = None
+    if "vq" in options.targets:
+        from cogalign.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
+        for h, w in [options.vq_resolution]:
+            if h % tokenizer.downsample or w % tokenizer.downsample:
+                raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
+                                    f"downsampling factor {tokenizer.downsample}; pick e.g. "
+                                    f"{h - h % tokenizer.downsample or tokenizer.downsample}")
+        options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
+    return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
+
+
+def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
+           runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
+    runtime = runtime or Runtime()
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    image_root = Path(image_root) if image_root else input_path.parent
+    work = distributed.from_env(runtime.num_slices, runtime.slice_index)
+    distributed.init_process_group(work)
+    try:
+        return _expand(input_path, out_dir, options, runtime, image_root, work)
+    finally:
+        distributed.destroy()
+
+
+def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResult:
+    started = time.perf_counter()
+    options, sampler, tokenizer = resolve_options(options, runtime, distributed.device_for(work, runtime.device))
+    n_records = count_records(input_path)
+    shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
+    layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)
+    if runtime.overwrite and work.is_main and work.slice_index == 0:
+        clear_output(out_dir)
+    distributed.barrier()
+    manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
+                "input": str(input_path), "records": n_records, "shard_size": shard_size,
+                "num_shards": layout.num_shards, "format": options.format}
+    check_or_write_manifest(out_dir, manifest)
+    layout.make_dirs()
+    mine = [s for s in range(layout.num_shards) if work.owns(s)]
+    todo = [s for s in mine if not layout.is_complete(s)]
+    result = RunResult(out_dir, shards_skipped=len(mine) - len(todo))
+    ctx = WorkerContext(options, image_root, tokenizer.downsample if tokenizer else 1, sampler)
+    n_todo = sum(min(shard_size, n_records - s * shard_size) for s in todo)
+    with Progress(n_todo, enabled=runtime.progress and work.is_main, label="expand") as bar:
+        if todo:
+            _run_shards(input_path, layout, shard_size, set(todo), ctx, tokenizer, runtime, result, bar)
+    result.seconds = time.perf_counter() - started
+    distributed.barrier()
+    if work.is_main and all(layout.is_complete(s) for s in range(layout.num_shards)):
+        result.report = report.finalize(out_dir)
+        result.finalized = True
+    return result
+
+
+def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
+    sink = ShardSink(layout, ctx.options.format, result)
+    batcher = EncodeBatcher(tokenizer, runtime.batch_size)
+    records = iter_records(input_path, skip=lambda i: i // shard_size not in todo)
+    mine = ((i, r) for i, r in records if i // shard_size in todo)
+    try:
+        with PreparePool(ctx, runtime.workers) as pool:
+            for prepared in pool.map(mine):
+                batcher.add(prepared)
+                for done, grids in batcher.drain():
+                    sink.add(done.index // shard_size, done, grids, ctx)
+                    bar.advance(expanded=done.outcome == EXPAND)
+            for done, grids in batcher.drain(final=True):
+                sink.add(done.index // shard_size, done, grids, ctx)
+                bar.advance(expanded=done.outcome == EXPAND)
+        sink.close()
+    except OSError as e:  # disk full, permissions: the finished shards stay valid
+        sink.abort()
+        raise CogalignError(f"writing {layout.root}: {e}; completed shards are kept, "
+                            "fix the cause and rerun the same command to resume") from e
+    except BaseException:
+        sink.abort()
+        raise
+
+
+class EncodeBatcher:
+    """Groups VQ inputs by shape into batches; hands records back in input order."""
+
+    def __init__(self, tokenizer, batch_size: int, max_pending: int = 4096):
+        self.tokenizer, self.batch_size, self.max_pending = tokenizer, batch_size, max_pending
+        self.pending: deque[list] = deque()  # [prepared, grids, missing]
+        self.groups: dict[tuple, list] = {}
+
+    def add(self, prepared: Prepared) -> None:
+        inputs, prepared.vq_inputs = prepared.vq_inputs, []  # the batcher holds them now
+        entry = [prepared, [None] * len(inputs), len(inputs), inputs]
+        self.pending.append(entry)
+        for slot, array in enumerate(inputs):
+            group = self.groups.setdefault(array.shape, [])
+            group.append((entry, slot))
+            if len(group) >= self.batch_size:
+                self._encode(array.shape)
+
+    def _encode(self, shape) -> None:
+        group = self.groups.pop(shape)
+        grids = self.tokenizer.encode(np.stack([entry[3][slot] for entry, slot in group]))
+        for (entry, slot), grid in zip(group, grids):
+            entry[1][slot] = grid
+            entry[3][slot] = None
+            entry[2] -= 1
+
+    def drain(self, final: bool = False):
+        if final or len(self.pending) > self.max_pending:
+            for shape in list(self.groups):
+                self._encode(shape)
+        while self.pending and self.pending[0][2] == 0:
+            prepared, grids, _, _ = self.pending.popleft()
+            yield prepared, grids
+
+
+class ShardSink:
+    """Routes finished records to their shard's writer; publishes shards in a writer thread."""
+
+    def __init__(self, layout: Layout, fmt: str, result: RunResult):
+        self.layout, self.fmt, self.result = layout, fmt, result
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="cogalign-writer")
+        self.futures: deque = deque()
+        self.shard: int | None = None
+        self.writer = None
+        self.stats: dict = {}
+        self.rejects: list[bytes] = []
+        self.ids: list = []
+
+    def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
+        if shard != self.shard:
+            self._close_shard()
+            self._open_shard(shard)
+        self.stats["input"] += 1
+        self.ids.append(prepared.record_id)
+        outcome = prepared.outcome
+        self.stats[{EXPAND: "expanded", PASS: "passed"}.get(outcome, "rejected")] += 1
+        self.result.counts[outcome] += 1
+        if outcome == EXPAND:
+            self._submit(self.writer.write, finish(prepared, grids, ctx))
+        elif outcome == PASS:
+            self.stats["pass_reasons"][prepared.reason] += 1
+            self._submit(self.writer.write, prepared.record)
+        else:
+            self.stats["reject_reasons"][prepared.reason] += 1
+            self.result.reasons[prepared.reason] += 1
+            self.rejects.append(orjson.dumps({"index": prepared.index, "id": prepared.record_id,
+                                              "reason": prepared.reason, "detail": prepared.detail}))
+
+    def _open_shard(self, shard: int) -> None:
+        self.shard, self.started = shard, time.perf_counter()
+        self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
+                      "pass_reasons": Counter(), "reject_reasons": Counter()}
+        self.rejects, self.ids = [], []
+        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt).result()
+
+    def _submit(self, fn, *args) -> None:
+        while self.futures and self.futures[0].done():
+            self.futures.popleft().result()  # surfaces a write error (disk full...) here
+        if len(self.futures) > 256:
+            self.futures.popleft().result()
+        self.futures.append(self.thread.submit(fn, *args))
+
+    def _close_shard(self) -> None:
+        if self.shard is None:
+            return
+        self._submit(_publish_shard, self.layout, self.shard, self.writer, self.stats, self.rejects,
+                     self.ids, time.perf_counter() - self.started)
+        self.result.shards_done += 1
+        self.shard = None
+
+    def close(self) -> None:
+        self._close_shard()
+        while self.futures:
+            self.futures.popleft().result()
+        self.thread.shutdown()
+
+    def abort(self) -> None:
+        """Leave no partial shard behind; completed shards stay published."""
+        for f in self.futures:
+            f.cancel()
+        self.thread.shutdown(wait=True)
+        if self.shard is not None and self.writer is not None:
+            self.writer.abort()
+
+
+def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: list[bytes], ids: list,
+                   seconds: float) -> None:
+    stats["bytes"] = writer.close()
+    stats["seconds"] = round(seconds, 3)
+    write_atomic(layout.rejects_path(shard), b"".join(line + b"\n" for line in rejects))
+    write_atomic(layout.ids_path(shard), orjson.dumps(ids))
+    write_atomic(layout.stats_path(shard), orjson.dumps(stats, option=orjson.OPT_INDENT_2))  # the marker
+
+
+def _version() -> str:
+    from cogalign import __version__
+
+    return __version__

@@ -1,0 +1,115 @@
+"""An ordered, bounded, crash-tolerant parallel map of `worker.prepare`.
+
+Records go to worker processes in small chunks; results come back in input
+order; at most `window` chunks are in flight, so memory stays bounded however
+long the input is. A worker that dies (OOM killer, a decoder segfault) breaks
+the process pool: the pool is restarted, the chunks in flight are retried, and a
+record that kills a worker twice is rejected as `worker_crashed` instead of
+stopping the run.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
+from typing import Iterable, Iterator
+
+from cogalign.errors import CogalignError
+from cogalign.worker import REJECT, Prepared, WorkerContext, prepare
+
+MAX_CONSECUTIVE_CRASHES = 3  # records in a row that kill workers: the workers themselves are broken
+
+_CTX: WorkerContext | None = None
+
+
+def _init_worker(ctx: WorkerContext) -> None:
+    global _CTX
+    _CTX = ctx
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+def _prepare_chunk(chunk: list[tuple[int, object]]) -> list[Prepared]:
+    return [prepare(index, record, _CTX) for index, record in chunk]
+
+
+class PreparePool:
+    def __init__(self, ctx: WorkerContext, workers: int, chunk_size: int = 4, window: int | None = None):
+        self.ctx, self.workers, self.chunk_size = ctx, workers, chunk_size
+        self.window = window or max(2, workers * 3)
+        self.restarts = 0
+        self._crashed_in_a_row = 0
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "PreparePool":
+        if self.workers > 0:
+            self._start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    def _start(self) -> None:
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.ctx,))
+
+    def close(self, cancel: bool = False) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._executor = None
+
+    def map(self, items: Iterable[tuple[int, object]]) -> Iterator[Prepared]:
+        if self.workers == 0:
+            for index, record in items:
+                yield prepare(index, record, self.ctx)
+            return
+        source = iter(items)
+        retry: deque[tuple[list, int]] = deque()  # chunks to resubmit before reading on
+        inflight: deque[tuple[object, list, int]] = deque()
+
+        def top_up() -> None:
+            while len(inflight) < self.window:
+                if retry:
+                    chunk, attempt = retry.popleft()
+                else:
+                    chunk, attempt = list(islice(source, self.chunk_size)), 0
+                    if not chunk:
+                        return
+                inflight.append((self._executor.submit(_prepare_chunk, chunk), chunk, attempt))
+
+        top_up()
+        while inflight:
+            future, chunk, attempt = inflight.popleft()
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                yield from self._recover(chunk, attempt, inflight, retry)
+                top_up()
+                continue
+            self._crashed_in_a_row = 0
+            top_up()
+            yield from results
+
+    def _recover(self, chunk, attempt, inflight, retry) -> Iterator[Prepared]:
+        """Restart the pool; isolate the chunk that was being waited on, retry the rest in order."""
+        redo = [(c, a) for _, c, a in inflight]
+        inflight.clear()
+        self.close(cancel=True)
+        self.restarts += 1
+        self._start()
+        if attempt >= 1 and len(chunk) == 1:
+            index, record = chunk[0]
+            self._crashed_in_a_row += 1
+            if self._crashed_in_a_row >= MAX_CONSECUTIVE_CRASHES:
+                self.close(cancel=True)
+                raise CogalignError(f"worker processes died on {self._crashed_in_a_row} records in a row "
+                                    f"(last: record {index}); they cannot start or something kills them: "
+                                    "rerun with --workers 0 to see the error")
+            yield Prepared(index, record, REJECT, "worker_crashed",
+                           "the worker process died twice on this record (out of memory or a decoder crash)")
+            head = []
+        else:
+            head = [([item], 1) for item in chunk]
+        retry.extendleft(reversed(head + redo))

@@ -1,0 +1,160 @@
+"""Merge per-shard stats into report.json, rejects.jsonl and the dataset card; print the summary.
+
+Everything written here is derived from the shards' stats files, so it is the
+same whichever rank, slice or rerun writes it (`cogalign merge-report OUT`).
+"""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from cogalign.layout import Layout, read_manifest
+from cogalign.writer import write_atomic
+
+COUNTS = ("input", "expanded", "passed", "rejected")
+
+
+def finalize(out_dir: str | Path) -> dict:
+    """Write OUT/report.json, OUT/rejects.jsonl, OUT/README.md (and the merged LLaVA file for json/jsonl)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    layout = Layout(out_dir, manifest["num_shards"], manifest["format"])
+    missing = [i for i in range(layout.num_shards) if not layout.is_complete(i)]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: {len(missing)} of {layout.num_shards} shards are not complete yet "
+                                f"(first: {missing[0]}); run the remaining slices, then merge-report again")
+    totals, pass_reasons, reject_reasons, output_bytes = Counter(), Counter(), Counter(), 0
+    ids: Counter = Counter()
+    tmp = out_dir / "rejects.jsonl.tmp"
+    with open(tmp, "wb") as rejects:
+        for i in range(layout.num_shards):
+            stats = orjson.loads(layout.stats_path(i).read_bytes())
+            totals.update({k: stats[k] for k in COUNTS})
+            pass_reasons.update(stats["pass_reasons"])
+            reject_reasons.update(stats["reject_reasons"])
+            output_bytes += stats["bytes"]
+            with open(layout.rejects_path(i), "rb") as f:
+                shutil.copyfileobj(f, rejects)
+            ids.update(orjson.dumps(x) for x in orjson.loads(layout.ids_path(i).read_bytes()) if x is not None)
+    tmp.replace(out_dir / "rejects.jsonl")
+    duplicates = {k.decode(): n for k, n in ids.items() if n > 1}
+    report = {
+        **{k: totals[k] for k in COUNTS},
+        "pass_reasons": dict(sorted(pass_reasons.items())),
+        "reject_reasons": dict(reject_reasons.most_common()),
+        "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
+                          "examples": sorted(duplicates)[:10]},
+        "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
+        "fingerprint": manifest["fingerprint"], "options": manifest["options"],
+    }
+    assert totals["input"] == manifest["records"], "every input record is accounted for"
+    write_atomic(out_dir / "report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    if layout.fmt in ("json", "jsonl"):
+        _merge_llava_file(layout, Path(manifest["input"]).stem)
+    write_atomic(out_dir / "README.md", dataset_card(report, manifest).encode())
+    partial = out_dir / ".partial"
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
+    return report
+
+
+def _merge_llava_file(layout: Layout, stem: str) -> Path:
+    """One LLaVA file from the shards: a JSON array (json) or JSON lines (jsonl)."""
+    final = layout.root / f"{stem}_cogalign.{layout.fmt}"
+    tmp = Path(str(final) + ".tmp")
+    with open(tmp, "wb") as out:
+        first = True
+        if layout.fmt == "json":
+            out.write(b"[")
+        for i in range(layout.num_shards):
+            with open(layout.shard_path(i), "rb") as f:
+                for line in f:
+                    if layout.fmt == "json":
+                        out.write(b"\n" if first else b",\n")
+                        out.write(line.rstrip(b"\n"))
+                    else:
+                        out.write(line)
+                    first = False
+        if layout.fmt == "json":
+            out.write(b"\n]\n")
+    tmp.replace(final)
+    return final
+
+
+def dataset_card(report: dict, manifest: dict) -> str:
+    opts = manifest["options"]
+    data_glob = "data/train-*" + (".parquet" if manifest["format"] == "parquet" else ".jsonl")
+    kept = report["expanded"] + report["passed"]
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {data_glob}
+dataset_info:
+  features:
+  - name: id
+    dtype: string
+  - name: image
+    dtype: string
+  - name: conversations
+    list:
+    - name: from
+      dtype: string
+    - name: value
+      dtype: string
+  - name: cogalign
+    dtype: string
+  - name: extra
+    dtype: string
+  splits:
+  - name: train
+    num_examples: {kept}
+    num_bytes: {report['output_bytes']}
+tags:
+- llava
+- cognition-alignment
+---
+# LLaVA data with cognition-alignment turns
+
+Made with cogalign {manifest['cogalign_version']} from `{Path(manifest['input']).name}`
+({manifest['records']} records): {report['expanded']} expanded with
+{' and '.join(opts['targets'])} turns, {report['passed']} passed through unchanged,
+{report['rejected']} rejected (listed in `rejects.jsonl`).
+
+| option | value |
+|---|---|
+| targets | {', '.join(opts['targets'])} |
+| regions | {', '.join(opts['regions'])} |
+| tokenizer | {opts['tokenizer_name'] or '-'} ({opts['tokenizer_hash'] or '-'}) |
+| VQ resolution | {'x'.join(map(str, opts['vq_resolution']))} ({opts['vq_scope']} scope) |
+| RGB resolution | {'x'.join(map(str, opts['px_resolution']))} |
+| resize | {opts['resize']} ({opts['resample']}) |
+| seed | {opts['seed']} |
+
+Columns: `id`, `image`, `conversations` (LLaVA `from`/`value` turns), `cogalign`
+(JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
+`extra` (JSON of any other keys of the source record).
+"""
+
+
+def top_reasons(counter: dict, n: int = 5) -> str:
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return ", ".join(f"{k} ({v})" for k, v in items) or "none"
+
+
+def summary_lines(counts: dict, reject_reasons: dict, seconds: float, where: str, note: str = "",
+                  expanded_label: str = "expanded") -> list[str]:
+    n = sum(counts.get(k, 0) for k in ("expand", "pass", "reject"))
+    rate = n / seconds if seconds > 0 else 0.0
+    lines = [
+        f"records: {n}  {expanded_label}: {counts.get('expand', 0)}  passed: {counts.get('pass', 0)}  "
+        f"rejected: {counts.get('reject', 0)}",
+        f"top reject reasons: {top_reasons(reject_reasons)}",
+        f"time: {seconds:.1f} s  throughput: {rate:.2f} records/s, {counts.get('expand', 0) / max(seconds, 1e-9):.2f} images/s",
+        f"output: {where}",
+    ]
+    return lines + ([note] if note else [])

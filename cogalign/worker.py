@@ -1,0 +1,140 @@
+"""Per-record work, split where the tokenizer sits.
+
+`prepare` runs in a worker process (no torch): check the record, plan its turns,
+decode and resize the image, cut the regions, render the RGB text.
+`finish` runs in the main process once the VQ indices are known: render the VQ
+text, fill the templates, splice the pairs, attach provenance.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cogalign.errors import RecordError
+from cogalign.images import load_image, resolve_image_path, to_working
+from cogalign.options import ExpandOptions
+from cogalign.plan import TurnPlan, plan_turns
+from cogalign.records import check_record
+from cogalign.regions import Region
+from cogalign.render import px_text, vq_text
+from cogalign.splice import make_pair, splice_pairs
+from cogalign.templates import TemplateSampler
+
+EXPAND, PASS, REJECT = "expand", "pass", "reject"
+
+
+@dataclass
+class WorkerContext:
+    """What a worker needs; small and picklable (no model)."""
+
+    options: ExpandOptions
+    image_root: Path
+    vq_factor: int = 1
+    sampler: TemplateSampler = field(default_factory=TemplateSampler)
+    decode_only: bool = False  # `validate`: check and decode, compute nothing
+
+
+@dataclass
+class Prepared:
+    """One record after `prepare`. `vq_inputs` are uint8 (h, w, 3) arrays to encode."""
+
+    index: int
+    record: object
+    outcome: str
+    reason: str = ""
+    detail: str = ""
+    plans: list[TurnPlan] = field(default_factory=list)
+    vq_inputs: list[np.ndarray] = field(default_factory=list)
+    px_texts: list[str] = field(default_factory=list)
+
+    @property
+    def record_id(self):
+        return self.record.get("id") if isinstance(self.record, dict) else None
+
+
+def prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
+    """Never raises: any failure becomes a reject that names the cause."""
+    if isinstance(record, RecordError):  # the reader could not parse this line
+        return Prepared(index, None, REJECT, record.reason, record.detail)
+    try:
+        return _prepare(index, record, ctx)
+    except RecordError as e:
+        return Prepared(index, record, REJECT, e.reason, e.detail)
+    except Exception as e:  # a bug or an unforeseen decoder failure: keep the run going, keep the evidence
+        detail = f"{type(e).__name__}: {e} | " + traceback.format_exc(limit=3).replace("\n", " ")
+        return Prepared(index, record, REJECT, "internal_error", detail[:2000])
+
+
+def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
+    opts = ctx.options
+    check = check_record(record)
+    if check.action == PASS:
+        return Prepared(index, record, PASS, check.pass_reason)
+    path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
+    image = load_image(path, opts.max_image_pixels)
+    if ctx.decode_only:
+        return Prepared(index, record, EXPAND)
+    resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
+    plans = plan_turns(opts.seed, index, check.n_pairs, opts.targets, opts.regions, resolutions,
+                       {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
+    working = {kind: to_working(image, resolutions[kind], opts.resize, opts.resample)
+               for kind in opts.targets}
+    out = Prepared(index, record, EXPAND, plans=plans)
+    for plan in plans:
+        if plan.kind == "px":
+            out.px_texts.append(px_text(plan.region.crop(working["px"])))
+        elif opts.vq_scope == "region":
+            out.vq_inputs.append(np.ascontiguousarray(plan.region.crop(working["vq"])))
+    if opts.vq_scope == "image" and "vq" in opts.targets:
+        out.vq_inputs.append(working["vq"])
+    return out
+
+
+def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: str) -> list[np.ndarray]:
+    """Index grid of each VQ plan: the region's own encoding, or a slice of the whole image's."""
+    vq_plans = [p for p in prepared.plans if p.kind == "vq"]
+    if scope == "region":
+        return list(encoded)
+    full = encoded[0]
+    return [full[p.region.box[1] // factor:p.region.box[3] // factor,
+                 p.region.box[0] // factor:p.region.box[2] // factor] for p in vq_plans]
+
+
+def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) -> dict:
+    """The output record: original keys unchanged, new pairs spliced in, `cogalign` provenance."""
+    opts = ctx.options
+    record = prepared.record
+    grids = iter(vq_grids(prepared, encoded, ctx.vq_factor, opts.vq_scope))
+    px_texts = iter(prepared.px_texts)
+    inserts, turns_meta = [], []
+    for plan in prepared.plans:
+        resolution = opts.vq_resolution if plan.kind == "vq" else opts.px_resolution
+        if plan.kind == "vq":
+            grid = next(grids)
+            answer, length = vq_text(grid), int(grid.size)
+        else:
+            answer, length = next(px_texts), None
+        question = ctx.sampler.fill(plan.kind, plan.template_id, plan.region, resolution, length)
+        human, gpt = make_pair(question, answer)
+        inserts.append((plan.position, human, gpt))
+        turns_meta.append(_turn_meta(plan, resolution))
+    out = dict(record)
+    out["conversations"] = splice_pairs(record["conversations"], inserts)
+    out["cogalign"] = {
+        "seed": opts.seed, "index": prepared.index, "turns": turns_meta,
+        "tokenizer": opts.tokenizer_name if "vq" in opts.targets else None,
+        "tokenizer_hash": opts.tokenizer_hash if "vq" in opts.targets else None,
+        "vq_scope": opts.vq_scope, "resize": opts.resize, "resample": opts.resample,
+        "templates_hash": opts.templates_hash,
+    }
+    return out
+
+
+def _turn_meta(plan: TurnPlan, resolution: tuple[int, int]) -> dict:
+    region: Region = plan.region
+    return {"kind": plan.kind, "region": region.name, "box": list(region.box),
+            "template_id": plan.template_id, "position": plan.position,
+            "resolution": list(resolution)}

@@ -1,0 +1,167 @@
+"""Shard writers: parquet (pyarrow, Hub layout) or LLaVA JSONL, published atomically.
+
+A shard is written under a temporary name and renamed into place when complete;
+the executor writes its stats file (the completion marker) after that, so a
+crash never leaves a partial shard that looks complete.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW_GROUP_BYTES = 64 * 1024 * 1024  # the Hub asks for row groups of ~100 MB or less
+TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.string()),
+    ("conversations", pa.list_(TURN_TYPE)),
+    ("cogalign", pa.string()),  # provenance as JSON (null for records passed through)
+    ("extra", pa.string()),     # JSON of every other key, and of any value the typed columns cannot hold
+])
+TYPED_KEYS = ("id", "image", "conversations", "cogalign")
+
+
+def shard_name(index: int, count: int, fmt: str, split: str = "train") -> str:
+    ext = "parquet" if fmt == "parquet" else "jsonl"
+    return f"{split}-{index:05d}-of-{count:05d}.{ext}"
+
+
+def to_row(record: dict) -> dict:
+    """A LLaVA record as one parquet row; `from_row` gives back an equal record."""
+    extra = {k: v for k, v in record.items() if k not in TYPED_KEYS}
+    row = {"id": None, "image": None, "conversations": None, "cogalign": None}
+    rid = record.get("id")
+    if isinstance(rid, str):
+        row["id"] = rid
+    elif "id" in record:
+        extra["id"] = rid
+    image = record.get("image")
+    if isinstance(image, str):
+        row["image"] = image
+    elif "image" in record:
+        extra["image"] = image
+    conv = record.get("conversations")
+    if all(isinstance(t, dict) and set(t) == {"from", "value"} for t in conv):
+        row["conversations"] = conv
+    else:
+        extra["conversations"] = conv
+    if record.get("cogalign") is not None:
+        row["cogalign"] = orjson.dumps(record["cogalign"]).decode()
+    elif "cogalign" in record:
+        extra["cogalign"] = None
+    row["extra"] = orjson.dumps(extra).decode() if extra else None
+    return row
+
+
+def from_row(row: dict) -> dict:
+    """Inverse of `to_row` (key order follows LLaVA: id, image, conversations, others, cogalign)."""
+    extra = orjson.loads(row["extra"]) if row.get("extra") else {}
+    out = {}
+    for key in ("id", "image", "conversations"):
+        if key in extra:
+            out[key] = extra.pop(key)
+        elif row.get(key) is not None:
+            out[key] = row[key]
+    out.update(extra)
+    if row.get("cogalign"):
+        out["cogalign"] = orjson.loads(row["cogalign"])
+    return out
+
+
+def partial_path(path: Path) -> Path:
+    """Where a shard is written before it is published: outside data/, so no glob ever sees it."""
+    tmp_dir = Path(path).parent.parent / ".partial"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    return tmp_dir / Path(path).name
+
+
+class ParquetShardWriter:
+    def __init__(self, path: Path, row_group_bytes: int = ROW_GROUP_BYTES):
+        self.path, self.tmp = Path(path), partial_path(path)
+        self.row_group_bytes = row_group_bytes
+        self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="zstd")
+        self._rows: list[dict] = []
+        self._bytes = 0
+        self.records = 0
+
+    def write(self, record: dict) -> None:
+        row = to_row(record)
+        self._rows.append(row)
+        self._bytes += sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "")
+        self.records += 1
+        if self._bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA))
+        self._rows, self._bytes = [], 0
+
+    def close(self) -> int:
+        self._flush()
+        self._writer.close()
+        return _publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class JsonlShardWriter:
+    def __init__(self, path: Path):
+        self.path, self.tmp = Path(path), partial_path(path)
+        self._file = open(self.tmp, "wb")
+        self.records = 0
+
+    def write(self, record: dict) -> None:
+        self._file.write(orjson.dumps(record) + b"\n")
+        self.records += 1
+
+    def close(self) -> int:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return _publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def open_shard(path: Path, fmt: str):
+    return ParquetShardWriter(path) if fmt == "parquet" else JsonlShardWriter(path)
+
+
+def _publish(tmp: Path, final: Path) -> int:
+    """fsync, then rename into place: readers see a whole shard or none. Returns its size."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final.stat().st_size
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> Iterator[dict]:
+    """Records of one published shard, as LLaVA dicts."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from (from_row(r) for r in batch.to_pylist())
+    else:
+        with open(path, "rb") as f:
+            yield from (orjson.loads(line) for line in f if line.strip())

@@ -1,0 +1,50 @@
+"""Runs `cogalign` and SIGKILLs itself at a chosen moment (fault injection for resume tests).
+
+KILL_AT=publish:N   before the N-th shard is renamed into place (its file is fully written)
+KILL_AT=marker:N    after the N-th shard is published, before its stats marker
+KILL_AT=write:N     in the middle of a shard, at the N-th record written
+"""
+import os
+import signal
+import sys
+
+
+def install() -> None:
+    import cogalign.executor as executor
+    import cogalign.writer as writer
+
+    where, n = os.environ["KILL_AT"].split(":")
+    n, count = int(n), [0]
+
+    def tick() -> None:
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "publish":
+        original = writer._publish
+        writer._publish = lambda tmp, final: (tick(), original(tmp, final))[1]
+    elif where == "marker":
+        original_atomic = executor.write_atomic
+
+        def atomic(path, data):
+            if path.name.endswith(".json") and not path.name.endswith(".ids.json"):
+                tick()
+            original_atomic(path, data)
+        executor.write_atomic = atomic
+    elif where == "write":
+        for cls in (writer.ParquetShardWriter, writer.JsonlShardWriter):
+            original_write = cls.write
+
+            def write(self, record, _orig=original_write):
+                tick()
+                _orig(self, record)
+            cls.write = write
+
+
+if __name__ == "__main__":
+    install()
+    from cogalign.cli import main
+
+    sys.argv = ["cogalign", *sys.argv[1:]]
+    main()

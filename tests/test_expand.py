@@ -1,0 +1,161 @@
+"""End to end: `cogalign expand` on the shipped examples, as a user runs it."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+
+from cogalign.images import load_image, to_working
+from cogalign.regions import Region
+from cogalign.render import parse_px, parse_vq
+from cogalign.tokenizers import load_tokenizer
+from cogalign.writer import read_shard
+from helpers import EXAMPLES, FAST, data_digest, run_cli
+
+VQ_HINT = re.compile(r"Note that the image resolution is \[3, (\d+), (\d+)\], so you should generate (\d+) indices$")
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--batch-size", "3")
+    return out, result.output
+
+
+def all_records(out):
+    return [r for f in sorted((out / "data").iterdir()) for r in read_shard(f)]
+
+
+def test_summary_and_report(expanded):
+    out, output = expanded
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report[k] for k in ("input", "expanded", "passed", "rejected")} == \
+        {"input": 14, "expanded": 13, "passed": 1, "rejected": 0}
+    assert report["pass_reasons"] == {"text_only": 1}
+    assert (out / "rejects.jsonl").read_text() == ""
+    assert "expanded: 13" in output and "passed: 1" in output and str(out) in output
+    assert "records/s" in output
+
+
+def test_parquet_loads_with_datasets(expanded):
+    import datasets
+
+    out, _ = expanded
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 14
+    assert ds.column_names[:3] == ["id", "image", "conversations"]
+    source = json.loads(EXAMPLES.read_text())
+    assert ds["id"] == [r["id"] for r in source]  # input order kept
+
+
+def test_every_image_record_gains_one_vq_and_one_px_pair(expanded):
+    out, _ = expanded
+    source = json.loads(EXAMPLES.read_text())
+    tokenizer = load_tokenizer("demo")
+    for before, after in zip(source, all_records(out)):
+        if "image" not in before:
+            assert after == before
+            continue
+        convs = after["conversations"]
+        assert len(convs) == len(before["conversations"]) + 4
+        assert [t["from"] for t in convs] == ["human", "gpt"] * (len(convs) // 2)
+        assert [t for t in convs if t in before["conversations"]] == before["conversations"]
+        assert "<image>" in convs[0]["value"]
+        meta = after["cogalign"]
+        assert [t["kind"] for t in meta["turns"]] == ["vq", "px"]
+        assert meta["tokenizer_hash"] == tokenizer.content_hash
+        image = load_image(EXAMPLES.parent / before["image"])
+        for turn in meta["turns"]:
+            tag = "<vq start>" if turn["kind"] == "vq" else "<rgb start>"
+            (pos,) = [i for i, t in enumerate(convs) if t["value"].startswith(tag)]
+            others_before = [t for t in meta["turns"] if t is not turn and (
+                t["position"] < turn["position"] or (t["position"] == turn["position"] and t["kind"] == "vq"))]
+            assert pos == 2 * (turn["position"] + len(others_before)) + 1
+            human, gpt = convs[pos - 1]["value"], convs[pos]["value"]
+            assert "<image>" not in human + gpt
+            region = Region(turn["region"], tuple(turn["box"]))
+            assert region.phrase() in human
+            working = to_working(image, tuple(turn["resolution"]))
+            crop = region.crop(working)
+            if turn["kind"] == "px":
+                assert human.endswith(f"Note that the image resolution is [3, {working.shape[0]}, {working.shape[1]}].")
+                assert gpt == "<rgb start>" + str(crop.reshape(-1, 3).tolist()) + "<rgb end>"
+                assert np.array_equal(parse_px(gpt), crop.reshape(-1, 3))
+            else:
+                h, w, n = map(int, VQ_HINT.search(human).groups())
+                indices = parse_vq(gpt)
+                assert (h, w) == working.shape[:2] and n == len(indices) == crop.shape[0] * crop.shape[1] // 64
+                expected = tokenizer.encode(np.ascontiguousarray(crop)[None])[0].reshape(-1)
+                assert np.array_equal(indices, expected)
+
+
+def test_same_seed_same_bytes_whatever_batch_size_and_workers(expanded, tmp_path):
+    out, _ = expanded
+    other = tmp_path / "other"
+    run_cli("expand", EXAMPLES, "--out", other, *FAST, "--workers", "2", "--batch-size", "32")
+    assert data_digest(other) == data_digest(out)
+
+
+def test_another_seed_changes_the_choices(expanded, tmp_path):
+    out, _ = expanded
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "s1", *FAST, "--workers", "0", "--seed", "1")
+    turns0 = [r["cogalign"]["turns"] for r in all_records(out) if r.get("cogalign")]
+    turns1 = [r["cogalign"]["turns"] for r in all_records(tmp_path / "s1") if r.get("cogalign")]
+    assert turns0 != turns1
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_llava_file_formats_hold_the_same_records(expanded, tmp_path, fmt):
+    out, _ = expanded
+    run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0", "--format", fmt)
+    merged = tmp_path / f"llava_mini_cogalign.{fmt}"
+    records = json.loads(merged.read_text()) if fmt == "json" else \
+        [orjson.loads(line) for line in merged.read_bytes().splitlines()]
+    assert records == all_records(out)
+
+
+def test_targets_and_regions_options(tmp_path):
+    run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0", "--targets", "px",
+            "--regions", "full,left")
+    for r in all_records(tmp_path):
+        if r.get("cogalign"):
+            (turn,) = r["cogalign"]["turns"]
+            assert turn["kind"] == "px" and turn["region"] in ("full", "left")
+
+
+def test_resume_redoes_only_missing_shards(tmp_path):
+    out = tmp_path / "out"
+    run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--shard-size", "4")
+    first = data_digest(out)
+    assert len(list((out / "data").iterdir())) == 4
+    (out / "stats" / "shard-00002.json").unlink()  # as if killed before the marker
+    (out / "data" / "train-00001-of-00004.parquet").unlink()
+    (out / "stats" / "shard-00001.json").unlink()
+    result = run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--shard-size", "4")
+    assert "skipped 2 shards" in result.output
+    assert data_digest(out) == first
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0")
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0", "--seed", "7", expect=2)
+    assert "different settings" in result.output and "seed" in result.output and "--overwrite" in result.output
+    run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0", "--seed", "7", "--overwrite")
+    assert json.loads((tmp_path / "report.json").read_text())["options"]["seed"] == 7
+
+
+def test_dry_run_counts_without_writing(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, "--dry-run")
+    assert "would_expand: 13" in result.output and "would_pass: 1" in result.output
+    assert "estimated_output_bytes" in result.output and not (tmp_path / "o").exists()
+
+
+def test_bad_option_is_one_line_error(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, "--regions", "upper-middle", expect=2)
+    assert "upper-middle" in result.output and result.output.count("\n") <= 2
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, "--vq-resolution", "100", expect=2)
+    assert "multiple" in result.output

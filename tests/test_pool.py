@@ -1,0 +1,51 @@
+"""The worker pool keeps input order, bounds memory and survives workers that die."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cogalign.options import ExpandOptions
+from cogalign.pool import PreparePool
+from cogalign.worker import WorkerContext
+from crashy import WorkerKiller
+from helpers import EXAMPLES
+
+RECORDS = json.loads(EXAMPLES.read_text())
+
+
+def ctx():
+    return WorkerContext(ExpandOptions(targets=("px",), px_resolution=(8, 8)), EXAMPLES.parent)
+
+
+def test_order_and_results_match_in_process():
+    items = list(enumerate(RECORDS))
+    with PreparePool(ctx(), workers=0) as pool:
+        serial = [(p.index, p.outcome, p.px_texts) for p in pool.map(items)]
+    with PreparePool(ctx(), workers=2, chunk_size=3) as pool:
+        parallel = [(p.index, p.outcome, p.px_texts) for p in pool.map(items)]
+    assert parallel == serial
+    assert [i for i, *_ in serial] == list(range(len(RECORDS)))
+
+
+def test_workers_do_not_import_torch():
+    with PreparePool(ctx(), workers=1) as pool:
+        list(pool.map([(0, RECORDS[0])]))
+        assert "torch" not in pool._executor.submit(_loaded_modules).result()
+
+
+def _loaded_modules():
+    return set(sys.modules)
+
+
+def test_a_record_that_kills_its_worker_is_rejected_and_the_run_goes_on():
+    sys.path.insert(0, str(Path(__file__).parent))
+    killer = WorkerKiller(RECORDS[2])
+    items = [(i, killer if i == 2 else r) for i, r in enumerate(RECORDS)]
+    with PreparePool(ctx(), workers=2, chunk_size=4) as pool:
+        results = list(pool.map(items))
+        assert pool.restarts == 2
+    assert [p.index for p in results] == list(range(len(RECORDS)))
+    crashed = [p for p in results if p.outcome == "reject"]
+    assert [(p.index, p.reason) for p in crashed] == [(2, "worker_crashed")]
+    assert all(p.outcome in ("expand", "pass") for p in results if p.index != 2)
