@@ -310,11 +310,16 @@ def _main(args, tmp: Path, load_before: str) -> int:
     t_enc = time.perf_counter() - t0
     grids = np.concatenate(grids)
     vq_equal = sum(np.array_equal(g.reshape(-1), e) for g, e in zip(grids, expected_idx))
-    # the baseline's taming VectorQuantizer path on a few of the same crops
+    # batch 1: its speed, whether indices depend on the batch, and taming's own quantizer on the same crops
+    k = min(len(crops), 16)
+    t0 = time.perf_counter()
+    singles = np.concatenate([tokenizer.encode(stack[i:i + 1]) for i in range(k)])
+    t_enc1 = (time.perf_counter() - t0) / k
+    batch_same = float((singles == grids[:k]).mean())
     modules = build_taming_modules(tokenizer, device)
     taming_same, taming_total = 0, 0
     with torch.no_grad():
-        for crop, g in zip(crops[:8], grids[:8]):
+        for crop, g in zip(crops[:k], singles):
             x = torch.from_numpy(crop).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             _, _, (_, _, idx) = modules[2](modules[1](modules[0](x)))
             taming_same += int((idx.view(-1).cpu().numpy() == g.reshape(-1)).sum())
@@ -355,7 +360,10 @@ def _main(args, tmp: Path, load_before: str) -> int:
         ["**renderer ratio**", f"**{t_str / t_fast:.1f}x**"],
         ["RGB text of expand == baseline-style str(list) of the same box", f"{px_equal}/{px_checked}"],
         ["VQ indices in expand's output == tokenizer.encode of the same crops", f"{vq_equal}/{len(crops)}"],
-        ["taming VectorQuantizer (batch 1) == tokenizer indices, 8 crops", f"{taming_same}/{taming_total}"],
+        ["pure encoder, batch 1", f"{1000 * t_enc1:.0f} ms/region ({k} regions)"],
+        [f"indices: tokenizer batch 1 == batch {bs} (same {k} crops)", f"{100 * batch_same:.3f}% equal"],
+        [f"indices: taming Encoder + VectorQuantizer == tokenizer, batch 1 ({k} crops)",
+         f"{100 * taming_same / taming_total:.3f}% equal"],
         ["output size: baseline JSON / expand shards", f"{base_bytes / 1e6:.0f} MB / {out_bytes / 1e6:.0f} MB"],
         ["tokenizer load (in-process) / imports of this script", f"{t_load:.2f} s / {t_import:.2f} s"],
     ]

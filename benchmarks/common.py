@@ -152,8 +152,9 @@ class PssSampler:
 
 
 def run_measured(cmd: list[str], interval: float = 0.2, env: dict | None = None, cwd: str | None = None):
-    """Run `cmd`, sampling the PSS of its process tree. -> (returncode, seconds, peak bytes,
-    processes at the peak, stderr tail)."""
+    """Run `cmd`, sampling the PSS of its process tree. -> (returncode, seconds, peak PSS bytes,
+    processes at the peak, max RSS bytes of the command's own process from wait4 (catches
+    spikes shorter than the sampling period), stderr tail)."""
     import subprocess
 
     start = time.perf_counter()
@@ -162,11 +163,13 @@ def run_measured(cmd: list[str], interval: float = 0.2, env: dict | None = None,
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
     with PssSampler(proc.pid, interval) as sampler:
-        rc = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc
     reader.join()
     tail = b"".join(err_chunks).decode("utf-8", "replace")[-2000:]
-    return rc, seconds, sampler.peak, sampler.peak_processes, tail
+    return rc, seconds, sampler.peak, sampler.peak_processes, usage.ru_maxrss * 1024, tail
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:

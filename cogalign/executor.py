@@ -98,6 +98,9 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
                 "input": str(input_path), "records": n_records, "shard_size": shard_size,
                 "num_shards": layout.num_shards, "format": options.format}
+    if work.is_main:
+        check_or_write_manifest(out_dir, manifest)
+    distributed.barrier()
     check_or_write_manifest(out_dir, manifest)
     layout.make_dirs()
     mine = [s for s in range(layout.num_shards) if work.owns(s)]

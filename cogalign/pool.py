@@ -3,9 +3,9 @@
 Records go to worker processes in small chunks; results come back in input
 order; at most `window` chunks are in flight, so memory stays bounded however
 long the input is. A worker that dies (OOM killer, a decoder segfault) breaks
-the process pool: the pool is restarted, the chunks in flight are retried, and a
-record that kills a worker twice is rejected as `worker_crashed` instead of
-stopping the run.
+the process pool: the pool is restarted, the records that were in flight are rerun one at a
+time, and a record that kills a worker on its own is rejected as
+`worker_crashed` instead of stopping the run.
 """
 from __future__ import annotations
 
@@ -66,50 +66,56 @@ class PreparePool:
                 yield prepare(index, record, self.ctx)
             return
         source = iter(items)
-        retry: deque[tuple[list, int]] = deque()  # chunks to resubmit before reading on
-        inflight: deque[tuple[object, list, int]] = deque()
+        suspects: deque = deque()  # records in flight when a worker died: rerun one at a time
+        inflight: deque[tuple[object, list]] = deque()
 
         def top_up() -> None:
             while len(inflight) < self.window:
-                if retry:
-                    chunk, attempt = retry.popleft()
-                else:
-                    chunk, attempt = list(islice(source, self.chunk_size)), 0
-                    if not chunk:
-                        return
-                inflight.append((self._executor.submit(_prepare_chunk, chunk), chunk, attempt))
+                chunk = list(islice(source, self.chunk_size))
+                if not chunk:
+                    return
+                inflight.append((self._executor.submit(_prepare_chunk, chunk), chunk))
 
-        top_up()
-        while inflight:
-            future, chunk, attempt = inflight.popleft()
+        while True:
+            if suspects:
+                yield from self._isolate(suspects.popleft())
+                continue
+            top_up()
+            if not inflight:
+                return
+            future, chunk = inflight.popleft()
             try:
                 results = future.result()
             except BrokenProcessPool:
-                yield from self._recover(chunk, attempt, inflight, retry)
-                top_up()
+                suspects.extend(chunk)
+                for _, other in inflight:
+                    suspects.extend(other)
+                inflight.clear()
+                self._restart()
                 continue
-            self._crashed_in_a_row = 0
             top_up()
             yield from results
 
-    def _recover(self, chunk, attempt, inflight, retry) -> Iterator[Prepared]:
-        """Restart the pool; isolate the chunk that was being waited on, retry the rest in order."""
-        redo = [(c, a) for _, c, a in inflight]
-        inflight.clear()
-        self.close(cancel=True)
-        self.restarts += 1
-        self._start()
-        if attempt >= 1 and len(chunk) == 1:
-            index, record = chunk[0]
+    def _isolate(self, item) -> Iterator[Prepared]:
+        """Run one suspect alone: if the pool breaks now, this record is the one that kills workers."""
+        try:
+            results = self._executor.submit(_prepare_chunk, [item]).result()
+        except BrokenProcessPool:
+            self._restart()
             self._crashed_in_a_row += 1
+            index, record = item
             if self._crashed_in_a_row >= MAX_CONSECUTIVE_CRASHES:
                 self.close(cancel=True)
                 raise CogalignError(f"worker processes died on {self._crashed_in_a_row} records in a row "
                                     f"(last: record {index}); they cannot start or something kills them: "
                                     "rerun with --workers 0 to see the error")
             yield Prepared(index, record, REJECT, "worker_crashed",
-                           "the worker process died twice on this record (out of memory or a decoder crash)")
-            head = []
-        else:
-            head = [([item], 1) for item in chunk]
-        retry.extendleft(reversed(head + redo))
+                           "the worker process died on this record (out of memory or a decoder crash)")
+            return
+        self._crashed_in_a_row = 0
+        yield from results
+
+    def _restart(self) -> None:
+        self.close(cancel=True)
+        self.restarts += 1
+        self._start()

@@ -1,6 +1,7 @@
-"""A progress bar with records/s, images/s and ETA (rich), silent when disabled."""
+"""Progress with records/s, images/s and ETA: a rich bar on a terminal, a log line every 30 s elsewhere."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -8,42 +9,46 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-console = Console(stderr=True)
+LOG_EVERY_S = 30.0
 
 
 class Progress:
     def __init__(self, total: int, enabled: bool = True, label: str = "records"):
         self.total, self.enabled, self.label = total, enabled and total > 0, label
         self.done = self.images = 0
-        self.started = time.perf_counter()
+        self.started = self._logged = time.perf_counter()
         self._bar = None
+        self._tty = sys.stderr.isatty() or os.environ.get("COGALIGN_PROGRESS") == "bar"
 
     def __enter__(self) -> "Progress":
-        if self.enabled:
+        if self.enabled and self._tty:
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=console, transient=False,
-                disable=not sys.stderr.isatty() and not _force())
+                TimeRemainingColumn(), console=Console(stderr=True))
             self._bar.__enter__()
             self._task = self._bar.add_task(self.label, total=self.total, rates="")
         return self
 
+    def rates(self) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return f"{self.done / elapsed:.1f} rec/s {self.images / elapsed:.1f} img/s"
+
     def advance(self, expanded: bool = False) -> None:
         self.done += 1
         self.images += expanded
-        if self._bar is not None and (self.done % 8 == 0 or self.done == self.total):
-            elapsed = max(time.perf_counter() - self.started, 1e-9)
-            rates = f"{self.done / elapsed:.1f} rec/s {self.images / elapsed:.1f} img/s"
-            self._bar.update(self._task, completed=self.done, rates=rates)
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            if self.done % 8 == 0 or self.done == self.total:
+                self._bar.update(self._task, completed=self.done, rates=self.rates())
+        elif time.perf_counter() - self._logged >= LOG_EVERY_S:
+            self._logged = time.perf_counter()
+            elapsed = self._logged - self.started
+            eta = (self.total - self.done) * elapsed / self.done
+            print(f"{self.label}: {self.done}/{self.total} {self.rates()} ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
+            self._bar.update(self._task, completed=self.done, rates=self.rates())
             self._bar.__exit__(*exc)
-
-
-def _force() -> bool:
-    import os
-
-    return os.environ.get("COGALIGN_PROGRESS") == "1"

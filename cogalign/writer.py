@@ -148,7 +148,7 @@ def _publish(tmp: Path, final: Path) -> int:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = Path(str(path) + ".tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # several ranks may write the same file at once
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

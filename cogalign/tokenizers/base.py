@@ -72,7 +72,10 @@ class VQTokenizer(abc.ABC):
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8:
                 raise TokenizerError(f"{self.name}: encode expects uint8 pixels, got {images.dtype}; convert with arr.astype(np.uint8) after clipping to 0..255")
-            t = torch.from_numpy(np.ascontiguousarray(images))
+            arr = np.ascontiguousarray(images)
+            if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. from PIL)
+                arr = arr.copy()
+            t = torch.from_numpy(arr)
         elif isinstance(images, torch.Tensor):
             if images.dtype != torch.uint8:
                 raise TokenizerError(f"{self.name}: encode expects uint8 pixels, got {images.dtype}; convert to torch.uint8 after clipping to 0..255")

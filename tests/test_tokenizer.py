@@ -1,0 +1,326 @@
+"""Tokenizer loading and encoding: taming checkpoints in the layouts users have, agreement
+with taming's own modules, strict key/shape checks, pickle refusal, presets, the demo."""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cogalign.errors import CogalignError
+from cogalign.tokenizers import (
+    TamingVQTokenizer, TokenizerError, VQTokenizer, list_presets, load_taming, load_tokenizer)
+from cogalign.tokenizers import taming as taming_mod
+from tokenizer_fixtures import (
+    TINY_PARAMS, lightning_checkpoint, lightning_yaml, make_random_taming_state, photos, reference_indices,
+    save_with_unimportable_object, taming_yaml)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def state():
+    return make_random_taming_state(TINY_PARAMS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    """Real photos at two sizes: 13 x 64x64 and 13 x 96x128 (HxW)."""
+    return [photos((64, 64)), photos((128, 96))]
+
+
+def _write_run_dir(root, sd):
+    """taming's log layout: <run>/ckpts/last.ckpt, <run>/configs/*-project.yaml and *-lightning.yaml."""
+    (root / "ckpts").mkdir(parents=True)
+    (root / "configs").mkdir()
+    torch.save(lightning_checkpoint(sd), root / "ckpts" / "last.ckpt")
+    (root / "configs" / "2021-01-01T00-00-00-project.yaml").write_text(taming_yaml())
+    (root / "configs" / "2021-01-01T00-00-00-lightning.yaml").write_text(lightning_yaml())
+    return root
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement with taming
+# ---------------------------------------------------------------------------------------
+
+def test_indices_match_taming_in_every_layout(tmp_path, state, test_images):
+    """Lightning run folder, .ckpt with yaml beside, .pth with a bare-params yaml, and
+    .safetensors: all load to the same weights, and their indices are taming's
+    Encoder -> quant_conv -> VectorQuantizer indices on real photos."""
+    run = _write_run_dir(tmp_path / "run", state)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    torch.save(lightning_checkpoint(state), flat / "vqgan.ckpt")
+    (flat / "vqgan.yaml").write_text(taming_yaml())
+    (flat / "other.yaml").write_text(lightning_yaml())
+    pth = tmp_path / "pth"
+    pth.mkdir()
+    torch.save(state, pth / "model.pth")  # top-level state dict
+    (pth / "params.yaml").write_text(taming_yaml(bare=True))
+    st = tmp_path / "st"
+    st.mkdir()
+    save_file(state, str(st / "model.safetensors"))
+    (st / "config.yaml").write_text(taming_yaml())
+
+    toks = [load_taming(run), load_taming(flat / "vqgan.ckpt"), load_taming(pth), load_taming(st),
+            load_taming(run / "ckpts" / "last.ckpt")]
+    assert len({t.content_hash for t in toks}) == 1, "same weights must give the same content hash"
+    assert toks[0].name == "run" and toks[1].name == "vqgan"
+
+    agree = total = 0
+    for imgs in test_images:
+        ref = reference_indices(state, TINY_PARAMS, imgs)
+        for tok in toks:
+            got = tok.encode(imgs)
+            assert got.dtype == np.int64 and got.shape == ref.shape == (imgs.shape[0], imgs.shape[1] // 8, imgs.shape[2] // 8)
+            agree += int((got == ref).sum())
+            total += ref.size
+        # not a degenerate model: many distinct codes are used
+        assert len(np.unique(ref)) > 50
+    rate = agree / total
+    print(f"\nindex agreement with taming (Encoder->quant_conv->VectorQuantizer, float32): {agree}/{total} = {rate:.6f}")
+    assert rate >= 0.999
+
+
+def test_torch_tensor_input_and_index_length(tmp_path, state, test_images):
+    st = tmp_path / "st"
+    st.mkdir()
+    save_file(state, str(st / "model.safetensors"))
+    (st / "config.yaml").write_text(taming_yaml())
+    tok = load_taming(st)
+    assert isinstance(tok, VQTokenizer) and isinstance(tok, TamingVQTokenizer)
+    imgs = test_images[1][:3]
+    np.testing.assert_array_equal(tok.encode(torch.from_numpy(imgs)), tok.encode(imgs))
+    assert tok.downsample == 8 and tok.codebook_size == 512
+    assert tok.index_length(336, 336) == 1764 and tok.index_length(96, 128) == 12 * 16
+    with pytest.raises(TokenizerError, match="multiple of f=8"):
+        tok.encode(np.zeros((1, 60, 64, 3), np.uint8))
+    with pytest.raises(TokenizerError, match="uint8"):
+        tok.encode(np.zeros((1, 64, 64, 3), np.float32))
+    with pytest.raises(TokenizerError, match=r"\(B, H, W, 3\)"):
+        tok.encode(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_chunked_lookup_equals_full_argmin(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1000, 4, generator=g)
+    cb = torch.randn(300, 4, generator=g)
+    full = torch.cdist(z.double(), cb.double()).argmin(1)
+    monkeypatch.setattr(taming_mod, "LOOKUP_CHUNK_BYTES", 4 * 300 * 7)  # 7 rows per chunk
+    got = taming_mod.nearest_code(z, cb)
+    assert (got == full).float().mean() >= 0.999
+
+
+def test_fp16_checkpoint_is_used_as_float32(tmp_path, state, test_images):
+    half = {k: v.half() for k, v in state.items()}
+    d = tmp_path / "half"
+    d.mkdir()
+    save_file(half, str(d / "model.safetensors"))
+    (d / "config.yaml").write_text(taming_yaml())
+    tok = load_taming(d)
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+    rounded = {k: v.float() for k, v in half.items()}
+    ref = reference_indices(rounded, TINY_PARAMS, test_images[0])
+    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+    kept = {k: v for k, v in rounded.items() if k.startswith(("encoder.", "quant_conv.", "quantize."))}
+    assert tok.content_hash == taming_mod.hash_state_dict(kept)
+
+
+def test_gumbel_checkpoint_uses_argmax_of_proj(tmp_path, test_images):
+    params = copy.deepcopy(TINY_PARAMS)
+    params["embed_dim"] = params["ddconfig"]["z_channels"]
+    sd = make_random_taming_state(params, seed=3, gumbel=True)
+    d = tmp_path / "gumbel"
+    d.mkdir()
+    torch.save(lightning_checkpoint(sd), d / "last.ckpt")
+    (d / "config.yaml").write_text(taming_yaml(params, target="taming.models.vqgan.GumbelVQ"))
+    tok = load_taming(d)
+    assert tok.quantizer == "gumbel"
+    from taming.modules.diffusionmodules.model import Encoder
+
+    enc = Encoder(**params["ddconfig"]).eval()
+    enc.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")})
+    x = torch.from_numpy(test_images[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        h = torch.nn.functional.conv2d(enc(x), sd["quant_conv.weight"], sd["quant_conv.bias"])
+        ref = torch.nn.functional.conv2d(h, sd["quantize.proj.weight"], sd["quantize.proj.bias"]).argmax(1).numpy()
+    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------
+
+def test_pickled_objects_refused_without_trust(tmp_path, state, test_images):
+    d = tmp_path / "ns"
+    d.mkdir()
+    torch.save(lightning_checkpoint(state, {"hyper_parameters": argparse.Namespace(lr=4.5e-6)}), d / "model.ckpt")
+    (d / "model.yaml").write_text(taming_yaml())
+    with pytest.raises(TokenizerError) as ei:
+        load_taming(d)
+    msg = str(ei.value)
+    assert "cogalign vq convert" in msg and "--trust-pickle" in msg and "model.ckpt" in msg
+    assert "\n" not in msg
+    with pytest.raises(TokenizerError, match="--trust-pickle"):
+        load_tokenizer(str(d))
+    tok = load_taming(d, trust_pickle=True)
+    ref = reference_indices(state, TINY_PARAMS, test_images[0])
+    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+
+
+def test_unimportable_pickled_class_loads_with_trust(tmp_path, state):
+    """A Lightning checkpoint whose callbacks' classes are not importable here."""
+    d = tmp_path / "cb"
+    d.mkdir()
+    save_with_unimportable_object(lightning_checkpoint(state), d / "last.ckpt")
+    (d / "config.yaml").write_text(taming_yaml())
+    with pytest.raises(TokenizerError, match="cogalign vq convert"):
+        load_taming(d)
+    tok = load_taming(d, trust_pickle=True)
+    assert tok.codebook_size == 512
+
+
+def _st_dir(tmp_path, name, sd, yaml_text=None):
+    d = tmp_path / name
+    d.mkdir(parents=True)
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.yaml").write_text(yaml_text or taming_yaml())
+    return d
+
+
+def test_missing_unexpected_and_misshapen_keys_are_named(tmp_path, state):
+    sd = dict(state)
+    del sd["encoder.conv_out.weight"]
+    sd["encoder.extra.weight"] = torch.zeros(3)
+    sd["decoder.whatever"] = torch.zeros(3)  # outside the kept namespaces: ignored
+    with pytest.raises(TokenizerError) as ei:
+        load_taming(_st_dir(tmp_path, "keys", sd))
+    msg = str(ei.value)
+    assert "missing 1 (encoder.conv_out.weight)" in msg
+    assert "unexpected 1 (encoder.extra.weight)" in msg
+    assert "decoder.whatever" not in msg
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["n_embed"] = 256
+    with pytest.raises(TokenizerError) as ei:
+        load_taming(_st_dir(tmp_path, "shape", state, taming_yaml(params)))
+    msg = str(ei.value)
+    assert "wrong shape 1" in msg and "quantize.embedding.weight [512, 4] vs config [256, 4]" in msg
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["ddconfig"]["ch"] = 64
+    with pytest.raises(TokenizerError) as ei:
+        load_taming(_st_dir(tmp_path, "wide", state, taming_yaml(params)))
+    msg = str(ei.value)
+    assert "encoder.conv_in.weight [32, 3, 3, 3] vs config [64, 3, 3, 3]" in msg
+    assert "more)" in msg  # long lists are cut, with the count
+
+
+def test_ambiguous_or_incomplete_folders(tmp_path, state):
+    d = tmp_path / "two"
+    d.mkdir()
+    torch.save(state, d / "a.ckpt")
+    save_file(state, str(d / "b.safetensors"))
+    (d / "config.yaml").write_text(taming_yaml())
+    with pytest.raises(TokenizerError) as ei:
+        load_taming(d)
+    msg = str(ei.value)
+    assert "2 checkpoints found" in msg and "a.ckpt" in msg and "b.safetensors" in msg
+    assert load_taming(d / "b.safetensors").codebook_size == 512  # naming one resolves it
+
+    d = tmp_path / "noyaml"
+    d.mkdir()
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(TokenizerError, match="no model config found"):
+        load_taming(d)
+
+    d = tmp_path / "twoyaml"
+    d.mkdir()
+    save_file(state, str(d / "model.safetensors"))
+    (d / "x.yaml").write_text(taming_yaml())
+    (d / "y.yaml").write_text(taming_yaml())
+    with pytest.raises(TokenizerError, match="several model configs"):
+        load_taming(d)
+
+    d = tmp_path / "empty"
+    d.mkdir()
+    with pytest.raises(TokenizerError, match="no checkpoint found"):
+        load_taming(d)
+
+    d = tmp_path / "badyaml"
+    d.mkdir()
+    save_file(state, str(d / "model.safetensors"))
+    (d / "config.yaml").write_text("model: {target: x}\n")
+    with pytest.raises(TokenizerError, match="no model params"):
+        load_taming(d)
+
+
+def test_truncated_checkpoint_is_a_tokenizer_error(tmp_path, state):
+    d = tmp_path / "trunc"
+    d.mkdir()
+    torch.save(lightning_checkpoint(state), d / "last.ckpt")
+    data = (d / "last.ckpt").read_bytes()
+    (d / "last.ckpt").write_bytes(data[: len(data) // 2])
+    (d / "config.yaml").write_text(taming_yaml())
+    with pytest.raises(TokenizerError, match="last.ckpt"):
+        load_taming(d)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------
+
+def test_presets_and_missing_paths(tmp_path, monkeypatch):
+    assert set(list_presets()) >= {"demo", "vqgan-4096"}
+    monkeypatch.setenv("COGALIGN_HOME", str(tmp_path / "home"))
+    with pytest.raises(TokenizerError) as ei:
+        load_tokenizer("vqgan-4096")
+    msg = str(ei.value)
+    assert "vqgan-4096 is not installed" in msg and "cogalign vq train" in msg and "--vq PATH" in msg
+    assert str(tmp_path / "home" / "tokenizers" / "vqgan-4096") in msg
+    with pytest.raises(TokenizerError) as ei:
+        load_tokenizer(str(tmp_path / "nope"))
+    assert "nope" in str(ei.value) and "demo" in str(ei.value) and "vqgan-4096" in str(ei.value)
+    assert issubclass(TokenizerError, CogalignError)
+
+
+def test_vqgan_4096_preset_loads_from_cogalign_home(tmp_path, monkeypatch, state):
+    home = tmp_path / "home"
+    _st_dir(home / "tokenizers", "vqgan-4096", state)
+    monkeypatch.setenv("COGALIGN_HOME", str(home))
+    tok = load_tokenizer("vqgan-4096")
+    assert tok.name == "vqgan-4096" and tok.codebook_size == 512
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_tokenizer("demo")
+
+
+def test_demo_preset(demo):
+    assert demo.name == "demo-f8-4096"
+    assert demo.codebook_size == 4096 and demo.downsample == 8
+    assert len(demo.content_hash) == 16 and int(demo.content_hash, 16) >= 0
+    assert demo.device == torch.device("cpu")
+    # the hash is over the weights actually used
+    again = load_tokenizer("demo")
+    assert again.content_hash == demo.content_hash
+
+
+def test_demo_is_deterministic_and_batch_independent(demo):
+    quarters = []
+    img = photos((672, 672), ["astronaut.png"])[0]
+    for y in (0, 336):
+        for x in (0, 336):
+            quarters.append(img[y:y + 336, x:x + 336])
+    batch = np.stack(quarters)
+    a = demo.encode(batch)
+    assert a.shape == (4, 42, 42) and a.dtype == np.int64
+    assert a.min() >= 0 and a.max() < 4096
+    singles = np.concatenate([demo.encode(batch[i:i + 1]) for i in range(4)])
+    np.testing.assert_array_equal(a, singles)
+    np.testing.assert_array_equal(demo.encode(batch), a)
+    assert len(np.unique(a)) > 100  # a trained codebook, not a constant
