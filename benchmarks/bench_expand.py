@@ -162,6 +162,43 @@ def turn_answer(record: dict, tag: str) -> str:
     return answer
 
 
+# ------------------------------------------------------------------------------- torchrun
+
+def torchrun_check(input_path: Path, tmp: Path, vq: str, args, shard_size: int = 4):
+    """`cogalign expand` as one process and as `torchrun --nproc-per-node 2` (CPU, gloo), same
+    input and options. -> (seconds one, seconds two, data and report identical?, shards differing)."""
+    import hashlib
+    import socket
+    import subprocess
+
+    def digest(out: Path) -> dict:
+        files = sorted((out / "data").iterdir()) + [out / "report.json"]
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    common = ["-m", "cogalign", "expand", str(input_path), "--vq", vq, "--image-root", str(EXAMPLES),
+              "--vq-resolution", str(args.resolution), "--px-resolution", str(args.resolution),
+              "--shard-size", str(shard_size), "--batch-size", str(args.batch_size), "--device", "cpu",
+              "--format", args.format, "--no-progress", "--overwrite"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runs = {}
+    for label, launcher, workers in (
+            ("one", [sys.executable], args.workers),
+            ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                     "--master-port", str(port)], max(0, args.workers // 2))):
+        out = tmp / f"torchrun_{label}"
+        start = time.perf_counter()
+        proc = subprocess.run(launcher + common + ["--out", str(out), "--workers", str(workers)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{label}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+        runs[label] = (time.perf_counter() - start, digest(out))
+    one, two = runs["one"][1], runs["two"][1]
+    differing = sorted(k for k in one if one.get(k) != two.get(k))
+    return runs["one"][0], runs["two"][0], one == two, differing
+
+
 # ------------------------------------------------------------------------------- renderer
 
 def bench_renderer(image_root: Path, records: list[dict], res: int, reps: int):
@@ -207,7 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--renderer-reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--agreement", action="store_true",
-                   help="with --device cuda: also encode the crops on the CPU and report the fraction of equal indices")
+                   help="also encode the crops on the CPU and report the fraction of indices equal to --device's")
+    p.add_argument("--torchrun", action="store_true",
+                   help="also run the CLI as one process and as torchrun --nproc-per-node 2 on the CPU (shards "
+                        "of 4 records) and compare the bytes")
     p.add_argument("--skip-baseline", action="store_true", help="skip the baseline loop (quick tries)")
     p.add_argument("--keep", default=None, help="keep the temporary folder here instead of deleting it")
     args = p.parse_args(argv)
@@ -327,12 +367,14 @@ def _main(args, tmp: Path, load_before: str) -> int:
     del modules
 
     agreement = None
-    if args.agreement and device.type == "cuda":
+    if args.agreement:  # on the CPU this only exercises the code (CPU vs CPU)
         cpu_tok = load_tokenizer(vq, device="cpu")
         cpu_grids = np.concatenate([cpu_tok.encode(stack[s:s + bs]) for s in range(0, len(stack), bs)])
         agreement = (float((cpu_grids == grids).mean()), int((cpu_grids == grids).all(axis=(1, 2)).sum()), len(grids))
         vq_text_same = sum(vq_list_text(a) == vq_list_text(b) for a, b in zip(cpu_grids, grids))
         agreement += (vq_text_same,)
+
+    torchrun = torchrun_check(input_path, tmp, vq, args) if args.torchrun else None
 
     # d) renderer
     t_str, t_fast, px_size = bench_renderer(image_root, records, res, args.renderer_reps)
@@ -369,8 +411,14 @@ def _main(args, tmp: Path, load_before: str) -> int:
     ]
     if agreement is not None:
         frac, whole, total, text_same = agreement
-        rows.append(["**CPU vs GPU indices** (same crops)",
+        rows.append([f"**CPU vs {args.device} indices** (same crops, batches of {bs})",
                      f"**{100 * frac:.4f}% equal**; {whole}/{total} regions identical; VQ text equal {text_same}/{total}"])
+    if torchrun is not None:
+        t_one, t_two, same, differing = torchrun
+        rows.append(["**torchrun --nproc-per-node 2 (CPU) vs one process**, CLI, shards of 4",
+                     f"**{'same bytes' if same else 'DIFFERENT bytes'}**"
+                     + ("" if same else f" ({len(differing)} files differ: {', '.join(differing[:4])})")
+                     + f"; {t_one:.1f} s vs {t_two:.1f} s (launch and imports included)"])
     for key, value in machine_lines(args.device):
         rows.append([key, value])
     rows.append(["load average before / after", f"{load_before} / {load_average()}"])

@@ -47,7 +47,7 @@ def train(
     num_res_blocks: int = typer.Option(1, "--res-blocks", help="Residual blocks per encoder level (the decoder has one more)."),
     z_channels: int = typer.Option(4, "--z-channels", help="Encoder output channels."),
     embed_dim: int = typer.Option(4, "--embed-dim", help="Codebook vector size."),
-    attn_resolutions: str = typer.Option("", "--attn-resolutions", help="Feature-map sizes (at --resolution) that get attention blocks, comma-separated; the middle attention block is always there."),
+    attn_resolutions: str = typer.Option("", "--attn-resolutions", help="Feature-map sizes that get attention blocks, counted from a 256-px input (256 / 2^level), comma-separated; taming's middle attention block is always there."),
     dead_code_threshold: Optional[float] = typer.Option(None, "--dead-code-threshold", help="Re-seed codes whose EMA use per step falls below this. Default: min(2, 0.05 x latents per step / codes)."),
     decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Storage type of decoder.* and post_quant_conv.* (float32, float16, bfloat16); the encoder path is always float32."),
     seed: int = typer.Option(0, "--seed", help="Random seed (weights, crops)."),
@@ -114,8 +114,10 @@ def convert(
     config: Optional[Path] = typer.Option(None, "--config", help="The model yaml. Default: found beside the checkpoint (same stem, config.yaml, the only yaml, or ../configs/).", exists=True, dir_okay=False),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
-    """Rewrite a checkpoint as safetensors holding only the model tensors (encoder, decoder,
-    quant_conv, post_quant_conv, quantize), checked against its yaml."""
+    """Rewrite a checkpoint as safetensors with only the model tensors, checked against its yaml.
+
+    Keeps encoder.*, decoder.*, quant_conv.*, post_quant_conv.* and quantize.*; drops loss.*
+    (discriminator, LPIPS), optimizer state and pickled objects. The yaml is copied beside OUT."""
     from safetensors.torch import save_file
 
     from cogalign.tokenizers.taming import (

@@ -191,6 +191,7 @@ class ShardSink:
         self.stats: dict = {}
         self.rejects: list[bytes] = []
         self.ids: list = []
+        self.error: BaseException | None = None
 
     def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
         if shard != self.shard:
@@ -217,6 +218,8 @@ class ShardSink:
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
                       "pass_reasons": Counter(), "reject_reasons": Counter()}
         self.rejects, self.ids = [], []
+        if self.error is not None:
+            raise self.error
         self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt).result()
 
     def _submit(self, fn, *args) -> None:
@@ -224,7 +227,17 @@ class ShardSink:
             self.futures.popleft().result()  # surfaces a write error (disk full...) here
         if len(self.futures) > 256:
             self.futures.popleft().result()
-        self.futures.append(self.thread.submit(fn, *args))
+        self.futures.append(self.thread.submit(self._guarded, fn, *args))
+
+    def _guarded(self, fn, *args) -> None:
+        """In the writer thread: after one failure nothing more is written, above all no shard is published."""
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except BaseException as e:
+            self.error = e
+            raise
 
     def _close_shard(self) -> None:
         if self.shard is None:

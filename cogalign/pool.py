@@ -10,7 +10,10 @@ time, and a record that kills a worker on its own is rejected as
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +32,14 @@ def _init_worker(ctx: WorkerContext) -> None:
     global _CTX
     _CTX = ctx
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A main process killed with -9 cannot stop its workers: they notice and leave on their own."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _prepare_chunk(chunk: list[tuple[int, object]]) -> list[Prepared]:

@@ -324,3 +324,23 @@ def test_demo_is_deterministic_and_batch_independent(demo):
     np.testing.assert_array_equal(a, singles)
     np.testing.assert_array_equal(demo.encode(batch), a)
     assert len(np.unique(a)) > 100  # a trained codebook, not a constant
+
+
+def test_latent_diffusion_checkpoint_uses_its_first_stage(tmp_path, state, test_images):
+    """A latent-diffusion .ckpt holds the VQ model under first_stage_model.*, and its yaml
+    under model.params.first_stage_config."""
+    import yaml
+
+    sd = {"first_stage_model." + k: v for k, v in state.items()}
+    sd["model.diffusion_model.out.0.weight"] = torch.zeros(4)
+    d = tmp_path / "ldm"
+    d.mkdir()
+    torch.save(lightning_checkpoint(sd), d / "model.ckpt")
+    cfg = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                     "params": {"unet_config": {"target": "x"},
+                                "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
+                                                       "params": copy.deepcopy(TINY_PARAMS)}}}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tok = load_taming(d)
+    ref = reference_indices(state, TINY_PARAMS, test_images[0])
+    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999

@@ -194,7 +194,11 @@ def _find_params(cfg: Any) -> tuple[dict, str | None] | None:
         return None
     model = cfg.get("model")
     if isinstance(model, dict) and isinstance(model.get("params"), dict):
-        return model["params"], model.get("target")
+        params = model["params"]
+        first = params.get("first_stage_config")  # a latent-diffusion model: its VQ first stage
+        if "ddconfig" not in params and isinstance(first, dict) and isinstance(first.get("params"), dict):
+            return first["params"], first.get("target")
+        return params, model.get("target")
     if isinstance(cfg.get("params"), dict) and "ddconfig" in cfg["params"]:
         return cfg["params"], cfg.get("target")
     if "ddconfig" in cfg:
@@ -383,6 +387,8 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
             raise pickle_refusal(path) from None
         raise TokenizerError(f"{path}: not a readable torch checkpoint (unpickling failed)") from None
     except (ImportError, AttributeError) as exc:
+        if not trust_pickle:
+            raise pickle_refusal(path) from None
         # trust_pickle: an object's class is not importable here (e.g. pytorch_lightning
         # callbacks): load again with placeholders for the missing classes.
         try:
