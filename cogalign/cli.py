@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +98,7 @@ def expand(
         if dry_run:
             from cogalign.validate import dry_run as run_dry
 
-            options, _, tokenizer = resolve_options(options, runtime, "cpu")
+            options, _, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
             for key, value in run_dry(input, options, tokenizer).items():
                 typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")
             return

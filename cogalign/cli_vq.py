@@ -144,6 +144,7 @@ def convert(
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"producer": "cogalign vq convert", "source": ckpt.name})
     tmp.replace(out)
+    out.chmod(0o644)  # safetensors writes 0600
     yaml_out = out.with_suffix(".yaml")
     if cfg_path.resolve() != yaml_out.resolve():
         shutil.copyfile(cfg_path, yaml_out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -62,17 +63,19 @@ def init_process_group(work: WorkSlice) -> bool:
     return True
 
 
-def barrier() -> None:
-    import torch.distributed as dist
+def _group():
+    """torch.distributed if a process group is up; None without importing torch otherwise."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
-    if dist.is_available() and dist.is_initialized():
+
+def barrier() -> None:
+    if (dist := _group()) is not None:
         dist.barrier()
 
 
 def destroy() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if (dist := _group()) is not None:
         dist.destroy_process_group()
 
 

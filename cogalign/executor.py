@@ -56,13 +56,14 @@ class RunResult:
     report: dict | None = None
 
 
-def resolve_options(options: ExpandOptions, runtime: Runtime, device: str = "cpu"):
+def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
     """Load the tokenizer and templates once; fill in their names and hashes."""
     sampler = TemplateSampler.from_path(options.templates) if options.templates else TemplateSampler()
     tokenizer = None
     if "vq" in options.targets:
         from cogalign.tokenizers import load_tokenizer
 
+        device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
         tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
         for h, w in [options.vq_resolution]:
             if h % tokenizer.downsample or w % tokenizer.downsample:
@@ -88,7 +89,7 @@ def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
 
 def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResult:
     started = time.perf_counter()
-    options, sampler, tokenizer = resolve_options(options, runtime, distributed.device_for(work, runtime.device))
+    options, sampler, tokenizer = resolve_options(options, runtime, work)
     n_records = count_records(input_path)
     shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
     layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)
@@ -125,7 +126,8 @@ def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, r
     records = iter_records(input_path, skip=lambda i: i // shard_size not in todo)
     mine = ((i, r) for i, r in records if i // shard_size in todo)
     try:
-        with PreparePool(ctx, runtime.workers) as pool:
+        # Keep two tokenizer batches of records in flight so the encoder never waits on decoding.
+        with PreparePool(ctx, runtime.workers, window=max(3 * runtime.workers, runtime.batch_size // 2)) as pool:
             for prepared in pool.map(mine):
                 batcher.add(prepared)
                 for done, grids in batcher.drain():
@@ -189,7 +191,7 @@ class ShardSink:
         self.shard: int | None = None
         self.writer = None
         self.stats: dict = {}
-        self.rejects: list[bytes] = []
+        self.rejects: list[str] = []
         self.ids: list = []
         self.error: BaseException | None = None
 
@@ -210,8 +212,9 @@ class ShardSink:
         else:
             self.stats["reject_reasons"][prepared.reason] += 1
             self.result.reasons[prepared.reason] += 1
-            self.rejects.append(orjson.dumps({"index": prepared.index, "id": prepared.record_id,
-                                              "reason": prepared.reason, "detail": prepared.detail}))
+            line = orjson.dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
+                                 "detail": prepared.detail})
+            self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
     def _open_shard(self, shard: int) -> None:
         self.shard, self.started = shard, time.perf_counter()
@@ -262,11 +265,11 @@ class ShardSink:
             self.writer.abort()
 
 
-def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: list[bytes], ids: list,
+def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: list[str], ids: list,
                    seconds: float) -> None:
     stats["bytes"] = writer.close()
     stats["seconds"] = round(seconds, 3)
-    write_atomic(layout.rejects_path(shard), b"".join(line + b"\n" for line in rejects))
+    write_atomic(layout.rejects_path(shard), "".join(line + "\n" for line in rejects).encode())
     write_atomic(layout.ids_path(shard), orjson.dumps(ids))
     write_atomic(layout.stats_path(shard), orjson.dumps(stats, option=orjson.OPT_INDENT_2))  # the marker
 

@@ -38,9 +38,9 @@ def finalize(out_dir: str | Path) -> dict:
             output_bytes += stats["bytes"]
             with open(layout.rejects_path(i), "rb") as f:
                 shutil.copyfileobj(f, rejects)
-            ids.update(orjson.dumps(x) for x in orjson.loads(layout.ids_path(i).read_bytes()) if x is not None)
+            ids.update(orjson.dumps(x).decode() for x in orjson.loads(layout.ids_path(i).read_bytes()) if x is not None)
     tmp.replace(out_dir / "rejects.jsonl")
-    duplicates = {k.decode(): n for k, n in ids.items() if n > 1}
+    duplicates = {k: n for k, n in ids.items() if n > 1}
     report = {
         **{k: totals[k] for k in COUNTS},
         "pass_reasons": dict(sorted(pass_reasons.items())),

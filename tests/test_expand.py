@@ -159,3 +159,36 @@ def test_bad_option_is_one_line_error(tmp_path):
     assert "upper-middle" in result.output and result.output.count("\n") <= 2
     result = run_cli("expand", EXAMPLES, "--out", tmp_path, "--vq-resolution", "100", expect=2)
     assert "multiple" in result.output
+
+
+def test_image_scope_slices_the_whole_image_grid(tmp_path):
+    run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--workers", "0", "--vq-scope", "image",
+            "--targets", "vq")
+    tokenizer = load_tokenizer("demo")
+    source = {r["id"]: r for r in json.loads(EXAMPLES.read_text())}
+    for r in all_records(tmp_path):
+        if not r.get("cogalign"):
+            continue
+        assert r["cogalign"]["vq_scope"] == "image"
+        (turn,) = r["cogalign"]["turns"]
+        working = to_working(load_image(EXAMPLES.parent / source[r["id"]]["image"]), tuple(turn["resolution"]))
+        grid = tokenizer.encode(working[None])[0]
+        x0, y0, x1, y1 = (v // 8 for v in turn["box"])
+        gpt = next(t["value"] for t in r["conversations"] if t["value"].startswith("<vq start>"))
+        assert np.array_equal(parse_vq(gpt), grid[y0:y1, x0:x1].reshape(-1))
+
+
+def test_paper_resolution_same_bytes_across_batch_sizes_and_threads(tmp_path):
+    """At 672 px the demo codebook has near-ties; batching and threads must still not show."""
+    import torch
+
+    args = ["expand", EXAMPLES, "--vq-resolution", "672", "--px-resolution", "16", "--targets", "vq",
+            "--no-progress", "--workers", "0"]
+    run_cli(*args, "--out", tmp_path / "a", "--batch-size", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        run_cli(*args, "--out", tmp_path / "b", "--batch-size", "13")
+    finally:
+        torch.set_num_threads(threads)
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")

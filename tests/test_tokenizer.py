@@ -96,6 +96,13 @@ def test_torch_tensor_input_and_index_length(tmp_path, state, test_images):
     np.testing.assert_array_equal(tok.encode(torch.from_numpy(imgs)), tok.encode(imgs))
     assert tok.downsample == 8 and tok.codebook_size == 512
     assert tok.index_length(336, 336) == 1764 and tok.index_length(96, 128) == 12 * 16
+    # groups of `encoder_batch` images, the last padded: same indices as one at a time
+    five = test_images[1][:5]
+    single = tok.encode(five)
+    tok.encoder_batch = 3
+    np.testing.assert_array_equal(tok.encode(five), single)
+    np.testing.assert_array_equal(tok.encode(five[:2]), single[:2])
+    tok.encoder_batch = 1
     with pytest.raises(TokenizerError, match="multiple of f=8"):
         tok.encode(np.zeros((1, 60, 64, 3), np.uint8))
     with pytest.raises(TokenizerError, match="uint8"):
@@ -308,6 +315,13 @@ def test_demo_preset(demo):
     # the hash is over the weights actually used
     again = load_tokenizer("demo")
     assert again.content_hash == demo.content_hash
+    # it pickles (e.g. to be sent to another process) and still encodes the same
+    import pickle
+
+    img = photos((64, 64), ["coffee.png"])
+    copy_ = pickle.loads(pickle.dumps(demo))
+    np.testing.assert_array_equal(copy_.encode(img), demo.encode(img))
+    assert copy_.content_hash == demo.content_hash
 
 
 def test_demo_is_deterministic_and_batch_independent(demo):
@@ -324,6 +338,14 @@ def test_demo_is_deterministic_and_batch_independent(demo):
     np.testing.assert_array_equal(a, singles)
     np.testing.assert_array_equal(demo.encode(batch), a)
     assert len(np.unique(a)) > 100  # a trained codebook, not a constant
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):  # the thread count splits reductions differently: it must not show
+            torch.set_num_threads(n)
+            np.testing.assert_array_equal(demo.encode(batch), a)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # encode leaves the caller's setting alone
 
 
 def test_latent_diffusion_checkpoint_uses_its_first_stage(tmp_path, state, test_images):

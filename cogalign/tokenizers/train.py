@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -234,6 +235,7 @@ def export_taming(model: VQAutoencoder, out_dir: str | Path, decoder_dtype: torc
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata=meta or None)
     tmp.replace(paths["model"])
+    os.chmod(paths["model"], 0o644)  # safetensors writes 0600
     with open(paths["config"], "w", encoding="utf-8") as fh:
         yaml.safe_dump(taming_config(model.ddconfig, model.codes, model.embed_dim), fh, sort_keys=False)
     return paths
