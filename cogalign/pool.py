@@ -80,29 +80,40 @@ class PreparePool:
         suspects: deque = deque()  # records in flight when a worker died: rerun one at a time
         inflight: deque[tuple[object, list]] = deque()
 
+        def broken(*after: list) -> None:
+            """The pool died: everything in flight (then `after`) becomes a suspect, in input order."""
+            for _, chunk in inflight:
+                suspects.extend(chunk)
+            for chunk in after:
+                suspects.extend(chunk)
+            inflight.clear()
+            self._restart()
+
         def top_up() -> None:
-            while len(inflight) < self.window:
+            while len(inflight) < self.window and not suspects:
                 chunk = list(islice(source, self.chunk_size))
                 if not chunk:
                     return
-                inflight.append((self._executor.submit(_prepare_chunk, chunk), chunk))
+                try:
+                    inflight.append((self._executor.submit(_prepare_chunk, chunk), chunk))
+                except BrokenProcessPool:  # a worker died while nobody was waiting on it
+                    broken(chunk)
 
         while True:
             if suspects:
                 yield from self._isolate(suspects.popleft())
                 continue
             top_up()
+            if suspects:
+                continue
             if not inflight:
                 return
             future, chunk = inflight.popleft()
             try:
                 results = future.result()
             except BrokenProcessPool:
-                suspects.extend(chunk)
-                for _, other in inflight:
-                    suspects.extend(other)
-                inflight.clear()
-                self._restart()
+                inflight.appendleft((future, chunk))
+                broken()
                 continue
             top_up()
             yield from results

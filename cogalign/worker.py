@@ -118,7 +118,7 @@ def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) ->
         else:
             answer, length = next(px_texts), None
         question = ctx.sampler.fill(plan.kind, plan.template_id, plan.region, resolution, length)
-        human, gpt = make_pair(question, answer)
+        human, gpt = make_pair(question, answer, check_answer=False)
         inserts.append((plan.position, human, gpt))
         turns_meta.append(_turn_meta(plan, resolution))
     out = dict(record)
