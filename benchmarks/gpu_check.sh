@@ -34,7 +34,7 @@ print("cogalign.executor imports torch:", "torch" in sys.modules)
 EOF
 
 echo "== bench_expand on cuda (with the CPU-vs-GPU index agreement)"
-timeout 420 python3 benchmarks/bench_expand.py --device cuda --records 96 --workers 12 --batch-size 64 --agreement \
+timeout 420 python3 benchmarks/bench_expand.py --device cuda ${BENCH_ARGS:---records 96 --workers 12 --batch-size 64 --agreement} \
   | tee "$OUT/bench_gpu.md"
 status=${PIPESTATUS[0]}
 
