@@ -55,7 +55,7 @@ def init_process_group(work: WorkSlice) -> bool:
     if dist.is_initialized():
         return True
     if torch.cuda.is_available():
-        torch.cuda.set_device(work.local_rank)
+        torch.cuda.set_device(work.local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
@@ -85,4 +85,5 @@ def device_for(work: WorkSlice, device: str) -> str:
         return device
     import torch
 
-    return f"cuda:{work.local_rank}" if torch.cuda.is_available() else "cpu"
+    # Several ranks may share a GPU (more writers per GPU): rank i takes GPU i mod count.
+    return f"cuda:{work.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
