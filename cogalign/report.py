@@ -46,7 +46,7 @@ def finalize(out_dir: str | Path) -> dict:
         "pass_reasons": dict(sorted(pass_reasons.items())),
         "reject_reasons": dict(reject_reasons.most_common()),
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
-                          "examples": sorted(duplicates)[:10]},
+                          "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
         "fingerprint": manifest["fingerprint"], "options": manifest["options"],
     }

@@ -80,8 +80,8 @@ def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
     plans = plan_turns(opts.seed, index, check.n_pairs, opts.targets, opts.regions, resolutions,
                        {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
-    working = {kind: to_working(image, resolutions[kind], opts.resize, opts.resample)
-               for kind in opts.targets}
+    by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
+    working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
     out = Prepared(index, record, EXPAND, plans=plans)
     for plan in plans:
         if plan.kind == "px":

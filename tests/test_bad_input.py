@@ -141,3 +141,16 @@ def test_write_failure_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.ParquetShardWriter, "write", original)
     run_cli(*args, "--out", tmp_path / "out")
     assert data_digest(tmp_path / "out") == data_digest(tmp_path / "ref")
+
+
+def test_duplicate_ids_are_kept_and_counted(tmp_path):
+    from helpers import EXAMPLES
+
+    records = json.loads(EXAMPLES.read_text())
+    records += [dict(records[0]), dict(records[0]), dict(records[7])]  # astronaut x3, the text-only record x2
+    source = tmp_path / "dups.json"
+    source.write_text(json.dumps(records))
+    run_cli("expand", source, "--out", tmp_path / "o", *FAST, "--workers", "0", "--image-root", EXAMPLES.parent)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["input"] == report["expanded"] + report["passed"] == 17
+    assert report["duplicate_ids"] == {"ids": 2, "records": 5, "examples": ["astronaut", "text_only_haiku"]}

@@ -44,7 +44,7 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, reference, kill_at):
 
 def test_torchrun_two_ranks_same_bytes_as_one_process(tmp_path, reference):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "cogalign", *ARGS, "--out", str(out), "--workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

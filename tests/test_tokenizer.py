@@ -366,3 +366,26 @@ def test_latent_diffusion_checkpoint_uses_its_first_stage(tmp_path, state, test_
     tok = load_taming(d)
     ref = reference_indices(state, TINY_PARAMS, test_images[0])
     assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+
+
+def test_demo_matches_taming_reference_on_paper_sized_regions(demo):
+    """The done-criterion of the core issue: real photos, a taming checkpoint, 672-px quarters.
+    The reference runs on one thread: taming's own float32 result moves with the thread count
+    (1 vs 2 threads: ~0.15% of positions for this dense 4-dim codebook), ours does not."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from cogalign.tokenizers.presets import DEMO_DIR
+
+    sd = {k: v.float() for k, v in load_file(DEMO_DIR / "model.safetensors").items()}
+    params = yaml.safe_load((DEMO_DIR / "config.yaml").read_text())["model"]["params"]
+    img = photos((672, 672), ["coffee.png", "rocket.jpg"])
+    quarters = np.stack([im[y:y + 336, x:x + 336] for im in img for y in (0, 336) for x in (0, 336)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = np.concatenate([reference_indices(sd, params, quarters[i:i + 1]) for i in range(len(quarters))])
+    finally:
+        torch.set_num_threads(threads)
+    agreement = (demo.encode(quarters) == ref).mean()
+    assert agreement >= 0.999, agreement
