@@ -65,11 +65,10 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
         tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
-        for h, w in [options.vq_resolution]:
-            if h % tokenizer.downsample or w % tokenizer.downsample:
-                raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
-                                    f"downsampling factor {tokenizer.downsample}; pick e.g. "
-                                    f"{h - h % tokenizer.downsample or tokenizer.downsample}")
+        (h, w), f = options.vq_resolution, tokenizer.downsample
+        if h % f or w % f:
+            raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
+                                f"downsampling factor {f}; pick e.g. {h - h % f or f}")
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 
@@ -151,7 +150,7 @@ class EncodeBatcher:
 
     def __init__(self, tokenizer, batch_size: int, max_pending: int = 4096):
         self.tokenizer, self.batch_size, self.max_pending = tokenizer, batch_size, max_pending
-        self.pending: deque[list] = deque()  # [prepared, grids, missing]
+        self.pending: deque[list] = deque()  # [prepared, grids, grids missing, inputs] in input order
         self.groups: dict[tuple, list] = {}
 
     def add(self, prepared: Prepared) -> None:

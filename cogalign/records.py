@@ -11,6 +11,7 @@ whitespace-only line takes no position; a line that is not valid JSON does).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -96,6 +97,17 @@ def detect_format(path) -> str:
     raise InputError(f"{p}: neither a JSON array nor JSONL: the file starts with {shown!r}, expected '[' or '{{'")
 
 
+@contextlib.contextmanager
+def _opened(path):
+    """(format, binary file positioned after any BOM, path string)."""
+    fmt = detect_format(path)
+    f, p = _open(path)
+    with f:
+        if f.read(len(_BOM)) != _BOM:
+            f.seek(0)
+        yield fmt, f, p
+
+
 def _one_line(message: object, limit: int = 300) -> str:
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
@@ -121,11 +133,7 @@ def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator
     - `skip(position)` true: the position is counted but nothing is yielded for it;
       JSONL lines are then not even parsed (JSON array elements are parsed and dropped).
     """
-    fmt = detect_format(path)
-    f, p = _open(path)
-    with f:
-        if f.read(len(_BOM)) != _BOM:
-            f.seek(0)
+    with _opened(path) as (fmt, f, p):
         if fmt == "json":
             yield from _iter_json(f, p, skip)
         else:
@@ -201,11 +209,7 @@ def count_records(path) -> int:
     JSONL: non-blank lines, counted in binary chunks without parsing. JSON array: the
     top-level elements, counted by ijson (so a malformed file raises the same
     `InputError` as `iter_records`)."""
-    fmt = detect_format(path)
-    f, p = _open(path)
-    with f:
-        if f.read(len(_BOM)) != _BOM:
-            f.seek(0)
+    with _opened(path) as (fmt, f, p):
         if fmt == "json":
             # ijson's C parser is the cost here (~0.45 s for 200 MB); building each item
             # on top of it adds ~15%, less than routing every parse event through Python.
