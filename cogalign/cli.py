@@ -83,6 +83,7 @@ def expand(
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print how many records would be expanded and the estimated output size, then stop. Default: off."),
+    llm_tokenizer: Optional[Path] = typer.Option(None, "--llm-tokenizer", help="With --dry-run: a Hugging Face tokenizer.json (or its folder); the new turns of a few real records are built and their token counts printed. Needs `pip install tokenizers`. Default: none."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Expand every image record with one VQ pair and one RGB pair (Tables 4-6 of the paper)."""
@@ -96,10 +97,13 @@ def expand(
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
         if dry_run:
-            from cogalign.validate import dry_run as run_dry
+            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer, sample_turns
 
-            options, _, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
-            for key, value in run_dry(input, options, tokenizer).items():
+            llm = load_llm_tokenizer(llm_tokenizer) if llm_tokenizer else None
+            options, sampler, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
+            facts = run_dry(input, options, tokenizer)
+            facts.update(sample_turns(input, options, sampler, tokenizer, image_root, llm))
+            for key, value in facts.items():
                 typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")
             return
         result = run_expand(input, out, options, runtime, image_root)

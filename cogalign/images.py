@@ -141,7 +141,8 @@ def resolve_image_path(value: str, image_root: Path, allow_absolute: bool = Fals
             if not _inside(real, real_root):
                 raise RecordError(
                     "image_path_escapes_root",
-                    f"{value!r} resolves through a symlink to {real}, outside the image root {real_root}",
+                    f"{value!r} resolves through a symlink to {real}, outside the image root {real_root} "
+                    "(pass --allow-absolute-paths to follow symlinks out of the root)",
                 )
     _require_file(candidate)
     return Path(candidate)

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from cogalign import estimate
@@ -13,8 +14,10 @@ from cogalign.errors import RecordError
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
 from cogalign.progress import Progress
+from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
-from cogalign.worker import EXPAND, WorkerContext
+from cogalign.render import VQ_START
+from cogalign.worker import EXPAND, WorkerContext, finish, prepare
 
 
 @dataclass
@@ -73,3 +76,53 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None) -> d
             "rejected_by_shape": counts["reject"], "reject_reasons": dict(reasons),
             "target_chars": chars, "estimated_output_bytes": Path(input_path).stat().st_size + counts["expand"] * per_record,
             "shard_size": estimate.auto_shard_size(options, tokenizer)}
+
+
+def load_llm_tokenizer(path: str | Path):
+    """A Hugging Face fast tokenizer (`tokenizer.json`, or a folder holding one), via `tokenizers`."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CogalignError("--llm-tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise CogalignError(f"{file}: no tokenizer.json there; pass the file (or folder) of a Hugging Face fast tokenizer")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:
+        raise CogalignError(f"{file}: not a tokenizer.json the `tokenizers` package can read ({e})") from None
+
+
+def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokenizer, image_root: str | Path | None,
+                 llm_tokenizer=None, samples: int = 8) -> dict:
+    """Build the new turns of the first `samples` expandable records for real and measure them:
+    characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently)."""
+    input_path = Path(input_path)
+    ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent,
+                        tokenizer.downsample if tokenizer else 1, sampler)
+    sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
+    done = 0
+    for index, record in iter_records(input_path):
+        if done >= samples:
+            break
+        prepared = prepare(index, record, ctx)
+        if prepared.outcome != EXPAND:
+            continue
+        grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
+        original = {id(t) for t in record["conversations"]}
+        new = [t["value"] for t in finish(prepared, grids, ctx)["conversations"] if id(t) not in original]
+        for question, answer in zip(new[::2], new[1::2]):
+            kind = "vq" if answer.startswith(VQ_START) else "px"
+            text = question + answer
+            tokens = len(llm_tokenizer.encode(text, add_special_tokens=False).ids) if llm_tokenizer else 0
+            sizes[kind].append((len(text), tokens))
+        done += 1
+    out = {"sampled_records": done}
+    for kind, values in sizes.items():
+        if values:
+            out[f"{kind}_turn_chars_mean"] = round(sum(c for c, _ in values) / len(values))
+            if llm_tokenizer is not None:
+                out[f"{kind}_turn_tokens_mean"] = round(sum(t for _, t in values) / len(values))
+                out[f"{kind}_turn_tokens_max"] = max(t for _, t in values)
+    return out

@@ -192,3 +192,27 @@ def test_paper_resolution_same_bytes_across_batch_sizes_and_threads(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+
+
+def test_dry_run_counts_llm_tokens_of_real_turns(tmp_path):
+    """Spec §4: given a tokenizer, the toolkit reports the token count of the new turns."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    llm = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    llm.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    llm.save(str(tmp_path / "tokenizer.json"))
+    result = run_cli("expand", EXAMPLES, *FAST, "--dry-run", "--llm-tokenizer", tmp_path)
+    facts = dict(line.split(": ", 1) for line in result.output.splitlines())
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, "--workers", "0")
+    counts = {"vq": [], "px": []}
+    for r in all_records(tmp_path / "o")[:9]:  # the first 8 image records (one text-only among them)
+        for human, gpt in zip(r["conversations"][::2], r["conversations"][1::2]):
+            if gpt["value"].startswith(("<vq start>", "<rgb start>")):
+                kind = "vq" if gpt["value"].startswith("<vq") else "px"
+                counts[kind].append(len(llm.encode(human["value"] + gpt["value"], add_special_tokens=False).ids))
+    assert facts["sampled_records"] == "8"
+    for kind in ("vq", "px"):
+        assert int(facts[f"{kind}_turn_tokens_mean"]) == round(sum(counts[kind]) / len(counts[kind]))
+        assert int(facts[f"{kind}_turn_tokens_max"]) == max(counts[kind])
