@@ -114,7 +114,8 @@ def expand(
     where = str(out) + ("" if result.finalized else "  (this slice is done; run `cogalign merge-report "
                                                      f"{out}` once all slices are)")
     note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
-    for line in report.summary_lines(result.counts, result.reasons, result.seconds, where, note):
+    for line in report.summary_lines(result.counts, result.reasons, result.seconds, where, note,
+                                     warnings=result.warnings):
         _say(line)
 
 
@@ -139,7 +140,7 @@ def validate(
     except CogalignError as e:
         _fail(str(e))
     for line in report.summary_lines(result.counts, result.reasons, result.seconds, str(rejects or "-"),
-                                     expanded_label="would expand"):
+                                     expanded_label="would expand", warnings=result.warnings):
         _say(line)
     if not result.ok:
         raise typer.Exit(1)

@@ -49,6 +49,7 @@ class RunResult:
     out_dir: Path
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
+    warnings: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     shards_done: int = 0
     shards_skipped: int = 0
@@ -208,6 +209,9 @@ class ShardSink:
         outcome = prepared.outcome
         self.stats[{EXPAND: "expanded", PASS: "passed"}.get(outcome, "rejected")] += 1
         self.result.counts[outcome] += 1
+        if prepared.warning:
+            self.stats["warnings"][prepared.warning] += 1
+            self.result.warnings[prepared.warning] += 1
         if outcome == EXPAND:
             self._submit(self.writer.write, finish(prepared, grids, ctx))
         elif outcome == PASS:
@@ -223,7 +227,7 @@ class ShardSink:
     def _open_shard(self, shard: int) -> None:
         self.shard, self.started = shard, time.perf_counter()
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
-                      "pass_reasons": Counter(), "reject_reasons": Counter()}
+                      "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter()}
         self.rejects, self.ids = [], []
         while len(self.live) >= self.parallel:
             thread, last = self.live.popleft()

@@ -26,7 +26,7 @@ def finalize(out_dir: str | Path) -> dict:
     if missing:
         raise FileNotFoundError(f"{out_dir}: {len(missing)} of {layout.num_shards} shards are not complete yet "
                                 f"(first: {missing[0]}); run the remaining slices, then merge-report again")
-    totals, pass_reasons, reject_reasons, output_bytes = Counter(), Counter(), Counter(), 0
+    totals, pass_reasons, reject_reasons, warnings, output_bytes = Counter(), Counter(), Counter(), Counter(), 0
     ids: Counter = Counter()
     tmp = out_dir / "rejects.jsonl.tmp"
     with open(tmp, "wb") as rejects:
@@ -35,6 +35,7 @@ def finalize(out_dir: str | Path) -> dict:
             totals.update({k: stats[k] for k in COUNTS})
             pass_reasons.update(stats["pass_reasons"])
             reject_reasons.update(stats["reject_reasons"])
+            warnings.update(stats.get("warnings", {}))
             output_bytes += stats["bytes"]
             with open(layout.rejects_path(i), "rb") as f:
                 shutil.copyfileobj(f, rejects)
@@ -45,6 +46,7 @@ def finalize(out_dir: str | Path) -> dict:
         **{k: totals[k] for k in COUNTS},
         "pass_reasons": dict(sorted(pass_reasons.items())),
         "reject_reasons": dict(reject_reasons.most_common()),
+        "warnings": dict(sorted(warnings.items())),  # expanded all the same; LLaVA would mistreat them
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
                           "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
@@ -147,7 +149,7 @@ def top_reasons(counter: dict, n: int = 5) -> str:
 
 
 def summary_lines(counts: dict, reject_reasons: dict, seconds: float, where: str, note: str = "",
-                  expanded_label: str = "expanded") -> list[str]:
+                  expanded_label: str = "expanded", warnings: dict | None = None) -> list[str]:
     n = sum(counts.get(k, 0) for k in ("expand", "pass", "reject"))
     rate = n / seconds if seconds > 0 else 0.0
     lines = [
@@ -157,4 +159,6 @@ def summary_lines(counts: dict, reject_reasons: dict, seconds: float, where: str
         f"time: {seconds:.1f} s  throughput: {rate:.2f} records/s, {counts.get('expand', 0) / max(seconds, 1e-9):.2f} images/s",
         f"output: {where}",
     ]
+    if warnings:
+        lines.insert(2, f"warnings (kept): {top_reasons(warnings)}")
     return lines + ([note] if note else [])

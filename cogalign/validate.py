@@ -25,6 +25,7 @@ class Validation:
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     pass_reasons: Counter = field(default_factory=Counter)
+    warnings: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
     @property
@@ -44,6 +45,8 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
                 PreparePool(ctx, workers, chunk_size=16) as pool:
             for p in pool.map(iter_records(input_path)):
                 result.counts[p.outcome] += 1
+                if p.warning:
+                    result.warnings[p.warning] += 1
                 if p.outcome == "reject":
                     result.reasons[p.reason] += 1
                     if out:

@@ -49,6 +49,7 @@ class Prepared:
     plans: list[TurnPlan] = field(default_factory=list)
     vq_inputs: list[np.ndarray] = field(default_factory=list)
     px_texts: list[str] = field(default_factory=list)
+    warning: str = ""  # kept, but LLaVA's trainer would mistreat it (counted in report.json)
 
     @property
     def record_id(self):
@@ -75,14 +76,15 @@ def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
         return Prepared(index, record, PASS, check.pass_reason)
     path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
     image = load_image(path, opts.max_image_pixels)
+    warning = image_token_warning(record["conversations"])
     if ctx.decode_only:
-        return Prepared(index, record, EXPAND)
+        return Prepared(index, record, EXPAND, warning=warning)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
     plans = plan_turns(opts.seed, index, check.n_pairs, opts.targets, opts.regions, resolutions,
                        {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
     by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
     working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
-    out = Prepared(index, record, EXPAND, plans=plans)
+    out = Prepared(index, record, EXPAND, plans=plans, warning=warning)
     for plan in plans:
         if plan.kind == "px":
             out.px_texts.append(px_text(plan.region.crop(working["px"])))
@@ -91,6 +93,12 @@ def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
     if opts.vq_scope == "image" and "vq" in opts.targets:
         out.vq_inputs.append(working["vq"])
     return out
+
+
+def image_token_warning(conversations: list[dict]) -> str:
+    """LLaVA drops the image of a record without `<image>` and misaligns one with two."""
+    n = sum(turn["value"].count("<image>") for turn in conversations)
+    return "" if n == 1 else ("image_token_missing" if n == 0 else "image_token_repeated")
 
 
 def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: str) -> list[np.ndarray]:

@@ -154,3 +154,19 @@ def test_duplicate_ids_are_kept_and_counted(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["input"] == report["expanded"] + report["passed"] == 17
     assert report["duplicate_ids"] == {"ids": 2, "records": 5, "examples": ["astronaut", "text_only_haiku"]}
+
+
+def test_image_records_without_one_image_token_are_expanded_and_counted(tmp_path):
+    """LLaVA drops the image of a record with no <image> and misaligns one with two: say so."""
+    from helpers import EXAMPLES
+
+    records = json.loads(EXAMPLES.read_text())
+    records[0]["conversations"][0]["value"] = records[0]["conversations"][0]["value"].replace("<image>\n", "")
+    records[1]["conversations"][2]["value"] += " <image>"
+    source = tmp_path / "tokens.json"
+    source.write_text(json.dumps(records))
+    result = run_cli("expand", source, "--out", tmp_path / "o", *FAST, "--workers", "0", "--image-root", EXAMPLES.parent)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["expanded"] == 13
+    assert report["warnings"] == {"image_token_missing": 1, "image_token_repeated": 1}
+    assert "warnings (kept): image_token_missing (1), image_token_repeated (1)" in result.output
