@@ -120,9 +120,10 @@ def convert(
     (discriminator, LPIPS), optimizer state and pickled objects. The yaml is copied beside OUT."""
     from safetensors.torch import save_file
 
-    from cogalign.tokenizers.taming import (
-        TamingVQTokenizer, _quantizer_kind, _strip_prefix, check_state_dict, find_checkpoint, read_config,
-        read_state_dict, select_model_keys)
+    from cogalign.tokenizers.checkpoints import (
+        _quantizer_kind, _strip_prefix, check_state_dict, find_checkpoint, read_config, read_state_dict,
+        select_model_keys)
+    from cogalign.tokenizers.taming import TamingVQTokenizer
 
     if out.suffix != ".safetensors":
         _fail(f"{out}: the output must end in .safetensors")

@@ -7,7 +7,6 @@ import re
 import numpy as np
 import orjson
 import pytest
-from PIL import Image
 
 from cogalign.images import load_image, to_working
 from cogalign.regions import Region

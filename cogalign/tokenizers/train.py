@@ -271,7 +271,8 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     -> post_quant_conv -> Decoder; mean of per-image PSNR over uint8 pixels) and codebook
     usage (distinct codes / codebook size when every image is encoded whole at
     usage_resolution²)."""
-    from cogalign.tokenizers.taming import find_checkpoint, load_taming, read_config, read_state_dict
+    from cogalign.tokenizers.checkpoints import find_checkpoint, read_config, read_state_dict
+    from cogalign.tokenizers.taming import load_taming
 
     tok = load_taming(tokenizer_dir, device="cpu", trust_pickle=trust_pickle)
     ckpt, cfg = find_checkpoint(tokenizer_dir)
