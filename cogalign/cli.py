@@ -51,7 +51,7 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
 # Options shared by expand and validate, declared once.
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Reject images with more pixels than this (decompression-bomb guard).")
-AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths Default: off (only paths under --image-root are opened).")
+AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
 Workers = typer.Option(None, "--workers", help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
@@ -123,7 +123,7 @@ def expand(
 def validate(
     input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
     image_root: Optional[Path] = ImageRoot,
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here. Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
