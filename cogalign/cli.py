@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from cogalign.cli_util import fail, say
 from cogalign.errors import CogalignError
 from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
 
@@ -20,20 +21,11 @@ def _default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _human_bytes(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1000
-
-
-def _say(line: str) -> None:
-    typer.echo(line, err=True)
 
 
 def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
@@ -108,15 +100,15 @@ def expand(
             return
         result = run_expand(input, out, options, runtime, image_root)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
+        fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
     where = str(out) + ("" if result.finalized else "  (this slice is done; run `cogalign merge-report "
                                                      f"{out}` once all slices are)")
     note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
     for line in report.summary_lines(result.counts, result.reasons, result.seconds, where, note,
                                      warnings=result.warnings):
-        _say(line)
+        say(line)
 
 
 @app.command()
@@ -138,10 +130,10 @@ def validate(
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
     for line in report.summary_lines(result.counts, result.reasons, result.seconds, str(rejects or "-"),
                                      expanded_label="would expand", warnings=result.warnings):
-        _say(line)
+        say(line)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -154,10 +146,10 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
     try:
         rep = report.finalize(out)
     except (CogalignError, FileNotFoundError) as e:
-        _fail(str(e))
-    _say(f"records: {rep['input']}  expanded: {rep['expanded']}  passed: {rep['passed']}  rejected: {rep['rejected']}")
-    _say(f"top reject reasons: {report.top_reasons(rep['reject_reasons'])}")
-    _say(f"output: {out}")
+        fail(str(e))
+    say(f"records: {rep['input']}  expanded: {rep['expanded']}  passed: {rep['passed']}  rejected: {rep['rejected']}")
+    say(f"top reject reasons: {report.top_reasons(rep['reject_reasons'])}")
+    say(f"output: {out}")
 
 
 def _mount_subcommands() -> None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import numpy as np
 import typer
 
+from cogalign.cli_util import fail
 from cogalign.errors import CogalignError
 from cogalign.options import OptionError, parse_resolution
 from cogalign.regions import parse_regions, sample_region
@@ -41,12 +42,7 @@ def _sampler(templates: Optional[Path]) -> TemplateSampler:
     try:
         return TemplateSampler.from_path(templates)
     except CogalignError as exc:
-        _fail(str(exc))
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+        fail(str(exc))
 
 
 @templates_app.command("list")
@@ -70,7 +66,7 @@ def show(
     """Print one template."""
     items = _sampler(templates).templates(kind.value)
     if not 0 <= template_id < len(items):
-        _fail(f"{kind.value} template id {template_id} out of range 0..{len(items) - 1}")
+        fail(f"{kind.value} template id {template_id} out of range 0..{len(items) - 1}")
     typer.echo(items[template_id])
 
 
@@ -105,7 +101,7 @@ def sample(
             prompt = sampler.prompt(kind.value, rng, chosen, (height, width), n if kind is Kind.vq else None)
             typer.echo(f"[{prompt.template_id}] {chosen.name} {chosen.box}: {prompt.text}")
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _parse_length(value: str) -> int:

@@ -10,27 +10,18 @@ from typing import List, Optional
 
 import typer
 
+from cogalign.cli_util import fail, say
 from cogalign.errors import CogalignError
 
 vq_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                      help="Train, inspect, evaluate and convert VQ tokenizers (taming VQGAN layout).")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _say(line: str) -> None:
-    typer.echo(line, err=True)
-
-
 def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        _fail(f"--{what} must be comma-separated integers, got {text!r}")
-        raise  # unreachable
+        fail(f"--{what} must be comma-separated integers, got {text!r}")
 
 
 @vq_app.command("train")
@@ -59,24 +50,24 @@ def train(
     from cogalign.tokenizers.train import evaluate, train_vq
 
     if decoder_dtype not in ("float32", "float16", "bfloat16"):
-        _fail(f"--decoder-dtype must be float32, float16 or bfloat16, not {decoder_dtype!r}")
+        fail(f"--decoder-dtype must be float32, float16 or bfloat16, not {decoder_dtype!r}")
     try:
         metrics = train_vq(
             images, out, codes=codes, ch=ch, ch_mult=_ints(ch_mult, "ch-mult"), num_res_blocks=num_res_blocks,
             z_channels=z_channels, embed_dim=embed_dim, attn_resolutions=_ints(attn_resolutions, "attn-resolutions"),
             steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
-            dead_code_threshold=dead_code_threshold, decoder_dtype=decoder_dtype, device=device, log=_say)
+            dead_code_threshold=dead_code_threshold, decoder_dtype=decoder_dtype, device=device, log=say)
         metrics.pop("model", None)
         if evaluate_after:
             ev = evaluate(out, images)
             ev.pop("psnr_db_per_image", None)
-            _say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
+            say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
                  f"{ev['codes_used']}/{ev['codebook_size']} ({100 * ev['codebook_usage']:.1f}%) at {ev['usage_resolution']}px")
             metrics["eval"] = ev
             with open(out / "train_metrics.json", "w", encoding="utf-8") as fh:
                 json.dump(metrics, fh, indent=1)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @vq_app.command("info")
@@ -91,7 +82,7 @@ def info(
     try:
         tok = load_tokenizer(spec, device="cpu", trust_pickle=trust_pickle)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
     d = tok.describe()
     d["parameters"] = int(tok.parameter_count()) if hasattr(tok, "parameter_count") else None
     d["quantizer"] = getattr(tok, "quantizer", None)
@@ -126,9 +117,9 @@ def convert(
     from cogalign.tokenizers.taming import TamingVQTokenizer
 
     if out.suffix != ".safetensors":
-        _fail(f"{out}: the output must end in .safetensors")
+        fail(f"{out}: the output must end in .safetensors")
     if out.exists() and not force:
-        _fail(f"{out}: exists; pass --force to overwrite")
+        fail(f"{out}: exists; pass --force to overwrite")
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]
         params, target = read_config(cfg_path)
@@ -138,7 +129,7 @@ def convert(
             model = TamingVQTokenizer(params, name=ckpt.stem, quantizer=_quantizer_kind(target, set(kept)))
         check_state_dict(kept, model.state_dict(), ckpt, cfg_path)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
     model_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
     tensors = {k: v.contiguous() for k, v in raw.items() if k.startswith(model_keys)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +141,7 @@ def convert(
     if cfg_path.resolve() != yaml_out.resolve():
         shutil.copyfile(cfg_path, yaml_out)
     dropped = len(raw) - len(tensors)
-    _say(f"wrote {out} ({len(tensors)} tensors; {dropped} others dropped) and {yaml_out}")
+    say(f"wrote {out} ({len(tensors)} tensors; {dropped} others dropped) and {yaml_out}")
 
 
 @vq_app.command("eval")
@@ -174,7 +165,7 @@ def eval_(
             load_tokenizer(spec)  # the preset's own error if it is not installed
         res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle)
     except CogalignError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return

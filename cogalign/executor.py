@@ -51,7 +51,6 @@ class RunResult:
     reasons: Counter = field(default_factory=Counter)
     warnings: Counter = field(default_factory=Counter)
     seconds: float = 0.0
-    shards_done: int = 0
     shards_skipped: int = 0
     finalized: bool = False
     report: dict | None = None
@@ -59,7 +58,7 @@ class RunResult:
 
 def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
     """Load the tokenizer and templates once; fill in their names and hashes."""
-    sampler = TemplateSampler.from_path(options.templates) if options.templates else TemplateSampler()
+    sampler = TemplateSampler.from_path(options.templates)
     tokenizer = None
     if "vq" in options.targets:
         from cogalign.tokenizers import load_tokenizer
@@ -99,10 +98,11 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
                 "input": str(input_path), "records": n_records, "shard_size": shard_size,
                 "num_shards": layout.num_shards, "format": options.format}
-    if work.is_main:
+    if work.is_main:  # the other ranks check it once it is written
         check_or_write_manifest(out_dir, manifest)
     distributed.barrier()
-    check_or_write_manifest(out_dir, manifest)
+    if not work.is_main:
+        check_or_write_manifest(out_dir, manifest)
     layout.make_dirs()
     mine = [s for s in range(layout.num_shards) if work.owns(s)]
     todo = [s for s in mine if not layout.is_complete(s)]
@@ -123,8 +123,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
     sink = ShardSink(layout, ctx.options.format, result)
     batcher = EncodeBatcher(tokenizer, runtime.batch_size)
-    records = iter_records(input_path, skip=lambda i: i // shard_size not in todo)
-    mine = ((i, r) for i, r in records if i // shard_size in todo)
+    mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo)  # skipped ones never come
     try:
         # Keep two tokenizer batches of records in flight so the encoder never waits on decoding.
         with PreparePool(ctx, runtime.workers, window=max(3 * runtime.workers, runtime.batch_size // 2)) as pool:
@@ -262,7 +261,6 @@ class ShardSink:
         self._submit(self._publish, self.shard, self.writer, self.stats, self.rejects, self.ids,
                      time.perf_counter() - self.started)
         self.live.append((self.thread, self.futures[-1]))
-        self.result.shards_done += 1
         self.shard = None
 
     def _publish(self, shard: int, writer, *stats) -> None:

@@ -63,9 +63,8 @@ def clear_output(root: Path) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
     for name in (MANIFEST, "report.json", "rejects.jsonl", "README.md"):
         (root / name).unlink(missing_ok=True)
-    for final in root.glob("*.json*"):
-        if final.name.endswith("_cogalign.json") or final.name.endswith("_cogalign.jsonl"):
-            final.unlink()
+    for merged in (*root.glob("*_cogalign.json"), *root.glob("*_cogalign.jsonl")):
+        merged.unlink()
 
 
 def check_or_write_manifest(root: Path, manifest: dict) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
@@ -78,7 +78,6 @@ class ExpandOptions:
     tokenizer_name: str = ""
     tokenizer_hash: str = ""
     templates_hash: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         parse_list(self.targets, TARGET_KINDS, "targets")

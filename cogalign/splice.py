@@ -4,7 +4,8 @@ from __future__ import annotations
 import operator
 from typing import Sequence
 
-FORBIDDEN = ("<image>", "</s>", "ASSISTANT: ")
+# Strings that break LLaVA training: a second image token, vicuna's round separator and role tag.
+FORBIDDEN = ("<image>", "</s>", "ASSISTANT:")
 
 
 def conversation_pairs(conversations: Sequence[dict]) -> int:

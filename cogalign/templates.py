@@ -24,10 +24,10 @@ import yaml
 
 from cogalign.errors import CogalignError
 from cogalign.regions import Region
+from cogalign.splice import FORBIDDEN
 
 KINDS = ("vq", "px")
 SLOT = "this image"
-FORBIDDEN = ("<image>", "</s>", "ASSISTANT:")
 
 
 def shipped_templates_dir() -> Path:

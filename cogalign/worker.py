@@ -103,12 +103,11 @@ def image_token_warning(conversations: list[dict]) -> str:
 
 def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: str) -> list[np.ndarray]:
     """Index grid of each VQ plan: the region's own encoding, or a slice of the whole image's."""
-    vq_plans = [p for p in prepared.plans if p.kind == "vq"]
     if scope == "region":
         return list(encoded)
     full = encoded[0]
     return [full[p.region.box[1] // factor:p.region.box[3] // factor,
-                 p.region.box[0] // factor:p.region.box[2] // factor] for p in vq_plans]
+                 p.region.box[0] // factor:p.region.box[2] // factor] for p in prepared.plans if p.kind == "vq"]
 
 
 def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) -> dict:
