@@ -42,9 +42,9 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
 
 # Options shared by expand and validate, declared once.
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
-MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", help="Reject images with more pixels than this (decompression-bomb guard).")
+MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
-Workers = typer.Option(None, "--workers", help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+Workers = typer.Option(None, "--workers", min=0, help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
 
@@ -64,12 +64,12 @@ def expand(
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     image_root: Optional[Path] = ImageRoot,
-    batch_size: int = typer.Option(32, "--batch-size", help="Regions per tokenizer batch."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
-    num_shards: int = typer.Option(1, "--num-shards", help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
-    shard_index: int = typer.Option(0, "--shard-index", help="Which slice this run does, 0..num-shards-1."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
+    num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
+    shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier run wrote in --out and start over. Default: off (resume)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that unpickle Python objects (runs code from the file; only for sources you trust). Default: off."),
     max_image_pixels: int = MaxPixels,

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from cogalign.options import OptionError
+
 
 @dataclass(frozen=True)
 class WorkSlice:
@@ -39,7 +41,7 @@ class WorkSlice:
 
 def from_env(num_slices: int = 1, slice_index: int = 0) -> WorkSlice:
     if not 0 <= slice_index < num_slices:
-        raise ValueError(f"--shard-index {slice_index} must be in 0..{num_slices - 1} (--num-shards {num_slices})")
+        raise OptionError(f"--shard-index {slice_index} must be in 0..{num_slices - 1} (--num-shards {num_slices})")
     return WorkSlice(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
                      local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                      slice_index=slice_index, num_slices=num_slices)

@@ -215,3 +215,14 @@ def test_dry_run_counts_llm_tokens_of_real_turns(tmp_path):
     for kind in ("vq", "px"):
         assert int(facts[f"{kind}_turn_tokens_mean"]) == round(sum(counts[kind]) / len(counts[kind]))
         assert int(facts[f"{kind}_turn_tokens_max"]) == max(counts[kind])
+
+
+def test_bad_slice_is_one_line_error(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, "--num-shards", "2", "--shard-index", "5", expect=2)
+    assert "--shard-index 5 must be in 0..1" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option", [["--workers", "-1"], ["--batch-size", "0"], ["--shard-size", "0"]])
+def test_out_of_range_numbers_are_usage_errors(tmp_path, option):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, *option, expect=2)
+    assert option[0] in result.output and not (tmp_path / "cogalign.json").exists()
