@@ -155,9 +155,11 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
 def _mount_subcommands() -> None:
     from cogalign.cli_templates import templates_app
     from cogalign.cli_vq import vq_app
+    from cogalign.hub.cli import mount as mount_hub
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
+    mount_hub(app)  # publish, export, stats
 
 
 _mount_subcommands()

@@ -1,0 +1,129 @@
+"""A finished output folder as other tools see it: is it complete, and its records in order.
+
+Records come back as LLaVA dicts, like `cogalign.writer.read_shard`, but integers
+beyond 64 bits stay exact (orjson would turn them into floats), and `image` may be a
+path or a `datasets` Image struct `{bytes, path}`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pyarrow.parquet as pq
+
+from cogalign.errors import CogalignError
+from cogalign.layout import Layout, read_manifest
+
+_LONG_INT = re.compile(rb"\d{19}")  # a number orjson may not hold exactly (|n| >= 2**63 has 19+ digits)
+
+
+def loads(data: bytes | str):
+    """JSON with exact integers of any size: orjson, or the standard library when a long number is present."""
+    raw = data.encode() if isinstance(data, str) else data
+    return json.loads(raw) if _LONG_INT.search(raw) else orjson.loads(raw)
+
+
+def dumps(obj) -> bytes:
+    """Compact JSON; integers beyond 64 bits are written exactly (orjson refuses them)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def check_complete(out: str | Path) -> Layout:
+    """The folder's layout, or CogalignError naming what is missing and the command that completes it."""
+    out = Path(out)
+    if not out.is_dir():
+        raise CogalignError(f"{out}: no such output folder; give the --out folder of `cogalign expand`")
+    manifest = read_manifest(out)
+    layout = Layout(out, manifest["num_shards"], manifest["format"])
+    missing = [i for i in range(layout.num_shards) if not layout.is_complete(i)]
+    if missing:
+        raise CogalignError(f"{out}: {len(missing)} of {layout.num_shards} shards are not complete (first: "
+                            f"{layout.shard_path(missing[0]).name}); rerun the same `cogalign expand` command to finish them")
+    partial = out / ".partial"
+    if partial.is_dir() and any(partial.iterdir()):
+        raise CogalignError(f"{out}: .partial/ holds unfinished shards ({next(partial.iterdir()).name}); "
+                            "a run is still going or was killed: rerun it to finish, or remove .partial/")
+    if not (out / "report.json").is_file() or not (out / "README.md").is_file():
+        raise CogalignError(f"{out}: no report.json or README.md: the slices were not merged; "
+                            f"run `cogalign merge-report {out}` once every slice has finished")
+    report = loads((out / "report.json").read_bytes())
+    if report.get("fingerprint") != manifest.get("fingerprint") or report.get("input") != manifest.get("records"):
+        raise CogalignError(f"{out}: report.json does not match the run in cogalign.json (an older run's report?); "
+                            f"run `cogalign merge-report {out}`")
+    return layout
+
+
+def _record(row: dict) -> dict:
+    """One parquet row as a LLaVA record (the inverse of `cogalign.writer.to_row`)."""
+    extra = loads(row["extra"]) if row.get("extra") else {}
+    out = {}
+    for key in ("id", "image", "conversations"):
+        if key in extra:
+            out[key] = extra.pop(key)
+        elif row.get(key) is not None:
+            out[key] = row[key]
+    out.update(extra)
+    if row.get("cogalign"):
+        out["cogalign"] = loads(row["cogalign"])
+    return out
+
+
+def iter_shard(path: Path) -> Iterator[dict]:
+    """Records of one shard, a row group at a time."""
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            yield from (_record(r) for r in batch.to_pylist())
+    else:
+        with open(path, "rb") as f:
+            yield from (loads(line) for line in f if line.strip())
+
+
+def iter_output(out: str | Path) -> Iterator[dict]:
+    """Every record of a complete output folder, shard by shard."""
+    layout = check_complete(out)
+    for i in range(layout.num_shards):
+        yield from iter_shard(layout.shard_path(i))
+
+
+def count_records(out: str | Path) -> int:
+    report = loads((Path(out) / "report.json").read_bytes())
+    return report["expanded"] + report["passed"]
+
+
+def image_path(image) -> str | None:
+    """The path of an `image` value: a string, or a `datasets` Image struct `{bytes, path}`."""
+    if isinstance(image, str):
+        return image
+    if isinstance(image, dict) and isinstance(image.get("path"), str):
+        return image["path"]
+    return None
+
+
+def images_of(record: dict) -> list:
+    """The record's images as a list (none, one, or LLaVA-NeXT's list)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
+def inserted_turns(record: dict) -> dict[int, str]:
+    """Conversation index -> kind ("vq"/"px") of each turn cogalign inserted, from the `cogalign.turns`
+    provenance. Pairs sharing a position keep their order, so the pair ranked r (stable order by
+    position) that follows original pair p starts at index 2 (p + r)."""
+    meta = record.get("cogalign")
+    turns = meta.get("turns") if isinstance(meta, dict) else None
+    if not turns:
+        return {}
+    ranked = sorted(range(len(turns)), key=lambda j: turns[j]["position"])
+    out = {}
+    for rank, j in enumerate(ranked):
+        start = 2 * (turns[j]["position"] + rank)
+        out[start] = out[start + 1] = turns[j]["kind"]
+    return out

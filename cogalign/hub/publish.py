@@ -1,0 +1,121 @@
+"""`cogalign publish`: upload a finished output folder to a Hugging Face dataset repository.
+
+Only `data/`, `README.md` (the dataset card) and `report.json` go up, unless
+`include_all`. The plan is checked and printed before any network call; the token
+and the endpoint are checked before the repository is created, so a failure leaves
+nothing half-done on the Hub. The upload resumes: rerunning skips committed files.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogalign.errors import CogalignError
+from cogalign.hub.output import check_complete
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_NEVER = (".partial", ".git", ".cache")  # never uploaded, even with include_all
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    folder: Path
+    repo_id: str
+    revision: str | None
+    private: bool
+    endpoint: str
+    files: tuple[tuple[str, int], ...]  # (path in the repo, size in bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def url(self) -> str:
+        return f"{self.endpoint.rstrip('/')}/datasets/{self.repo_id}"
+
+    def lines(self) -> list[str]:
+        width = max(len(path) for path, _ in self.files)
+        head = [f"target: {self.url} (dataset, {'private' if self.private else 'public'}, "
+                f"revision {self.revision or 'main'})"]
+        return head + [f"  {path:<{width}}  {size:>12,} B" for path, size in self.files] + [
+            f"{len(self.files)} files, {self.total_bytes:,} B"]
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
+                 include_all: bool = False) -> PublishPlan:
+    """What would be uploaded where; refuses an incomplete output or a bad repository name."""
+    if not _REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise CogalignError(f"--repo {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.'), "
+                            "e.g. my-org/llava-cogalign")
+    if revision is not None and not revision.strip():
+        raise CogalignError("--revision is empty; give a branch name or leave it out for main")
+    layout = check_complete(out)
+    root = layout.root
+    if include_all:
+        paths = [p for p in sorted(root.rglob("*")) if p.is_file()
+                 and not any(part in _NEVER for part in p.relative_to(root).parts) and not p.name.endswith(".tmp")]
+    else:
+        paths = [layout.shard_path(i) for i in range(layout.num_shards)] + [root / "README.md", root / "report.json"]
+    files = tuple((p.relative_to(root).as_posix(), p.stat().st_size) for p in paths)
+    return PublishPlan(root, repo_id, revision, private, _endpoint(), files)
+
+
+def publish(plan: PublishPlan, api=None) -> str:
+    """Upload the plan's files; returns the commit URL. Checks the token before touching the repository."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise CogalignError("HF_HUB_OFFLINE is set: publishing needs the network; unset it and rerun")
+    token = get_token()
+    if not token:
+        raise CogalignError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then rerun")
+    api = api or HfApi(endpoint=plan.endpoint, token=token)
+    try:
+        user = api.whoami(token=token)
+    except Exception as e:  # network down, wrong endpoint, revoked token: all before any write
+        raise CogalignError(f"cannot log in to {plan.endpoint} ({_short(e)}); check HF_TOKEN / `hf auth login` "
+                            "and HF_ENDPOINT, then rerun") from None
+    try:
+        api.create_repo(plan.repo_id, repo_type="dataset", private=plan.private, exist_ok=True, token=token)
+        if plan.revision:
+            api.create_branch(plan.repo_id, branch=plan.revision, repo_type="dataset", exist_ok=True, token=token)
+        allow = [glob.escape(path) for path, _ in plan.files]  # exact names, not patterns
+        message = f"cogalign publish: {len(allow)} files"
+        if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2: the resumable large-folder path
+            api.upload_large_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
+                                    revision=plan.revision, private=plan.private, allow_patterns=allow)
+            return plan.url
+        # huggingface_hub >= 2: upload_folder commits large folders in batches and resumes (with hf_xet)
+        info = api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
+                                 revision=plan.revision, allow_patterns=allow, commit_message=message, token=token)
+    except CogalignError:
+        raise
+    except Exception as e:
+        who = user.get("name", "?") if isinstance(user, dict) else "?"
+        raise CogalignError(f"upload to {plan.url} as {who} failed ({_short(e)}); rerun the same command to "
+                            "resume (committed files are skipped)") from None
+    return getattr(info, "commit_url", None) or plan.url
+
+
+def resumable() -> bool:
+    """upload_folder resumes only with hf_xet installed (a default dependency of huggingface_hub)."""
+    try:
+        import hf_xet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
