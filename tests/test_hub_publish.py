@@ -18,6 +18,14 @@ def output(tmp_path_factory):
     return expand_examples(tmp_path_factory.mktemp("pub") / "out", "--shard-size", "5")
 
 
+@pytest.fixture(autouse=True)
+def online(monkeypatch):
+    """The tests decide what is offline (CI may export HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
