@@ -172,10 +172,17 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
     out, dest = Path(out), Path(dest)
     check_complete(out)
-    if dest.is_dir() or dest.resolve().is_relative_to(out.resolve()):
-        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out}, e.g. {out.name}.{fmt}.json")
+    if dest.is_dir():
+        raise CogalignError(f"--out {dest} is a folder; give a file path, e.g. {dest / (out.name + '.json')}")
+    if dest.resolve().is_relative_to(out.resolve()):
+        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
+                            "(files there would be taken for part of the dataset)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    paths = ImagePaths(Path(image_root) if image_root else default_image_root(out), image_folder)
+    root = Path(image_root) if image_root else default_image_root(out)
+    if image_folder and not root.is_dir():
+        raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
+                            "pass --image-root, the --image-root that `expand` used")
+    paths = ImagePaths(root, image_folder)
     result = ExportResult(dest, Path(rejects) if rejects else dest.with_name(dest.name + ".rejects.jsonl"))
     writer, bad = _Writer(dest, is_array(fmt, dest)), _Writer(result.rejects_path, False)
     try:
