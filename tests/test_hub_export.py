@@ -197,3 +197,20 @@ def test_refusals(parquet_out, tmp_path):
     (broken / "report.json").unlink()
     result = run_cli("export", broken, "--to", "sharegpt", "--out", tmp_path / "x.json", expect=2)
     assert "merge-report" in result.output and "Traceback" not in result.output
+
+
+def test_inserted_turns_found_from_provenance(parquet_out):
+    """The provenance locates every inserted pair (markers of the answers as the independent check)."""
+    from cogalign.hub.output import inserted_turns
+
+    for record in source_records(parquet_out):
+        found = inserted_turns(record)
+        marked = {i: ("vq" if t["value"].startswith("<vq start>") else "px")
+                  for i, t in enumerate(record["conversations"])
+                  if i % 2 and t["value"].startswith(("<vq start>", "<rgb start>"))}
+        assert {i: k for i, k in found.items() if i % 2} == marked
+    # positions out of order, and two pairs after the same original pair
+    conv = [{"from": r, "value": v} for v, r in zip("abcdefghijkl", ["human", "gpt"] * 6)]
+    meta = {"turns": [{"kind": "vq", "position": 2}, {"kind": "px", "position": 1}, {"kind": "vq", "position": 1}]}
+    assert inserted_turns({"conversations": conv, "cogalign": meta}) == {
+        2: "px", 3: "px", 4: "vq", 5: "vq", 8: "vq", 9: "vq"}

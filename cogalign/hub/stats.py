@@ -20,7 +20,7 @@ from cogalign.progress import Progress
 
 KINDS = {"original": "original turns", "vq_answer": "VQ answers", "px_answer": "RGB answers",
          "vq_question": "VQ questions", "px_question": "RGB questions"}
-BATCH_CHARS = 8 << 20  # tokenize in batches of about this many characters
+BATCH_CHARS = 4 << 20  # tokenize in batches of about this many characters
 
 
 def load_tokenizer(spec: str):
@@ -82,8 +82,9 @@ class _Counter:
     def flush(self) -> None:
         if not self.texts:
             return
-        for enc, kind, rec in zip(self.tokenizer.encode_batch(self.texts, add_special_tokens=False),
-                                  self.kinds, self.owner):
+        # encode_batch_fast (tokenizers >= 0.20) does not compute offsets, which 1M-token answers make large
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        for enc, kind, rec in zip(encode(self.texts, add_special_tokens=False), self.kinds, self.owner):
             n = len(enc.ids)
             self.stats.tokens[kind].append(n)
             self.stats.record_tokens[rec] += n
