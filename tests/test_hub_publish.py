@@ -41,13 +41,14 @@ def test_dry_run_prints_exact_files_sizes_and_target(output, no_network, monkeyp
     lines = result.stdout.splitlines()
     assert lines[0] == "target: https://hub.example.org/datasets/me/llava-cog (dataset, private, revision v1)"
     expected = [f"data/train-0000{i}-of-00003.parquet" for i in range(3)] + ["README.md", "report.json"]
-    listed = [line.split()[0] for line in lines[1:-1]]
+    listed = [line.split()[0] for line in lines[1:-2]]
     assert listed == expected
-    for line in lines[1:-1]:  # sizes are the files' real sizes
+    for line in lines[1:-2]:  # sizes are the files' real sizes
         path, size = line.split()[0], int(line.split()[1].replace(",", ""))
         assert size == (output / path).stat().st_size
     total = sum((output / p).stat().st_size for p in expected)
-    assert lines[-1] == f"5 files, {total:,} B"
+    assert lines[-2] == f"5 files, {total:,} B"
+    assert "not listed here are deleted" in lines[-1]
     assert "stats/" not in result.stdout and "cogalign.json" not in result.stdout
 
 
@@ -109,6 +110,7 @@ def test_upload_calls_and_arguments(output, monkeypatch):
     assert kwargs["repo_id"] == "me/llava-cog" and kwargs["repo_type"] == "dataset" and kwargs["revision"] == "v1"
     assert kwargs["folder_path"] == str(output)
     assert kwargs["allow_patterns"] == [p for p, _ in plan.files]  # exactly the planned files
+    assert kwargs["delete_patterns"] == ["data/*"]  # an earlier run's shards would join the split
     # the calls come in this order: log in, then create, then upload
     assert [c[0] for c in api.method_calls] == ["whoami", "create_repo", "create_branch", "upload_folder"]
 
@@ -123,13 +125,18 @@ def test_no_branch_created_for_main(output, monkeypatch):
 
 def test_older_hub_uses_upload_large_folder(output, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test")
-    api = mock.Mock(spec=["whoami", "create_repo", "create_branch", "upload_large_folder", "upload_folder"])
+    api = mock.Mock(spec=["whoami", "create_repo", "create_branch", "upload_large_folder", "upload_folder",
+                          "list_repo_files", "create_commit"])
     api.whoami.return_value = {"name": "me"}
+    api.list_repo_files.return_value = ["README.md", "data/train-00000-of-00003.parquet",
+                                        "data/train-00009-of-00010.parquet"]
     plan = pub.plan_publish(output, "me/x")
     pub.publish(plan, api=api)
     api.upload_large_folder.assert_called_once()
     assert api.upload_large_folder.call_args.kwargs["allow_patterns"] == [p for p, _ in plan.files]
     api.upload_folder.assert_not_called()
+    ops = api.create_commit.call_args.kwargs["operations"]  # the stale shards of an earlier run, nothing else
+    assert [op.path_in_repo for op in ops] == ["data/train-00009-of-00010.parquet"]
 
 
 def test_rejected_token_touches_nothing(output, monkeypatch):

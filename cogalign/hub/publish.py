@@ -7,6 +7,7 @@ nothing half-done on the Hub. The upload resumes: rerunning skips committed file
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
@@ -18,6 +19,7 @@ from cogalign.hub.output import check_complete
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _NEVER = (".partial", ".git", ".cache")  # never uploaded, even with include_all
+STALE = "data/*"  # remote files here that this upload does not write are deleted
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class PublishPlan:
         head = [f"target: {self.url} (dataset, {'private' if self.private else 'public'}, "
                 f"revision {self.revision or 'main'})"]
         return head + [f"  {path:<{width}}  {size:>12,} B" for path, size in self.files] + [
-            f"{len(self.files)} files, {self.total_bytes:,} B"]
+            f"{len(self.files)} files, {self.total_bytes:,} B",
+            f"remote files under {STALE.rstrip('*')} that are not listed here are deleted (an earlier run's shards)"]
 
 
 def _endpoint() -> str:
@@ -94,10 +97,13 @@ def publish(plan: PublishPlan, api=None) -> str:
         if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2: the resumable large-folder path
             api.upload_large_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
                                     revision=plan.revision, private=plan.private, allow_patterns=allow)
+            _delete_stale(api, plan, token)
             return plan.url
-        # huggingface_hub >= 2: upload_folder commits large folders in batches and resumes (with hf_xet)
+        # huggingface_hub >= 2: upload_folder commits large folders in batches and resumes (with hf_xet);
+        # remote data/ files that are not uploaded now (an earlier run's shards) are deleted in the same commit
         info = api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
-                                 revision=plan.revision, allow_patterns=allow, commit_message=message, token=token)
+                                 revision=plan.revision, allow_patterns=allow, delete_patterns=[STALE],
+                                 commit_message=message, token=token)
     except CogalignError:
         raise
     except Exception as e:
@@ -105,6 +111,19 @@ def publish(plan: PublishPlan, api=None) -> str:
         raise CogalignError(f"upload to {plan.url} as {who} failed ({_short(e)}); rerun the same command to "
                             "resume (committed files are skipped)") from None
     return getattr(info, "commit_url", None) or plan.url
+
+
+def _delete_stale(api, plan: PublishPlan, token: str) -> None:
+    """Remove remote data/ files this upload did not write: `datasets` would read them as part of the split."""
+    from huggingface_hub import CommitOperationDelete
+
+    ours = {path for path, _ in plan.files}
+    remote = api.list_repo_files(plan.repo_id, repo_type="dataset", revision=plan.revision, token=token)
+    stale = [p for p in remote if fnmatch.fnmatch(p, STALE) and p not in ours]
+    if stale:
+        api.create_commit(plan.repo_id, repo_type="dataset", revision=plan.revision, token=token,
+                          operations=[CommitOperationDelete(path_in_repo=p) for p in stale],
+                          commit_message=f"cogalign publish: remove {len(stale)} stale data files")
 
 
 def resumable() -> bool:
