@@ -141,40 +141,47 @@ def test_messages_render_through_a_chat_template_with_image_parts(parquet_out, t
 # One hand-made record per rule (a user's edit, another tool's output): each is reported, none is written.
 GOOD = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
 INSERTED = {"turns": [{"kind": "vq", "position": 1}]}
-BREAKING = {
-    "conversations_missing": {"id": "b0", "image": "images/cat.png", "conversations": []},
-    "roles_not_alternating": {"id": "b1", "image": "images/cat.png", "conversations": [GOOD[0], {"from": "human", "value": "More?"}]},
-    "empty_value": {"id": "b2", "image": "images/cat.png", "conversations": [GOOD[0], {"from": "gpt", "value": " "}]},
-    "image_count_mismatch": {"id": "b3", "image": "images/cat.png",
-                             "conversations": [{"from": "human", "value": "no token"}, GOOD[1]]},
+CAT = "images/cat.png"
+BREAKING = [  # (the one reason expected, the record)
+    ("not_an_object", ["a list, not a record"]),
+    ("conversations_missing", {"id": "b0", "image": CAT, "conversations": []}),
+    ("roles_not_alternating", {"id": "b1", "image": CAT,
+                               "conversations": [GOOD[0], {"from": "human", "value": "More?"}]}),
+    ("empty_value", {"id": "b2", "image": CAT, "conversations": [GOOD[0], {"from": "gpt", "value": " "}]}),
+    ("image_count_mismatch", {"id": "b3", "image": CAT,
+                              "conversations": [{"from": "human", "value": "no token"}, GOOD[1]]}),
     # one <image> for one image, but in the inserted turn: only this rule catches it
-    "image_in_inserted_turn": {"id": "b4", "image": "images/cat.png", "cogalign": INSERTED, "conversations": [
-        {"from": "human", "value": "What is it?"}, GOOD[1], {"from": "human", "value": "VQ of <image>?"}, {"from": "gpt", "value": "<vq start>1<vq end>"}]},
-    "provenance_mismatch": {"id": "b5", "image": "images/cat.png", "cogalign": {"turns": [{"kind": "vq", "position": 4}]},
-                            "conversations": GOOD},
-    "image_without_path": {"id": "b6", "image": {"bytes": None, "path": None}, "conversations": GOOD},
-}
+    ("image_in_inserted_turn", {"id": "b4", "image": CAT, "cogalign": INSERTED, "conversations": [
+        {"from": "human", "value": "What is it?"}, GOOD[1], {"from": "human", "value": "VQ of <image>?"},
+        {"from": "gpt", "value": "<vq start>1<vq end>"}]}),
+    ("provenance_mismatch", {"id": "b5", "image": CAT, "conversations": GOOD,
+                             "cogalign": {"turns": [{"kind": "vq", "position": 4}]}}),
+    ("provenance_mismatch", {"id": "b5b", "image": CAT, "conversations": GOOD,
+                             "cogalign": {"turns": [{"kind": "vq", "position": 0.5}]}}),
+    ("image_without_path", {"id": "b6", "image": {"bytes": None, "path": None}, "conversations": GOOD}),
+]
 
 
 def test_rules_table_is_covered():
-    assert set(BREAKING) == set(RULES)
+    assert {reason for reason, _ in BREAKING} == set(RULES)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_rule_has_a_breaking_record_that_is_reported(jsonl_out, tmp_path, fmt):
     out = copy_output(jsonl_out, tmp_path / "o")
-    fine = {"id": "ok-struct", "image": {"bytes": None, "path": "images/cat.png"}, "conversations": GOOD}
-    append_records(out, [*BREAKING.values(), fine])
+    fine = {"id": "ok-struct", "image": {"bytes": None, "path": CAT}, "conversations": GOOD}
+    append_records(out, [*(rec for _, rec in BREAKING), fine])
     dest = tmp_path / "x.jsonl"
     result = run_cli("export", out, "--to", fmt, "--out", dest, "--no-progress")
     assert f"written: 15  rejected: {len(BREAKING)}" in result.output
     rejects = [orjson.loads(line) for line in open(tmp_path / "x.jsonl.rejects.jsonl")]
-    assert {r["id"]: r["reasons"] for r in rejects} == {rec["id"]: [reason] for reason, rec in BREAKING.items()}
+    assert [r["reasons"] for r in rejects] == [[reason] for reason, _ in BREAKING]  # in order, one reason each
+    assert [r["id"] for r in rejects] == [rec.get("id") if isinstance(rec, dict) else None for _, rec in BREAKING]
     assert all(r["detail"] for r in rejects)
     text = dest.read_text()  # llava-json is one array whatever the name
     written = [r["id"] for r in (json.loads(text) if fmt == "llava-json" else map(json.loads, text.splitlines()))]
-    assert not set(written) & {rec["id"] for rec in BREAKING.values()}
-    assert "ok-struct" in written  # a datasets Image struct {bytes, path} is read for its path
+    assert len(written) == 15 and written[-1] == "ok-struct"  # a {bytes, path} struct is read for its path
+    assert not set(written) & {rec["id"] for _, rec in BREAKING if isinstance(rec, dict)}
 
 
 def test_big_integers_stay_exact(jsonl_out, tmp_path):

@@ -150,6 +150,15 @@ def test_rejected_token_touches_nothing(output, monkeypatch):
     api.upload_folder.assert_not_called()
 
 
+def test_read_only_token_is_refused_before_any_write(output, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_read")
+    api = _api()
+    api.whoami.return_value = {"name": "me", "auth": {"accessToken": {"role": "read"}}}
+    with pytest.raises(CogalignError, match="read-only"):
+        pub.publish(pub.plan_publish(output, "me/x"), api=api)
+    assert [c[0] for c in api.method_calls] == ["whoami"]
+
+
 def test_no_token_or_offline_fails_before_any_call(output, monkeypatch, no_network):
     import huggingface_hub
     from huggingface_hub import constants

@@ -34,6 +34,7 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 
 #: reason code -> what breaks (the rejects file and the README list these)
 RULES = {
+    "not_an_object": "the record is not a JSON object",
     "conversations_missing": "no conversations list, or an empty one",
     "roles_not_alternating": "turns are not human, gpt, human, gpt, ... ending with gpt",
     "empty_value": "a turn's value is empty, blank or not a string",
@@ -56,6 +57,8 @@ class ExportResult:
 
 def check_record(record: dict) -> list[str]:
     """The rules every consumer needs; [] when the record is fine, else the reason codes it breaks."""
+    if not isinstance(record, dict):
+        return ["not_an_object"]
     conv = record.get("conversations")
     if not isinstance(conv, list) or not conv:
         return ["conversations_missing"]
@@ -74,7 +77,7 @@ def check_record(record: dict) -> list[str]:
         reasons.append("image_without_path")
     try:
         inserted = inserted_turns(record)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         inserted = None
     if inserted is None or any(i >= len(conv) or roles[i] != ("human" if i % 2 == 0 else "gpt") for i in inserted):
         reasons.append("provenance_mismatch")
@@ -190,7 +193,8 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
             for index, record in enumerate(iter_output(out)):
                 reasons = check_record(record)
                 if reasons:
-                    bad.write({"index": index, "id": record.get("id"), "reasons": reasons,
+                    rid = record.get("id") if isinstance(record, dict) else None
+                    bad.write({"index": index, "id": rid, "reasons": reasons,
                                "detail": "; ".join(RULES[r] for r in reasons)})
                     result.rejected += 1
                     result.reasons.update(reasons)

@@ -121,7 +121,10 @@ def inserted_turns(record: dict) -> dict[int, str]:
     turns = meta.get("turns") if isinstance(meta, dict) else None
     if not turns:
         return {}
-    ranked = sorted(range(len(turns)), key=lambda j: turns[j]["position"])
+    positions = [t["position"] for t in turns]
+    if any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in positions):
+        raise ValueError(f"cogalign.turns positions must be integers >= 1, got {positions}")
+    ranked = sorted(range(len(turns)), key=lambda j: positions[j])
     out = {}
     for rank, j in enumerate(ranked):
         start = 2 * (turns[j]["position"] + rank)

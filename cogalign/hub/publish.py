@@ -88,6 +88,10 @@ def publish(plan: PublishPlan, api=None) -> str:
     except Exception as e:  # network down, wrong endpoint, revoked token: all before any write
         raise CogalignError(f"cannot log in to {plan.endpoint} ({_short(e)}); check HF_TOKEN / `hf auth login` "
                             "and HF_ENDPOINT, then rerun") from None
+    role = ((user.get("auth") or {}).get("accessToken") or {}).get("role") if isinstance(user, dict) else None
+    if role == "read":
+        raise CogalignError("the Hugging Face token is read-only; create a write token at "
+                            f"{plan.endpoint.rstrip('/')}/settings/tokens and set HF_TOKEN, then rerun")
     try:
         api.create_repo(plan.repo_id, repo_type="dataset", private=plan.private, exist_ok=True, token=token)
         if plan.revision:
