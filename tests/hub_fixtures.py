@@ -24,4 +24,4 @@ def append_records(out: Path, records: list[dict]) -> None:
     shard = sorted((out / "data").glob("*.jsonl"))[-1]
     with open(shard, "ab") as f:
         for record in records:
-            f.write(orjson.dumps(record, option=orjson.OPT_PASSTHROUGH_DATACLASS) + b"\n")
+            f.write(orjson.dumps(record) + b"\n")
