@@ -155,9 +155,13 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
 def _mount_subcommands() -> None:
     from cogalign.cli_templates import templates_app
     from cogalign.cli_vq import vq_app
+    from cogalign import cli_vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
+    from cogalign.inspect.cli import gallery, show
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
+    app.command("show")(show)
+    app.command("gallery")(gallery)
 
 
 _mount_subcommands()

@@ -1,0 +1,115 @@
+"""Read expanded records back from an output folder, find a record's target turns, and
+recompute the regions the targets were made from (from the record's provenance and the
+run manifest)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+
+from cogalign.errors import CogalignError
+from cogalign.layout import read_manifest
+from cogalign.options import ExpandOptions
+from cogalign.render import RGB_START, VQ_START
+from cogalign.writer import from_row
+
+
+def shard_files(out: Path) -> list[Path]:
+    files = sorted((Path(out) / "data").glob("train-*.parquet")) + sorted((Path(out) / "data").glob("train-*.jsonl"))
+    if not files:
+        raise CogalignError(f"{out}: no shards in {Path(out) / 'data'}; is this a cogalign output folder, "
+                            "and has `cogalign expand` finished a shard?")
+    return files
+
+
+def iter_records(out: Path) -> Iterator[dict]:
+    """Every output record, in shard order."""
+    for path in shard_files(out):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    yield from_row(row)
+        else:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield orjson.loads(line)
+
+
+def find_record(out: Path, record_id: str | None = None, index: int | None = None) -> dict:
+    """The record with this `id`, or the one at input position `index` (`cogalign.index`,
+    or the position in the output for records passed through)."""
+    if (record_id is None) == (index is None):
+        raise CogalignError("pass exactly one of --id and --index")
+    for pos, rec in enumerate(iter_records(out)):
+        prov = rec.get("cogalign") or {}
+        if record_id is not None and str(rec.get("id")) == str(record_id):
+            return rec
+        if index is not None and prov.get("index", pos) == index:
+            return rec
+    what = f"id {record_id!r}" if record_id is not None else f"index {index}"
+    raise CogalignError(f"{out}: no record with {what}; rejected records are in rejects.jsonl, "
+                        "and --index is the record's position in the input file")
+
+
+@dataclass
+class Target:
+    """One added turn: its provenance entry and the gpt answer text."""
+
+    kind: str        # "vq" or "px"
+    meta: dict       # region, box, resolution, template_id, position
+    answer: str
+    question: str = ""
+
+
+def targets(record: dict) -> list[Target]:
+    """The record's added turns, matched to their provenance: new pairs are spliced in order of
+    position (stable), so the k-th VQ (RGB) answer in the conversation is the k-th VQ (RGB)
+    turn of the provenance sorted by position."""
+    prov = record.get("cogalign")
+    if not prov:
+        raise CogalignError(f"record {record.get('id')!r} was passed through unchanged (no image or not expandable); "
+                            "pick an expanded record")
+    order = sorted(range(len(prov["turns"])), key=lambda i: prov["turns"][i]["position"])
+    answers = {"vq": [], "px": []}
+    conv = record["conversations"]
+    for i, turn in enumerate(conv):
+        value = turn.get("value", "")
+        if turn.get("from") == "gpt" and isinstance(value, str):
+            question = str(conv[i - 1].get("value", "")) if i else ""
+            if value.startswith(VQ_START):
+                answers["vq"].append((question, value))
+            elif value.startswith(RGB_START):
+                answers["px"].append((question, value))
+    out, taken = [], {"vq": 0, "px": 0}
+    for i in order:
+        meta = prov["turns"][i]
+        kind = meta["kind"]
+        if taken[kind] >= len(answers[kind]):
+            raise CogalignError(f"record {record.get('id')!r}: its {kind} answer is missing from the conversation")
+        question, answer = answers[kind][taken[kind]]
+        out.append(Target(kind, meta, answer, question))
+        taken[kind] += 1
+    return out
+
+
+def working_image(record: dict, manifest: dict, resolution: tuple[int, int], image_root: Path | None) -> np.ndarray:
+    """The image at a working resolution, resized exactly as `expand` did."""
+    from cogalign.images import load_image, resolve_image_path, to_working
+
+    opts = manifest.get("options", {})
+    prov = record["cogalign"]
+    root = Path(image_root) if image_root else Path(manifest.get("image_root") or Path(manifest["input"]).parent)
+    path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
+    image = load_image(path, int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels))
+    return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))
+
+
+def load_manifest(out: Path) -> dict:
+    return read_manifest(Path(out))
