@@ -61,8 +61,9 @@ def view_record(record: dict, manifest: dict, decoder=None, image_root: Path | N
     for VQ turns; without it the VQ panel is left out and its caption says why."""
     view = RecordView(record.get("id"), record.get("image"))
     cache: dict = {}
+    turns = sorted(targets(record), key=lambda t: t.kind != "vq")  # VQ turns first; refuses unexpanded records
     prov = record["cogalign"]
-    for t in sorted(targets(record), key=lambda t: t.kind != "vq"):  # VQ turns first
+    for t in turns:
         view.turns.append({**t.meta, "question": t.question})
         region = _region(record, manifest, t.meta, image_root, cache)
         h, w = region.shape[:2]
@@ -132,22 +133,30 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return (lines + [line])[:CAPTION_LINES]
 
 
+PAD, LINE_H = 8, 16
+
+
+def panel_origin(i: int, title: bool) -> tuple[int, int]:
+    """Top-left corner of panel i's PANEL x PANEL cell in `compose`'s image."""
+    return PAD + i * (PANEL + PAD), (LINE_H + PAD if title else 0) + PAD
+
+
 def compose(view: RecordView, title: str = "") -> Image.Image:
-    """All panels side by side, each with its title and caption underneath."""
+    """All panels side by side, each centred in a PANEL x PANEL cell, title and caption underneath."""
     font = _font()
-    pad, line_h = 8, 16
-    caption_h = line_h * (CAPTION_LINES + 1)
-    top = line_h + pad if title else 0
+    caption_h = LINE_H * (CAPTION_LINES + 1)
     n = len(view.panels)
-    canvas = Image.new("RGB", (pad + n * (PANEL + pad), top + pad + PANEL + caption_h + pad), "white")
+    _, top = panel_origin(0, bool(title))
+    canvas = Image.new("RGB", (PAD + n * (PANEL + PAD), top + PANEL + caption_h + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((pad, pad // 2), title, fill="black", font=font)
+        draw.text((PAD, PAD // 2), title, fill="black", font=font)
+    line_h = LINE_H
     for i, panel in enumerate(view.panels):
-        x = pad + i * (PANEL + pad)
+        x, y0 = panel_origin(i, bool(title))
         im = display(panel.pixels)
-        canvas.paste(im, (x + (PANEL - im.width) // 2, top + pad + (PANEL - im.height) // 2))
-        y = top + pad + PANEL + 4
+        canvas.paste(im, (x + (PANEL - im.width) // 2, y0 + (PANEL - im.height) // 2))
+        y = y0 + PANEL + 4
         draw.text((x, y), panel.title, fill="black", font=font)
         for j, line in enumerate(_wrap(draw, panel.caption, font, PANEL)):
             draw.text((x, y + line_h * (j + 1)), line, fill=(60, 60, 60), font=font)

@@ -22,7 +22,8 @@ DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 
 
 class VQDecoder(nn.Module):
-    """indices (B, h, w) or (h, w) -> RGB uint8 (B, h*f, w*f, 3) or (h*f, w*f, 3)."""
+    """indices (B, h, w) or (h, w) -> RGB uint8 (B, h*f, w*f, 3) or (h*f, w*f, 3); each grid is decoded
+    on its own, so its pixels do not depend on the batch."""
 
     def __init__(self, params: dict, name: str = "taming"):
         super().__init__()
@@ -56,10 +57,15 @@ class VQDecoder(nn.Module):
         if lo < 0 or hi >= self.codebook_size:
             raise TokenizerError(f"{self.name}: index {hi if hi >= self.codebook_size else lo} is outside the "
                                  f"codebook (0..{self.codebook_size - 1}); were these indices made by another tokenizer?")
-        q = self.quantize.embedding.weight[idx].permute(0, 3, 1, 2).contiguous()
-        x = self.decoder(self.post_quant_conv(q))
-        out = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        # one grid at a time: convolution kernels depend on the batch size, and a grid must
+        # decode to the same pixels whatever it is batched with
+        out = np.stack([self._decode_one(g) for g in idx])
         return out[0] if single else out
+
+    def _decode_one(self, grid: torch.Tensor) -> np.ndarray:
+        q = self.quantize.embedding.weight[grid[None]].permute(0, 3, 1, 2).contiguous()
+        x = self.decoder(self.post_quant_conv(q))
+        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
