@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.inspect.panels import PANEL, display, fmt_psnr, view_record
+from cogalign.inspect.panels import display, fmt_psnr, view_record
 from cogalign.inspect.records import iter_records, load_manifest
 
+FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
@@ -22,7 +23,8 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 .panels{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:%dpx}figure img{width:%dpx;height:%dpx;object-fit:contain;image-rendering:pixelated;background:#eee}
 figcaption{font-size:12px;color:#444}.q{font-size:12px;color:#555;margin:6px 0;word-break:break-word}
-""" % (PANEL, PANEL, PANEL)
+.summary{display:flex;flex-wrap:wrap;gap:40px;align-items:flex-start}.summary h2{margin-top:8px}
+""" % ((FIGURE,) * 3)
 
 
 def sample_records(out: Path, n: int) -> list[dict]:
@@ -105,9 +107,9 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
 tokenizer's decoder; the RGB dump drawn), with the PSNR of each against the region. Panels are scaled up
 with nearest-neighbour sampling.</p>
 <p class="q">Run options: {html.escape(_options_line(manifest))}</p>
-<h2>Counts (report.json)</h2>{_counts_table(report)}
-<h2>Templates used by the records shown</h2>
-<table><tr><th>kind</th><th>template id</th><th>turns</th></tr>{tpl_rows}</table>
+<div class="summary"><div><h2>Counts (report.json)</h2>{_counts_table(report)}</div>
+<div><h2>Templates used by the records shown</h2>
+<table><tr><th>kind</th><th>template id</th><th>turns</th></tr>{tpl_rows}</table></div></div>
 <h2>{len(blocks)} records</h2>{''.join(blocks)}
 {f'<h2>Not shown</h2><ul>{skipped_html}</ul>' if skipped else ''}
 </body></html>
