@@ -79,10 +79,10 @@ def download(spec: str | HubSpec) -> Path:
     except RevisionNotFoundError:
         raise TokenizerError(f"{hs}: revision {hs.revision!r} does not exist in {hs.repo_id}") from None
     except LocalEntryNotFoundError:
-        how = ("HF_HUB_OFFLINE=1 is set, so only the cache is used" if offline
-               else "the Hub cannot be reached and it is not in the cache")
-        raise TokenizerError(f"{hs}: not in the Hugging Face cache {cache} and {how}; download it once online "
-                             f"(unset HF_HUB_OFFLINE), or set HF_HUB_CACHE/HF_HOME to the cache that holds it") from None
+        how = ("HF_HUB_OFFLINE=1 is set, so only the cache is used; unset it to download"
+               if offline else "the Hub cannot be reached; download it once where it can")
+        raise TokenizerError(f"{hs}: not in the Hugging Face cache {cache} and {how}, or set HF_HUB_CACHE/HF_HOME "
+                             "to the cache that holds it") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{hs}: download failed ({msg}); retry, or use a local copy with --vq PATH") from None
@@ -163,7 +163,9 @@ def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
     """The files `push` uploads and the model card, or a TokenizerError when the folder is not
     a safetensors tokenizer (a pickle checkpoint is never uploaded)."""
     folder = Path(folder).expanduser()
-    parse_hub_spec(repo_id)
+    hs = parse_hub_spec(repo_id) if repo_id.count("/") == 1 and "@" not in repo_id else None
+    if hs is None:
+        raise TokenizerError(f"--repo {repo_id!r}: expected OWNER/NAME, e.g. my-team/vqgan-4096")
     if not folder.is_dir():
         raise TokenizerError(f"{folder}: not a folder; pass the tokenizer folder (safetensors + config.yaml)")
     pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)

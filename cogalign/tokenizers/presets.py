@@ -110,8 +110,8 @@ def _resolve_known(k: Known) -> tuple[Path, str]:
     if k.kind == "hub":
         return hub.download(hub.PREFIX + k.source), k.name
     raise TokenizerError(
-        f"{k.name} is not installed (looked in {folder}): download {k.files} from {k.source} "
-        f"and put them in {folder}, then use --vq {k.name}")
+        f"{k.name} is not installed (looked in {folder}): download {k.source} (files: {k.files}), "
+        f"put the checkpoint and its yaml in {folder}, then use --vq {k.name}")
 
 
 def is_local(k: Known) -> bool:
