@@ -12,7 +12,7 @@ import numpy as np
 
 from cogalign.errors import CogalignError
 from cogalign.inspect.panels import display, fmt_psnr, view_record
-from cogalign.inspect.records import iter_records, load_manifest
+from cogalign.inspect.records import load_manifest
 
 FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)
 STYLE = """
@@ -28,14 +28,15 @@ figcaption{font-size:12px;color:#444}.q{font-size:12px;color:#555;margin:6px 0;w
 
 
 def sample_records(out: Path, n: int) -> list[dict]:
-    """n expanded records spread evenly over the output (the first, the last and between)."""
-    expanded = [r for r in iter_records(out) if r.get("cogalign")]
+    """n expanded records spread evenly over the output (the first, the last and between). Only
+    the chosen records are read whole."""
+    from cogalign.inspect.records import locate, read_record
+
+    expanded = [(path, row) for path, row, _, _ in locate(out, lambda rid, prov, pos: prov is not None)]
     if not expanded:
         raise CogalignError(f"{out}: no expanded records to show (see report.json for why)")
-    if n >= len(expanded):
-        return expanded
-    picks = np.unique(np.linspace(0, len(expanded) - 1, n).round().astype(int))
-    return [expanded[i] for i in picks]
+    picks = np.unique(np.linspace(0, len(expanded) - 1, min(n, len(expanded))).round().astype(int))
+    return [read_record(*expanded[i]) for i in picks]
 
 
 def _counts_table(report: dict | None) -> str:

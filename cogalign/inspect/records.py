@@ -31,15 +31,63 @@ def iter_records(out: Path) -> Iterator[dict]:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=256):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
                 for row in batch.to_pylist():
                     yield from_row(row)
         else:
-            with open(path, "rb") as fh:
-                for line in fh:
-                    if line.strip():
-                        yield orjson.loads(line)
+            yield from iter_records_of(path)
+
+
+def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
+    """(id, provenance) of each record of a shard, in order, without building the conversations
+    (parquet: only the id, cogalign and extra columns are read)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=4096, columns=["id", "cogalign", "extra"]):
+            for rid, prov, extra in zip(*(batch.column(c).to_pylist() for c in ("id", "cogalign", "extra"))):
+                if rid is None and extra:
+                    rid = orjson.loads(extra).get("id")
+                yield rid, (orjson.loads(prov) if prov else None)
+    else:
+        for rec in iter_records_of(path):
+            yield rec.get("id"), rec.get("cogalign")
+
+
+def iter_records_of(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def read_record(path: Path, row: int) -> dict:
+    """Record number `row` of a shard (parquet: only its row group is read)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if row < n:
+                return from_row(pf.read_row_group(rg).slice(row, 1).to_pylist()[0])
+            row -= n
+        raise IndexError(row)
+    for i, rec in enumerate(iter_records_of(path)):
+        if i == row:
+            return rec
+    raise IndexError(row)
+
+
+def locate(out: Path, wanted) -> Iterator[tuple[Path, int, object, dict | None]]:
+    """(shard, row, id, provenance) of every record for which wanted(id, provenance, position) holds."""
+    pos = 0
+    for path in shard_files(out):
+        for row, (rid, prov) in enumerate(_summaries(path)):
+            if wanted(rid, prov, pos):
+                yield path, row, rid, prov
+            pos += 1
 
 
 def find_record(out: Path, record_id: str | None = None, index: int | None = None) -> dict:
@@ -47,12 +95,12 @@ def find_record(out: Path, record_id: str | None = None, index: int | None = Non
     or the position in the output for records passed through)."""
     if (record_id is None) == (index is None):
         raise CogalignError("pass exactly one of --id and --index")
-    for pos, rec in enumerate(iter_records(out)):
-        prov = rec.get("cogalign") or {}
-        if record_id is not None and str(rec.get("id")) == str(record_id):
-            return rec
-        if index is not None and prov.get("index", pos) == index:
-            return rec
+    if record_id is not None:
+        hits = locate(out, lambda rid, prov, pos: str(rid) == str(record_id))
+    else:
+        hits = locate(out, lambda rid, prov, pos: (prov or {}).get("index", pos) == index)
+    for path, row, _, _ in hits:
+        return read_record(path, row)
     what = f"id {record_id!r}" if record_id is not None else f"index {index}"
     raise CogalignError(f"{out}: no record with {what}; rejected records are in rejects.jsonl, "
                         "and --index is the record's position in the input file")
