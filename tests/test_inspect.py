@@ -18,7 +18,6 @@ from cogalign.inspect.records import load_manifest
 from cogalign.render import parse_vq
 from cogalign.tokenizers import load_tokenizer
 from cogalign.tokenizers.decoder import load_decoder, load_decoder_spec
-from cogalign.tokenizers.presets import DEMO_DIR
 from helpers import EXAMPLES, FAST, run_cli
 from tokenizer_fixtures import TINY_PARAMS, make_random_taming_state, photos, taming_yaml
 
@@ -222,3 +221,12 @@ def test_gallery_skips_records_it_cannot_draw(out, tmp_path):
     result = run_cli("gallery", out, "--out", dest, "--n", "3", "--image-root", tmp_path, "--no-progress")
     assert "records shown: 0  skipped: 3" in result.output
     assert "Not shown" in (dest / "index.html").read_text()
+
+
+def test_gallery_is_deterministic(out, tmp_path):
+    pages = []
+    for name in ("a", "b"):
+        run_cli("gallery", out, "--out", tmp_path / name, "--n", "2", "--no-progress")
+        pages.append({p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
+                      for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
+    assert pages[0] == pages[1] and len(pages[0]) == 1 + 8

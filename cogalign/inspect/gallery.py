@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.inspect.panels import display, fmt_psnr, view_record
+from cogalign.inspect.panels import display, view_record
 from cogalign.inspect.records import load_manifest
 
 FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)
@@ -118,6 +118,3 @@ with nearest-neighbour sampling.</p>
     (dest / "index.html").write_text(page, encoding="utf-8")
     return {"shown": len(blocks), "skipped": len(skipped), "images": images, "path": dest / "index.html"}
 
-
-def psnr_summary(view) -> str:
-    return ", ".join(f"{p.title}: {fmt_psnr(p.psnr_db)}" for p in view.panels if p.psnr_db is not None)
