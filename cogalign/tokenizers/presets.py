@@ -98,7 +98,7 @@ def resolve(spec: str) -> tuple[Path, str]:
     path = Path(spec).expanduser()
     if not path.exists():
         raise TokenizerError(
-            f"{spec}: no such file or folder, and not a known tokenizer (names: {', '.join(BY_NAME)}; "
+            f"{spec}: no such file or folder, and not a preset or known tokenizer (names: {', '.join(BY_NAME)}; "
             "see `cogalign vq list`); pass a name, hf://OWNER/REPO or a taming checkpoint folder")
     return path, (path.name if path.is_dir() else path.stem)
 
