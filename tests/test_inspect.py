@@ -230,3 +230,18 @@ def test_gallery_is_deterministic(out, tmp_path):
         pages.append({p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
                       for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     assert pages[0] == pages[1] and len(pages[0]) == 1 + 8
+
+
+def test_show_without_a_decoder_leaves_the_vq_panel_blank(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = make_random_taming_state(TINY_PARAMS, seed=2)
+    tok = tmp_path / "encoder-only"
+    tok.mkdir()
+    save_file({k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv.", "quantize."))},
+              str(tok / "model.safetensors"))
+    (tok / "config.yaml").write_text(taming_yaml())
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "o", "--vq", tok, "--workers", "0", *FAST)
+    result = run_cli("show", tmp_path / "o", "--id", "coffee", "--out", tmp_path / "c.png")
+    assert "holds no decoder.* weights" in result.output and "left blank" in result.output
+    assert "PSNR exact (inf dB)" in result.output

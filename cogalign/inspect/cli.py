@@ -18,14 +18,20 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that u
 
 def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     """The decoder of --vq or of the run's tokenizer; None (VQ panels left blank) for a run without VQ targets."""
-    from cogalign.tokenizers import load_tokenizer
+    from cogalign.tokenizers import TokenizerError, load_tokenizer
     from cogalign.tokenizers.decoder import load_decoder_spec
 
     opts = manifest.get("options", {})
     if "vq" not in opts.get("targets", ["vq"]) and vq is None:
         return None
     spec = vq or opts.get("vq") or "demo"
-    decoder = load_decoder_spec(spec, trust_pickle=trust_pickle)
+    try:
+        decoder = load_decoder_spec(spec, trust_pickle=trust_pickle)
+    except TokenizerError as e:
+        if "decoder" not in str(e) and "Gumbel" not in str(e):
+            raise
+        say(f"warning: {e}; the VQ panels are left blank")
+        return None
     want = opts.get("tokenizer_hash")
     got = load_tokenizer(spec, trust_pickle=trust_pickle).content_hash
     if want and got != want:
