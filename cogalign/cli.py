@@ -52,7 +52,7 @@ NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. D
 def expand(
     input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
-    vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a preset name (demo, vqgan-4096) or a taming checkpoint folder/file with its yaml."),
+    vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a name (demo, vqgan-4096, ...: see `cogalign vq list`), hf://OWNER/REPO[@REVISION][/SUBFOLDER] from the Hugging Face Hub, or a taming checkpoint folder/file with its yaml."),
     targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
     regions: str = typer.Option("quarters", "--regions", help="Regions to draw from: names (full, upper-left, ..., left, ..., center, box) or groups (quarters, halves, all), comma-separated."),
     vq_resolution: str = typer.Option("672", "--vq-resolution", help="Working resolution of the VQ target: N or HxW (a multiple of the tokenizer's factor)."),
@@ -155,11 +155,15 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
 def _mount_subcommands() -> None:
     from cogalign.cli_templates import templates_app
     from cogalign.cli_vq import vq_app
+    from cogalign import cli_vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
     from cogalign.hub.cli import mount as mount_hub
+    from cogalign.inspect.cli import gallery, show
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
     mount_hub(app)  # publish, export, stats
+    app.command("show")(show)
+    app.command("gallery")(gallery)
 
 
 _mount_subcommands()

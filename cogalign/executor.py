@@ -96,7 +96,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
         clear_output(out_dir)
     distributed.barrier()
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
-                "input": str(input_path), "records": n_records, "shard_size": shard_size,
+                "input": str(input_path), "image_root": str(Path(image_root).resolve()), "records": n_records, "shard_size": shard_size,
                 "num_shards": layout.num_shards, "format": options.format}
     if work.is_main:  # the other ranks check it once it is written
         check_or_write_manifest(out_dir, manifest)

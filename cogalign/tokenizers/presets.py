@@ -1,16 +1,25 @@
-"""Named tokenizers (`demo`, `vqgan-4096`) and `load_tokenizer`, which takes a name or a path."""
+"""Named tokenizers and `load_tokenizer`, which takes a name, a Hub spec or a path.
+
+Names: `demo` (shipped), `vqgan-4096` ($COGALIGN_HOME/tokenizers/vqgan-4096, else the Hub repo
+named by $COGALIGN_VQGAN_4096 or by `tokenizers: {vqgan-4096: ...}` in $COGALIGN_HOME/config.yaml),
+and the other entries of `catalog.KNOWN` (a Hub repo, or a folder you unpacked into
+$COGALIGN_HOME/tokenizers/NAME). `hf://OWNER/REPO[@REV][/SUB]` goes through huggingface_hub."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
+import yaml
 
+from cogalign.tokenizers import hub
 from cogalign.tokenizers.base import TokenizerError, VQTokenizer
+from cogalign.tokenizers.catalog import BY_NAME, Known
 from cogalign.tokenizers.taming import load_taming
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_DIR = ASSETS / "demo-f8-4096"
+VQGAN_4096_ENV = "COGALIGN_VQGAN_4096"
 
 
 def cogalign_home() -> Path:
@@ -22,11 +31,15 @@ def vqgan_4096_dir() -> Path:
     return cogalign_home() / "tokenizers" / "vqgan-4096"
 
 
+def config_file() -> Path:
+    return cogalign_home() / "config.yaml"
+
+
 _DESCRIPTIONS = {
     "demo": "small f8 VQGAN with 4096 codes shipped with cogalign (cogalign/assets/demo-f8-4096), "
             "trained on the 13 example photos: for demos and tests, not for training models",
-    "vqgan-4096": "the paper's f8 / 4096-code VQGAN, trained by you with `cogalign vq train` into "
-                  "$COGALIGN_HOME/tokenizers/vqgan-4096 (no public taming-layout checkpoint exists)",
+    "vqgan-4096": "the paper's f8 / 4096-code VQGAN: $COGALIGN_HOME/tokenizers/vqgan-4096 (train it with "
+                  f"`cogalign vq train`), else the Hub repo named by ${VQGAN_4096_ENV}",
 }
 
 
@@ -35,29 +48,91 @@ def list_presets() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def _load_preset(spec: str, device, trust_pickle: bool) -> VQTokenizer:
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _configured_repo(name: str) -> str | None:
+    """The Hub repo for a preset: the environment variable, else the config file."""
+    if name == "vqgan-4096" and os.environ.get(VQGAN_4096_ENV, "").strip():
+        return os.environ[VQGAN_4096_ENV].strip()
+    path = config_file()
+    if not path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TokenizerError(f"{path}: unreadable config ({' '.join(str(exc).split())[:120]}); fix or remove it") from None
+    value = (cfg.get("tokenizers") or {}).get(name) if isinstance(cfg, dict) else None
+    return str(value).strip() if value else None
+
+
+def _as_hub(value: str) -> str:
+    return value if hub.is_hub_spec(value) else hub.PREFIX + value
+
+
+def resolve(spec: str) -> tuple[Path, str]:
+    """A tokenizer spec -> (local checkpoint folder or file, name). Downloads Hub tokenizers."""
+    spec = str(spec)
     if spec == "demo":
         if not (DEMO_DIR / "model.safetensors").is_file():
             raise TokenizerError(f"{DEMO_DIR}: the demo tokenizer is missing from this install; reinstall cogalign")
-        return load_taming(DEMO_DIR, device=device, name="demo-f8-4096")
+        return DEMO_DIR, "demo-f8-4096"
     if spec == "vqgan-4096":
         home = vqgan_4096_dir()
-        if not home.is_dir() or not any(home.iterdir()):
-            raise TokenizerError(
-                f"vqgan-4096 is not installed (looked in {home}): train it with "
-                f"`cogalign vq train IMAGES --out {home} --codes 4096` or pass --vq PATH to a taming checkpoint folder")
-        return load_taming(home, device=device, trust_pickle=trust_pickle, name="vqgan-4096")
-    raise AssertionError(spec)
-
-
-def load_tokenizer(spec: str = "demo", device: str | torch.device = "cpu", trust_pickle: bool = False) -> VQTokenizer:
-    """A preset name (see `list_presets`) or a path to a taming checkpoint folder or file."""
-    spec = str(spec)
-    if spec in _DESCRIPTIONS:
-        return _load_preset(spec, device, trust_pickle)
+        if _has_files(home):
+            return home, "vqgan-4096"
+        repo = _configured_repo(spec)
+        if repo:
+            return hub.download(_as_hub(repo)), "vqgan-4096"
+        raise TokenizerError(
+            f"vqgan-4096 is not installed: looked in {home} and found no Hub repo in ${VQGAN_4096_ENV} or in "
+            f"{config_file()} (tokenizers: {{vqgan-4096: OWNER/NAME}}); either train it with "
+            f"`cogalign vq train IMAGES --out {home} --codes 4096`, or set {VQGAN_4096_ENV}=OWNER/NAME "
+            "to a Hub repo that holds it (or pass --vq PATH to a checkpoint folder, or --vq hf://OWNER/NAME)")
+    if hub.is_hub_spec(spec):
+        hs = hub.parse_hub_spec(spec)
+        return hub.download(hs), str(hs).removeprefix(hub.PREFIX)
+    if spec in BY_NAME:
+        return _resolve_known(BY_NAME[spec])
     path = Path(spec).expanduser()
     if not path.exists():
         raise TokenizerError(
-            f"{spec}: no such file or folder, and not a preset (presets: {', '.join(_DESCRIPTIONS)}); "
-            "pass a preset name or a taming checkpoint folder")
-    return load_taming(path, device=device, trust_pickle=trust_pickle)
+            f"{spec}: no such file or folder, and not a preset or known tokenizer (names: {', '.join(BY_NAME)}; "
+            "see `cogalign vq list`); pass a name, hf://OWNER/REPO or a taming checkpoint folder")
+    return path, (path.name if path.is_dir() else path.stem)
+
+
+def _resolve_known(k: Known) -> tuple[Path, str]:
+    folder = cogalign_home() / "tokenizers" / k.name
+    if _has_files(folder):
+        return folder, k.name
+    if k.kind == "hub":
+        return hub.download(hub.PREFIX + k.source), k.name
+    raise TokenizerError(
+        f"{k.name} is not installed (looked in {folder}): download {k.source} (files: {k.files}), "
+        f"put the checkpoint and its yaml in {folder}, then use --vq {k.name}")
+
+
+def is_local(k: Known) -> bool:
+    """Whether `resolve` would find this tokenizer without a download."""
+    if k.kind == "shipped":
+        return (DEMO_DIR / "model.safetensors").is_file()
+    if _has_files(cogalign_home() / "tokenizers" / k.name):
+        return True
+    repo = k.source if k.kind == "hub" else (_configured_repo(k.name) if k.name in _DESCRIPTIONS else None)
+    if not repo:
+        return False
+    try:
+        hs = hub.parse_hub_spec(_as_hub(repo))
+    except TokenizerError:
+        return False
+    snaps = hub.hub_cache_dir() / ("models--" + hs.repo_id.replace("/", "--")) / "snapshots"
+    return snaps.is_dir() and any(p.suffix in (".safetensors", ".ckpt", ".pth") for p in snaps.rglob("*"))
+
+
+def load_tokenizer(spec: str = "demo", device: str | torch.device = "cpu", trust_pickle: bool = False) -> VQTokenizer:
+    """A name (`demo`, `vqgan-4096`, see `cogalign vq list`), `hf://OWNER/REPO[@REV][/SUB]`, or a
+    path to a taming checkpoint folder or file."""
+    path, name = resolve(spec)
+    return load_taming(path, device=device, trust_pickle=trust_pickle, name=name)

@@ -1,0 +1,105 @@
+"""`cogalign show` and `cogalign gallery`: thin typer commands over cogalign.inspect."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cogalign.cli_util import fail, say
+from cogalign.errors import CogalignError
+
+OutArg = typer.Argument(..., help="Output folder of `cogalign expand`.", exists=True, file_okay=False)
+VqOpt = typer.Option(None, "--vq", help="Tokenizer whose decoder draws the VQ panels. Default: the run's own --vq (from OUT/cogalign.json).")
+RootOpt = typer.Option(None, "--image-root", help="Folder the records' image paths are relative to. Default: the run's image root (from OUT/cogalign.json).")
+TrustOpt = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that unpickles Python objects (runs code from the file). Default: off.")
+
+
+def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
+    """The decoder of --vq or of the run's tokenizer; None (VQ panels left blank) for a run without VQ targets."""
+    from cogalign.tokenizers import TokenizerError, load_tokenizer
+    from cogalign.tokenizers.decoder import load_decoder_spec
+
+    opts = manifest.get("options", {})
+    if "vq" not in opts.get("targets", ["vq"]) and vq is None:
+        return None
+    spec = vq or opts.get("vq") or "demo"
+    try:
+        decoder = load_decoder_spec(spec, trust_pickle=trust_pickle)
+    except TokenizerError as e:
+        if "decoder" not in str(e) and "Gumbel" not in str(e):
+            raise
+        say(f"warning: {e}; the VQ panels are left blank")
+        return None
+    want = opts.get("tokenizer_hash")
+    got = load_tokenizer(spec, trust_pickle=trust_pickle).content_hash
+    if want and got != want:
+        say(f"warning: tokenizer {spec} (hash {got}) is not the one this run used (hash {want}, "
+            f"{opts.get('tokenizer_name')}); the VQ panels will not mean much: pass the run's tokenizer with --vq")
+    return decoder
+
+
+def show(
+    out: Path = OutArg,
+    record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id`."),
+    index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    vq: Optional[str] = VqOpt,
+    image_root: Optional[Path] = RootOpt,
+    trust_pickle: bool = TrustOpt,
+) -> None:
+    """Draw one record's targets side by side in a PNG, with PSNRs.
+
+    Panels: the region as the model saw it, the VQ indices decoded by the tokenizer's decoder, the RGB
+    dump drawn; each with its PSNR against the region."""
+    from cogalign.inspect.panels import compose, fmt_psnr, view_record
+    from cogalign.inspect.records import find_record, load_manifest
+
+    if dest.suffix.lower() != ".png":
+        fail(f"--out {dest}: must be a .png file")
+    try:
+        manifest = load_manifest(out)
+        record = find_record(out, record_id, index)
+        view = view_record(record, manifest, _decoder(out, manifest, vq, trust_pickle), image_root)
+    except CogalignError as e:
+        fail(str(e))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    compose(view, f"id {view.record_id} - {view.image}").save(dest)
+    for panel in view.panels:
+        if panel.psnr_db is not None:
+            say(f"{panel.title}: PSNR {fmt_psnr(panel.psnr_db)} against the region")
+    say(f"wrote {dest}")
+
+
+def gallery(
+    out: Path = OutArg,
+    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; earlier gallery images are replaced)."),
+    n: int = typer.Option(24, "--n", min=1, help="Records to show, spread evenly over the output."),
+    vq: Optional[str] = VqOpt,
+    image_root: Optional[Path] = RootOpt,
+    trust_pickle: bool = TrustOpt,
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal."),
+) -> None:
+    """Write a static HTML gallery of a sample of records.
+
+    DIR/index.html shows each record's panels (as `show`), the prompts they were asked with and the
+    counts from report.json; no server, no external assets (images in DIR/img/)."""
+    from cogalign.inspect.gallery import sample_records, write_gallery
+    from cogalign.inspect.records import load_manifest
+    from cogalign.progress import Progress
+
+    started = time.perf_counter()
+    if dest.exists() and not dest.is_dir():
+        fail(f"--out {dest}: exists and is not a folder")
+    try:
+        manifest = load_manifest(out)
+        decoder = _decoder(out, manifest, vq, trust_pickle)
+        records = sample_records(out, n)
+        with Progress(len(records), enabled=not no_progress, label="gallery") as bar:
+            res = write_gallery(out, dest, n, decoder, image_root, records=records, on_record=lambda: bar.advance(True))
+    except CogalignError as e:
+        fail(str(e))
+    say(f"records shown: {res['shown']}  skipped: {res['skipped']}  images: {res['images']}  "
+        f"time: {time.perf_counter() - started:.1f} s")
+    say(f"open {res['path']}")

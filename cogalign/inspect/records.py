@@ -1,0 +1,163 @@
+"""Read expanded records back from an output folder, find a record's target turns, and
+recompute the regions the targets were made from (from the record's provenance and the
+run manifest)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+
+from cogalign.errors import CogalignError
+from cogalign.layout import read_manifest
+from cogalign.options import ExpandOptions
+from cogalign.render import RGB_START, VQ_START
+from cogalign.writer import from_row
+
+
+def shard_files(out: Path) -> list[Path]:
+    files = sorted((Path(out) / "data").glob("train-*.parquet")) + sorted((Path(out) / "data").glob("train-*.jsonl"))
+    if not files:
+        raise CogalignError(f"{out}: no shards in {Path(out) / 'data'}; is this a cogalign output folder, "
+                            "and has `cogalign expand` finished a shard?")
+    return files
+
+
+def iter_records(out: Path) -> Iterator[dict]:
+    """Every output record, in shard order."""
+    for path in shard_files(out):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+                for row in batch.to_pylist():
+                    yield from_row(row)
+        else:
+            yield from iter_records_of(path)
+
+
+def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
+    """(id, provenance) of each record of a shard, in order, without building the conversations
+    (parquet: only the id, cogalign and extra columns are read)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=4096, columns=["id", "cogalign", "extra"]):
+            for rid, prov, extra in zip(*(batch.column(c).to_pylist() for c in ("id", "cogalign", "extra"))):
+                if rid is None and extra:
+                    rid = orjson.loads(extra).get("id")
+                yield rid, (orjson.loads(prov) if prov else None)
+    else:
+        for rec in iter_records_of(path):
+            yield rec.get("id"), rec.get("cogalign")
+
+
+def iter_records_of(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def read_record(path: Path, row: int) -> dict:
+    """Record number `row` of a shard (parquet: only its row group is read)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if row < n:
+                return from_row(pf.read_row_group(rg).slice(row, 1).to_pylist()[0])
+            row -= n
+        raise IndexError(row)
+    for i, rec in enumerate(iter_records_of(path)):
+        if i == row:
+            return rec
+    raise IndexError(row)
+
+
+def locate(out: Path, wanted) -> Iterator[tuple[Path, int, object, dict | None]]:
+    """(shard, row, id, provenance) of every record for which wanted(id, provenance, position) holds."""
+    pos = 0
+    for path in shard_files(out):
+        for row, (rid, prov) in enumerate(_summaries(path)):
+            if wanted(rid, prov, pos):
+                yield path, row, rid, prov
+            pos += 1
+
+
+def find_record(out: Path, record_id: str | None = None, index: int | None = None) -> dict:
+    """The record with this `id`, or the one at input position `index` (`cogalign.index`,
+    or the position in the output for records passed through)."""
+    if (record_id is None) == (index is None):
+        raise CogalignError("pass exactly one of --id and --index")
+    if record_id is not None:
+        hits = locate(out, lambda rid, prov, pos: str(rid) == str(record_id))
+    else:
+        hits = locate(out, lambda rid, prov, pos: (prov or {}).get("index", pos) == index)
+    for path, row, _, _ in hits:
+        return read_record(path, row)
+    what = f"id {record_id!r}" if record_id is not None else f"index {index}"
+    raise CogalignError(f"{out}: no record with {what}; rejected records are in rejects.jsonl, "
+                        "and --index is the record's position in the input file")
+
+
+@dataclass
+class Target:
+    """One added turn: its provenance entry and the gpt answer text."""
+
+    kind: str        # "vq" or "px"
+    meta: dict       # region, box, resolution, template_id, position
+    answer: str
+    question: str = ""
+
+
+def targets(record: dict) -> list[Target]:
+    """The record's added turns, matched to their provenance: new pairs are spliced in order of
+    position (stable), so the k-th VQ (RGB) answer in the conversation is the k-th VQ (RGB)
+    turn of the provenance sorted by position."""
+    prov = record.get("cogalign")
+    if not prov:
+        raise CogalignError(f"record {record.get('id')!r} was passed through unchanged (no image or not expandable); "
+                            "pick an expanded record")
+    order = sorted(range(len(prov["turns"])), key=lambda i: prov["turns"][i]["position"])
+    answers = {"vq": [], "px": []}
+    conv = record["conversations"]
+    for i, turn in enumerate(conv):
+        value = turn.get("value", "")
+        if turn.get("from") == "gpt" and isinstance(value, str):
+            question = str(conv[i - 1].get("value", "")) if i else ""
+            if value.startswith(VQ_START):
+                answers["vq"].append((question, value))
+            elif value.startswith(RGB_START):
+                answers["px"].append((question, value))
+    out, taken = [], {"vq": 0, "px": 0}
+    for i in order:
+        meta = prov["turns"][i]
+        kind = meta["kind"]
+        if taken[kind] >= len(answers[kind]):
+            raise CogalignError(f"record {record.get('id')!r}: its {kind} answer is missing from the conversation")
+        question, answer = answers[kind][taken[kind]]
+        out.append(Target(kind, meta, answer, question))
+        taken[kind] += 1
+    return out
+
+
+def working_image(record: dict, manifest: dict, resolution: tuple[int, int], image_root: Path | None) -> np.ndarray:
+    """The image at a working resolution, resized exactly as `expand` did."""
+    from cogalign.images import load_image, resolve_image_path, to_working
+
+    opts = manifest.get("options", {})
+    prov = record["cogalign"]
+    root = Path(image_root) if image_root else Path(manifest.get("image_root") or Path(manifest["input"]).parent)
+    path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
+    image = load_image(path, int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels))
+    return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))
+
+
+def load_manifest(out: Path) -> dict:
+    return read_manifest(Path(out))

@@ -1,0 +1,48 @@
+"""Known tokenizers for `cogalign vq list`: geometry and where each is published.
+
+Sources are named as their authors publish them (checked against the taming-transformers and
+latent-diffusion READMEs and the Hub listing of boris/vqgan_f16_16384). Plain-URL downloads are
+not fetched by cogalign: put the unpacked files in $COGALIGN_HOME/tokenizers/NAME and use
+`--vq NAME` (or pass the folder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Known:
+    name: str
+    codes: int
+    f: int
+    embed_dim: int
+    kind: str      # "shipped", "local" (you train it), "hub", "url"
+    source: str    # a Hub repo id or a download URL
+    files: str     # the files that make the tokenizer, as published
+    note: str = ""
+
+
+_TAMING = "https://heibox.uni-heidelberg.de/d/"
+_LDM = "https://ommer-lab.com/files/latent-diffusion/"
+_LDM_CFG = "https://github.com/CompVis/latent-diffusion/blob/main/models/first_stage_models/"
+
+KNOWN: tuple[Known, ...] = (
+    Known("demo", 4096, 8, 4, "shipped", "cogalign/assets/demo-f8-4096", "model.safetensors, config.yaml",
+          "for demos and tests"),
+    Known("vqgan-4096", 4096, 8, 4, "local", "$COGALIGN_HOME/tokenizers/vqgan-4096 or $COGALIGN_VQGAN_4096 (Hub repo)",
+          "model.safetensors, config.yaml", "the paper's tokenizer: train it (`cogalign vq train`) or name a Hub repo"),
+    Known("taming-imagenet-f16-1024", 1024, 16, 256, "url", _TAMING + "8088892a516d4e3baf92/",
+          "ckpts/last.ckpt, configs/model.yaml", "taming-transformers README, 'VQGAN ImageNet (f=16), 1024'"),
+    Known("taming-imagenet-f16-16384", 16384, 16, 256, "url", _TAMING + "a7530b09fed84f80a887/",
+          "ckpts/last.ckpt, configs/model.yaml", "taming-transformers README, 'VQGAN ImageNet (f=16), 16384'"),
+    Known("ldm-vq-f4", 8192, 4, 3, "url", _LDM + "vq-f4.zip",
+          f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f4/config.yaml)", "latent-diffusion model zoo"),
+    Known("ldm-vq-f8", 16384, 8, 4, "url", _LDM + "vq-f8.zip",
+          f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f8/config.yaml)", "latent-diffusion model zoo"),
+    Known("ldm-vq-f8-n256", 256, 8, 4, "url", _LDM + "vq-f8-n256.zip",
+          f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f8-n256/config.yaml)", "latent-diffusion model zoo"),
+    Known("boris-vqgan-f16-16384", 16384, 16, 256, "hub", "boris/vqgan_f16_16384", "model.ckpt, config.yaml",
+          "taming f16-16384 fine-tuned on CC3M + YFCC100M (dalle-mini); a Lightning pickle: "
+          "`vq convert --trust-pickle` it or pass --trust-pickle"),
+)
+
+BY_NAME = {k.name: k for k in KNOWN}

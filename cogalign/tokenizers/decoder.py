@@ -1,0 +1,99 @@
+"""The decoder half of a taming VQGAN: code indices -> codebook vectors -> post_quant_conv ->
+taming `Decoder` -> uint8 RGB. Used to show what VQ targets mean (`cogalign show`, `vq recon`).
+
+Built from `taming.modules` only; the weights come from the same checkpoint as the encoder
+(decoder.*, post_quant_conv.*, quantize.embedding.weight), read without unpickling."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from taming.modules.diffusionmodules.model import Decoder
+
+from cogalign.tokenizers.base import TokenizerError
+from cogalign.tokenizers.checkpoints import (_quantizer_kind, _strip_prefix, find_checkpoint, hash_state_dict,
+                                             normalize_params, read_config, read_state_dict)
+
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+class VQDecoder(nn.Module):
+    """indices (B, h, w) or (h, w) -> RGB uint8 (B, h*f, w*f, 3) or (h*f, w*f, 3); each grid is decoded
+    on its own, so its pixels do not depend on the batch."""
+
+    def __init__(self, params: dict, name: str = "taming"):
+        super().__init__()
+        params = normalize_params(params, source=name)
+        dd = params["ddconfig"]
+        self.name = name
+        self.codebook_size = int(params["n_embed"])
+        self.embed_dim = int(params["embed_dim"])
+        self.downsample = 2 ** (len(dd["ch_mult"]) - 1)
+        with contextlib.redirect_stdout(io.StringIO()):  # taming prints the z shape
+            self.decoder = Decoder(**dd)
+        self.post_quant_conv = nn.Conv2d(self.embed_dim, int(dd["z_channels"]), 1)
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(self.codebook_size, self.embed_dim)
+        self.content_hash = ""
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # always in eval mode
+        return nn.Module.train(self, False)
+
+    @torch.inference_mode()
+    def decode(self, indices: np.ndarray | torch.Tensor) -> np.ndarray:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        single = idx.ndim == 2
+        if single:
+            idx = idx[None]
+        if idx.ndim != 3 or 0 in idx.shape:
+            raise TokenizerError(f"{self.name}: decode expects an index grid (h, w) or (B, h, w), got {tuple(idx.shape)}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.codebook_size:
+            raise TokenizerError(f"{self.name}: index {hi if hi >= self.codebook_size else lo} is outside the "
+                                 f"codebook (0..{self.codebook_size - 1}); were these indices made by another tokenizer?")
+        # one grid at a time: convolution kernels depend on the batch size, and a grid must
+        # decode to the same pixels whatever it is batched with
+        out = np.stack([self._decode_one(g) for g in idx])
+        return out[0] if single else out
+
+    def _decode_one(self, grid: torch.Tensor) -> np.ndarray:
+        q = self.quantize.embedding.weight[grid[None]].permute(0, 3, 1, 2).contiguous()
+        x = self.decoder(self.post_quant_conv(q))
+        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
+    """The decoder of a taming checkpoint folder or file (layouts as `find_checkpoint`)."""
+    path = Path(path).expanduser()
+    ckpt, cfg = find_checkpoint(path)
+    params, target = read_config(cfg)
+    raw = _strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
+    name = name or (path.name if path.is_dir() else ckpt.stem)
+    if _quantizer_kind(target, set(raw)) == "gumbel":
+        raise TokenizerError(f"{ckpt}: a Gumbel VQGAN; decoding its indices is not supported (use a VQ model)")
+    sd = {k: v.float() for k, v in raw.items() if k.startswith(DECODER_PREFIXES) or k == "quantize.embedding.weight"}
+    if not any(k.startswith("decoder.") for k in sd):
+        raise TokenizerError(f"{ckpt}: holds no decoder.* weights (an encoder-only export); "
+                             "decoding needs the full checkpoint")
+    model = VQDecoder(params, name=name)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        bad = (missing or unexpected)[:5]
+        raise TokenizerError(f"{ckpt}: decoder weights do not match {cfg} ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected, e.g. {', '.join(bad)}); check that this yaml belongs to it")
+    model.content_hash = hash_state_dict(sd)
+    return model
+
+
+def load_decoder_spec(spec: str, trust_pickle: bool = False) -> VQDecoder:
+    """Like `load_tokenizer`: a name, hf://OWNER/REPO or a path."""
+    from cogalign.tokenizers.presets import resolve
+
+    path, name = resolve(spec)
+    return load_decoder(path, trust_pickle=trust_pickle, name=name)

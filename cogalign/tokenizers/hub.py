@@ -1,0 +1,217 @@
+"""Tokenizers on the Hugging Face Hub: `hf://OWNER/REPO[@REVISION][/SUBFOLDER]` through
+huggingface_hub's standard cache (HF_HUB_CACHE, HF_HOME; HF_HUB_OFFLINE=1 uses the cache
+alone), and `push`, which uploads a tokenizer folder with a generated model card."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogalign.tokenizers.base import TokenizerError
+
+PREFIX = "hf://"
+# What a tokenizer folder needs; anything else in the repo (samples, logs) is not downloaded.
+WEIGHT_PATTERNS = ("*.safetensors", "*.ckpt", "*.pth", "*.yaml", "*.yml")
+PUSHED = ("*.safetensors", "*.yaml", "*.yml", "train_metrics.json")
+PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".pkl")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo_id: str
+    revision: str | None = None
+    subfolder: str = ""
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return f"{PREFIX}{self.repo_id}{rev}{sub}"
+
+
+def is_hub_spec(spec: str) -> bool:
+    return str(spec).startswith(PREFIX)
+
+
+def parse_hub_spec(spec: str) -> HubSpec:
+    """`hf://OWNER/REPO[@REVISION][/SUBFOLDER]` (a bare `OWNER/REPO` is accepted too)."""
+    rest = spec[len(PREFIX):] if is_hub_spec(spec) else spec
+    parts = [p for p in rest.strip("/").split("/")]
+    if len(parts) < 2 or not parts[0] or not parts[1] or any(not p or p in (".", "..") for p in parts):
+        raise TokenizerError(f"{spec}: not a Hub tokenizer; write hf://OWNER/REPO, hf://OWNER/REPO@REVISION "
+                             "or hf://OWNER/REPO/SUBFOLDER")
+    repo, _, revision = parts[1].partition("@")
+    if not repo or (_ and not revision):
+        raise TokenizerError(f"{spec}: empty repo name or revision; write hf://OWNER/REPO@REVISION")
+    return HubSpec(f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:]))
+
+
+def hub_cache_dir() -> Path:
+    """The standard cache, read at call time: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download(spec: str | HubSpec) -> Path:
+    """The local folder of a Hub tokenizer (its subfolder in the snapshot), downloading only the
+    weights and configs (or, offline, finding them in the cache)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    hs = spec if isinstance(spec, HubSpec) else parse_hub_spec(spec)
+    where = f"{hs.subfolder}/" if hs.subfolder else ""
+    patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "configs")]
+    cache = hub_cache_dir()
+    offline = hub_offline()
+    try:
+        root = snapshot_download(hs.repo_id, revision=hs.revision, cache_dir=str(cache), allow_patterns=patterns,
+                                 local_files_only=offline)
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise TokenizerError(f"{hs}: the Hub repo is not found or not accessible ({type(exc).__name__}); check the "
+                             "name, or log in with `hf auth login` for a private or gated repo") from None
+    except RevisionNotFoundError:
+        raise TokenizerError(f"{hs}: revision {hs.revision!r} does not exist in {hs.repo_id}") from None
+    except LocalEntryNotFoundError:
+        how = ("HF_HUB_OFFLINE=1 is set, so only the cache is used; unset it to download"
+               if offline else "the Hub cannot be reached; download it once where it can")
+        raise TokenizerError(f"{hs}: not in the Hugging Face cache {cache} and {how}, or set HF_HUB_CACHE/HF_HOME "
+                             "to the cache that holds it") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise TokenizerError(f"{hs}: download failed ({msg}); retry, or use a local copy with --vq PATH") from None
+    folder = Path(root) / hs.subfolder if hs.subfolder else Path(root)
+    if not folder.is_dir():
+        raise TokenizerError(f"{hs}: no folder {hs.subfolder!r} in {hs.repo_id} (snapshot {root})")
+    return pick_weights(folder)
+
+
+def pick_weights(folder: Path) -> Path:
+    """A folder with both a .safetensors and a pickle checkpoint: the safetensors file."""
+    st = sorted(folder.glob("*.safetensors"))
+    others = [p for p in folder.iterdir() if p.suffix.lower() in (".ckpt", ".pth")]
+    return st[0] if len(st) == 1 and others else folder
+
+
+# ---------------------------------------------------------------------------------------
+# push
+# ---------------------------------------------------------------------------------------
+
+def _yaml_params(folder: Path) -> dict:
+    from cogalign.tokenizers.checkpoints import find_checkpoint, normalize_params, read_config
+
+    _, cfg = find_checkpoint(folder)
+    params, target = read_config(cfg)
+    params = normalize_params(params, source=str(cfg))
+    params["_target"] = target
+    return params
+
+
+def model_card(folder: Path, repo_id: str, params: dict, metrics: dict | None) -> str:
+    """README.md for a tokenizer repo: architecture, codebook size, f, training data, PSNR (when known)."""
+    dd = params["ddconfig"]
+    f = 2 ** (len(dd["ch_mult"]) - 1)
+    metrics = metrics or {}
+    ev = metrics.get("eval") or {}
+    images = metrics.get("images")
+    if isinstance(images, list):
+        data = f"{len(images)} images" + (f" (e.g. {', '.join(Path(str(p)).name for p in images[:3])})" if images else "")
+    else:
+        data = metrics.get("data") or "not recorded (no train_metrics.json in the folder)"
+    psnr = ev.get("psnr_db")
+    psnr_line = (f"{psnr:.2f} dB at {ev.get('resolution')} px on {ev.get('images')} training images "
+                 "(`cogalign vq eval`)") if isinstance(psnr, (int, float)) else "not measured"
+    usage = ev.get("codebook_usage")
+    usage_line = f"\n- Codebook usage: {100 * usage:.1f}% of codes" if isinstance(usage, (int, float)) else ""
+    return f"""---
+library_name: cogalign
+tags:
+- vqgan
+- image-tokenizer
+- taming-transformers
+---
+
+# {repo_id.split('/')[-1]}
+
+A VQGAN image tokenizer in the taming-transformers layout ({params.get('_target') or 'taming.models.vqgan.VQModel'}),
+for `cogalign expand --vq hf://{repo_id}`.
+
+- Architecture: taming Encoder/Decoder, ch {dd['ch']}, ch_mult {dd['ch_mult']}, {dd['num_res_blocks']} residual
+  blocks, z_channels {dd['z_channels']}, attention at {dd['attn_resolutions'] or 'none'}
+- Codebook: {params['n_embed']} codes of dimension {params['embed_dim']}
+- Downsampling factor f: {f} (one index per {f}x{f} pixels)
+- Training data: {data}
+- Reconstruction PSNR: {psnr_line}{usage_line}
+
+Files: `config.yaml` (the taming model config) and the weights as safetensors (no pickle).
+
+```python
+from cogalign.tokenizers import load_tokenizer
+tok = load_tokenizer("hf://{repo_id}")
+indices = tok.encode(images)  # (B, H, W, 3) uint8 -> (B, H/{f}, W/{f}) int64
+```
+"""
+
+
+def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
+    """The files `push` uploads and the model card, or a TokenizerError when the folder is not
+    a safetensors tokenizer (a pickle checkpoint is never uploaded)."""
+    folder = Path(folder).expanduser()
+    hs = parse_hub_spec(repo_id) if repo_id.count("/") == 1 and "@" not in repo_id else None
+    if hs is None:
+        raise TokenizerError(f"--repo {repo_id!r}: expected OWNER/NAME, e.g. my-team/vqgan-4096")
+    if not folder.is_dir():
+        raise TokenizerError(f"{folder}: not a folder; pass the tokenizer folder (safetensors + config.yaml)")
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    weights = sorted(folder.glob("*.safetensors"))
+    if pickles:
+        first = folder / pickles[0]
+        raise TokenizerError(
+            f"{folder}: holds a pickle checkpoint ({', '.join(pickles)}), which is never uploaded; convert it with "
+            f"`cogalign vq convert {first} {folder / 'model.safetensors'}` and move the pickle out of the folder")
+    if len(weights) != 1:
+        raise TokenizerError(f"{folder}: needs exactly one .safetensors file, found {len(weights)}; "
+                             "train with `cogalign vq train` or convert with `cogalign vq convert`")
+    from cogalign.tokenizers.taming import load_taming
+
+    load_taming(folder)  # weights and yaml must load together before anything is published
+    params = _yaml_params(folder)
+    metrics = None
+    if (folder / "train_metrics.json").is_file():
+        try:
+            metrics = json.loads((folder / "train_metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = None
+    files = sorted({p for pat in PUSHED for p in folder.glob(pat) if p.is_file()})
+    return files, model_card(folder, repo_id.removeprefix(PREFIX), params, metrics)
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False, api=None) -> dict:
+    """Create (or reuse) the model repo and upload the files and README.md in one commit."""
+    repo_id = repo_id.removeprefix(PREFIX)
+    files, card = push_plan(folder, repo_id)
+    plan = {"repo_id": repo_id, "private": private, "files": [p.name for p in files] + ["README.md"],
+            "bytes": sum(p.stat().st_size for p in files) + len(card.encode()), "card": card}
+    if dry_run:
+        return plan
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api or HfApi()
+    ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    try:
+        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.create_commit(repo_id, ops, commit_message="Upload tokenizer with cogalign vq push",
+                                 repo_type="model")
+    except HfHubHTTPError as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise TokenizerError(f"{repo_id}: upload failed ({msg}); check `hf auth login` and write access") from None
+    plan["url"] = str(getattr(info, "commit_url", None) or url)
+    return plan
