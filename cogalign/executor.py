@@ -26,7 +26,7 @@ from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
 from cogalign.templates import TemplateSampler
 from cogalign.worker import EXPAND, PASS, Prepared, WorkerContext, finish
-from cogalign.writer import open_shard, write_atomic
+from cogalign.writer import dumps, open_shard, write_atomic
 
 
 @dataclass
@@ -219,7 +219,7 @@ class ShardSink:
         else:
             self.stats["reject_reasons"][prepared.reason] += 1
             self.result.reasons[prepared.reason] += 1
-            line = orjson.dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
+            line = dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
                                  "detail": prepared.detail})
             self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
@@ -292,7 +292,7 @@ def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: lis
     stats["bytes"] = writer.close()
     stats["seconds"] = round(seconds, 3)
     write_atomic(layout.rejects_path(shard), "".join(line + "\n" for line in rejects).encode())
-    write_atomic(layout.ids_path(shard), orjson.dumps(ids))
+    write_atomic(layout.ids_path(shard), dumps(ids))
     write_atomic(layout.stats_path(shard), orjson.dumps(stats, option=orjson.OPT_INDENT_2))  # the marker
 
 

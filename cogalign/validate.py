@@ -18,6 +18,7 @@ from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
 from cogalign.render import VQ_START
 from cogalign.worker import EXPAND, WorkerContext, finish, prepare
+from cogalign.writer import dumps
 
 
 @dataclass
@@ -50,8 +51,8 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
                 if p.outcome == "reject":
                     result.reasons[p.reason] += 1
                     if out:
-                        out.write(orjson.dumps({"index": p.index, "id": p.record_id, "reason": p.reason,
-                                                "detail": p.detail}) + b"\n")
+                        out.write(dumps({"index": p.index, "id": p.record_id, "reason": p.reason,
+                                         "detail": p.detail}) + b"\n")
                 elif p.outcome == "pass":
                     result.pass_reasons[p.reason] += 1
                 bar.advance(expanded=p.outcome == EXPAND)

@@ -6,6 +6,7 @@ crash never leaves a partial shard that looks complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cogalign.records import loads_exact
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024  # the Hub asks for row groups of ~100 MB or less
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
@@ -25,6 +28,15 @@ SCHEMA = pa.schema([
     ("extra", pa.string()),     # JSON of every other key, and of any value the typed columns cannot hold
 ])
 TYPED_KEYS = ("id", "image", "conversations", "cogalign")
+
+
+def dumps(obj) -> bytes:
+    """Compact JSON, as orjson writes it; integers beyond 64 bits (which orjson refuses) are
+    kept exact by falling back to the standard library for that one value (spec §6)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def shard_name(index: int, count: int, fmt: str, split: str = "train") -> str:
@@ -52,16 +64,16 @@ def to_row(record: dict) -> dict:
     else:
         extra["conversations"] = conv
     if record.get("cogalign") is not None:
-        row["cogalign"] = orjson.dumps(record["cogalign"]).decode()
+        row["cogalign"] = dumps(record["cogalign"]).decode()
     elif "cogalign" in record:
         extra["cogalign"] = None
-    row["extra"] = orjson.dumps(extra).decode() if extra else None
+    row["extra"] = dumps(extra).decode() if extra else None
     return row
 
 
 def from_row(row: dict) -> dict:
     """Inverse of `to_row` (key order follows LLaVA: id, image, conversations, others, cogalign)."""
-    extra = orjson.loads(row["extra"]) if row.get("extra") else {}
+    extra = loads_exact(row["extra"]) if row.get("extra") else {}
     out = {}
     for key in ("id", "image", "conversations"):
         if key in extra:
@@ -70,7 +82,7 @@ def from_row(row: dict) -> dict:
             out[key] = row[key]
     out.update(extra)
     if row.get("cogalign"):
-        out["cogalign"] = orjson.loads(row["cogalign"])
+        out["cogalign"] = loads_exact(row["cogalign"])
     return out
 
 
@@ -153,7 +165,7 @@ class JsonlShardWriter:
         self.records = 0
 
     def write(self, record: dict) -> None:
-        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.write(dumps(record) + b"\n")
         self.records += 1
 
     def close(self) -> int:
@@ -196,4 +208,4 @@ def read_shard(path: Path) -> Iterator[dict]:
             yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:
-            yield from (orjson.loads(line) for line in f if line.strip())
+            yield from (loads_exact(line) for line in f if line.strip())

@@ -1,0 +1,75 @@
+"""What `expand` writes, per format: exact values, the dataset card, size estimates (issue 7)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cogalign.writer import read_shard
+from helpers import EXAMPLES, FAST, run_cli
+
+BIG = 2**70 + 1
+
+
+def records_with_odd_values() -> list:
+    """An image record and a text-only record whose keys stray from LLaVA's: big integers,
+    an integer id, a list image, extra turn keys, extra top-level keys."""
+    return [
+        {"id": BIG, "image": ["images/astronaut.png"], "source": {"n": -BIG, "f": 0.5},
+         "conversations": [{"from": "human", "value": "<image>\nWhat is it?", "weight": BIG},
+                           {"from": "gpt", "value": "An astronaut."}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+         "big": [BIG, -(2**64)]},
+        {"id": "plain", "image": "images/coins.png",
+         "conversations": [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]},
+    ]
+
+
+def write_input(tmp_path, records, fmt="json"):
+    folder = tmp_path / "in"
+    shutil.copytree(EXAMPLES.parent / "images", folder / "images")
+    path = folder / f"data.{fmt}"
+    text = json.dumps(records) if fmt == "json" else "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text)
+    return path
+
+
+def output_records(out):
+    return [r for f in sorted((out / "data").iterdir()) for r in read_shard(f)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "json"])
+def test_integers_beyond_64_bits_are_kept_exactly(tmp_path, fmt):
+    source = records_with_odd_values()
+    src = write_input(tmp_path, source)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--format", fmt)
+    got = output_records(out)
+    assert [r["id"] for r in got] == [BIG, "text", "plain"]
+    assert got[0]["source"] == {"n": -BIG, "f": 0.5} and got[0]["conversations"][0]["weight"] == BIG
+    assert got[1] == source[1]  # text-only, passed through unchanged
+    if fmt != "parquet":
+        merged = out / f"data_cogalign.{fmt}"
+        text = merged.read_text()
+        values = json.loads(text) if fmt == "json" else [json.loads(line) for line in text.splitlines()]
+        assert values == got
+    report = json.loads((out / "report.json").read_text())
+    assert report["expanded"] == 2 and report["passed"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_lone_surrogate_is_rejected_the_same_in_both_input_formats(tmp_path, fmt):
+    source = records_with_odd_values()[1:]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = [json.dumps(r) for r in source]
+    lines.insert(1, '{"id": "bad\\ud800", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}')
+    path = folder / f"data.{fmt}"
+    path.write_text("[" + ",".join(lines) + "]" if fmt == "json" else "\n".join(lines) + "\n")
+    shutil.copytree(EXAMPLES.parent / "images", folder / "images")
+    out = tmp_path / "out"
+    run_cli("expand", path, "--out", out, *FAST, "--workers", "0")
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in rejects] == [(1, "invalid_json")]
+    assert [r["id"] for r in output_records(out)] == ["text", "plain"]
