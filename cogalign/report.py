@@ -86,22 +86,11 @@ def _merge_llava_file(layout: Layout, stem: str) -> Path:
     return final
 
 
-def dataset_card(report: dict, manifest: dict) -> str:
-    opts = manifest["options"]
-    data_glob = "data/train-*" + (".parquet" if manifest["format"] == "parquet" else ".jsonl")
-    kept = report["expanded"] + report["passed"]
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: {data_glob}
-dataset_info:
-  features:
+_PARQUET_FEATURES = """  features:
   - name: id
     dtype: string
   - name: image
-    dtype: string
+    dtype: {image}
   - name: conversations
     list:
     - name: from
@@ -112,7 +101,43 @@ dataset_info:
     dtype: string
   - name: extra
     dtype: string
-  splits:
+"""
+
+_PARQUET_COLUMNS = """Columns: `id`, `image` ({image}), `conversations` (LLaVA `from`/`value` turns),
+`cogalign` (JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
+`extra` (JSON of any other keys of the source record, and of any value the typed columns
+cannot hold, such as an integer `id` or a list `image`). `cogalign.writer.read_shard`
+gives the records back as they were."""
+
+_JSONL_COLUMNS = """Each line of `data/train-*.jsonl` is one LLaVA record as it was, with its new turns
+spliced into `conversations` and a `cogalign` object (provenance: regions, template ids,
+resolutions, tokenizer hash, seed) on expanded records. The card declares no column types:
+`datasets` infers them from the records, so every key and turn key of the source is a
+column. A key whose JSON type differs between records (an `id` that is a number in one
+record and a string in another) cannot become one Arrow column; `--format parquet` keeps
+such values in its `extra` column."""
+
+
+def dataset_card(report: dict, manifest: dict) -> str:
+    """The Hub dataset card: `configs` and `dataset_info` that match what the format wrote."""
+    opts = manifest["options"]
+    parquet = manifest["format"] == "parquet"
+    data_glob = "data/train-*" + (".parquet" if parquet else ".jsonl")
+    kept = report["expanded"] + report["passed"]
+    embedded = bool(opts.get("embed_images"))
+    image = "image" if embedded else "string"
+    features = _PARQUET_FEATURES.format(image=image) if parquet else ""
+    image_note = ("the source image file's bytes, a `datasets` Image: `load_dataset` gives PIL images, "
+                  "no local files needed" if embedded else "the path in the source record")
+    columns = _PARQUET_COLUMNS.format(image=image_note) if parquet else _JSONL_COLUMNS
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {data_glob}
+dataset_info:
+{features}  splits:
   - name: train
     num_examples: {kept}
     num_bytes: {report['output_bytes']}
@@ -137,9 +162,7 @@ Made with cogalign {manifest['cogalign_version']} from `{Path(manifest['input'])
 | resize | {opts['resize']} ({opts['resample']}) |
 | seed | {opts['seed']} |
 
-Columns: `id`, `image`, `conversations` (LLaVA `from`/`value` turns), `cogalign`
-(JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
-`extra` (JSON of any other keys of the source record).
+{columns}
 """
 
 

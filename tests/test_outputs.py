@@ -73,3 +73,45 @@ def test_lone_surrogate_is_rejected_the_same_in_both_input_formats(tmp_path, fmt
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["index"], r["reason"]) for r in rejects] == [(1, "invalid_json")]
     assert [r["id"] for r in output_records(out)] == ["text", "plain"]
+
+
+def uniform_odd_records() -> list:
+    """Records that stray from LLaVA's keys in the same way (JSON types agree between records):
+    an integer id, a list image, extra turn keys, an extra key in one record only."""
+    return [
+        {"id": 1, "image": ["images/astronaut.png"], "source": "coco",
+         "conversations": [{"from": "human", "value": "<image>\nWhat is it?", "weight": 2},
+                           {"from": "gpt", "value": "An astronaut.", "weight": 1}]},
+        {"id": 2, "image": ["images/coins.png"],
+         "conversations": [{"from": "human", "value": "<image>\nCoins?", "weight": 1},
+                           {"from": "gpt", "value": "Yes.", "weight": 1}]},
+        {"id": 3, "conversations": [{"from": "human", "value": "Hi", "weight": 1},
+                                    {"from": "gpt", "value": "Hello", "weight": 1}]},
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "json"])
+def test_dataset_card_matches_each_format(tmp_path, fmt):
+    """`datasets.load_dataset(OUT)` reads the output through its card, whatever the format."""
+    import datasets
+
+    source = uniform_odd_records()
+    src = write_input(tmp_path, source)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--format", fmt)
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 3
+    rows = ds.to_list()
+    if fmt == "parquet":
+        from cogalign.writer import from_row
+        rows = [from_row(r) for r in rows]
+        assert rows == output_records(out)
+        assert json.loads(ds[0]["extra"])["id"] == 1
+    else:
+        assert [r["id"] for r in rows] == [1, 2, 3]
+        assert rows[0]["source"] == "coco" and rows[1]["source"] is None
+        assert rows[0]["image"] == ["images/astronaut.png"]
+        assert rows[2]["conversations"] == [dict(t) for t in source[2]["conversations"]]
+        assert rows[0]["cogalign"]["turns"][0]["kind"] in ("vq", "px")
+        got, want = rows[0]["conversations"], output_records(out)[0]["conversations"]
+        assert [{k: v for k, v in t.items() if v is not None} for t in got] == want  # extra turn keys kept
