@@ -89,12 +89,11 @@ def expand(
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
         if dry_run:
-            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer, sample_turns
+            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
 
             llm = load_llm_tokenizer(llm_tokenizer) if llm_tokenizer else None
             options, sampler, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
-            facts = run_dry(input, options, tokenizer)
-            facts.update(sample_turns(input, options, sampler, tokenizer, image_root, llm))
+            facts = run_dry(input, options, tokenizer, sampler, image_root, llm)
             for key, value in facts.items():
                 typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")
             return

@@ -63,23 +63,42 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     return result
 
 
-def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None) -> dict:
-    """Counts from the record checks alone (images are not opened) and the size of what expand would write."""
-    counts, reasons = Counter(), Counter()
+def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,
+            image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8) -> dict:
+    """Counts from the record checks alone, the new turns of a few real records (built and
+    measured, see `sample_turns`) and from both the size of what expand would write."""
+    from cogalign.templates import TemplateSampler
+    from cogalign.writer import dumps
+
+    counts, reasons, sizes = Counter(), Counter(), Counter()
+    passed: list = []
     for _, record in iter_records(input_path):
         try:
             if isinstance(record, RecordError):
                 raise record
-            counts[check_record(record).action] += 1
+            action = check_record(record).action
         except RecordError as e:
             counts["reject"] += 1
             reasons[e.reason] += 1
-    chars = estimate.target_chars(options, tokenizer)
-    per_record = estimate.record_bytes(options, tokenizer)
-    return {"records": sum(counts.values()), "would_expand": counts["expand"], "would_pass": counts["pass"],
+            continue
+        counts[action] += 1
+        sizes[action] += len(dumps(record)) + 1
+        if action == "pass" and len(passed) < 64:
+            passed.append(record)
+    facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
+                                tokenizer, image_root, llm_tokenizer, samples, keep=True)
+    shard_size = estimate.auto_shard_size(options, tokenizer)
+    n = sum(counts.values())
+    if built["expanded"] or not counts["expand"]:
+        total = estimate.output_bytes(options.format, expand=counts["expand"], passed=counts["pass"],
+                                      expand_input_bytes=sizes["expand"], passed_input_bytes=sizes["pass"],
+                                      samples={**built, "passed": passed}, shards=max(1, -(-n // shard_size)))
+    else:  # no record could be built (every image bad?): the text-length model, uncompressed
+        total = sizes["expand"] + sizes["pass"] + counts["expand"] * estimate.record_bytes(options, tokenizer)
+    return {"records": n, "would_expand": counts["expand"], "would_pass": counts["pass"],
             "rejected_by_shape": counts["reject"], "reject_reasons": dict(reasons),
-            "target_chars": chars, "estimated_output_bytes": Path(input_path).stat().st_size + counts["expand"] * per_record,
-            "shard_size": estimate.auto_shard_size(options, tokenizer)}
+            "target_chars": estimate.target_chars(options, tokenizer), "estimated_output_bytes": total,
+            "shard_size": shard_size, **facts}
 
 
 def load_llm_tokenizer(path: str | Path):
@@ -99,14 +118,16 @@ def load_llm_tokenizer(path: str | Path):
 
 
 def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokenizer, image_root: str | Path | None,
-                 llm_tokenizer=None, samples: int = 8) -> dict:
+                 llm_tokenizer=None, samples: int = 8, keep: bool = False):
     """Build the new turns of the first `samples` expandable records for real and measure them:
-    characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently)."""
+    characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
+    With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
     input_path = Path(input_path)
     ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent,
                         tokenizer.downsample if tokenizer else 1, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
+    built = {"expanded": [], "expanded_input": []}
     for index, record in iter_records(input_path):
         if done >= samples:
             break
@@ -115,7 +136,11 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
             continue
         grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
         original = {id(t) for t in record["conversations"]}
-        new = [t["value"] for t in finish(prepared, grids, ctx)["conversations"] if id(t) not in original]
+        finished = finish(prepared, grids, ctx)
+        if keep:
+            built["expanded"].append(finished)
+            built["expanded_input"].append(record)
+        new = [t["value"] for t in finished["conversations"] if id(t) not in original]
         for question, answer in zip(new[::2], new[1::2]):
             kind = "vq" if answer.startswith(VQ_START) else "px"
             text = question + answer
@@ -129,4 +154,4 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
             if llm_tokenizer is not None:
                 out[f"{kind}_turn_tokens_mean"] = round(sum(t for _, t in values) / len(values))
                 out[f"{kind}_turn_tokens_max"] = max(t for _, t in values)
-    return out
+    return (out, built) if keep else out

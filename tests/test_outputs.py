@@ -115,3 +115,18 @@ def test_dataset_card_matches_each_format(tmp_path, fmt):
         assert rows[0]["cogalign"]["turns"][0]["kind"] in ("vq", "px")
         got, want = rows[0]["conversations"], output_records(out)[0]["conversations"]
         assert [{k: v for k, v in t.items() if v is not None} for t in got] == want  # extra turn keys kept
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("parquet", 0.25), ("jsonl", 0.10), ("json", 0.10)])
+def test_dry_run_estimate_is_near_the_real_output_size(tmp_path, fmt, tolerance):
+    """--dry-run builds a few real records and sizes them in the output format (parquet compressed;
+    json/jsonl counted twice: shards plus the merged file); the estimate lands within the tolerance."""
+    res = ["--vq-resolution", "64", "--px-resolution", "64", "--no-progress", "--format", fmt]
+    dry = run_cli("expand", EXAMPLES, "--out", tmp_path / "dry", *res, "--dry-run").output
+    number, unit = dict(line.split(": ", 1) for line in dry.splitlines() if ": " in line)["estimated_output_bytes"].split()
+    estimate = float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+    out = tmp_path / "out"
+    run_cli("expand", EXAMPLES, "--out", out, *res, "--workers", "0")
+    real = sum(f.stat().st_size for f in (out / "data").iterdir()) + \
+        sum(f.stat().st_size for f in out.glob(f"*_cogalign.{fmt}"))
+    assert abs(estimate - real) <= tolerance * real, (estimate, real)
