@@ -29,7 +29,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
-             max_image_pixels, allow_absolute_paths, fmt) -> ExpandOptions:
+             max_image_pixels, allow_absolute_paths, fmt, embed_images: bool = False) -> ExpandOptions:
     from cogalign.regions import parse_regions
 
     return ExpandOptions(
@@ -37,7 +37,7 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         vq_resolution=parse_resolution(vq_resolution, "vq-resolution"),
         px_resolution=parse_resolution(px_resolution, "px-resolution"), vq_scope=vq_scope, resize=resize,
         resample=resample, seed=seed, templates=templates, max_image_pixels=max_image_pixels,
-        allow_absolute_paths=allow_absolute_paths, format=fmt)
+        allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images)
 
 
 # Options shared by expand and validate, declared once.
@@ -63,6 +63,7 @@ def expand(
     seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position)."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
+    embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
     image_root: Optional[Path] = ImageRoot,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
     workers: Optional[int] = Workers,
@@ -84,7 +85,8 @@ def expand(
 
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
-                           str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt)
+                           str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt,
+                           embed_images)
         runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)

@@ -50,7 +50,7 @@ def auto_shard_size(options, tokenizer=None) -> int:
     return max(1, min(MAX_SHARD_RECORDS, SHARD_TARGET_BYTES // record_bytes(options, tokenizer)))
 
 
-def format_bytes(records: list, fmt: str) -> float:
+def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     """Mean bytes one of these records takes in a `fmt` shard, measured by writing them
     (parquet: zstd-compressed, less the fixed size of an empty shard)."""
     from cogalign.writer import ParquetShardWriter, dumps
@@ -64,9 +64,9 @@ def format_bytes(records: list, fmt: str) -> float:
         for rows in (records, []):
             path = Path(tmp) / "data" / f"sample-{len(rows)}.parquet"
             path.parent.mkdir(exist_ok=True)
-            writer = ParquetShardWriter(path)
-            for record in rows:
-                writer.write(record)
+            writer = ParquetShardWriter(path, embed_images=images is not None)
+            for record, data in zip(rows, images or [None] * len(rows)):
+                writer.write(record, data)
             sizes.append(writer.close())
     return max(0.0, (sizes[0] - sizes[1]) / len(records))
 
@@ -85,7 +85,7 @@ def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int,
         merged = lines + (expand + passed) + 4 if fmt == "json" else lines  # ",\n" in place of "\n", brackets
         return int(lines + merged)
     per_shard = _empty_parquet_bytes()
-    return int(expand * format_bytes(samples["expanded"], fmt) + passed * format_bytes(samples["passed"], fmt)
+    return int(expand * format_bytes(samples["expanded"], fmt, samples.get("images")) + passed * format_bytes(samples["passed"], fmt)
                + shards * per_shard)
 
 

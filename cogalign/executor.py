@@ -202,7 +202,7 @@ class ShardSink:
     def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
         if shard != self.shard:
             self._close_shard()
-            self._open_shard(shard)
+            self._open_shard(shard, ctx)
         self.stats["input"] += 1
         self.ids.append(prepared.record_id)
         outcome = prepared.outcome
@@ -212,7 +212,7 @@ class ShardSink:
             self.stats["warnings"][prepared.warning] += 1
             self.result.warnings[prepared.warning] += 1
         if outcome == EXPAND:
-            self._submit(self.writer.write, finish(prepared, grids, ctx))
+            self._submit(self.writer.write, finish(prepared, grids, ctx), prepared.image_bytes)
         elif outcome == PASS:
             self.stats["pass_reasons"][prepared.reason] += 1
             self._submit(self.writer.write, prepared.record)
@@ -223,7 +223,7 @@ class ShardSink:
                                  "detail": prepared.detail})
             self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
-    def _open_shard(self, shard: int) -> None:
+    def _open_shard(self, shard: int, ctx: WorkerContext) -> None:
         self.shard, self.started = shard, time.perf_counter()
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
                       "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter()}
@@ -235,7 +235,8 @@ class ShardSink:
         if self.error is not None:
             raise self.error
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"cogalign-writer-{shard}")
-        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt).result()
+        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt,
+                                         ctx.options.embed_images).result()
         self.unpublished[shard] = self.writer
 
     def _submit(self, fn, *args) -> None:

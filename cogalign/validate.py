@@ -127,7 +127,7 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
                         tokenizer.downsample if tokenizer else 1, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
-    built = {"expanded": [], "expanded_input": []}
+    built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}
     for index, record in iter_records(input_path):
         if done >= samples:
             break
@@ -140,6 +140,8 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
         if keep:
             built["expanded"].append(finished)
             built["expanded_input"].append(record)
+            if options.embed_images:
+                built["images"].append(prepared.image_bytes)
         new = [t["value"] for t in finished["conversations"] if id(t) not in original]
         for question, answer in zip(new[::2], new[1::2]):
             kind = "vq" if answer.startswith(VQ_START) else "px"

@@ -130,3 +130,54 @@ def test_dry_run_estimate_is_near_the_real_output_size(tmp_path, fmt, tolerance)
     real = sum(f.stat().st_size for f in (out / "data").iterdir()) + \
         sum(f.stat().st_size for f in out.glob(f"*_cogalign.{fmt}"))
     assert abs(estimate - real) <= tolerance * real, (estimate, real)
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_load_dataset_with_and_without_embedded_images(tmp_path, embed):
+    """--embed-images: the image column is a datasets Image holding the source file's bytes, so the
+    output loads and decodes with the image folder gone; without it, `image` is the path."""
+    import datasets
+    from PIL import Image
+
+    src = write_input(tmp_path, records_with_odd_values())
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", *(["--embed-images"] if embed else []))
+    shutil.rmtree(src.parent / "images")
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 3
+    card = (out / "README.md").read_text()
+    if embed:
+        assert "dtype: image" in card
+        first, text, last = ds[0], ds[1], ds[2]
+        assert isinstance(last["image"], Image.Image) and last["image"].size == (384, 303)
+        original = Image.open(EXAMPLES.parent / "images" / "coins.png")
+        assert last["image"].tobytes() == original.tobytes()  # the file's own bytes, not a re-encoding
+        assert first["image"].size == Image.open(EXAMPLES.parent / "images" / "astronaut.png").size
+        assert text["image"] is None
+        # the records come back as they were, paths included
+        assert [r.get("image") for r in output_records(out)] == [["images/astronaut.png"], None, "images/coins.png"]
+    else:
+        assert "dtype: image" not in card and ds[2]["image"] == "images/coins.png"
+
+
+def test_embedded_row_groups_are_cut_by_image_bytes(tmp_path):
+    """Row groups stay under the size limit when the images are most of the bytes."""
+    import pyarrow.parquet as pq
+
+    from cogalign.writer import ParquetShardWriter
+
+    data = (EXAMPLES.parent / "images" / "coins.png").read_bytes()
+    path = tmp_path / "data" / "x.parquet"
+    path.parent.mkdir()
+    writer = ParquetShardWriter(path, row_group_bytes=3 * len(data), embed_images=True)
+    for i in range(10):
+        writer.write({"id": str(i), "image": "coins.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                             {"from": "gpt", "value": "x"}]}, data)
+    writer.close()
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 10 and meta.num_row_groups == 4  # 3 + 3 + 3 + 1
+
+
+def test_embed_images_needs_parquet(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path, "--format", "jsonl", "--embed-images", expect=2)
+    assert "--embed-images needs --format parquet" in result.output
