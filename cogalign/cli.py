@@ -50,7 +50,7 @@ NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. D
 
 @app.command()
 def expand(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
     vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a preset name (demo, vqgan-4096) or a taming checkpoint folder/file with its yaml."),
     targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
@@ -114,7 +114,7 @@ def expand(
 
 @app.command()
 def validate(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     image_root: Optional[Path] = ImageRoot,
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here. Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,

@@ -22,6 +22,7 @@ import ijson
 import orjson
 
 from .errors import InputError, RecordError
+from .inputs import count_input, input_kind, iter_input
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 
@@ -117,8 +118,11 @@ def _one_line(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
+def iter_records(path, *, skip: Callable[[int], bool] | None = None, seed: int = 0) -> Iterator[tuple[int, object]]:
     """Yield `(position, record)` for every record, streaming.
+
+    Parquet files or folders, `save_to_disk` folders and YAML mixtures (whose `random`
+    sampling uses `seed`) are read by `cogalign.inputs`; a LLaVA file as follows.
 
     - JSON array: each element (any JSON value; `check_record` rejects non-objects).
       If the file turns out malformed part-way, `InputError("<path>: invalid JSON
@@ -135,6 +139,9 @@ def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator
     - `skip(position)` true: the position is counted but nothing is yielded for it;
       JSONL lines are then not even parsed (JSON array elements are parsed and dropped).
     """
+    if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixture (cogalign.inputs)
+        yield from iter_input(path, skip=skip, seed=seed)
+        return
     with _opened(path) as (fmt, f, p):
         if fmt == "json":
             yield from _iter_json(f, p, skip)
@@ -291,12 +298,14 @@ def _iter_jsonl(f, skip) -> Iterator[tuple[int, object]]:
         yield index, obj
 
 
-def count_records(path) -> int:
+def count_records(path, *, seed: int = 0) -> int:
     """The number of positions `iter_records` walks (skipped or not).
 
     JSONL: non-blank lines, counted in binary chunks without parsing. JSON array: the
     top-level elements, counted by ijson (so a malformed file raises the same
     `InputError` as `iter_records`)."""
+    if input_kind(path) != "llava":
+        return count_input(path, seed=seed)
     with _opened(path) as (fmt, f, p):
         if fmt == "json":
             # ijson's C parser is the cost here (~0.45 s for 200 MB); building each item

@@ -27,6 +27,7 @@ def finalize(out_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{out_dir}: {len(missing)} of {layout.num_shards} shards are not complete yet "
                                 f"(first: {missing[0]}); run the remaining slices, then merge-report again")
     totals, pass_reasons, reject_reasons, warnings, output_bytes = Counter(), Counter(), Counter(), Counter(), 0
+    converted: Counter = Counter()  # records whose chat-format turns became LLaVA's
     ids: Counter = Counter()
     tmp = out_dir / "rejects.jsonl.tmp"
     with open(tmp, "wb") as rejects:
@@ -36,6 +37,7 @@ def finalize(out_dir: str | Path) -> dict:
             pass_reasons.update(stats["pass_reasons"])
             reject_reasons.update(stats["reject_reasons"])
             warnings.update(stats.get("warnings", {}))
+            converted.update(stats.get("converted", {}))
             output_bytes += stats["bytes"]
             with open(layout.rejects_path(i), "rb") as f:
                 shutil.copyfileobj(f, rejects)
@@ -47,6 +49,7 @@ def finalize(out_dir: str | Path) -> dict:
         "pass_reasons": dict(sorted(pass_reasons.items())),
         "reject_reasons": dict(reject_reasons.most_common()),
         "warnings": dict(sorted(warnings.items())),  # expanded all the same; LLaVA would mistreat them
+        "converted": dict(sorted(converted.items())),  # role/content or messages records, now from/value
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
                           "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,

@@ -11,6 +11,8 @@ import orjson
 
 from cogalign import estimate
 from cogalign.errors import RecordError
+from cogalign.inputs import default_image_root
+from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
 from cogalign.progress import Progress
@@ -38,7 +40,7 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
              workers: int = 2, rejects_path: str | Path | None = None, progress: bool = True) -> Validation:
     """Check every record and decode every image, in worker processes; write rejects as JSON lines."""
     input_path = Path(input_path)
-    ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent, decode_only=True)
+    ctx = WorkerContext(options, Path(image_root) if image_root else default_image_root(input_path), decode_only=True)
     result, started = Validation(), time.perf_counter()
     out = open(rejects_path, "wb") if rejects_path else None
     try:
@@ -72,10 +74,11 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
     passed: list = []
-    for _, record in iter_records(input_path):
+    for _, record in iter_records(input_path, seed=options.seed):
         try:
             if isinstance(record, RecordError):
                 raise record
+            record = to_llava(record)[0]
             action = check_record(record).action
         except RecordError as e:
             counts["reject"] += 1
@@ -123,18 +126,19 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
     characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
     With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
     input_path = Path(input_path)
-    ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent,
+    ctx = WorkerContext(options, Path(image_root) if image_root else default_image_root(input_path),
                         tokenizer.downsample if tokenizer else 1, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
     built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}
-    for index, record in iter_records(input_path):
+    for index, record in iter_records(input_path, seed=options.seed):
         if done >= samples:
             break
         prepared = prepare(index, record, ctx)
         if prepared.outcome != EXPAND:
             continue
         grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
+        record = prepared.record  # in LLaVA's turns
         original = {id(t) for t in record["conversations"]}
         finished = finish(prepared, grids, ctx)
         if keep:
