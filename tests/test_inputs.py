@@ -135,3 +135,107 @@ def test_save_to_disk_folder(tmp_path):
     # a DatasetDict with one split reads the same
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
     assert [r for _, r in iter_records(tmp_path / "dd")][5]["id"] == records[5]["id"]
+
+
+def write_mixture(tmp_path, strategies, n=20):
+    """Two LLaVA files (a JSON array and JSONL) of text-only records, and a YAML in another folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, fmt in (("a", "json"), ("b", "jsonl")):
+        recs = [{"id": f"{name}{i}", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                        {"from": "gpt", "value": f"a{i}"}]} for i in range(n)]
+        text = json.dumps(recs) if fmt == "json" else "".join(json.dumps(r) + "\n" for r in recs)
+        (data / f"{name}.{fmt}").write_text(text)
+    (tmp_path / "cfg").mkdir()
+    yaml_path = tmp_path / "cfg" / "mix.yaml"
+    lines = ["datasets:"]
+    for (file, strategy) in zip(("../data/a.json", "../data/b.jsonl"), strategies):
+        lines += [f"  - json_path: {file}", f"    sampling_strategy: {strategy}"]
+    yaml_path.write_text("\n".join(lines) + "\n")
+    return yaml_path
+
+
+def ids(path, seed=0, skip=None):
+    return [r["id"] for _, r in iter_records(path, seed=seed, skip=skip)]
+
+
+@pytest.mark.parametrize("strategy,expect", [
+    ("all", [f"a{i}" for i in range(20)]),
+    ("first:3", ["a0", "a1", "a2"]),
+    ("end:2", ["a18", "a19"]),
+    ("first:10%", ["a0", "a1"]),
+    ("end:11%", ["a17", "a18", "a19"]),  # rounded up, as LLaVA-NeXT does
+])
+def test_mixture_strategies(tmp_path, strategy, expect):
+    path = write_mixture(tmp_path, [strategy, "first:1"])
+    assert ids(path) == expect + ["b0"]
+    assert count_records(path) == len(expect) + 1
+    assert [p for p, _ in iter_records(path)] == list(range(len(expect) + 1))
+
+
+@pytest.mark.parametrize("strategy,n", [("random:5", 5), ("random:25%", 5), ("random:50", 20)])
+def test_mixture_random_is_deterministic_by_seed(tmp_path, strategy, n):
+    path = write_mixture(tmp_path, ["end:1", strategy])
+    a, b, c = ids(path, seed=0), ids(path, seed=0), ids(path, seed=1)
+    assert a == b and len(a) == 1 + n and a[0] == "a19"
+    picked = a[1:]
+    assert set(picked) <= {f"b{i}" for i in range(20)} and len(set(picked)) == n
+    assert picked == sorted(picked, key=lambda s: int(s[1:]))  # file order kept
+    if n < 20:
+        assert c != a  # another seed, another pick
+    assert count_records(path, seed=1) == 1 + n
+    # positions are the mixture's; skipping some keeps the others' positions and records
+    kept = [(p, r["id"]) for p, r in iter_records(path, seed=0, skip=lambda p: p % 2 == 0)]
+    assert kept == [(p, x) for p, x in enumerate(a) if p % 2]
+    assert [f.name for f in input_files(path)] == ["mix.yaml", "a.json", "b.jsonl"]
+
+
+def test_mixture_expands_like_its_records_and_follows_the_seed(tmp_path):
+    path = write_mixture(tmp_path, ["first:2", "random:3"])
+    run_cli("expand", path, "--out", tmp_path / "o0", *FAST, "--workers", "0")
+    run_cli("expand", path, "--out", tmp_path / "o7", *FAST, "--workers", "0", "--seed", "7")
+    assert [r["id"] for r in outputs(tmp_path / "o0")] == ids(path, seed=0)
+    assert [r["id"] for r in outputs(tmp_path / "o7")] == ids(path, seed=7)
+    dry = run_cli("expand", path, "--out", tmp_path / "d", *FAST, "--dry-run", "--seed", "7").output
+    assert "records: 5" in dry
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("datasets: []\n", "expected `datasets:`"),
+    ("datasets:\n  - json_path: nope.json\n", "does not exist"),
+    ("datasets:\n  - json_path: ../data/a.json\n    sampling_strategy: middle:3\n", "sampling_strategy 'middle:3'"),
+    ("datasets: [oops\n", "not a readable YAML"),
+])
+def test_bad_mixture_is_one_line_error(tmp_path, text, needle):
+    write_mixture(tmp_path, ["all", "all"])
+    bad = tmp_path / "cfg" / "bad.yaml"
+    bad.write_text(text)
+    result = run_cli("expand", bad, "--out", tmp_path / "o", *FAST, expect=2)
+    assert needle in result.output and result.output.count("\n") <= 2
+
+
+def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
+    records = [
+        {"id": "rc", "image": "images/coins.png",
+         "conversations": [{"role": "user", "content": "<image>\nCoins?"}, {"role": "assistant", "content": "Yes."}]},
+        {"id": "msg", "images": ["images/coins.png"],
+         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Coins?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]},
+        {"id": "text", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"id": "sys", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Hello"}]},
+        {"id": "llava", "image": "images/coins.png",
+         "conversations": [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]},
+    ]
+    src = json_input(tmp_path, records)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    got = {r["id"]: r for r in outputs(out)}
+    assert got["rc"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    assert got["msg"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    assert got["msg"]["image"] == "images/coins.png" and "messages" not in got["msg"] and "images" not in got["msg"]
+    assert got["text"] == {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert all(len(got[k]["conversations"]) == 6 for k in ("rc", "msg", "llava"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["converted"] == {"messages": 2, "role_content": 1}  # records written; "sys" is rejected
+    assert report["reject_reasons"] == {"leading_system_turn": 1} and report["expanded"] == 3
