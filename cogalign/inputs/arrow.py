@@ -28,10 +28,13 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def parquet_files(path: Path) -> list[Path]:
-    """One file, or every `*.parquet` under a folder (hidden and `_` folders skipped), sorted."""
+    """One file, or every `*.parquet` under a folder, sorted (folders starting with `.` or `_`,
+    and cogalign output folders, e.g. an `--out` placed inside the input folder, are skipped)."""
     if path.is_file():
         return [path]
-    files = sorted(f for f in path.rglob("*.parquet") if f.is_file() and _visible(f, path))
+    outputs = [d.parent for d in path.rglob("cogalign.json")]  # a cogalign output inside: not input
+    files = sorted(f for f in path.rglob("*.parquet") if f.is_file() and _visible(f, path)
+                   and not any(o in f.parents for o in outputs))
     if not files:
         raise InputError(f"{path}: no .parquet files in this folder")
     return files
