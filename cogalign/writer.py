@@ -144,7 +144,8 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
 class ParquetShardWriter:
     """With `embed_images`, the `image` column is the datasets Image struct {bytes, path}:
     the path of the record's (first) image and the bytes of its file, as `write` gets them.
-    A row group is cut once its values reach `row_group_bytes` (images included)."""
+    A row group is cut before a record would take its values (images included) past
+    `row_group_bytes`, so it passes that only when one record alone does."""
 
     def __init__(self, path: Path, row_group_bytes: int = ROW_GROUP_BYTES, embed_images: bool = False):
         self.path, self.tmp = Path(path), partial_path(path)
@@ -161,12 +162,13 @@ class ParquetShardWriter:
             row["image_bytes"] = image_bytes
             if row["image"] is None:  # a list of images: the first one is the one embedded
                 row["image"] = record["image"][0]
-        self._rows.append(row)
-        self._bytes += sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "") + \
+        size = sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "") + \
             len(image_bytes or b"")
+        if self._rows and self._bytes + size > self.row_group_bytes:
+            self._flush()  # a row group passes the limit only when one record alone does
+        self._rows.append(row)
+        self._bytes += size
         self.records += 1
-        if self._bytes >= self.row_group_bytes:
-            self._flush()
 
     def _flush(self) -> None:
         if self._rows:

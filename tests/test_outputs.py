@@ -169,7 +169,7 @@ def test_embedded_row_groups_are_cut_by_image_bytes(tmp_path):
     data = (EXAMPLES.parent / "images" / "coins.png").read_bytes()
     path = tmp_path / "data" / "x.parquet"
     path.parent.mkdir()
-    writer = ParquetShardWriter(path, row_group_bytes=3 * len(data), embed_images=True)
+    writer = ParquetShardWriter(path, row_group_bytes=3 * len(data) + 100, embed_images=True)
     for i in range(10):
         writer.write({"id": str(i), "image": "coins.png", "conversations": [{"from": "human", "value": "<image>"},
                                                                              {"from": "gpt", "value": "x"}]}, data)
