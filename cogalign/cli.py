@@ -41,7 +41,7 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
 
 
 # Options shared by expand and validate, declared once.
-ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
+ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
 Workers = typer.Option(None, "--workers", min=0, help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
@@ -60,7 +60,7 @@ def expand(
     vq_scope: str = typer.Option("region", "--vq-scope", help="region: encode each region on its own; image: encode the whole image once and slice the index grid."),
     resize: str = typer.Option("stretch", "--resize", help="How images reach the working resolution: stretch, pad (LLaVA pad-to-square), crop (centre square)."),
     resample: str = typer.Option("bicubic", "--resample", help="Resize filter: bicubic, bilinear, lanczos, nearest, box, hamming."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position), as do the random:N picks of a YAML mixture."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
@@ -120,13 +120,14 @@ def validate(
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
+    seed: int = typer.Option(0, "--seed", help="For a YAML mixture: the seed of its random:N picks (use expand's)."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Check every record and decode every image without computing targets; exit 1 if anything is rejected."""
     from cogalign import report
     from cogalign.validate import validate as run_validate
 
-    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths)
+    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
     try:
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)

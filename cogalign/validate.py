@@ -44,9 +44,9 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     result, started = Validation(), time.perf_counter()
     out = open(rejects_path, "wb") if rejects_path else None
     try:
-        with Progress(count_records(input_path), enabled=progress, label="validate") as bar, \
+        with Progress(count_records(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
                 PreparePool(ctx, workers, chunk_size=16) as pool:
-            for p in pool.map(iter_records(input_path)):
+            for p in pool.map(iter_records(input_path, seed=options.seed)):
                 result.counts[p.outcome] += 1
                 if p.warning:
                     result.warnings[p.warning] += 1
