@@ -29,7 +29,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
-             max_image_pixels, allow_absolute_paths, fmt) -> ExpandOptions:
+             max_image_pixels, allow_absolute_paths, fmt, embed_images: bool = False) -> ExpandOptions:
     from cogalign.regions import parse_regions
 
     return ExpandOptions(
@@ -37,11 +37,11 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         vq_resolution=parse_resolution(vq_resolution, "vq-resolution"),
         px_resolution=parse_resolution(px_resolution, "px-resolution"), vq_scope=vq_scope, resize=resize,
         resample=resample, seed=seed, templates=templates, max_image_pixels=max_image_pixels,
-        allow_absolute_paths=allow_absolute_paths, format=fmt)
+        allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images)
 
 
 # Options shared by expand and validate, declared once.
-ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
+ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
 Workers = typer.Option(None, "--workers", min=0, help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
@@ -50,7 +50,7 @@ NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. D
 
 @app.command()
 def expand(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
     vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a name (demo, vqgan-4096, ...: see `cogalign vq list`), hf://OWNER/REPO[@REVISION][/SUBFOLDER] from the Hugging Face Hub, or a taming checkpoint folder/file with its yaml."),
     targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
@@ -60,9 +60,10 @@ def expand(
     vq_scope: str = typer.Option("region", "--vq-scope", help="region: encode each region on its own; image: encode the whole image once and slice the index grid."),
     resize: str = typer.Option("stretch", "--resize", help="How images reach the working resolution: stretch, pad (LLaVA pad-to-square), crop (centre square)."),
     resample: str = typer.Option("bicubic", "--resample", help="Resize filter: bicubic, bilinear, lanczos, nearest, box, hamming."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position), as do the random:N picks of a YAML mixture."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
+    embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
     image_root: Optional[Path] = ImageRoot,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
     workers: Optional[int] = Workers,
@@ -84,17 +85,17 @@ def expand(
 
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
-                           str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt)
+                           str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt,
+                           embed_images)
         runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
         if dry_run:
-            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer, sample_turns
+            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
 
             llm = load_llm_tokenizer(llm_tokenizer) if llm_tokenizer else None
             options, sampler, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
-            facts = run_dry(input, options, tokenizer)
-            facts.update(sample_turns(input, options, sampler, tokenizer, image_root, llm))
+            facts = run_dry(input, options, tokenizer, sampler, image_root, llm)
             for key, value in facts.items():
                 typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")
             return
@@ -113,19 +114,20 @@ def expand(
 
 @app.command()
 def validate(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
+    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     image_root: Optional[Path] = ImageRoot,
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here. Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
+    seed: int = typer.Option(0, "--seed", help="For a YAML mixture: the seed of its random:N picks (use expand's)."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Check every record and decode every image without computing targets; exit 1 if anything is rejected."""
     from cogalign import report
     from cogalign.validate import validate as run_validate
 
-    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths)
+    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
     try:
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)

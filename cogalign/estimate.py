@@ -1,6 +1,9 @@
 """Size estimates: target text length, output bytes, and the shard size that keeps shards Hub-sized."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from cogalign.regions import region_box
 
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
@@ -45,3 +48,51 @@ def record_bytes(options, tokenizer=None) -> int:
 
 def auto_shard_size(options, tokenizer=None) -> int:
     return max(1, min(MAX_SHARD_RECORDS, SHARD_TARGET_BYTES // record_bytes(options, tokenizer)))
+
+
+def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
+    """Mean bytes one of these records takes in a `fmt` shard, measured by writing them
+    (parquet: zstd-compressed, less the fixed size of an empty shard)."""
+    from cogalign.writer import ParquetShardWriter, dumps
+
+    if not records:
+        return 0.0
+    if fmt != "parquet":
+        return sum(len(dumps(r)) + 1 for r in records) / len(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = []
+        for rows in (records, []):
+            path = Path(tmp) / "data" / f"sample-{len(rows)}.parquet"
+            path.parent.mkdir(exist_ok=True)
+            writer = ParquetShardWriter(path, embed_images=images is not None)
+            for record, data in zip(rows, images or [None] * len(rows)):
+                writer.write(record, data)
+            sizes.append(writer.close())
+    return max(0.0, (sizes[0] - sizes[1]) / len(records))
+
+
+def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int, passed_input_bytes: int,
+                 samples: dict, shards: int) -> int:
+    """Bytes `expand` writes under data/ (plus the merged LLaVA file for json/jsonl).
+
+    `*_input_bytes` are the compact JSON sizes of the records as read; `samples` holds
+    real records built from the input: `expanded` (finished), `expanded_input` (the same
+    records as read) and `passed`. JSON lines are sized exactly but for the new turns,
+    whose mean comes from the samples; parquet is sized from the samples compressed."""
+    if fmt != "parquet":
+        growth = format_bytes(samples["expanded"], fmt) - format_bytes(samples["expanded_input"], fmt)
+        lines = expand_input_bytes + passed_input_bytes + expand * growth
+        merged = lines + (expand + passed) + 4 if fmt == "json" else lines  # ",\n" in place of "\n", brackets
+        return int(lines + merged)
+    per_shard = _empty_parquet_bytes()
+    return int(expand * format_bytes(samples["expanded"], fmt, samples.get("images")) + passed * format_bytes(samples["passed"], fmt)
+               + shards * per_shard)
+
+
+def _empty_parquet_bytes() -> int:
+    from cogalign.writer import ParquetShardWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data" / "empty.parquet"
+        path.parent.mkdir()
+        return ParquetShardWriter(path).close()

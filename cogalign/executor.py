@@ -19,6 +19,7 @@ import orjson
 
 from cogalign import distributed, estimate, report
 from cogalign.errors import CogalignError
+from cogalign.inputs import default_image_root
 from cogalign.layout import Layout, check_or_write_manifest, clear_output
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
@@ -26,7 +27,7 @@ from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
 from cogalign.templates import TemplateSampler
 from cogalign.worker import EXPAND, PASS, Prepared, WorkerContext, finish
-from cogalign.writer import open_shard, write_atomic
+from cogalign.writer import dumps, open_shard, write_atomic
 
 
 @dataclass
@@ -77,7 +78,7 @@ def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
     runtime = runtime or Runtime()
     input_path, out_dir = Path(input_path), Path(out_dir)
-    image_root = Path(image_root) if image_root else input_path.parent
+    image_root = Path(image_root) if image_root else default_image_root(input_path)
     work = distributed.from_env(runtime.num_slices, runtime.slice_index)
     distributed.init_process_group(work)
     try:
@@ -89,7 +90,7 @@ def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
 def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResult:
     started = time.perf_counter()
     options, sampler, tokenizer = resolve_options(options, runtime, work)
-    n_records = count_records(input_path)
+    n_records = count_records(input_path, seed=options.seed)
     shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
     layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)
     if runtime.overwrite and work.is_main and work.slice_index == 0:
@@ -123,7 +124,8 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
     sink = ShardSink(layout, ctx.options.format, result)
     batcher = EncodeBatcher(tokenizer, runtime.batch_size)
-    mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo)  # skipped ones never come
+    mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo,  # skipped ones never come
+                        seed=ctx.options.seed)
     try:
         # Keep two tokenizer batches of records in flight so the encoder never waits on decoding.
         with PreparePool(ctx, runtime.workers, window=max(3 * runtime.workers, runtime.batch_size // 2)) as pool:
@@ -202,31 +204,34 @@ class ShardSink:
     def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
         if shard != self.shard:
             self._close_shard()
-            self._open_shard(shard)
+            self._open_shard(shard, ctx)
         self.stats["input"] += 1
         self.ids.append(prepared.record_id)
         outcome = prepared.outcome
         self.stats[{EXPAND: "expanded", PASS: "passed"}.get(outcome, "rejected")] += 1
         self.result.counts[outcome] += 1
+        if prepared.converted:
+            self.stats["converted"][prepared.converted] += 1
         if prepared.warning:
             self.stats["warnings"][prepared.warning] += 1
             self.result.warnings[prepared.warning] += 1
         if outcome == EXPAND:
-            self._submit(self.writer.write, finish(prepared, grids, ctx))
+            self._submit(self.writer.write, finish(prepared, grids, ctx), prepared.image_bytes)
         elif outcome == PASS:
             self.stats["pass_reasons"][prepared.reason] += 1
             self._submit(self.writer.write, prepared.record)
         else:
             self.stats["reject_reasons"][prepared.reason] += 1
             self.result.reasons[prepared.reason] += 1
-            line = orjson.dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
+            line = dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
                                  "detail": prepared.detail})
             self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
-    def _open_shard(self, shard: int) -> None:
+    def _open_shard(self, shard: int, ctx: WorkerContext) -> None:
         self.shard, self.started = shard, time.perf_counter()
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
-                      "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter()}
+                      "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter(),
+                      "converted": Counter()}
         self.rejects, self.ids = [], []
         while len(self.live) >= self.parallel:
             thread, last = self.live.popleft()
@@ -235,7 +240,8 @@ class ShardSink:
         if self.error is not None:
             raise self.error
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"cogalign-writer-{shard}")
-        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt).result()
+        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt,
+                                         ctx.options.embed_images).result()
         self.unpublished[shard] = self.writer
 
     def _submit(self, fn, *args) -> None:
@@ -292,7 +298,7 @@ def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: lis
     stats["bytes"] = writer.close()
     stats["seconds"] = round(seconds, 3)
     write_atomic(layout.rejects_path(shard), "".join(line + "\n" for line in rejects).encode())
-    write_atomic(layout.ids_path(shard), orjson.dumps(ids))
+    write_atomic(layout.ids_path(shard), dumps(ids))
     write_atomic(layout.stats_path(shard), orjson.dumps(stats, option=orjson.OPT_INDENT_2))  # the marker
 
 

@@ -25,6 +25,7 @@ code while a cogalign call is in flight run without PIL's own bomb check.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -43,6 +44,7 @@ __all__ = [
     "IMAGE_REJECT_REASONS",
     "resolve_image_path",
     "load_image",
+    "load_image_bytes",
     "to_rgb",
     "to_working",
     "LLAVA_PAD_COLOR",
@@ -218,13 +220,28 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
     st = _require_file(path_s)
     if st.st_size == 0:
         raise RecordError("image_empty_file", f"{path_s} is 0 bytes")
+    return _decode(path_s, path_s, max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` for an image held in memory (e.g. embedded in a parquet input): the same
+    format sniffing, bomb check and conversion; `name` stands for the path in messages."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError("image_bad_type", f"{name}: embedded image is {type(data).__name__}, expected bytes")
+    if len(data) == 0:
+        raise RecordError("image_empty_file", f"{name} is 0 bytes")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, path_s: str, max_pixels: int) -> Image.Image:
     with _pil_bomb_check_off():
         try:
-            im = Image.open(path_s)
+            im = Image.open(source)
         except FileNotFoundError:
             raise RecordError("image_missing", f"no file at {path_s}") from None
         except Image.UnidentifiedImageError as e:
-            raise RecordError("image_unidentified", str(e)) from None
+            raise RecordError("image_unidentified", str(e) if source is path_s else
+                              f"cannot identify the embedded image data of {path_s}") from None
         except PermissionError as e:
             raise RecordError("image_decode_error", f"cannot read {path_s}: {e.strerror or e}") from None
         except Exception as e:  # noqa: BLE001 - a plugin choked on the header

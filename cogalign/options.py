@@ -78,6 +78,7 @@ class ExpandOptions:
     tokenizer_name: str = ""
     tokenizer_hash: str = ""
     templates_hash: str = ""
+    embed_images: bool = False  # parquet: the image column holds the image file's bytes (datasets Image)
 
     def __post_init__(self) -> None:
         parse_list(self.targets, TARGET_KINDS, "targets")
@@ -85,6 +86,9 @@ class ExpandOptions:
                               ("vq_scope", VQ_SCOPES), ("format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        if self.embed_images and self.format != "parquet":
+            raise OptionError(f"--embed-images needs --format parquet (got {self.format!r}): "
+                              "LLaVA JSON files hold image paths, not bytes")
         if self.max_image_pixels < 1:
             raise OptionError("--max-image-pixels must be positive")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,12 +22,14 @@ import ijson
 import orjson
 
 from .errors import InputError, RecordError
+from .inputs import count_input, input_kind, iter_input
 
-__all__ = ["detect_format", "iter_records", "count_records", "RecordCheck", "check_record", "REJECT_REASONS"]
+__all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 
 _BOM = b"\xef\xbb\xbf"
 _WS = b" \t\r\n"
 _CHUNK = 1 << 20
+_JSON_BUF = 64 * 1024  # ijson's read size
 
 #: Every reason `check_record` can raise, plus `invalid_json` from `iter_records`.
 REJECT_REASONS = (
@@ -115,8 +118,11 @@ def _one_line(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
+def iter_records(path, *, skip: Callable[[int], bool] | None = None, seed: int = 0) -> Iterator[tuple[int, object]]:
     """Yield `(position, record)` for every record, streaming.
+
+    Parquet files or folders, `save_to_disk` folders and YAML mixtures (whose `random`
+    sampling uses `seed`) are read by `cogalign.inputs`; a LLaVA file as follows.
 
     - JSON array: each element (any JSON value; `check_record` rejects non-objects).
       If the file turns out malformed part-way, `InputError("<path>: invalid JSON
@@ -133,6 +139,9 @@ def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator
     - `skip(position)` true: the position is counted but nothing is yielded for it;
       JSONL lines are then not even parsed (JSON array elements are parsed and dropped).
     """
+    if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixture (cogalign.inputs)
+        yield from iter_input(path, skip=skip, seed=seed)
+        return
     with _opened(path) as (fmt, f, p):
         if fmt == "json":
             yield from _iter_json(f, p, skip)
@@ -140,35 +149,119 @@ def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator
             yield from _iter_jsonl(f, skip)
 
 
+# A surrogate escape (\\uD800-\\uDFFF) that is not half of a high+low pair. yajl (ijson's C
+# backend) turns it into "?" silently; orjson (JSONL) rejects it. Both are `invalid_json`:
+# the raw bytes are scanned for one as they stream, and on a hit the file is re-read with
+# ijson's Python backend, which keeps the lone surrogate so the record can be named.
+_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                        rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_PAIR_LEN = 12
+_LOW_PREFIX = re.compile(rb"(\\(u([dD]([c-fC-F][0-9a-fA-F]?)?)?)?)?")
+
+
+class _SurrogateScan:
+    """A binary file wrapper whose `read` notes whether a lone surrogate escape went by.
+
+    It is set before yajl can finish the string that holds it: a high half is judged
+    at once unless the chunk ends inside what may be its low half's escape (then the
+    string cannot be closed yet), and judged with the next chunk."""
+
+    def __init__(self, f):
+        self.f, self.tail, self.found = f, b"", False
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.f.read(size)
+        if self.found:
+            return chunk
+        if b"\\" not in chunk and b"\\" not in self.tail:
+            self.tail = chunk[-1:] or self.tail
+        else:
+            self._scan(self.tail + chunk, eof=not chunk)
+        return chunk
+
+    def _scan(self, buf: bytes, eof: bool) -> None:
+        cut = buf.rfind(b"\\", max(0, len(buf) - 5))  # an escape cut short by the chunk's end...
+        self.tail = buf[max(0, cut - 1):] if cut >= 0 else buf[-1:]  # ...and the byte before it
+        for m in _SURROGATE.finditer(buf):
+            if m.start() == 0 or buf[m.start() - 1] == 0x5C:
+                # after a backslash (`\\\\ud800…` is text, not an escape) or where that is not
+                # known: let the Python backend decide (rare; only costs speed)
+                self.found = True
+                return
+            if m.end() - m.start() == _PAIR_LEN:
+                continue
+            rest = buf[m.end():m.end() + 6]
+            if buf[m.start() + 3] in b"cdefCDEF" or len(rest) == 6 or eof or not _LOW_PREFIX.fullmatch(rest):
+                self.found = True
+                return
+            self.tail = buf[m.start() - 1:]  # maybe a pair cut by the chunk's end
+
+
+def _lone_surrogate(obj) -> str | None:
+    """The first string (key or value) holding a lone surrogate, escaped for display."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return _one_line(v.encode("ascii", "backslashreplace").decode(), 60)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
 def _iter_json(f, p: str, skip) -> Iterator[tuple[int, object]]:
     start = f.tell()
     index = -1
     backend = ijson  # the C backend (yajl2_c)
-    items = backend.items(f, "item", use_float=True)
+    scan = _SurrogateScan(f)
+    items = backend.items(scan, "item", use_float=True, buf_size=_JSON_BUF)
+
+    def reread(done: int):
+        """Re-read with ijson's pure-Python backend (~15x slower), dropping `done` records."""
+        f.seek(start)
+        items = ijson.get_backend("python").items(f, "item", use_float=True)
+        for _ in range(done):
+            next(items)
+        return items
+
     while True:
         try:
             obj = next(items)
         except StopIteration:
+            if backend is ijson and scan.found:  # the hit came with the end of the file
+                backend, items = None, reread(index + 1)
+                continue
             return
         except (ijson.JSONError, ValueError, OSError) as e:
-            if backend is ijson and "integer overflow" in str(e):
+            if backend is ijson and ("integer overflow" in str(e) or scan.found):
                 # yajl only holds 64-bit integers (not even -2**63); json.load takes any.
-                # Re-read with ijson's pure-Python backend (~15x slower), dropping the
-                # records already yielded, so such files still read exactly like json.load.
-                backend = ijson.get_backend("python")
-                f.seek(start)
-                items = backend.items(f, "item", use_float=True)
+                # Re-read so that such files still read exactly like json.load.
                 try:
-                    for _ in range(index + 1):
-                        next(items)
+                    backend, items = None, reread(index + 1)
                 except (StopIteration, ijson.JSONError, ValueError, OSError):  # pragma: no cover - same bytes parsed fine before
                     raise InputError(f"{p}: invalid JSON after record {index}: {_one_line(e)}") from None
                 continue
             where = f"after record {index}" if index >= 0 else "before the first record"
             raise InputError(f"{p}: invalid JSON {where}: {_one_line(e)}") from None
+        if backend is ijson and scan.found:
+            # This record may hold the hit (yajl made it "?"): read it again, and the rest.
+            backend, items = None, reread(index + 1)
+            continue
         index += 1
         if skip is not None and skip(index):
             continue
+        if backend is None:
+            bad = _lone_surrogate(obj)
+            if bad is not None:
+                obj = RecordError("invalid_json", f"element {index}: a lone surrogate in {bad!r} "
+                                                  "(not valid Unicode; remove or pair it)")
         yield index, obj
 
 
@@ -180,9 +273,11 @@ _DIGITS_TO_ZERO = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
 _LONG_DIGIT_RUN = b"0" * 20
 
 
-def _loads_line(line: bytes) -> object:
+def loads_exact(line: bytes | str) -> object:
+    """`orjson.loads`, but integers beyond 64 bits come back exact (as `json.loads` gives them)."""
     obj = orjson.loads(line)
-    if _LONG_DIGIT_RUN in line.translate(_DIGITS_TO_ZERO):
+    raw = line.encode() if isinstance(line, str) else line
+    if _LONG_DIGIT_RUN in raw.translate(_DIGITS_TO_ZERO):
         return json.loads(line)
     return obj
 
@@ -196,19 +291,21 @@ def _iter_jsonl(f, skip) -> Iterator[tuple[int, object]]:
         if skip is not None and skip(index):
             continue
         try:
-            obj = _loads_line(line)
+            obj = loads_exact(line)
         except (orjson.JSONDecodeError, ValueError) as e:
             yield index, RecordError("invalid_json", f"line {lineno}: {_one_line(e)}")
             continue
         yield index, obj
 
 
-def count_records(path) -> int:
+def count_records(path, *, seed: int = 0) -> int:
     """The number of positions `iter_records` walks (skipped or not).
 
     JSONL: non-blank lines, counted in binary chunks without parsing. JSON array: the
     top-level elements, counted by ijson (so a malformed file raises the same
     `InputError` as `iter_records`)."""
+    if input_kind(path) != "llava":
+        return count_input(path, seed=seed)
     with _opened(path) as (fmt, f, p):
         if fmt == "json":
             # ijson's C parser is the cost here (~0.45 s for 200 MB); building each item

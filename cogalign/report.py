@@ -27,6 +27,7 @@ def finalize(out_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{out_dir}: {len(missing)} of {layout.num_shards} shards are not complete yet "
                                 f"(first: {missing[0]}); run the remaining slices, then merge-report again")
     totals, pass_reasons, reject_reasons, warnings, output_bytes = Counter(), Counter(), Counter(), Counter(), 0
+    converted: Counter = Counter()  # records whose chat-format turns became LLaVA's
     ids: Counter = Counter()
     tmp = out_dir / "rejects.jsonl.tmp"
     with open(tmp, "wb") as rejects:
@@ -36,6 +37,7 @@ def finalize(out_dir: str | Path) -> dict:
             pass_reasons.update(stats["pass_reasons"])
             reject_reasons.update(stats["reject_reasons"])
             warnings.update(stats.get("warnings", {}))
+            converted.update(stats.get("converted", {}))
             output_bytes += stats["bytes"]
             with open(layout.rejects_path(i), "rb") as f:
                 shutil.copyfileobj(f, rejects)
@@ -47,6 +49,7 @@ def finalize(out_dir: str | Path) -> dict:
         "pass_reasons": dict(sorted(pass_reasons.items())),
         "reject_reasons": dict(reject_reasons.most_common()),
         "warnings": dict(sorted(warnings.items())),  # expanded all the same; LLaVA would mistreat them
+        "converted": dict(sorted(converted.items())),  # role/content or messages records, now from/value
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
                           "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
@@ -86,22 +89,11 @@ def _merge_llava_file(layout: Layout, stem: str) -> Path:
     return final
 
 
-def dataset_card(report: dict, manifest: dict) -> str:
-    opts = manifest["options"]
-    data_glob = "data/train-*" + (".parquet" if manifest["format"] == "parquet" else ".jsonl")
-    kept = report["expanded"] + report["passed"]
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: {data_glob}
-dataset_info:
-  features:
+_PARQUET_FEATURES = """  features:
   - name: id
     dtype: string
   - name: image
-    dtype: string
+    dtype: {image}
   - name: conversations
     list:
     - name: from
@@ -112,7 +104,43 @@ dataset_info:
     dtype: string
   - name: extra
     dtype: string
-  splits:
+"""
+
+_PARQUET_COLUMNS = """Columns: `id`, `image` ({image}), `conversations` (LLaVA `from`/`value` turns),
+`cogalign` (JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
+`extra` (JSON of any other keys of the source record, and of any value the typed columns
+cannot hold, such as an integer `id` or a list `image`). `cogalign.writer.read_shard`
+gives the records back as they were."""
+
+_JSONL_COLUMNS = """Each line of `data/train-*.jsonl` is one LLaVA record as it was, with its new turns
+spliced into `conversations` and a `cogalign` object (provenance: regions, template ids,
+resolutions, tokenizer hash, seed) on expanded records. The card declares no column types:
+`datasets` infers them from the records, so every key and turn key of the source is a
+column. A key whose JSON type differs between records (an `id` that is a number in one
+record and a string in another) cannot become one Arrow column; `--format parquet` keeps
+such values in its `extra` column."""
+
+
+def dataset_card(report: dict, manifest: dict) -> str:
+    """The Hub dataset card: `configs` and `dataset_info` that match what the format wrote."""
+    opts = manifest["options"]
+    parquet = manifest["format"] == "parquet"
+    data_glob = "data/train-*" + (".parquet" if parquet else ".jsonl")
+    kept = report["expanded"] + report["passed"]
+    embedded = bool(opts.get("embed_images"))
+    image = "image" if embedded else "string"
+    features = _PARQUET_FEATURES.format(image=image) if parquet else ""
+    image_note = ("the source image file's bytes, a `datasets` Image: `load_dataset` gives PIL images, "
+                  "no local files needed" if embedded else "the path in the source record")
+    columns = _PARQUET_COLUMNS.format(image=image_note) if parquet else _JSONL_COLUMNS
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {data_glob}
+dataset_info:
+{features}  splits:
   - name: train
     num_examples: {kept}
     num_bytes: {report['output_bytes']}
@@ -137,9 +165,7 @@ Made with cogalign {manifest['cogalign_version']} from `{Path(manifest['input'])
 | resize | {opts['resize']} ({opts['resample']}) |
 | seed | {opts['seed']} |
 
-Columns: `id`, `image`, `conversations` (LLaVA `from`/`value` turns), `cogalign`
-(JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
-`extra` (JSON of any other keys of the source record).
+{columns}
 """
 
 

@@ -11,6 +11,8 @@ import orjson
 
 from cogalign import estimate
 from cogalign.errors import RecordError
+from cogalign.inputs import default_image_root
+from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
 from cogalign.progress import Progress
@@ -18,6 +20,7 @@ from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
 from cogalign.render import VQ_START
 from cogalign.worker import EXPAND, WorkerContext, finish, prepare
+from cogalign.writer import dumps
 
 
 @dataclass
@@ -37,21 +40,21 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
              workers: int = 2, rejects_path: str | Path | None = None, progress: bool = True) -> Validation:
     """Check every record and decode every image, in worker processes; write rejects as JSON lines."""
     input_path = Path(input_path)
-    ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent, decode_only=True)
+    ctx = WorkerContext(options, Path(image_root) if image_root else default_image_root(input_path), decode_only=True)
     result, started = Validation(), time.perf_counter()
     out = open(rejects_path, "wb") if rejects_path else None
     try:
-        with Progress(count_records(input_path), enabled=progress, label="validate") as bar, \
+        with Progress(count_records(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
                 PreparePool(ctx, workers, chunk_size=16) as pool:
-            for p in pool.map(iter_records(input_path)):
+            for p in pool.map(iter_records(input_path, seed=options.seed)):
                 result.counts[p.outcome] += 1
                 if p.warning:
                     result.warnings[p.warning] += 1
                 if p.outcome == "reject":
                     result.reasons[p.reason] += 1
                     if out:
-                        out.write(orjson.dumps({"index": p.index, "id": p.record_id, "reason": p.reason,
-                                                "detail": p.detail}) + b"\n")
+                        out.write(dumps({"index": p.index, "id": p.record_id, "reason": p.reason,
+                                         "detail": p.detail}) + b"\n")
                 elif p.outcome == "pass":
                     result.pass_reasons[p.reason] += 1
                 bar.advance(expanded=p.outcome == EXPAND)
@@ -62,23 +65,43 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     return result
 
 
-def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None) -> dict:
-    """Counts from the record checks alone (images are not opened) and the size of what expand would write."""
-    counts, reasons = Counter(), Counter()
-    for _, record in iter_records(input_path):
+def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,
+            image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8) -> dict:
+    """Counts from the record checks alone, the new turns of a few real records (built and
+    measured, see `sample_turns`) and from both the size of what expand would write."""
+    from cogalign.templates import TemplateSampler
+    from cogalign.writer import dumps
+
+    counts, reasons, sizes = Counter(), Counter(), Counter()
+    passed: list = []
+    for _, record in iter_records(input_path, seed=options.seed):
         try:
             if isinstance(record, RecordError):
                 raise record
-            counts[check_record(record).action] += 1
+            record = to_llava(record)[0]
+            action = check_record(record).action
         except RecordError as e:
             counts["reject"] += 1
             reasons[e.reason] += 1
-    chars = estimate.target_chars(options, tokenizer)
-    per_record = estimate.record_bytes(options, tokenizer)
-    return {"records": sum(counts.values()), "would_expand": counts["expand"], "would_pass": counts["pass"],
+            continue
+        counts[action] += 1
+        sizes[action] += len(dumps(record)) + 1
+        if action == "pass" and len(passed) < 64:
+            passed.append(record)
+    facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
+                                tokenizer, image_root, llm_tokenizer, samples, keep=True)
+    shard_size = estimate.auto_shard_size(options, tokenizer)
+    n = sum(counts.values())
+    if built["expanded"] or not counts["expand"]:
+        total = estimate.output_bytes(options.format, expand=counts["expand"], passed=counts["pass"],
+                                      expand_input_bytes=sizes["expand"], passed_input_bytes=sizes["pass"],
+                                      samples={**built, "passed": passed}, shards=max(1, -(-n // shard_size)))
+    else:  # no record could be built (every image bad?): the text-length model, uncompressed
+        total = sizes["expand"] + sizes["pass"] + counts["expand"] * estimate.record_bytes(options, tokenizer)
+    return {"records": n, "would_expand": counts["expand"], "would_pass": counts["pass"],
             "rejected_by_shape": counts["reject"], "reject_reasons": dict(reasons),
-            "target_chars": chars, "estimated_output_bytes": Path(input_path).stat().st_size + counts["expand"] * per_record,
-            "shard_size": estimate.auto_shard_size(options, tokenizer)}
+            "target_chars": estimate.target_chars(options, tokenizer), "estimated_output_bytes": total,
+            "shard_size": shard_size, **facts}
 
 
 def load_llm_tokenizer(path: str | Path):
@@ -98,23 +121,32 @@ def load_llm_tokenizer(path: str | Path):
 
 
 def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokenizer, image_root: str | Path | None,
-                 llm_tokenizer=None, samples: int = 8) -> dict:
+                 llm_tokenizer=None, samples: int = 8, keep: bool = False):
     """Build the new turns of the first `samples` expandable records for real and measure them:
-    characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently)."""
+    characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
+    With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
     input_path = Path(input_path)
-    ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent,
+    ctx = WorkerContext(options, Path(image_root) if image_root else default_image_root(input_path),
                         tokenizer.downsample if tokenizer else 1, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
-    for index, record in iter_records(input_path):
+    built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}
+    for index, record in iter_records(input_path, seed=options.seed):
         if done >= samples:
             break
         prepared = prepare(index, record, ctx)
         if prepared.outcome != EXPAND:
             continue
         grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
+        record = prepared.record  # in LLaVA's turns
         original = {id(t) for t in record["conversations"]}
-        new = [t["value"] for t in finish(prepared, grids, ctx)["conversations"] if id(t) not in original]
+        finished = finish(prepared, grids, ctx)
+        if keep:
+            built["expanded"].append(finished)
+            built["expanded_input"].append(record)
+            if options.embed_images:
+                built["images"].append(prepared.image_bytes)
+        new = [t["value"] for t in finished["conversations"] if id(t) not in original]
         for question, answer in zip(new[::2], new[1::2]):
             kind = "vq" if answer.startswith(VQ_START) else "px"
             text = question + answer
@@ -128,4 +160,4 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
             if llm_tokenizer is not None:
                 out[f"{kind}_turn_tokens_mean"] = round(sum(t for _, t in values) / len(values))
                 out[f"{kind}_turn_tokens_max"] = max(t for _, t in values)
-    return out
+    return (out, built) if keep else out

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import RecordError
-from cogalign.images import load_image, resolve_image_path, to_working
+from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_working
+from cogalign.inputs.embedded import EmbeddedImage
+from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.plan import TurnPlan, plan_turns
 from cogalign.records import check_record
@@ -50,6 +52,8 @@ class Prepared:
     vq_inputs: list[np.ndarray] = field(default_factory=list)
     px_texts: list[str] = field(default_factory=list)
     warning: str = ""  # kept, but LLaVA's trainer would mistreat it (counted in report.json)
+    image_bytes: bytes | None = None  # the image file's bytes, with --embed-images
+    converted: str = ""  # the record's turns were converted to LLaVA's (counted in report.json)
 
     @property
     def record_id(self):
@@ -70,21 +74,31 @@ def prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
 
 
 def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
+    return _prepare_llava(index, *to_llava(record), ctx)
+
+
+def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContext) -> Prepared:
     opts = ctx.options
     check = check_record(record)
     if check.action == PASS:
-        return Prepared(index, record, PASS, check.pass_reason)
-    path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
-    image = load_image(path, opts.max_image_pixels)
+        return Prepared(index, record, PASS, check.pass_reason, converted=converted)
+    if isinstance(check.image, EmbeddedImage):  # bytes from the input itself, no file
+        data = check.image.data
+        image = load_image_bytes(data, check.image, opts.max_image_pixels)
+    else:
+        path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
+        image = load_image(path, opts.max_image_pixels)
+        data = path.read_bytes() if opts.embed_images else None
     warning = image_token_warning(record["conversations"])
     if ctx.decode_only:
-        return Prepared(index, record, EXPAND, warning=warning)
+        return Prepared(index, record, EXPAND, warning=warning, converted=converted)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
     plans = plan_turns(opts.seed, index, check.n_pairs, opts.targets, opts.regions, resolutions,
                        {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
     by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
     working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
-    out = Prepared(index, record, EXPAND, plans=plans, warning=warning)
+    out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted,
+                   image_bytes=bytes(data) if opts.embed_images else None)
     for plan in plans:
         if plan.kind == "px":
             out.px_texts.append(px_text(plan.region.crop(working["px"])))

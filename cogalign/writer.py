@@ -6,6 +6,7 @@ crash never leaves a partial shard that looks complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cogalign.records import loads_exact
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024  # the Hub asks for row groups of ~100 MB or less
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
@@ -25,6 +28,23 @@ SCHEMA = pa.schema([
     ("extra", pa.string()),     # JSON of every other key, and of any value the typed columns cannot hold
 ])
 TYPED_KEYS = ("id", "image", "conversations", "cogalign")
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the datasets Image feature
+# What `datasets` reads back as the features of an --embed-images shard (also declared in the card).
+_HF_FEATURES = {"id": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"},
+                "conversations": {"feature": {"from": {"dtype": "string", "_type": "Value"},
+                                              "value": {"dtype": "string", "_type": "Value"}}, "_type": "List"},
+                "cogalign": {"dtype": "string", "_type": "Value"}, "extra": {"dtype": "string", "_type": "Value"}}
+EMBEDDED_SCHEMA = pa.schema([f if f.name != "image" else pa.field("image", IMAGE_TYPE) for f in SCHEMA]) \
+    .with_metadata({b"huggingface": orjson.dumps({"info": {"features": _HF_FEATURES}})})
+
+
+def dumps(obj) -> bytes:
+    """Compact JSON, as orjson writes it; integers beyond 64 bits (which orjson refuses) are
+    kept exact by falling back to the standard library for that one value (spec §6)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def shard_name(index: int, count: int, fmt: str, split: str = "train") -> str:
@@ -52,17 +72,20 @@ def to_row(record: dict) -> dict:
     else:
         extra["conversations"] = conv
     if record.get("cogalign") is not None:
-        row["cogalign"] = orjson.dumps(record["cogalign"]).decode()
+        row["cogalign"] = dumps(record["cogalign"]).decode()
     elif "cogalign" in record:
         extra["cogalign"] = None
-    row["extra"] = orjson.dumps(extra).decode() if extra else None
+    row["extra"] = dumps(extra).decode() if extra else None
     return row
 
 
 def from_row(row: dict) -> dict:
     """Inverse of `to_row` (key order follows LLaVA: id, image, conversations, others, cogalign)."""
-    extra = orjson.loads(row["extra"]) if row.get("extra") else {}
+    extra = loads_exact(row["extra"]) if row.get("extra") else {}
     out = {}
+    image = row.get("image")
+    if isinstance(image, dict):  # an --embed-images shard: the record keeps the path
+        row = {**row, "image": image.get("path")}
     for key in ("id", "image", "conversations"):
         if key in extra:
             out[key] = extra.pop(key)
@@ -70,7 +93,7 @@ def from_row(row: dict) -> dict:
             out[key] = row[key]
     out.update(extra)
     if row.get("cogalign"):
-        out["cogalign"] = orjson.loads(row["cogalign"])
+        out["cogalign"] = loads_exact(row["cogalign"])
     return out
 
 
@@ -95,7 +118,7 @@ def _strings(values: list) -> pa.Array:
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))])
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
+def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
     """Column by column (10x faster than `Table.from_pylist`, which walks every value in Python)."""
     convs = [r["conversations"] for r in rows]
     offsets, n = [0], 0
@@ -109,29 +132,47 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     conversations = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct, mask=mask)
     columns = {name: _strings([r[name] for r in rows]) for name in ("id", "image", "cogalign", "extra")}
     columns["conversations"] = conversations
-    return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+    if schema.field("image").type == IMAGE_TYPE:  # {bytes, path}; null where no image was embedded
+        data = [r.get("image_bytes") for r in rows]
+        paths = [r["image"] if b is not None else None for r, b in zip(rows, data)]
+        columns["image"] = pa.StructArray.from_arrays(
+            [pa.array(data, pa.binary()), _strings(paths)], fields=list(IMAGE_TYPE),
+            mask=pa.array([b is None for b in data]))
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 class ParquetShardWriter:
-    def __init__(self, path: Path, row_group_bytes: int = ROW_GROUP_BYTES):
+    """With `embed_images`, the `image` column is the datasets Image struct {bytes, path}:
+    the path of the record's (first) image and the bytes of its file, as `write` gets them.
+    A row group is cut before a record would take its values (images included) past
+    `row_group_bytes`, so it passes that only when one record alone does."""
+
+    def __init__(self, path: Path, row_group_bytes: int = ROW_GROUP_BYTES, embed_images: bool = False):
         self.path, self.tmp = Path(path), partial_path(path)
         self.row_group_bytes = row_group_bytes
-        self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="zstd")
+        self.schema = EMBEDDED_SCHEMA if embed_images else SCHEMA
+        self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         self._rows: list[dict] = []
         self._bytes = 0
         self.records = 0
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, image_bytes: bytes | None = None) -> None:
         row = to_row(record)
+        if image_bytes is not None:
+            row["image_bytes"] = image_bytes
+            if row["image"] is None:  # a list of images: the first one is the one embedded
+                row["image"] = record["image"][0]
+        size = sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "") + \
+            len(image_bytes or b"")
+        if self._rows and self._bytes + size > self.row_group_bytes:
+            self._flush()  # a row group passes the limit only when one record alone does
         self._rows.append(row)
-        self._bytes += sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "")
+        self._bytes += size
         self.records += 1
-        if self._bytes >= self.row_group_bytes:
-            self._flush()
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(rows_to_table(self._rows))
+            self._writer.write_table(rows_to_table(self._rows, self.schema))
         self._rows, self._bytes = [], 0
 
     def close(self) -> int:
@@ -152,8 +193,8 @@ class JsonlShardWriter:
         self._file = open(self.tmp, "wb")
         self.records = 0
 
-    def write(self, record: dict) -> None:
-        self._file.write(orjson.dumps(record) + b"\n")
+    def write(self, record: dict, image_bytes: bytes | None = None) -> None:
+        self._file.write(dumps(record) + b"\n")
         self.records += 1
 
     def close(self) -> int:
@@ -167,8 +208,8 @@ class JsonlShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def open_shard(path: Path, fmt: str):
-    return ParquetShardWriter(path) if fmt == "parquet" else JsonlShardWriter(path)
+def open_shard(path: Path, fmt: str, embed_images: bool = False):
+    return ParquetShardWriter(path, embed_images=embed_images) if fmt == "parquet" else JsonlShardWriter(path)
 
 
 def _publish(tmp: Path, final: Path) -> int:
@@ -196,4 +237,4 @@ def read_shard(path: Path) -> Iterator[dict]:
             yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:
-            yield from (orjson.loads(line) for line in f if line.strip())
+            yield from (loads_exact(line) for line in f if line.strip())

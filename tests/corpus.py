@@ -286,7 +286,9 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
                         ("not-object:null", None), ("not-object:bool", False)):
         rec(case, value, "reject", "not_an_object")
     rec("conv:missing", {"id": "conv:missing", "image": "mode_RGB.png"}, "reject", "conversations_missing")
-    rec("conv:messages", {"id": "conv:messages", "messages": [{"role": "user", "content": "hi"}]}, "reject", "conversations_missing")
+    # chat-format records are converted to LLaVA turns (cogalign.inputs.turns, tested in test_inputs.py);
+    # these cannot be, and are rejected as the record check says
+    rec("conv:messages", {"id": "conv:messages", "messages": "hi"}, "reject", "conversations_missing")
     for case, value in (("conv:string", "hello"), ("conv:object", {"from": "human", "value": "x"}), ("conv:null", None), ("conv:number", 3)):
         rec(case, {"id": case, "image": "mode_RGB.png", "conversations": value}, "reject", "conversations_not_list")
     rec("conv:empty", {"id": "conv:empty", "image": "mode_RGB.png", "conversations": []}, "reject", "conversations_empty")
@@ -305,7 +307,7 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
     conv_case("role:missing", [h, {"value": "A"}], "turn_bad_role")
     conv_case("role:null", [h, {"from": None, "value": "A"}], "turn_bad_role")
     conv_case("role:number", [h, {"from": 1, "value": "A"}], "turn_bad_role")
-    conv_case("role:role-content", [{"role": "user", "content": "<image>\nQ"}, {"role": "assistant", "content": "A"}], "turn_bad_role")
+    conv_case("role:role-content", [{"role": "narrator", "content": "<image>\nQ"}, {"role": "assistant", "content": "A"}], "turn_bad_role")
     conv_case("role:system-later", [h, g, {"from": "system", "value": "S"}, g], "turn_bad_role")
     conv_case("value:null", [h, {"from": "gpt", "value": None}], "turn_value_not_string")
     conv_case("value:missing", [h, {"from": "gpt"}], "turn_value_not_string")

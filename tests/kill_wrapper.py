@@ -36,9 +36,9 @@ def install() -> None:
         for cls in (writer.ParquetShardWriter, writer.JsonlShardWriter):
             original_write = cls.write
 
-            def write(self, record, _orig=original_write):
+            def write(self, record, image_bytes=None, _orig=original_write):
                 tick()
-                _orig(self, record)
+                _orig(self, record, image_bytes)
             cls.write = write
 
 

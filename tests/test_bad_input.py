@@ -129,11 +129,11 @@ def test_write_failure_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = writer.ParquetShardWriter.write
 
-    def failing(self, record):
+    def failing(self, record, image_bytes=None):
         calls["n"] += 1
         if calls["n"] == 7:
             raise OSError(28, "No space left on device")
-        original(self, record)
+        original(self, record, image_bytes)
     monkeypatch.setattr(writer.ParquetShardWriter, "write", failing)
     result = run_cli(*args, "--out", tmp_path / "out", expect=2)
     assert "No space left on device" in result.output and "resume" in result.output

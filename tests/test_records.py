@@ -501,3 +501,52 @@ def test_corpus_record_level_outcomes(tmp_path, fmt):
             assert check_record(record).pass_reason == exp.reason, exp
         else:
             assert check_record(record).action == "expand", exp
+
+
+# --------------------------------------------------------------- lone surrogates (issue 7 item 22)
+
+_PIECES = ["a", "\\", "\\\\", "\ud800", "\udc00", "\ud83d\ude00", "\udbff", "é", "\"", "ud800", "\\ud800"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=6).map("".join), min_size=1, max_size=6),
+       st.integers(1, 40))
+def test_lone_surrogate_is_invalid_json_in_arrays_like_jsonl(tmp_path, strings, buf):
+    """yajl would turn "\\ud800" into "?": every record holding a lone surrogate is `invalid_json`
+    in a JSON array, exactly as in JSONL, whatever the read size cuts the escapes."""
+    values = [{"k": s, "n": i} for i, s in enumerate(strings)]
+    text = "".join(json.dumps(v) + "\n" for v in values)  # ensure_ascii: surrogates as \\u escapes
+    jsonl = write(tmp_path / "a.jsonl", text)
+    array = write(tmp_path / "a.json", "[" + ",".join(json.dumps(v) for v in values) + "]")
+    old = records._JSON_BUF
+    records._JSON_BUF = buf
+    try:
+        got_json = list(iter_records(array))
+        assert count_records(array) == len(values)
+    finally:
+        records._JSON_BUF = old
+    got_jsonl = list(iter_records(jsonl))
+    for (i, a), (j, b), v in zip(got_json, got_jsonl, values):
+        assert i == j
+        v = json.loads(json.dumps(v))  # adjacent halves in the Python string become one pair in JSON
+        lone = not _encodes(v["k"])
+        assert isinstance(a, RecordError) == isinstance(b, RecordError) == lone, (v, a, b)
+        if lone:
+            assert a.reason == b.reason == "invalid_json"
+        else:
+            assert same(a, v) and same(b, v)
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def test_lone_surrogate_detail_names_the_element(tmp_path):
+    path = write(tmp_path / "a.json", '[{"id": 1}, {"id": "x\\ud800y"}, {"id": "\\ud83d\\ude00"}]')
+    got = list(iter_records(path))
+    assert got[0] == (0, {"id": 1}) and got[2] == (2, {"id": "\U0001f600"})
+    assert got[1][1].reason == "invalid_json" and "element 1" in got[1][1].detail and "\\ud800" in got[1][1].detail

@@ -1,0 +1,150 @@
+"""Arrow-based inputs, streamed batch by batch: parquet files or a folder of them (the Hub
+layout of lmms-lab/LLaVA-NeXT-Data: `id`, `conversations`, `data_source`, `image` as
+`{bytes, path}`), and `datasets` `save_to_disk` folders (Arrow stream files listed in
+`state.json`).
+
+An `image` struct with bytes becomes an `EmbeddedImage` (its path, or `embedded-<position>`
+when the path is null): the worker decodes the bytes with the same checks as a file. A
+struct with a path and no bytes becomes that path; a null image (or one with neither) drops
+the key, as LLaVA's JSON has no `image` for text-only records.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cogalign.errors import InputError
+from cogalign.inputs.embedded import EmbeddedImage
+
+BATCH_ROWS = 64  # rows turned into Python objects at once (images make rows large)
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """One file, or every `*.parquet` under a folder, sorted (folders starting with `.` or `_`,
+    and cogalign output folders, e.g. an `--out` placed inside the input folder, are skipped)."""
+    if path.is_file():
+        return [path]
+    outputs = [d.parent for d in path.rglob("cogalign.json")]  # a cogalign output inside: not input
+    files = sorted(f for f in path.rglob("*.parquet") if f.is_file() and _visible(f, path)
+                   and not any(o in f.parents for o in outputs))
+    if not files:
+        raise InputError(f"{path}: no .parquet files in this folder")
+    return files
+
+
+def disk_files(path: Path) -> list[Path]:
+    """The Arrow files of a `save_to_disk` folder (a Dataset, or a DatasetDict with one split)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if len(splits) != 1:
+            raise InputError(f"{path}: a DatasetDict with splits {', '.join(splits) or '(none)'}; "
+                             f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+        path = path / splits[0]
+    state = path / "state.json"
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{state}: not a readable datasets save_to_disk state ({e}); "
+                         "save the dataset with Dataset.save_to_disk") from None
+    files = [path / n for n in names]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: listed in {state} but missing; the save_to_disk folder is incomplete")
+    return files
+
+
+def _check_columns(schema: pa.Schema, file: Path) -> None:
+    if "conversations" not in schema.names and "messages" not in schema.names:
+        raise InputError(f"{file}: no `conversations` (or `messages`) column; columns are "
+                         f"{', '.join(schema.names[:12])}. Expected LLaVA records")
+
+
+def _batches_parquet(file: Path, first: int, wanted: Callable[[int, int], bool]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    try:
+        pf = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{file}: not a readable parquet file ({e})") from None
+    _check_columns(pf.schema_arrow, file)
+    start = first
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        if wanted(start, rows):  # whole row groups that are all skipped are never read
+            offset = start
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group]):
+                yield offset, batch
+                offset += batch.num_rows
+        start += rows
+
+
+def _batches_disk(file: Path, first: int, wanted) -> Iterator[tuple[int, pa.RecordBatch]]:
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{file}: not a readable Arrow stream file ({e})") from None
+    _check_columns(reader.schema, file)
+    offset = first
+    for batch in reader:
+        if wanted(offset, batch.num_rows):
+            for piece in range(0, batch.num_rows, BATCH_ROWS):
+                yield offset + piece, batch.slice(piece, BATCH_ROWS)
+        offset += batch.num_rows
+
+
+def _record(row: dict, position: int) -> dict:
+    image = row.get("image")
+    if image is None and "image" in row:  # a null cell: LLaVA tells text-only records by the key's absence
+        del row["image"]
+    elif isinstance(image, dict) and set(image) <= {"bytes", "path"}:
+        data, name = image.get("bytes"), image.get("path")
+        if data is not None:
+            row["image"] = EmbeddedImage(name or f"embedded-{position}", data)
+        elif name is not None:
+            row["image"] = name
+        else:
+            del row["image"]
+    return row
+
+
+def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict]]:
+    batches = _batches_parquet if kind == "parquet" else _batches_disk
+    if skip is None:
+        def wanted(start, n):
+            return True
+    else:
+        def wanted(start, n):
+            return not all(skip(i) for i in range(start, start + n))
+    first = 0
+    for file in files:
+        for offset, batch in batches(file, first, wanted):
+            rows = None
+            for i in range(batch.num_rows):
+                if skip is not None and skip(offset + i):
+                    continue
+                if rows is None:
+                    rows = batch.to_pylist()
+                yield offset + i, _record(rows[i], offset + i)
+        first += count_file(file, kind)
+
+
+def count_file(file: Path, kind: str) -> int:
+    if kind == "parquet":
+        try:
+            return pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{file}: not a readable parquet file ({e})") from None
+    try:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(pa.memory_map(str(file))))
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{file}: not a readable Arrow stream file ({e})") from None
+
+
+def count_arrow(files: list[Path], kind: str) -> int:
+    return sum(count_file(f, kind) for f in files)
