@@ -175,7 +175,7 @@ def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> 
         n = run_reset(out)
     except CogalignError as e:
         fail(str(e))
-    left = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    left = sorted(p.name for p in out.iterdir() if p.name != "cogalign.json") if out.is_dir() else []
     say(f"deleted {n} files cogalign wrote in {out}" + (f"; kept: {', '.join(left[:5])}" if left else ""))
 
 

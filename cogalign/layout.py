@@ -155,10 +155,13 @@ def _read(root: Path) -> dict | None:
                             "choose another --out (or remove that folder yourself)") from None
 
 
-def read_manifest(root: Path) -> dict:
+def read_manifest(root: Path, run: bool = False) -> dict:
+    """The manifest; `run`: it must describe a run (not a folder `cogalign reset` emptied)."""
     manifest = _read(Path(root))
     if manifest is None:
         raise CogalignError(f"{root}: no {MANIFEST} here; is this a cogalign output folder?")
+    if run and manifest.get("reset"):
+        raise CogalignError(f"{root}: was reset and holds no run yet")
     return manifest
 
 
@@ -224,11 +227,15 @@ def prepare(root: Path, manifest: dict, *, overwrite: bool, sliced: bool, mine) 
         foreign = _foreign_entries(root)
         if foreign and MANIFEST not in foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise CogalignError(f"--out {root} is not empty ({shown}) and holds no {MANIFEST}, so it is not a "
-                                "cogalign output; cogalign only writes into an empty or new folder: choose one")
+            raise CogalignError(f"--out {root} is not empty ({shown}) and holds no {MANIFEST}: it is not a cogalign "
+                                "output, and cogalign never writes over or deletes files it did not write (with "
+                                "--overwrite neither); choose an empty or new --out")
         if not foreign and _create(root, manifest):
             return "new"
         old = read_manifest(root)  # another slice made it a moment ago
+    if old.get("reset"):  # a folder `cogalign reset` emptied of cogalign's files (the user's stay)
+        write_atomic(root / MANIFEST, _dump(manifest))
+        old = read_manifest(root)  # a concurrent slice of another run would show here
     diff = differences(old, manifest)
     if not diff:
         if overwrite:
@@ -244,7 +251,7 @@ def prepare(root: Path, manifest: dict, *, overwrite: bool, sliced: bool, mine) 
         raise CogalignError(f"{root} holds a run with different settings or input ({'; '.join(diff)}); a slice's "
                             "--overwrite only redoes its own shards of the same run: once no slice is running, "
                             f"`cogalign reset {root}`, then start the slices again")
-    reset(root, old)
+    reset(root, old, keep_manifest=False)
     if not _create(root, manifest):
         raise CogalignError(f"{root}: another run created a manifest while this one started over; "
                             "do not run two jobs into one --out")
@@ -275,12 +282,17 @@ def owned_paths(root: Path, manifest: dict) -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def reset(root: Path, manifest: dict | None = None) -> int:
-    """Delete what cogalign wrote in `root` (per its manifest); returns how many files."""
+def reset(root: Path, manifest: dict | None = None, keep_manifest: bool = True) -> int:
+    """Delete what cogalign wrote in `root` (per its manifest); returns how many files. If files of
+    others remain, a manifest that owns nothing is kept: the folder stays usable as a cogalign --out."""
     root = Path(root)
     manifest = manifest or read_manifest(root)
     paths = owned_paths(root, manifest)
     _delete(root, paths)
+    if keep_manifest and root.is_dir() and any(root.iterdir()):
+        stub = {"cogalign_version": manifest.get("cogalign_version"), "reset": True, "num_shards": 0,
+                "format": manifest.get("format", "parquet"), "owns": {"files": [MANIFEST], "per_shard": []}}
+        write_atomic(root / MANIFEST, _dump(stub))
     return len(paths)
 
 

@@ -21,7 +21,7 @@ def finalize(out_dir: str | Path) -> dict:
     """Write OUT/report.json, OUT/rejects.jsonl, the dataset card (OUT/README.md unless that is
     someone else's, see `layout.write_card`) and the merged LLaVA file for json/jsonl."""
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
+    manifest = read_manifest(out_dir, run=True)
     layout = Layout(out_dir, manifest["num_shards"], manifest["format"])
     missing = [i for i in range(layout.num_shards) if not layout.is_complete(i)]
     if missing:
