@@ -70,7 +70,7 @@ def expand(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
     shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier run wrote in --out and start over. Default: off (resume)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete what an earlier run of these settings wrote in --out (a slice: only its own shards) and redo it; with other settings, reset the folder (a slice is refused: run `cogalign reset OUT`). Your own files are never deleted. Default: off (resume)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that unpickle Python objects (runs code from the file; only for sources you trust). Default: off."),
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
