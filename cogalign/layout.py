@@ -148,6 +148,8 @@ def _read(root: Path) -> dict | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise CogalignError(f"{root} is a file, not a folder; choose an empty or new --out") from None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -185,8 +187,6 @@ def _create(root: Path, manifest: dict) -> bool:
 
 def _foreign_entries(root: Path) -> list[str]:
     if not root.is_dir():
-        if root.exists():
-            raise CogalignError(f"--out {root} is a file; choose a new or empty folder")
         return []
     return sorted(e.name for e in root.iterdir() if not e.name.startswith(_MANIFEST_TMP))
 
@@ -273,7 +273,8 @@ def owned_paths(root: Path, manifest: dict) -> list[Path]:
     layout = Layout(root, manifest["num_shards"], manifest["format"])
     top = (manifest.get("owns") or owned_files(manifest.get("input", ""), layout))["files"]
     paths = [p for s in range(layout.num_shards) for p in layout.shard_files(s)]
-    if card_is_ours(root):
+    legacy_card = "owns" not in manifest and (root / "report.json").exists()  # older runs always wrote it then
+    if card_is_ours(root) or legacy_card:
         paths.append(root / CARD)
     for name in top:  # and the temporary files of an interrupted write
         paths += [p for p in root.glob(name + ".*.tmp")] + [root / name]
