@@ -177,10 +177,17 @@ def _create(root: Path, manifest: dict) -> bool:
     tmp = root / f"{_MANIFEST_TMP}{uuid.uuid4().hex}.tmp"
     tmp.write_bytes(_dump(manifest))
     try:
-        os.link(tmp, root / MANIFEST)
+        os.link(tmp, root / MANIFEST)  # fails if it exists; never shows a half-written manifest
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: exclusive create instead
+        try:
+            with open(root / MANIFEST, "xb") as f:
+                f.write(_dump(manifest))
+            return True
+        except FileExistsError:
+            return False
     finally:
         tmp.unlink()
 
