@@ -21,6 +21,7 @@ import orjson
 from cogalign import distributed, estimate, report
 from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
+from cogalign.identity import input_identity
 from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
@@ -97,7 +98,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
     layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)  # `[]` still gets one shard
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
-                "input": str(input_path), "input_identity": layout_mod.input_identity(input_path, digest.hexdigest()),
+                "input": str(input_path), "input_identity": input_identity(input_path, digest.hexdigest()),
                 "records": n_records, "shard_size": shard_size, "num_shards": layout.num_shards,
                 "format": options.format, "owns": layout_mod.owned_files(str(input_path), layout)}
     if work.is_main:  # the first rank decides for its launch; the others check once it has

@@ -16,7 +16,6 @@ matches, so every file the manifest names was written by cogalign. `--overwrite`
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -86,58 +85,6 @@ def owned_files(input_path: str, layout: Layout) -> dict:
     per_shard = [p.as_posix().replace("00000", "{shard:05d}", 1) for p in pattern.shard_files(0)]
     return {"files": [f for f in top if f], "per_shard": per_shard, "shards": layout.num_shards,
             "card": f"{CARD}, while it equals {CARD_COPY}"}
-
-
-# ----------------------------------------------------------------------- input identity
-
-def input_files(path) -> list[Path]:
-    """The files an input consists of: the file itself, or every file under a folder."""
-    p = Path(path)
-    return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-
-
-def input_identity(path, sha256: str) -> dict:
-    """What pins an input: size and mtime of its files, and a hash of the bytes as they were read.
-    A resume compares the size and the hash; an mtime alone (a `touch`) changes nothing."""
-    files = input_files(path)
-    stats = [f.stat() for f in files]
-    return {"path": str(path), "size": sum(s.st_size for s in stats),
-            "mtime": max((s.st_mtime for s in stats), default=0.0), "sha256": sha256,
-            **({"files": [f.relative_to(path).as_posix() for f in files]} if Path(path).is_dir() else {})}
-
-
-class HashingReader:
-    """A binary file that hashes every byte it hands out, once, even across seeks back."""
-
-    def __init__(self, f, digest=None):
-        self.f, self.digest = f, digest or hashlib.sha256()
-        self.hashed = 0  # bytes [0, hashed) are in the digest
-
-    def read(self, n: int = -1) -> bytes:
-        pos = self.f.tell()
-        data = self.f.read(n)
-        end = pos + len(data)
-        if end > self.hashed:
-            if pos > self.hashed:  # a seek forward: hash the gap too
-                self.f.seek(self.hashed)
-                while self.hashed < pos:
-                    self.hashed += len(chunk := self.f.read(min(pos - self.hashed, 1 << 20)))
-                    self.digest.update(chunk)
-                self.f.seek(end)
-            self.digest.update(data[self.hashed - pos:] if pos < self.hashed else data)
-            self.hashed = end
-        return data
-
-    def drain(self) -> None:
-        """Hash the rest of the file (what a parser left unread)."""
-        while self.read(1 << 20):
-            pass
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def seek(self, *args) -> int:
-        return self.f.seek(*args)
 
 
 # ----------------------------------------------------------------------- the manifest

@@ -213,7 +213,7 @@ def count_records(path, digest=None) -> int:
     top-level elements, counted by ijson (so a malformed file raises the same
     `InputError` as `iter_records`). `digest` (a `hashlib` object), if given, is fed
     every byte of the file as it streams: the input's identity for resume, at no extra read."""
-    from cogalign.layout import HashingReader
+    from cogalign.identity import HashingReader
 
     with _opened(path) as (fmt, f, p):
         if digest is not None:
