@@ -167,8 +167,9 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
 
 @app.command()
 def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> None:
-    """Delete what cogalign wrote in OUT (the files its cogalign.json names), to start over with other
-    settings or input; your own files there stay. Run it while no slice is writing to OUT."""
+    """Delete what cogalign wrote in OUT (per its cogalign.json); your own files there stay.
+
+    Use it to start over with other settings or another input, while no slice is writing to OUT."""
     from cogalign.layout import reset as run_reset
 
     try:

@@ -189,3 +189,10 @@ def test_empty_input_finishes(tmp_path, name, text, fmt):
     (out / "report.json").unlink()
     run_cli("merge-report", out)
     assert json.loads((out / "report.json").read_text())["input"] == 0
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("mine")
+    result = expand(EXAMPLES, out, expect=2)
+    assert "is a file" in result.output and result.output.strip().count("\n") == 0 and out.read_text() == "mine"
