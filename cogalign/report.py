@@ -58,6 +58,10 @@ def finalize(out_dir: str | Path) -> dict:
     if layout.fmt in ("json", "jsonl"):
         _merge_llava_file(layout, merged_name(manifest["input"], layout.fmt))
     write_card(out_dir, dataset_card(report, manifest).encode())
+    try:
+        (out_dir / ".partial").rmdir()  # only if empty
+    except OSError:
+        pass
     return report
 
 
