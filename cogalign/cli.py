@@ -71,7 +71,7 @@ def expand(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
     shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier run wrote in --out and start over. Default: off (resume)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete what an earlier run of these settings wrote in --out (a slice: only its own shards) and redo it; with other settings, reset the folder (a slice is refused: run `cogalign reset OUT`). Your own files are never deleted. Default: off (resume)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints that unpickle Python objects (runs code from the file; only for sources you trust). Default: off."),
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,
@@ -104,11 +104,20 @@ def expand(
         fail(str(e))
     except KeyboardInterrupt:
         fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
-    where = str(out) + ("" if result.finalized else "  (this slice is done; run `cogalign merge-report "
-                                                     f"{out}` once all slices are)")
+    if not result.is_main:
+        return  # torchrun: the first rank prints the summary for the whole launch
     note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
-    for line in report.summary_lines(result.counts, result.reasons, result.seconds, where, note,
-                                     warnings=result.warnings):
+    if result.finalized:  # the totals of the whole output, from report.json
+        rep = result.report
+        lines = report.summary_lines(report.report_counts(rep), rep["reject_reasons"], result.seconds,
+                                     str(out), "\n".join(filter(None, [note, report.card_note(out)])),
+                                     warnings=rep["warnings"], processed=result.counts)
+    else:
+        where = f"{out}  (this slice is done; once all slices are, the last one writes the report, or run " \
+                f"`cogalign merge-report {out}`)"
+        lines = report.summary_lines(result.counts, result.reasons, result.seconds, where, note,
+                                     warnings=result.warnings)
+    for line in lines:
         say(line)
 
 
@@ -151,7 +160,26 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
         fail(str(e))
     say(f"records: {rep['input']}  expanded: {rep['expanded']}  passed: {rep['passed']}  rejected: {rep['rejected']}")
     say(f"top reject reasons: {report.top_reasons(rep['reject_reasons'])}")
+    if rep["warnings"]:
+        say(f"warnings (kept): {report.top_reasons(rep['warnings'])}")
     say(f"output: {out}")
+    if note := report.card_note(out):
+        say(note)
+
+
+@app.command()
+def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> None:
+    """Delete what cogalign wrote in OUT (per its cogalign.json); your own files there stay.
+
+    Use it to start over with other settings or another input, while no slice is writing to OUT."""
+    from cogalign.layout import reset as run_reset
+
+    try:
+        n = run_reset(out)
+    except CogalignError as e:
+        fail(str(e))
+    left = sorted(p.name for p in out.iterdir() if p.name != "cogalign.json") if out.is_dir() else []
+    say(f"deleted {n} files cogalign wrote in {out}" + (f"; kept: {', '.join(left[:5])}" if left else ""))
 
 
 def _mount_subcommands() -> None:

@@ -34,6 +34,10 @@ class WorkSlice:
     def owns(self, shard: int) -> bool:
         return shard % self.total == self.worker
 
+    def slice_owns(self, shard: int) -> bool:
+        """Shard `shard` belongs to one of this slice's ranks (what a slice's --overwrite may redo)."""
+        return (shard % self.total) // self.world_size == self.slice_index
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -74,6 +78,17 @@ def _group():
 def barrier() -> None:
     if (dist := _group()) is not None:
         dist.barrier()
+
+
+def sum_over_ranks(counters: list) -> list:
+    """Each Counter summed over the ranks of this launch (every rank gets the sums)."""
+    if (dist := _group()) is None:
+        return counters
+    from collections import Counter
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [dict(c) for c in counters])
+    return [sum((Counter(g[i]) for g in gathered), Counter()) for i in range(len(counters))]
 
 
 def destroy() -> None:

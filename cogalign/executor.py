@@ -8,6 +8,7 @@ worker count, ranks or interruptions.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,11 @@ import numpy as np
 import orjson
 
 from cogalign import distributed, estimate, report
+from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
+from cogalign.identity import input_identity
 from cogalign.inputs import default_image_root
-from cogalign.layout import Layout, check_or_write_manifest, clear_output
+from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool
 from cogalign.progress import Progress
@@ -54,6 +57,7 @@ class RunResult:
     seconds: float = 0.0
     shards_skipped: int = 0
     finalized: bool = False
+    is_main: bool = True  # the first rank of a torchrun launch: the one that reports
     report: dict | None = None
 
 
@@ -90,34 +94,42 @@ def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
 def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResult:
     started = time.perf_counter()
     options, sampler, tokenizer = resolve_options(options, runtime, work)
-    n_records = count_records(input_path, seed=options.seed)
+    digest = hashlib.sha256()
+    n_records = count_records(input_path, digest, seed=options.seed)
     shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
-    layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)
-    if runtime.overwrite and work.is_main and work.slice_index == 0:
-        clear_output(out_dir)
-    distributed.barrier()
+    layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)  # `[]` still gets one shard
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
-                "input": str(input_path), "image_root": str(Path(image_root).resolve()), "records": n_records, "shard_size": shard_size,
-                "num_shards": layout.num_shards, "format": options.format}
-    if work.is_main:  # the other ranks check it once it is written
-        check_or_write_manifest(out_dir, manifest)
+                "input": str(input_path), "image_root": str(Path(image_root).resolve()),
+                "input_identity": input_identity(input_path, digest.hexdigest()),
+                "records": n_records, "shard_size": shard_size, "num_shards": layout.num_shards,
+                "format": options.format, "owns": layout_mod.owned_files(str(input_path), layout)}
+    if work.is_main:  # the first rank decides for its launch; the others check once it has
+        layout_mod.prepare(out_dir, manifest, overwrite=runtime.overwrite, sliced=work.num_slices > 1,
+                           mine=work.slice_owns)
     distributed.barrier()
     if not work.is_main:
-        check_or_write_manifest(out_dir, manifest)
+        layout_mod.check(out_dir, manifest)
     layout.make_dirs()
     mine = [s for s in range(layout.num_shards) if work.owns(s)]
     todo = [s for s in mine if not layout.is_complete(s)]
-    result = RunResult(out_dir, shards_skipped=len(mine) - len(todo))
+    result = RunResult(out_dir, shards_skipped=len(mine) - len(todo), is_main=work.is_main)
     ctx = WorkerContext(options, image_root, tokenizer.downsample if tokenizer else 1, sampler)
     n_todo = sum(min(shard_size, n_records - s * shard_size) for s in todo)
     with Progress(n_todo, enabled=runtime.progress and work.is_main, label="expand") as bar:
         if todo:
             _run_shards(input_path, layout, shard_size, set(todo), ctx, tokenizer, runtime, result, bar)
     result.seconds = time.perf_counter() - started
-    distributed.barrier()
+    # The first rank reports for the whole launch.
+    skipped = Counter(shards=result.shards_skipped)
+    result.counts, result.reasons, result.warnings, skipped = distributed.sum_over_ranks(
+        [result.counts, result.reasons, result.warnings, skipped])
+    result.shards_skipped = skipped["shards"]
     if work.is_main and all(layout.is_complete(s) for s in range(layout.num_shards)):
-        result.report = report.finalize(out_dir)
-        result.finalized = True
+        try:
+            result.report = report.finalize(out_dir)
+            result.finalized = True
+        except FileNotFoundError:  # another slice's --overwrite is redoing its shards: it reports when done
+            pass
     return result
 
 
@@ -137,6 +149,8 @@ def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, r
             for done, grids in batcher.drain(final=True):
                 sink.add(done.index // shard_size, done, grids, ctx)
                 bar.advance(expanded=done.outcome == EXPAND)
+        for shard in sorted(todo - sink.opened):  # no records (an empty input): an empty shard all the same
+            sink.open_empty(shard, ctx)
         sink.close()
     except OSError as e:  # disk full, permissions: the finished shards stay valid
         sink.abort()
@@ -194,6 +208,7 @@ class ShardSink:
         self.unpublished: dict[int, object] = {}  # shard -> writer, until its publish has run
         self.futures: deque = deque()
         self.shard: int | None = None
+        self.opened: set[int] = set()
         self.thread: ThreadPoolExecutor | None = None
         self.writer = None
         self.stats: dict = {}
@@ -227,7 +242,12 @@ class ShardSink:
                                  "detail": prepared.detail})
             self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
+    def open_empty(self, shard: int, ctx: WorkerContext) -> None:
+        self._close_shard()
+        self._open_shard(shard, ctx)
+
     def _open_shard(self, shard: int, ctx: WorkerContext) -> None:
+        self.opened.add(shard)
         self.shard, self.started = shard, time.perf_counter()
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
                       "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter(),

@@ -5,22 +5,23 @@ same whichever rank, slice or rerun writes it (`cogalign merge-report OUT`).
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import orjson
 
-from cogalign.layout import Layout, read_manifest
-from cogalign.writer import write_atomic
+from cogalign.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, temp_name, write_atomic, write_card
 
 COUNTS = ("input", "expanded", "passed", "rejected")
 
 
 def finalize(out_dir: str | Path) -> dict:
-    """Write OUT/report.json, OUT/rejects.jsonl, OUT/README.md (and the merged LLaVA file for json/jsonl)."""
+    """Write OUT/report.json, OUT/rejects.jsonl, the dataset card (OUT/README.md unless that is
+    someone else's, see `layout.write_card`) and the merged LLaVA file for json/jsonl."""
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
+    manifest = read_manifest(out_dir, run=True)
     layout = Layout(out_dir, manifest["num_shards"], manifest["format"])
     missing = [i for i in range(layout.num_shards) if not layout.is_complete(i)]
     if missing:
@@ -29,8 +30,8 @@ def finalize(out_dir: str | Path) -> dict:
     totals, pass_reasons, reject_reasons, warnings, output_bytes = Counter(), Counter(), Counter(), Counter(), 0
     converted: Counter = Counter()  # records whose chat-format turns became LLaVA's
     ids: Counter = Counter()
-    tmp = out_dir / "rejects.jsonl.tmp"
-    with open(tmp, "wb") as rejects:
+    tmp = temp_name(out_dir / "rejects.jsonl")
+    with _removed_on_error(tmp), open(tmp, "wb") as rejects:
         for i in range(layout.num_shards):
             stats = orjson.loads(layout.stats_path(i).read_bytes())
             totals.update({k: stats[k] for k in COUNTS})
@@ -58,19 +59,37 @@ def finalize(out_dir: str | Path) -> dict:
     assert totals["input"] == manifest["records"], "every input record is accounted for"
     write_atomic(out_dir / "report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
     if layout.fmt in ("json", "jsonl"):
-        _merge_llava_file(layout, Path(manifest["input"]).stem)
-    write_atomic(out_dir / "README.md", dataset_card(report, manifest).encode())
-    partial = out_dir / ".partial"
-    if partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
+        _merge_llava_file(layout, merged_name(manifest["input"], layout.fmt))
+    write_card(out_dir, dataset_card(report, manifest).encode())
+    try:
+        (out_dir / ".partial").rmdir()  # only if empty
+    except OSError:
+        pass
     return report
 
 
-def _merge_llava_file(layout: Layout, stem: str) -> Path:
+def card_note(out_dir: str | Path) -> str:
+    """A line for the summary when the dataset card could not go to README.md."""
+    if card_is_ours(Path(out_dir)) or not (Path(out_dir) / CARD_COPY).exists():
+        return ""
+    return (f"dataset card: {Path(out_dir) / CARD_COPY} ({CARD} is not cogalign's and was kept; "
+            "put the card's header into it before publishing)")
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _merge_llava_file(layout: Layout, name: str) -> Path:
     """One LLaVA file from the shards: a JSON array (json) or JSON lines (jsonl)."""
-    final = layout.root / f"{stem}_cogalign.{layout.fmt}"
-    tmp = Path(str(final) + ".tmp")
-    with open(tmp, "wb") as out:
+    final = layout.root / name
+    tmp = temp_name(final)
+    with _removed_on_error(tmp), open(tmp, "wb") as out:
         first = True
         if layout.fmt == "json":
             out.write(b"[")
@@ -175,16 +194,25 @@ def top_reasons(counter: dict, n: int = 5) -> str:
 
 
 def summary_lines(counts: dict, reject_reasons: dict, seconds: float, where: str, note: str = "",
-                  expanded_label: str = "expanded", warnings: dict | None = None) -> list[str]:
+                  expanded_label: str = "expanded", warnings: dict | None = None,
+                  processed: dict | None = None) -> list[str]:
+    """`counts` (expand/pass/reject) are what the lines report; throughput is over `processed`
+    (the records this run did, when it resumed or reports totals), default `counts`."""
     n = sum(counts.get(k, 0) for k in ("expand", "pass", "reject"))
-    rate = n / seconds if seconds > 0 else 0.0
+    done = processed if processed is not None else counts
+    rate = sum(done.get(k, 0) for k in ("expand", "pass", "reject")) / seconds if seconds > 0 else 0.0
     lines = [
         f"records: {n}  {expanded_label}: {counts.get('expand', 0)}  passed: {counts.get('pass', 0)}  "
         f"rejected: {counts.get('reject', 0)}",
         f"top reject reasons: {top_reasons(reject_reasons)}",
-        f"time: {seconds:.1f} s  throughput: {rate:.2f} records/s, {counts.get('expand', 0) / max(seconds, 1e-9):.2f} images/s",
+        f"time: {seconds:.1f} s  throughput: {rate:.2f} records/s, {done.get('expand', 0) / max(seconds, 1e-9):.2f} images/s",
         f"output: {where}",
     ]
     if warnings:
         lines.insert(2, f"warnings (kept): {top_reasons(warnings)}")
     return lines + ([note] if note else [])
+
+
+def report_counts(report: dict) -> dict:
+    """A report's totals in `summary_lines`' terms."""
+    return {"expand": report["expanded"], "pass": report["passed"], "reject": report["rejected"]}

@@ -77,7 +77,7 @@ def test_detect_format(tmp_path, text, fmt):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("", "empty"), ("  \n\t ", "empty"), ("\ufeff", "empty"), ('"str"', "neither"), ("x", "neither"),
+    ('"str"', "neither"), ("x", "neither"),
     ("\x00", "neither"), ('{\n  "id": 1\n}\n', "pretty-printed"),
 ])
 def test_detect_format_rejects(tmp_path, text, needle):
@@ -249,6 +249,24 @@ def test_malformed_array_variants(tmp_path, text, where):
         list(iter_records(path))
     with pytest.raises(InputError, match=where):
         count_records(path)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t ", "\ufeff", "\n\n"])
+def test_empty_file_is_jsonl_without_records(tmp_path, text):
+    path = write(tmp_path / "f.jsonl", text)
+    assert detect_format(path) == "jsonl"
+    assert list(iter_records(path)) == [] and count_records(path) == 0
+
+
+def test_count_records_hashes_every_byte(tmp_path):
+    import hashlib
+
+    for name, text in [("a.json", '\ufeff[{"a": 1}, {"b": 2}]  \n\n'), ("b.jsonl", '{"a": 1}\n\n{"b": 2}'),
+                       ("c.json", '[{"big": 123456789012345678901234567890}, {"x": 1}]')]:
+        path = write(tmp_path / name, text)
+        digest = hashlib.sha256()
+        assert count_records(path, digest) == 2
+        assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest(), name
 
 
 def test_empty_array(tmp_path):

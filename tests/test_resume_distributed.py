@@ -50,6 +50,10 @@ def test_torchrun_two_ranks_same_bytes_as_one_process(tmp_path, reference):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert data_digest(out) == reference
+    # one summary, rank 0's, with the totals of report.json; no rank sends the user to merge-report
+    records = [line for line in proc.stderr.splitlines() if line.startswith("records:")]
+    assert records == ["records: 14  expanded: 13  passed: 1  rejected: 0"], proc.stderr[-3000:]
+    assert "merge-report" not in proc.stderr and "throughput: " in proc.stderr
 
 
 def test_slices_then_merge_report(tmp_path, reference):

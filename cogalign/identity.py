@@ -1,0 +1,61 @@
+"""An input's identity, pinned in the run manifest: its files' sizes and mtimes, and a hash of
+its bytes taken while they stream through the counting pass (no extra read).
+
+For an input of several files (a folder), `input_files` lists them in a fixed order and the
+hash covers their bytes in that order; the reader that counts them feeds one digest.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def input_files(path) -> list[Path]:
+    """The files an input consists of (a LLaVA file; parquet/save_to_disk folders; a YAML mixture and its files)."""
+    from cogalign.inputs import input_files as files
+
+    return files(path)
+
+
+def input_identity(path, sha256: str) -> dict:
+    """What pins an input: size and mtime of its files, and a hash of the bytes as they were read.
+    A resume compares the size and the hash; an mtime alone (a `touch`) changes nothing."""
+    files = input_files(path)
+    stats = [f.stat() for f in files]
+    return {"path": str(path), "size": sum(s.st_size for s in stats),
+            "mtime": max((s.st_mtime for s in stats), default=0.0), "sha256": sha256,
+            **({"files": [str(f) for f in files]} if len(files) > 1 else {})}
+
+
+class HashingReader:
+    """A binary file that hashes every byte it hands out, once, even across seeks back."""
+
+    def __init__(self, f, digest=None):
+        self.f, self.digest = f, digest or hashlib.sha256()
+        self.hashed = 0  # bytes [0, hashed) are in the digest
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.f.tell()
+        data = self.f.read(n)
+        end = pos + len(data)
+        if end > self.hashed:
+            if pos > self.hashed:  # a seek forward: hash the gap too
+                self.f.seek(self.hashed)
+                while self.hashed < pos:
+                    self.hashed += len(chunk := self.f.read(min(pos - self.hashed, 1 << 20)))
+                    self.digest.update(chunk)
+                self.f.seek(end)
+            self.digest.update(data[self.hashed - pos:] if pos < self.hashed else data)
+            self.hashed = end
+        return data
+
+    def drain(self) -> None:
+        """Hash the rest of the file (what a parser left unread)."""
+        while self.read(1 << 20):
+            pass
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, *args) -> int:
+        return self.f.seek(*args)
