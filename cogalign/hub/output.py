@@ -1,37 +1,19 @@
 """A finished output folder as other tools see it: is it complete, and its records in order.
 
-Records come back as LLaVA dicts, like `cogalign.writer.read_shard`, but integers
-beyond 64 bits stay exact (orjson would turn them into floats), and `image` may be a
-path or a `datasets` Image struct `{bytes, path}`.
+Records come back as LLaVA dicts (`cogalign.writer.from_row`), integers beyond 64 bits
+exact, read a row group at a time.
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Iterator
 
-import orjson
 import pyarrow.parquet as pq
 
 from cogalign.errors import CogalignError
 from cogalign.layout import Layout, read_manifest
-
-_LONG_INT = re.compile(rb"\d{19}")  # a number orjson may not hold exactly (|n| >= 2**63 has 19+ digits)
-
-
-def loads(data: bytes | str):
-    """JSON with exact integers of any size: orjson, or the standard library when a long number is present."""
-    raw = data.encode() if isinstance(data, str) else data
-    return json.loads(raw) if _LONG_INT.search(raw) else orjson.loads(raw)
-
-
-def dumps(obj) -> bytes:
-    """Compact JSON; integers beyond 64 bits are written exactly (orjson refuses them)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+from cogalign.records import loads_exact as loads
+from cogalign.writer import dumps, from_row  # noqa: F401  (dumps: for export)
 
 
 def check_complete(out: str | Path) -> Layout:
@@ -59,26 +41,11 @@ def check_complete(out: str | Path) -> Layout:
     return layout
 
 
-def _record(row: dict) -> dict:
-    """One parquet row as a LLaVA record (the inverse of `cogalign.writer.to_row`)."""
-    extra = loads(row["extra"]) if row.get("extra") else {}
-    out = {}
-    for key in ("id", "image", "conversations"):
-        if key in extra:
-            out[key] = extra.pop(key)
-        elif row.get(key) is not None:
-            out[key] = row[key]
-    out.update(extra)
-    if row.get("cogalign"):
-        out["cogalign"] = loads(row["cogalign"])
-    return out
-
-
 def iter_shard(path: Path) -> Iterator[dict]:
     """Records of one shard, a row group at a time."""
     if path.suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from (_record(r) for r in batch.to_pylist())
+            yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:
             yield from (loads(line) for line in f if line.strip())
