@@ -22,9 +22,10 @@ from pathlib import Path
 import orjson
 
 from cogalign.errors import CogalignError
-from cogalign.hub.output import (check_complete, count_records, dumps, image_path, images_of, inserted_turns,
-                                 iter_output, loads)
+from cogalign.hub.output import check_complete, count_records, image_path, images_of, inserted_turns, iter_output
 from cogalign.layout import read_manifest
+from cogalign.records import loads_exact as loads
+from cogalign.writer import dumps
 from cogalign.progress import Progress
 
 FORMATS = ("llava-json", "llava-jsonl", "sharegpt", "messages")

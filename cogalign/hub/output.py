@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from cogalign.errors import CogalignError
 from cogalign.layout import Layout, read_manifest
 from cogalign.records import loads_exact as loads
-from cogalign.writer import dumps, from_row  # noqa: F401  (dumps: for export)
+from cogalign.writer import from_row
 
 
 def check_complete(out: str | Path) -> Layout:
