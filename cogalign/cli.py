@@ -11,7 +11,7 @@ import typer
 
 from cogalign.cli_util import fail, say
 from cogalign.errors import CogalignError
-from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
+from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data.")
@@ -60,7 +60,7 @@ def expand(
     vq_scope: str = typer.Option("region", "--vq-scope", help="region: encode each region on its own; image: encode the whole image once and slice the index grid."),
     resize: str = typer.Option("stretch", "--resize", help="How images reach the working resolution: stretch, pad (LLaVA pad-to-square), crop (centre square)."),
     resample: str = typer.Option("bicubic", "--resample", help="Resize filter: bicubic, bilinear, lanczos, nearest, box, hamming."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed, 0 or more; each record's choices come from (seed, record position)."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     image_root: Optional[Path] = ImageRoot,

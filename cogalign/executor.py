@@ -61,6 +61,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
     sampler = TemplateSampler.from_path(options.templates)
     tokenizer = None
     if "vq" in options.targets:
+        from cogalign.regions import check_regions
         from cogalign.tokenizers import load_tokenizer
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
@@ -69,6 +70,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         if h % f or w % f:
             raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
                                 f"downsampling factor {f}; pick e.g. {h - h % f or f}")
+        check_regions(options.regions, options.vq_resolution, f, "vq-resolution")
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 

@@ -221,13 +221,19 @@ def test_cli_sample_with_user_templates(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("sample", "--region", "middle"), "unknown region 'middle'"),
-    (("sample", "--resolution", "100"), "multiple of the alignment 8"),
+    (("sample", "--resolution", "100"), "not a multiple of the grid of 8 px"),
     (("sample", "--length", "lots"), "--length"),
+    (("sample", "--resolution", "8"), "--region upper-left cannot be cut at --resolution 8x8"),
+    (("sample", "--resolution", "8x64"), "use --resolution 16x64 or larger"),
+    (("sample", "--region", "center", "--resolution", "16"), "use --resolution 24 or larger"),
+    (("sample", "--kind", "px", "--resolution", "1"), "use --resolution 2 or larger"),
+    (("sample", "--seed", "-1"), "--seed"),
     (("list", "--templates", "/nonexistent/t.json"), "not found"),
 ])
 def test_cli_errors(args, message):
     result = invoke(*args)
     assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
 
 
 @pytest.mark.parametrize("command", ["list", "show", "sample"])
