@@ -168,6 +168,22 @@ def test_file_errors(tmp_path, name, content, message):
         load_templates(path)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("vq.txt", "Encode this image.\nAgain this image.\n"),
+    ("t.json", '{"vq": ["Encode this image.", "Again this image."]}'),
+    ("t.yaml", "vq:\n  - Encode this image.\n  - Again this image.\n"),
+    ("t.yml", "vq: [Encode this image., Again this image.]\n"),
+])
+def test_a_byte_order_mark_never_reaches_a_prompt(tmp_path, name, content):
+    """Windows editors save UTF-8 with a BOM; it is not part of the first template."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    loaded = load_templates(tmp_path if name.endswith(".txt") else path)
+    assert loaded["vq"] == ["Encode this image.", "Again this image."]
+    prompt = TemplateSampler(loaded).fill("vq", 0, "this image", (16, 16), 4)
+    assert prompt.startswith("Encode") and "\ufeff" not in prompt
+
+
 def test_missing_sources(tmp_path):
     with pytest.raises(CogalignError, match="not found"):
         load_templates(tmp_path / "nope.json")
