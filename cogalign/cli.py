@@ -40,6 +40,22 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         allow_absolute_paths=allow_absolute_paths, format=fmt)
 
 
+def _check_out_dir(out: Path, create: bool) -> None:
+    """`--out` must be a folder we can write in (made here, with its parents, unless only checking)."""
+    first = out
+    while not first.exists() and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        fail(f"--out {out}: {first} is a file, not a folder; choose another --out")
+    try:
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+        elif not os.access(first, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        fail(f"--out {out}: cannot make or write this folder ({e.strerror or e}); choose another --out")
+
+
 # Options shared by expand and validate, declared once.
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder.")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
@@ -82,6 +98,7 @@ def expand(
     from cogalign import report
     from cogalign.executor import Runtime, expand as run_expand, resolve_options
 
+    _check_out_dir(out, create=not dry_run)
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
                            str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt)
@@ -115,7 +132,7 @@ def expand(
 def validate(
     input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file.", exists=True, dir_okay=False),
     image_root: Optional[Path] = ImageRoot,
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here. Default: not written (the summary still counts them)."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here (its folder is made if missing). Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,

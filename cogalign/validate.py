@@ -39,7 +39,7 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     input_path = Path(input_path)
     ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent, decode_only=True)
     result, started = Validation(), time.perf_counter()
-    out = open(rejects_path, "wb") if rejects_path else None
+    out = open_output(rejects_path, "--rejects") if rejects_path else None
     try:
         with Progress(count_records(input_path), enabled=progress, label="validate") as bar, \
                 PreparePool(ctx, workers, chunk_size=16) as pool:
@@ -60,6 +60,20 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
             out.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def open_output(path: str | Path, option: str):
+    """Open a file for writing, creating its folder; a path that cannot be written is one CogalignError."""
+    path = Path(path)
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CogalignError(f"{option} {path}: {parent} is a file, not a folder; give another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")
+    except OSError as e:
+        raise CogalignError(f"{option} {path}: cannot write this file ({e.strerror or e}); "
+                            "give a file path in a folder you can write to") from None
 
 
 def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None) -> dict:
