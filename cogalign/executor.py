@@ -21,7 +21,7 @@ from cogalign import distributed, estimate, report
 from cogalign.errors import CogalignError
 from cogalign.layout import Layout, check_or_write_manifest, clear_output
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool
+from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
 from cogalign.templates import TemplateSampler
@@ -77,6 +77,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
 
 def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
+    refuse_while_spawning()  # a worker re-running an unguarded script stops here, before touching out_dir
     runtime = runtime or Runtime()
     input_path, out_dir = Path(input_path), Path(out_dir)
     image_root = Path(image_root) if image_root else input_path.parent

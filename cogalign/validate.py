@@ -12,7 +12,7 @@ import orjson
 from cogalign import estimate
 from cogalign.errors import RecordError
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool
+from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
@@ -36,6 +36,7 @@ class Validation:
 def validate(input_path: str | Path, options: ExpandOptions, image_root: str | Path | None = None,
              workers: int = 2, rejects_path: str | Path | None = None, progress: bool = True) -> Validation:
     """Check every record and decode every image, in worker processes; write rejects as JSON lines."""
+    refuse_while_spawning()
     input_path = Path(input_path)
     ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent, decode_only=True)
     result, started = Validation(), time.perf_counter()
