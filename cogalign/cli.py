@@ -40,20 +40,15 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         allow_absolute_paths=allow_absolute_paths, format=fmt)
 
 
-def _check_out_dir(out: Path, create: bool) -> None:
-    """`--out` must be a folder we can write in (made here, with its parents, unless only checking)."""
+def _check_out_dir(out: Path) -> None:
+    """`--out` must be a folder, or a path whose first existing parent is a folder we can write in."""
     first = out
     while not first.exists() and first != first.parent:
         first = first.parent
     if not first.is_dir():
         fail(f"--out {out}: {first} is a file, not a folder; choose another --out")
-    try:
-        if create:
-            out.mkdir(parents=True, exist_ok=True)
-        elif not os.access(first, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        fail(f"--out {out}: cannot make or write this folder ({e.strerror or e}); choose another --out")
+    if not os.access(first, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write in {first} (permission denied); choose another --out")
 
 
 # Options shared by expand and validate, declared once.
@@ -98,7 +93,7 @@ def expand(
     from cogalign import report
     from cogalign.executor import Runtime, expand as run_expand, resolve_options
 
-    _check_out_dir(out, create=not dry_run)
+    _check_out_dir(out)
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
                            str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt)
