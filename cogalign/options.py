@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import orjson
@@ -101,8 +102,13 @@ class ExpandOptions:
                   "px_resolution": parse_resolution(self.px_resolution, "px-resolution")}
         for name, value in normal.items():
             object.__setattr__(self, name, value)  # frozen: normalise once, here
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+        try:
+            seed = operator.index(self.seed)  # numpy integers too, not floats or strings
+        except TypeError:
+            seed = -1
+        if isinstance(self.seed, bool) or not 0 <= seed <= MAX_SEED:
             raise OptionError(f"--seed {self.seed!r}: must be an integer from 0 to {MAX_SEED}")
+        object.__setattr__(self, "seed", seed)
         if "px" in self.targets:  # the VQ regions are checked once the tokenizer's factor is known
             check_regions(self.regions, self.px_resolution, 1, "px-resolution")
         for name, allowed in (("resize", RESIZE_MODES), ("resample", RESAMPLE_FILTERS),

@@ -1,4 +1,5 @@
 """ExpandOptions refuses or normalises every value in its constructor (issue 7, items 7, 16, 17)."""
+import numpy as np
 import pytest
 
 from cogalign.options import MAX_SEED, ExpandOptions, OptionError
@@ -27,6 +28,7 @@ def test_strings_and_ints_are_normalised():
     ({"seed": -1}, "--seed"),
     ({"seed": 2**64}, "--seed"),
     ({"seed": "3"}, "--seed"),
+    ({"seed": 1.5}, "--seed"),
     ({"max_image_pixels": 0}, "--max-image-pixels"),
     ({"px_resolution": 1}, "--regions upper-left cannot be cut at --px-resolution 1x1"),
     ({"regions": "center", "px_resolution": 2}, "use --px-resolution 3 or larger"),
@@ -39,6 +41,8 @@ def test_bad_values_are_refused_in_the_constructor(changes, message):
 def test_px_regions_are_checked_only_when_px_is_produced():
     assert ExpandOptions(targets="vq", px_resolution=1).px_resolution == (1, 1)
     assert ExpandOptions(seed=MAX_SEED).seed == MAX_SEED
+    seed = ExpandOptions(seed=np.int64(7)).seed
+    assert seed == 7 and type(seed) is int
 
 
 @pytest.mark.parametrize("args, message", [
