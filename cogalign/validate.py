@@ -40,6 +40,9 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     input_path = Path(input_path)
     ctx = WorkerContext(options, Path(image_root) if image_root else input_path.parent, decode_only=True)
     result, started = Validation(), time.perf_counter()
+    if rejects_path and Path(rejects_path).exists() and Path(rejects_path).resolve() == input_path.resolve():
+        raise CogalignError(f"--rejects {rejects_path} is the input file; writing it would erase the input: "
+                            "give another path")
     out = open_output(rejects_path, "--rejects") if rejects_path else None
     try:
         with Progress(count_records(input_path), enabled=progress, label="validate") as bar, \

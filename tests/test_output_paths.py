@@ -30,6 +30,15 @@ def test_validate_rejects_path_that_cannot_be_written_is_one_line(tmp_path, reje
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_validate_never_writes_rejects_over_its_input(tmp_path):
+    data = tmp_path / "llava.json"
+    data.write_bytes(EXAMPLES.read_bytes())
+    result = run_cli("validate", data, "--rejects", tmp_path / "." / "llava.json", "--workers", "0", "--no-progress",
+                     expect=2)
+    assert "is the input file" in result.output
+    assert data.read_bytes() == EXAMPLES.read_bytes()
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/x"])
 def test_expand_out_that_is_a_file_is_one_line(tmp_path, out):
     (tmp_path / "afile").write_text("mine")
