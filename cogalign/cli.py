@@ -11,7 +11,7 @@ import typer
 
 from cogalign.cli_util import fail, say
 from cogalign.errors import CogalignError
-from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
+from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data.")
@@ -40,6 +40,17 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images)
 
 
+def _check_out_dir(out: Path) -> None:
+    """`--out` must be a folder, or a path whose first existing parent is a folder we can write in."""
+    first = out
+    while not first.exists() and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        fail(f"--out {out}: {first} is a file, not a folder; choose another --out")
+    if not os.access(first, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write in {first} (permission denied); choose another --out")
+
+
 # Options shared by expand and validate, declared once.
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
@@ -60,7 +71,7 @@ def expand(
     vq_scope: str = typer.Option("region", "--vq-scope", help="region: encode each region on its own; image: encode the whole image once and slice the index grid."),
     resize: str = typer.Option("stretch", "--resize", help="How images reach the working resolution: stretch, pad (LLaVA pad-to-square), crop (centre square)."),
     resample: str = typer.Option("bicubic", "--resample", help="Resize filter: bicubic, bilinear, lanczos, nearest, box, hamming."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each record's choices come from (seed, record position), as do the random:N picks of a YAML mixture."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed, 0 or more; each record's choices come from (seed, record position), as do the random:N picks of a YAML mixture."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Your own templates: a folder with vq.txt/px.txt, or a .json/.yaml with vq and px lists. Default: the paper's Tables 4 and 5."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
@@ -83,6 +94,7 @@ def expand(
     from cogalign import report
     from cogalign.executor import Runtime, expand as run_expand, resolve_options
 
+    _check_out_dir(out)
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
                            str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt,
@@ -125,7 +137,7 @@ def expand(
 def validate(
     input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     image_root: Optional[Path] = ImageRoot,
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here. Default: not written (the summary still counts them)."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here (its folder is made if missing). Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,

@@ -10,8 +10,8 @@ import typer
 
 from cogalign.cli_util import fail
 from cogalign.errors import CogalignError
-from cogalign.options import OptionError, parse_resolution
-from cogalign.regions import parse_regions, sample_region
+from cogalign.options import MAX_SEED, OptionError, parse_resolution
+from cogalign.regions import check_regions, parse_regions, sample_region
 from cogalign.templates import KINDS, TemplateSampler
 
 templates_app = typer.Typer(
@@ -83,7 +83,7 @@ def sample(
         help="VQ hint length: a number, or auto = (h/factor)*(w/factor) of the region. Ignored for px."),
     factor: int = typer.Option(
         8, "--factor", min=1, help="VQ tokenizer downsampling factor f; VQ boxes align to it."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for regions and templates."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Random seed for regions and templates (0 or more)."),
     count: int = typer.Option(3, "--count", min=1, help="How many prompts to print."),
     templates: Optional[Path] = TemplatesOption,
 ) -> None:
@@ -95,6 +95,7 @@ def sample(
         height, width = parse_resolution(resolution)
         fixed_length = None if length == "auto" else _parse_length(length)
         align = factor if kind is Kind.vq else 1
+        check_regions(names, (height, width), align, "resolution", "region")
         for _ in range(count):
             chosen = sample_region(rng, names, height, width, align)
             n = fixed_length if fixed_length is not None else (chosen.height // factor) * (chosen.width // factor)

@@ -25,7 +25,7 @@ from cogalign.identity import input_identity
 from cogalign.inputs import default_image_root
 from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool
+from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
 from cogalign.templates import TemplateSampler
@@ -66,6 +66,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
     sampler = TemplateSampler.from_path(options.templates)
     tokenizer = None
     if "vq" in options.targets:
+        from cogalign.regions import check_regions
         from cogalign.tokenizers import load_tokenizer
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
@@ -74,12 +75,14 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         if h % f or w % f:
             raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
                                 f"downsampling factor {f}; pick e.g. {h - h % f or f}")
+        check_regions(options.regions, options.vq_resolution, f, "vq-resolution")
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 
 
 def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
+    refuse_while_spawning()  # a worker re-running an unguarded script stops here, before touching out_dir
     runtime = runtime or Runtime()
     input_path, out_dir = Path(input_path), Path(out_dir)
     image_root = Path(image_root) if image_root else default_image_root(input_path)

@@ -48,6 +48,7 @@ __all__ = [
     "to_rgb",
     "to_working",
     "LLAVA_PAD_COLOR",
+    "pad_and_resize",
     "RESAMPLE",
 ]
 
@@ -359,6 +360,61 @@ def _lab_to_rgb(im: Image.Image) -> Image.Image:
 
 # -------------------------------------------------------------------- working image
 
+#: `--resize pad` builds the square canvas only while it holds at most this many pixels,
+#: or at most 4x the image's own pixels; past that (extreme aspect ratios) it is never built.
+PAD_CANVAS_PIXELS = 4096 * 4096
+
+
+def pad_and_resize(im: Image.Image, size: tuple[int, int], resample: str = "bicubic") -> Image.Image:
+    """LLaVA's `expand2square` (centred on a square of side max(w, h), `LLAVA_PAD_COLOR`), then resize to `size` (W, H).
+
+    Memory stays bounded for any aspect ratio (a 200000x1 strip would need a 120 GB canvas):
+    - an ordinary canvas (at most `PAD_CANVAS_PIXELS` pixels, or 4x the image) is built and
+      resized with PIL, as LLaVA does;
+    - past that, the canvas is never built. PIL resizes in two separable passes rounded to
+      8 bits in between; here the pass along the image's long side runs first, on the
+      image alone (every canvas line across it is either an image line or a pad line),
+      then the other pass runs over the full canvas length in strips of ~12 MB. This is
+      PIL's own arithmetic, so the result equals the canvas path whenever PIL also runs
+      the long-side pass first; where PIL picks the other order the two differ by the
+      rounding of the intermediate (`benchmarks/pad_extreme.py` measures it; nearest is
+      always identical).
+    """
+    iw, ih = im.size
+    side = max(iw, ih)
+    if side * side <= max(PAD_CANVAS_PIXELS, 4 * iw * ih):
+        canvas = Image.new("RGB", (side, side), LLAVA_PAD_COLOR)
+        canvas.paste(im, ((side - iw) // 2, (side - ih) // 2))
+        return canvas if canvas.size == size else canvas.resize(size, RESAMPLE[resample])
+    if iw > ih:
+        return _pad_resize_wide(im, size, resample)
+    wide = _pad_resize_wide(im.transpose(Image.Transpose.TRANSPOSE), (size[1], size[0]), resample)
+    return wide.transpose(Image.Transpose.TRANSPOSE)
+
+
+def _pad_resize_wide(im: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
+    """`pad_and_resize` of a wider-than-tall image without the side x side canvas: horizontal pass, then vertical.
+
+    A canvas row is an image row or a pad row: the horizontal pass of the image rows is
+    `im.resize((W, ih))`, that of a pad row one resized pad row; the vertical pass then
+    runs on column strips of that (W x side) intermediate, a few columns at a time.
+    """
+    (w, h), filt = size, RESAMPLE[resample]
+    iw, ih = im.size
+    top = (iw - ih) // 2
+    band = np.asarray(im.resize((w, ih), filt))
+    pad_row = np.asarray(Image.new("RGB", (iw, 1), LLAVA_PAD_COLOR).resize((w, 1), filt))[0]
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    step = max(1, (1 << 22) // iw)  # columns per strip: about 12 MB of canvas at a time
+    for c0 in range(0, w, step):
+        c1 = min(w, c0 + step)
+        strip = np.empty((iw, c1 - c0, 3), dtype=np.uint8)
+        strip[:] = pad_row[c0:c1]
+        strip[top:top + ih] = band[:, c0:c1]
+        out[:, c0:c1] = np.asarray(Image.fromarray(strip).resize((c1 - c0, h), filt))
+    return Image.fromarray(out)
+
+
 def to_working(
     image: Image.Image,
     resolution: tuple[int, int],
@@ -371,7 +427,8 @@ def to_working(
     - `stretch`: resize to W×H, ignoring the aspect ratio.
     - `pad`: LLaVA's `expand2square` — paste the image centred on a square canvas of
       side max(w, h) filled with `LLAVA_PAD_COLOR` = (122, 116, 104), the CLIP
-      processor mean ×255 truncated as LLaVA does — then resize to W×H.
+      processor mean ×255 truncated as LLaVA does — then resize to W×H
+      (`pad_and_resize`: without the canvas where it would be huge).
     - `crop`: centre crop to a square of side min(w, h) (offsets `(w-side)//2`,
       `(h-side)//2`), then resize to W×H.
     `resample` is one of bicubic, bilinear, lanczos, nearest, box, hamming. Nothing is
@@ -388,10 +445,7 @@ def to_working(
         im = to_rgb(image)
         iw, ih = im.size
         if resize == "pad" and iw != ih:
-            side = max(iw, ih)
-            canvas = Image.new("RGB", (side, side), LLAVA_PAD_COLOR)
-            canvas.paste(im, ((side - iw) // 2, (side - ih) // 2))
-            im = canvas
+            im = pad_and_resize(im, (w, h), resample)
         elif resize == "crop" and iw != ih:
             side = min(iw, ih)
             left, top = (iw - side) // 2, (ih - side) // 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import orjson
@@ -19,6 +20,7 @@ RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming
 VQ_SCOPES = ("region", "image")
 OUTPUT_FORMATS = ("parquet", "jsonl", "json")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit
+MAX_SEED = 2**63 - 1  # recorded in every record's provenance as a 64-bit integer
 
 
 class OptionError(CogalignError, ValueError):
@@ -26,8 +28,12 @@ class OptionError(CogalignError, ValueError):
 
 
 def parse_resolution(value: str | int | tuple[int, int], option: str = "resolution") -> tuple[int, int]:
-    """`672` or `"672"` -> (672, 672); `"448x672"` -> (448, 672) as (H, W)."""
-    if isinstance(value, tuple):
+    """`672` or `"672"` -> (672, 672); `"448x672"` or `(448, 672)` -> (448, 672) as (H, W)."""
+    if isinstance(value, bool):
+        raise OptionError(f"--{option} {value!r}: expected N or HxW, e.g. 672 or 448x672")
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise OptionError(f"--{option} {value!r}: expected two integers (H, W), e.g. (448, 672)")
         h, w = value
     elif isinstance(value, int):
         h = w = value
@@ -49,7 +55,10 @@ def parse_resolution(value: str | int | tuple[int, int], option: str = "resoluti
 
 
 def parse_list(value: str | tuple[str, ...] | list[str], allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    """`"vq,px"`, `"px"` or `("vq", "px")` -> a tuple of allowed names, duplicates dropped."""
+    if not isinstance(value, (str, tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise OptionError(f"--{option} {value!r}: give a comma-separated string or a list of {', '.join(allowed)}")
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [v.strip() for v in value]
     items = [v for v in items if v]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
@@ -59,7 +68,12 @@ def parse_list(value: str | tuple[str, ...] | list[str], allowed: tuple[str, ...
 
 @dataclass(frozen=True)
 class ExpandOptions:
-    """Everything that decides the bytes of the output."""
+    """Everything that decides the bytes of the output.
+
+    Strings are accepted where the CLI takes them and normalised in the constructor:
+    `targets="px"` -> ("px",), `regions="quarters"` -> the four quarters,
+    `vq_resolution=448` or `"448x672"` -> (H, W). Bad values raise `OptionError`.
+    """
 
     targets: tuple[str, ...] = TARGET_KINDS
     regions: tuple[str, ...] = ("upper-left", "upper-right", "lower-left", "lower-right")
@@ -81,7 +95,23 @@ class ExpandOptions:
     embed_images: bool = False  # parquet: the image column holds the image file's bytes (datasets Image)
 
     def __post_init__(self) -> None:
-        parse_list(self.targets, TARGET_KINDS, "targets")
+        from cogalign.regions import check_regions, parse_regions
+
+        normal = {"targets": parse_list(self.targets, TARGET_KINDS, "targets"),
+                  "regions": parse_regions(self.regions),
+                  "vq_resolution": parse_resolution(self.vq_resolution, "vq-resolution"),
+                  "px_resolution": parse_resolution(self.px_resolution, "px-resolution")}
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)  # frozen: normalise once, here
+        try:
+            seed = operator.index(self.seed)  # numpy integers too, not floats or strings
+        except TypeError:
+            seed = -1
+        if isinstance(self.seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise OptionError(f"--seed {self.seed!r}: must be an integer from 0 to {MAX_SEED}")
+        object.__setattr__(self, "seed", seed)
+        if "px" in self.targets:  # the VQ regions are checked once the tokenizer's factor is known
+            check_regions(self.regions, self.px_resolution, 1, "px-resolution")
         for name, allowed in (("resize", RESIZE_MODES), ("resample", RESAMPLE_FILTERS),
                               ("vq_scope", VQ_SCOPES), ("format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
@@ -89,7 +119,8 @@ class ExpandOptions:
         if self.embed_images and self.format != "parquet":
             raise OptionError(f"--embed-images needs --format parquet (got {self.format!r}): "
                               "LLaVA JSON files hold image paths, not bytes")
-        if self.max_image_pixels < 1:
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) \
+                or self.max_image_pixels < 1:
             raise OptionError("--max-image-pixels must be positive")
 
     def replace(self, **changes) -> "ExpandOptions":

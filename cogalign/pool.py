@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -24,6 +25,42 @@ from cogalign.errors import CogalignError
 from cogalign.worker import REJECT, Prepared, WorkerContext, prepare
 
 MAX_CONSECUTIVE_CRASHES = 3  # records in a row that kill workers: the workers themselves are broken
+UNGUARDED_EXIT = 87  # exit code of a spawned worker that found itself re-running the user's script
+
+
+def unguarded_main_message() -> str:
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) or "your script"
+    return (f"worker processes cannot start: {script} runs cogalign when it is imported, and every worker "
+            "process (started with 'spawn') imports it again; put the call under "
+            "`if __name__ == \"__main__\":` (see the README, In your own pipeline), or pass workers=0")
+
+
+def refuse_while_spawning() -> None:
+    """Call first in every entry point that starts workers.
+
+    A spawned worker imports the parent's `__main__`; a script without an
+    `if __name__ == "__main__":` guard then runs cogalign again inside the worker,
+    before the worker has started. Stop that re-run at once, before it touches
+    any file, with an exit code the parent recognises.
+    """
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise SystemExit(UNGUARDED_EXIT)
+
+
+def _noop() -> None:
+    pass
+
+
+def _spawn_probe_exit_code(timeout: float = 120.0) -> int | None:
+    """Start one bare spawned process: its exit code tells whether workers can start at all."""
+    probe = mp.get_context("spawn").Process(target=_noop, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if probe.exitcode is None:
+        probe.kill()
+        probe.join()
+    return probe.exitcode
 
 _CTX: WorkerContext | None = None
 
@@ -52,6 +89,7 @@ class PreparePool:
         self.window = window or max(2, workers * 3)
         self.restarts = 0
         self._crashed_in_a_row = 0
+        self._worked = False  # a worker has returned a result at least once
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "PreparePool":
@@ -63,6 +101,7 @@ class PreparePool:
         self.close(cancel=exc[0] is not None)
 
     def _start(self) -> None:
+        refuse_while_spawning()
         self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                              initializer=_init_worker, initargs=(self.ctx,))
 
@@ -115,6 +154,7 @@ class PreparePool:
                 inflight.appendleft((future, chunk))
                 broken()
                 continue
+            self._worked = True
             top_up()
             yield from results
 
@@ -135,9 +175,12 @@ class PreparePool:
                            "the worker process died on this record (out of memory or a decoder crash)")
             return
         self._crashed_in_a_row = 0
+        self._worked = True
         yield from results
 
     def _restart(self) -> None:
         self.close(cancel=True)
+        if not self._worked and _spawn_probe_exit_code() == UNGUARDED_EXIT:
+            raise CogalignError(unguarded_main_message())
         self.restarts += 1
         self._start()

@@ -5,6 +5,11 @@ box is a multiple of `align` (the VQ tokenizer's downsampling factor `f`; 1 for 
 When a side has an odd number of `align` cells, halves and quarters split it at
 the floor of the middle, and the centre keeps equal margins (the middle half,
 rounded to whole cells).
+
+A region is refused (OptionError) where it cannot be cut at the resolution: a half
+or quarter needs at least 2 cells along each axis it splits, the centre at least 3
+cells in each axis (a margin of one cell and a middle of one cell); `full` and
+`box` need one cell. `check_regions` applies this before a run starts.
 """
 from __future__ import annotations
 
@@ -19,6 +24,13 @@ QUARTERS = ("upper-left", "upper-right", "lower-left", "lower-right")
 HALVES = ("left", "right", "upper", "lower")
 REGION_NAMES = ("full",) + QUARTERS + HALVES + ("center", "box")
 REGION_GROUPS = {"quarters": QUARTERS, "halves": HALVES, "all": REGION_NAMES}
+# Cells (columns, rows) a region needs to be what its phrase says.
+MIN_CELLS = {"full": (1, 1), "box": (1, 1), "center": (3, 3),
+             **{name: (2, 2) for name in QUARTERS}, "left": (2, 1), "right": (2, 1), "upper": (1, 2), "lower": (1, 2)}
+_WHAT = {"center": "the central part needs at least 3 cells in each axis",
+         **{name: "a quarter needs at least 2 cells in each axis" for name in QUARTERS},
+         "left": "a left/right half needs at least 2 cells across", "right": "a left/right half needs at least 2 cells across",
+         "upper": "an upper/lower half needs at least 2 cells down", "lower": "an upper/lower half needs at least 2 cells down"}
 
 
 @dataclass(frozen=True)
@@ -89,19 +101,45 @@ def _cells(size: int, align: int, axis: str) -> int:
     return size // align
 
 
+def check_regions(names: Sequence[str], resolution: tuple[int, int], align: int = 1,
+                  resolution_option: str = "resolution", regions_option: str = "regions") -> None:
+    """Refuse, in one line, a region that cannot be cut at `resolution` (H, W) on a grid of `align` px."""
+    height, width = resolution
+    if align < 1:
+        raise OptionError(f"alignment must be a positive integer, got {align}")
+    if height < 1 or width < 1 or height % align or width % align:
+        up = lambda n: max(align, -(-n // align) * align)  # noqa: E731 - next multiple of align
+        raise OptionError(f"--{resolution_option} {height}x{width} is not a multiple of the grid of {align} px "
+                          f"(the tokenizer's downsampling factor); use --{resolution_option} {up(height)}x{up(width)}")
+    rows, cols = height // align, width // align
+    need_cols = max(MIN_CELLS[name][0] for name in names)
+    need_rows = max(MIN_CELLS[name][1] for name in names)
+    bad = [name for name in names if MIN_CELLS[name][0] > cols or MIN_CELLS[name][1] > rows]
+    if not bad:
+        return
+    h, w = max(height, need_rows * align), max(width, need_cols * align)
+    grid = f"{rows}x{cols} cells of {align} px"
+    works = f"{h}" if h == w else f"{h}x{w}"
+    raise OptionError(f"--{regions_option} {bad[0]} cannot be cut at --{resolution_option} {height}x{width} "
+                      f"({grid}; {_WHAT[bad[0]]}): use --{resolution_option} {works} or larger, "
+                      f"or drop {', '.join(bad)} from --{regions_option}")
+
+
 def _halves(cells: int) -> tuple[tuple[int, int], tuple[int, int]]:
     mid = cells // 2
-    return (0, max(mid, 1)), (min(mid, cells - 1), cells)
+    return (0, mid), (mid, cells)
 
 
 def _middle(cells: int) -> tuple[int, int]:
-    margin = min((cells + 2) // 4, (cells - 1) // 2)
+    margin = (cells + 2) // 4
     return margin, cells - margin
 
 
 def region_box(name: str, height: int, width: int, align: int = 1) -> tuple[int, int, int, int]:
     """The aligned box of a named region ("box" is random: use `sample_region`)."""
     rows, cols = _cells(height, align, "height"), _cells(width, align, "width")
+    if name in MIN_CELLS:
+        check_regions((name,), (height, width), align)
     (top, bottom), (left, right) = _halves(rows), _halves(cols)
     spans = {
         "full": ((0, cols), (0, rows)),

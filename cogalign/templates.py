@@ -12,6 +12,7 @@ there and appends the resolution (and, for VQ, length) hint after one space.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,10 +39,11 @@ def shipped_templates_dir() -> Path:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first template
     except (OSError, UnicodeDecodeError) as exc:
         raise CogalignError(f"{path}: cannot read templates ({exc}); give a UTF-8 text file, one template per line") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    lines = (line.lstrip("\ufeff").strip() for line in text.splitlines())  # files joined with `cat` keep theirs
+    return [line for line in lines if line]
 
 
 def _read_mapping(path: Path) -> dict:
@@ -49,6 +51,7 @@ def _read_mapping(path: Path) -> dict:
         raw = path.read_bytes()
     except OSError as exc:
         raise CogalignError(f"{path}: cannot read templates ({exc})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not part of the first key or template
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(raw)

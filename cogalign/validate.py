@@ -14,7 +14,7 @@ from cogalign.errors import RecordError
 from cogalign.inputs import default_image_root
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool
+from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
@@ -39,10 +39,14 @@ class Validation:
 def validate(input_path: str | Path, options: ExpandOptions, image_root: str | Path | None = None,
              workers: int = 2, rejects_path: str | Path | None = None, progress: bool = True) -> Validation:
     """Check every record and decode every image, in worker processes; write rejects as JSON lines."""
+    refuse_while_spawning()
     input_path = Path(input_path)
     ctx = WorkerContext(options, Path(image_root) if image_root else default_image_root(input_path), decode_only=True)
     result, started = Validation(), time.perf_counter()
-    out = open(rejects_path, "wb") if rejects_path else None
+    if rejects_path and Path(rejects_path).exists() and Path(rejects_path).resolve() == input_path.resolve():
+        raise CogalignError(f"--rejects {rejects_path} is the input file; writing it would erase the input: "
+                            "give another path")
+    out = open_output(rejects_path, "--rejects") if rejects_path else None
     try:
         with Progress(count_records(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
                 PreparePool(ctx, workers, chunk_size=16) as pool:
@@ -63,6 +67,20 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
             out.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def open_output(path: str | Path, option: str):
+    """Open a file for writing, creating its folder; a path that cannot be written is one CogalignError."""
+    path = Path(path)
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CogalignError(f"{option} {path}: {parent} is a file, not a folder; give another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")
+    except OSError as e:
+        raise CogalignError(f"{option} {path}: cannot write this file ({e.strerror or e}); "
+                            "give a file path in a folder you can write to") from None
 
 
 def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,

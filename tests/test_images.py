@@ -612,3 +612,67 @@ def test_corpus_outcomes_are_exact(tmp_path, fmt):
     assert {"image_path_empty", "image_path_absolute", "image_path_escapes_root", "image_missing", "image_empty_file",
             "image_unidentified", "image_too_large", "image_decode_error"} <= reasons
     assert {"text_only", "video"} <= {e.reason for e in expected if e.outcome == "pass"}
+
+
+def _canvas_reference(im: Image.Image, size, resample: str) -> np.ndarray:
+    side = max(im.size)
+    canvas = Image.new("RGB", (side, side), LLAVA_PAD_COLOR)
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return np.asarray(canvas.resize(size, RESAMPLE[resample]))
+
+
+def _no_big_canvas(monkeypatch, limit: int):
+    real_new = Image.new
+
+    def new(mode, size, *args, **kw):
+        assert size[0] * size[1] <= limit, f"a {size} image was built"
+        return real_new(mode, size, *args, **kw)
+
+    monkeypatch.setattr(Image, "new", new)
+
+
+@pytest.mark.parametrize("size", [(12000, 8), (8, 12000), (200000, 1), (1, 200000)])
+def test_pad_on_extreme_aspect_ratios_builds_no_huge_canvas(monkeypatch, size):
+    """Issue 7 item 8: a 12000x8 strip took 1.15 GB; a 200000x1 one was rejected as MemoryError."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    _no_big_canvas(monkeypatch, 4 * 4096 * 4096)
+    arr = to_working(im, (32, 48), resize="pad")
+    assert arr.shape == (32, 48, 3)
+    strip = arr[:, :, :].reshape(-1, 3)
+    assert (strip == LLAVA_PAD_COLOR).all(axis=1).mean() > 0.9  # mostly the pad colour, as on the canvas
+
+
+@pytest.mark.parametrize("resample", RESAMPLE_FILTERS)
+def test_pad_without_canvas_matches_the_canvas(monkeypatch, resample):
+    """Measured in benchmarks/pad_extreme.py: a wide strip is byte-identical here; a tall one differs
+    by the rounding of PIL's intermediate pass (at most 1 level at these sizes)."""
+    import cogalign.images
+
+    rng = np.random.default_rng(1)
+    wide = Image.fromarray(rng.integers(0, 256, (20, 1500, 3), dtype=np.uint8))
+    want_wide = _canvas_reference(wide, (96, 64), resample)
+    want_tall = _canvas_reference(wide.transpose(Image.Transpose.TRANSPOSE), (64, 96), resample)
+    monkeypatch.setattr(cogalign.images, "PAD_CANVAS_PIXELS", 0)  # the canvas-free path from 4x the image on
+    _no_big_canvas(monkeypatch, 1500 * 1500 // 4)  # the canvas would be 1500 x 1500
+    assert np.array_equal(to_working(wide, (64, 96), resize="pad", resample=resample), want_wide)
+    got = to_working(wide.transpose(Image.Transpose.TRANSPOSE), (96, 64), resize="pad", resample=resample)
+    diff = np.abs(got.astype(int) - want_tall.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    if resample == "nearest":
+        assert diff.max() == 0
+
+
+def test_validate_and_expand_agree_on_a_200000x1_png(tmp_path):
+    from cogalign.validate import validate as run_validate
+    from cogalign.options import ExpandOptions
+    from cogalign.worker import WorkerContext, prepare
+
+    Image.fromarray(np.full((1, 200000, 3), 7, dtype=np.uint8)).save(tmp_path / "strip.png")
+    record = {"id": "strip", "image": "strip.png",
+              "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A line."}]}
+    (tmp_path / "in.jsonl").write_text(__import__("json").dumps(record) + "\n")
+    options = ExpandOptions(targets="px", resize="pad", px_resolution=16)
+    assert run_validate(tmp_path / "in.jsonl", options, workers=0, progress=False).ok
+    prepared = prepare(0, record, WorkerContext(options, tmp_path))
+    assert prepared.outcome == "expand", prepared.detail

@@ -49,3 +49,42 @@ def test_a_record_that_kills_its_worker_is_rejected_and_the_run_goes_on():
     crashed = [p for p in results if p.outcome == "reject"]
     assert [(p.index, p.reason) for p in crashed] == [(2, "worker_crashed")]
     assert all(p.outcome in ("expand", "pass") for p in results if p.index != 2)
+
+
+SCRIPT = """
+import sys
+from cogalign.validate import validate
+from cogalign.options import ExpandOptions
+def main():
+    result = validate({examples!r}, ExpandOptions(), workers=2, progress=False)
+    print("expanded", result.counts["expand"])
+{call}
+"""
+
+
+def _run_script(tmp_path: Path, call: str):
+    import os
+    import subprocess
+
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT.format(examples=str(EXAMPLES), call=call))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_an_unguarded_script_is_told_why_workers_die(tmp_path):
+    """README's "whole job from Python" in a plain script: spawn re-imports the script in each worker."""
+    proc = _run_script(tmp_path, "main()")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "job.py runs cogalign when it is imported" in last and 'if __name__ == "__main__":' in last, last
+    assert "worker_crashed" not in proc.stdout + proc.stderr
+
+
+def test_a_guarded_script_runs(tmp_path):
+    proc = _run_script(tmp_path, 'if __name__ == "__main__":\n    main()')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from cogalign.validate import validate
+
+    expected = validate(EXAMPLES, ExpandOptions(), workers=0, progress=False).counts["expand"]
+    assert expected > 0 and proc.stdout.split() == ["expanded", str(expected)]

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cogalign.options import OptionError
-from cogalign.regions import (HALVES, QUARTERS, REGION_NAMES, Region, parse_regions, region_box,
-                              sample_region)
+from cogalign.options import OptionError, parse_resolution
+from cogalign.regions import (HALVES, MIN_CELLS, QUARTERS, REGION_NAMES, Region, check_regions, parse_regions,
+                              region_box, sample_region)
 
 FIXED = tuple(n for n in REGION_NAMES if n != "box")
 
@@ -28,15 +28,50 @@ def test_boxes_non_square_and_odd_sizes():
     assert region_box("lower", 5, 7, 1) == (0, 2, 7, 5)
     assert region_box("center", 5, 7, 1) == (2, 1, 5, 4)
     assert region_box("center", 24, 40, 8) == (8, 8, 32, 16)
-    assert region_box("lower-right", 1, 1, 1) == (0, 0, 1, 1)
-    assert region_box("center", 16, 16, 8) == (0, 0, 16, 16)
+    assert region_box("center", 24, 24, 8) == (8, 8, 16, 16)  # 3 cells: margins of one cell
+    assert region_box("left", 8, 16, 8) == (0, 0, 8, 8) and region_box("upper", 16, 8, 8) == (0, 0, 8, 8)
+
+
+@pytest.mark.parametrize("name, height, width, align, fix", [
+    ("upper-left", 8, 64, 8, "--resolution 16x64"),      # one row of cells: no upper/lower split
+    ("lower-right", 8, 8, 8, "--resolution 16"),
+    ("lower-right", 1, 1, 1, "--resolution 2"),
+    ("left", 64, 8, 8, "--resolution 64x16"),
+    ("upper", 1, 64, 1, "--resolution 2x64"),
+    ("center", 16, 16, 8, "--resolution 24"),            # 2 cells: margins would leave nothing
+    ("center", 64, 16, 16, "--resolution 64x48"),
+])
+def test_regions_that_cannot_be_cut_are_refused(name, height, width, align, fix):
+    """Spec §2: a region too small for the grid is refused, never labelled as something it is not."""
+    with pytest.raises(OptionError, match=f"{name} cannot be cut.*use {fix} or larger"):
+        region_box(name, height, width, align)
+    with pytest.raises(OptionError, match=f"drop {name} from --regions"):
+        check_regions([name, "full"], (height, width), align)
+    with pytest.raises(OptionError, match="cannot be cut"):
+        sample_region(np.random.default_rng(0), [name], height, width, align)
+    check_regions(["full", "box"], (height, width), align)  # one cell is always enough for these
+
+
+def test_check_regions_suggests_a_resolution_that_works():
+    with pytest.raises(OptionError) as err:
+        check_regions(REGION_NAMES, (16, 8), 8, "vq-resolution")
+    fix = str(err.value).split("use --vq-resolution ")[1].split()[0]
+    assert fix == "24"
+    h, w = parse_resolution(fix)
+    check_regions(REGION_NAMES, (h, w), 8, "vq-resolution")
+    with pytest.raises(OptionError, match="--vq-resolution 12x20 is not a multiple.*16x24"):
+        check_regions(["full"], (12, 20), 8, "vq-resolution")
 
 
 @settings(max_examples=150, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), align=st.sampled_from([1, 2, 8, 14, 16]))
 def test_box_invariants(rows, cols, align):
     height, width = rows * align, cols * align
-    boxes = {n: region_box(n, height, width, align) for n in FIXED}
+    cuttable = [n for n in FIXED if MIN_CELLS[n][0] <= cols and MIN_CELLS[n][1] <= rows]
+    for name in set(FIXED) - set(cuttable):
+        with pytest.raises(OptionError, match="cannot be cut"):
+            region_box(name, height, width, align)
+    boxes = {n: region_box(n, height, width, align) for n in cuttable}
     for name, (x0, y0, x1, y1) in boxes.items():
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, name
         assert all(v % align == 0 for v in (x0, y0, x1, y1)), name
@@ -45,9 +80,12 @@ def test_box_invariants(rows, cols, align):
         assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (boxes[q] for q in QUARTERS)) == height * width
         assert boxes["left"][2] == boxes["right"][0] == boxes["upper-left"][2]
         assert boxes["upper"][3] == boxes["lower"][1] == boxes["upper-left"][3]
-    x0, y0, x1, y1 = boxes["center"]
-    assert x0 == width - x1 and y0 == height - y1
-    assert abs((x1 - x0) - width / 2) <= align and abs((y1 - y0) - height / 2) <= align
+    for name, box in boxes.items():  # no region is the whole image unless it is "full"
+        assert name == "full" or box != (0, 0, width, height), name
+    if "center" in boxes:
+        x0, y0, x1, y1 = boxes["center"]
+        assert x0 == width - x1 and y0 == height - y1 and x0 >= align and y0 >= align
+        assert abs((x1 - x0) - width / 2) <= align and abs((y1 - y0) - height / 2) <= align
 
 
 def test_region_box_errors():

@@ -168,6 +168,22 @@ def test_file_errors(tmp_path, name, content, message):
         load_templates(path)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("vq.txt", "Encode this image.\nAgain this image.\n"),
+    ("t.json", '{"vq": ["Encode this image.", "Again this image."]}'),
+    ("t.yaml", "vq:\n  - Encode this image.\n  - Again this image.\n"),
+    ("t.yml", "vq: [Encode this image., Again this image.]\n"),
+])
+def test_a_byte_order_mark_never_reaches_a_prompt(tmp_path, name, content):
+    """Windows editors save UTF-8 with a BOM; it is not part of the first template."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    loaded = load_templates(tmp_path if name.endswith(".txt") else path)
+    assert loaded["vq"] == ["Encode this image.", "Again this image."]
+    prompt = TemplateSampler(loaded).fill("vq", 0, "this image", (16, 16), 4)
+    assert prompt.startswith("Encode") and "\ufeff" not in prompt
+
+
 def test_missing_sources(tmp_path):
     with pytest.raises(CogalignError, match="not found"):
         load_templates(tmp_path / "nope.json")
@@ -221,13 +237,19 @@ def test_cli_sample_with_user_templates(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("sample", "--region", "middle"), "unknown region 'middle'"),
-    (("sample", "--resolution", "100"), "multiple of the alignment 8"),
+    (("sample", "--resolution", "100"), "not a multiple of the grid of 8 px"),
     (("sample", "--length", "lots"), "--length"),
+    (("sample", "--resolution", "8"), "--region upper-left cannot be cut at --resolution 8x8"),
+    (("sample", "--resolution", "8x64"), "use --resolution 16x64 or larger"),
+    (("sample", "--region", "center", "--resolution", "16"), "use --resolution 24 or larger"),
+    (("sample", "--kind", "px", "--resolution", "1"), "use --resolution 2 or larger"),
+    (("sample", "--seed", "-1"), "--seed"),
     (("list", "--templates", "/nonexistent/t.json"), "not found"),
 ])
 def test_cli_errors(args, message):
     result = invoke(*args)
     assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
 
 
 @pytest.mark.parametrize("command", ["list", "show", "sample"])

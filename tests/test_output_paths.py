@@ -1,0 +1,47 @@
+"""Output-path options of validate and expand: a missing folder is made, an impossible path is one line."""
+import json
+
+import pytest
+
+from tests.helpers import EXAMPLES, FAST, run_cli
+
+
+def test_validate_rejects_in_a_folder_that_does_not_exist_yet(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "image": "missing.jpg",
+                               "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    rejects = tmp_path / "nodir" / "x" / "rej.jsonl"
+    run_cli("validate", bad, "--rejects", rejects, "--workers", "0", "--no-progress", expect=1)
+    assert json.loads(rejects.read_text())["reason"] == "image_missing"
+
+
+@pytest.mark.parametrize("rejects, message", [
+    ("afile/rej.jsonl", "afile is a file, not a folder"),
+    ("afile/x/rej.jsonl", "afile is a file, not a folder"),
+    ("adir", "cannot write this file"),
+])
+def test_validate_rejects_path_that_cannot_be_written_is_one_line(tmp_path, rejects, message):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "adir").mkdir()
+    result = run_cli("validate", EXAMPLES, "--rejects", tmp_path / rejects, "--workers", "0", "--no-progress",
+                     expect=2)
+    assert result.output.startswith("error: --rejects") and message in result.output
+    assert result.output.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_validate_never_writes_rejects_over_its_input(tmp_path):
+    data = tmp_path / "llava.json"
+    data.write_bytes(EXAMPLES.read_bytes())
+    result = run_cli("validate", data, "--rejects", tmp_path / "." / "llava.json", "--workers", "0", "--no-progress",
+                     expect=2)
+    assert "is the input file" in result.output
+    assert data.read_bytes() == EXAMPLES.read_bytes()
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/x"])
+def test_expand_out_that_is_a_file_is_one_line(tmp_path, out):
+    (tmp_path / "afile").write_text("mine")
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path / out, "--workers", "0", *FAST, expect=2)
+    assert result.output.startswith(f"error: --out {tmp_path / out}: ") and "is a file, not a folder" in result.output
+    assert (tmp_path / "afile").read_text() == "mine"
