@@ -353,7 +353,7 @@ def test_lpips_from_a_local_vgg_file(tmp_path):
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16()
     path = tmp_path / "vgg16-397923af.pth"
-    torch.save({"features." + k: v for k, v in vgg.features.state_dict().items()}, path)
+    torch.save({"features." + k: v for k, v in vgg.features.state_dict().items()}, path)  # the trunk is enough
     assert find_vgg_weights(path) == path
     model = load_lpips(path)
     torch.testing.assert_close(model.net.slice1[0].weight, vgg.features[0].weight, rtol=0, atol=0)
@@ -361,3 +361,6 @@ def test_lpips_from_a_local_vgg_file(tmp_path):
     assert float(model(x, x).abs().max()) == 0.0 and float(model(x, x.flip(0)).min()) > 0
     with pytest.raises(Exception, match="no such file"):
         find_vgg_weights(tmp_path / "missing.pth")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(Exception, match="not torchvision's VGG16"):
+        load_lpips(tmp_path / "other.pth")

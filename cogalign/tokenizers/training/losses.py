@@ -42,24 +42,24 @@ def load_lpips(vgg_weights: Path) -> nn.Module:
     read from a local torchvision state dict instead of downloaded. Frozen, eval mode."""
     try:
         import lpips
-        import torchvision
     except ImportError as e:
         raise TokenizerError(f"the perceptual loss needs the lpips package ({e}); pip install lpips") from None
     sd = torch.load(str(vgg_weights), map_location="cpu", weights_only=True)
-    vgg = torchvision.models.vgg16()
-    try:  # LPIPS uses the convolutional trunk only; a file with just features.* is enough
-        vgg.features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise TokenizerError(f"{vgg_weights}: not torchvision's VGG16 state dict ({str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict) or not any(str(k).startswith("features.") for k in sd):
+        raise TokenizerError(f"{vgg_weights}: not torchvision's VGG16 state dict (no features.* keys)")
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    trunk = model.net
+    trunk = model.net  # slices of torchvision's vgg16().features, each layer named by its index there
     for k in range(1, trunk.N_slices + 1):
         for name, layer in getattr(trunk, f"slice{k}").named_children():
-            layer.load_state_dict(vgg.features[int(name)].state_dict())
+            prefix = f"features.{name}."
+            try:
+                layer.load_state_dict({key[len(prefix):]: v for key, v in sd.items() if key.startswith(prefix)})
+            except RuntimeError as e:
+                raise TokenizerError(f"{vgg_weights}: not torchvision's VGG16 state dict ({str(e).splitlines()[0]})") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
