@@ -183,10 +183,10 @@ class CropBatches(torch.utils.data.Dataset):
     next one in the list; `bad` lists those seen by this process."""
 
     def __init__(self, refs: list[ImageRef], crop: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 square_sizes=SQUARE_SIZES, cache: int = 64):
+                 square_sizes=SQUARE_SIZES, cache: int = 128):
         self.refs, self.crop, self.batch_size, self.seed, self.rank = refs, crop, batch_size, seed, rank
         self.sizes = [0] + [s for s in square_sizes if s >= crop]  # 0: the image's own size
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_size = cache
         self.bad: dict[str, str] = {}
 
@@ -194,26 +194,31 @@ class CropBatches(torch.utils.data.Dataset):
         return 2 ** 62
 
     def image(self, i: int) -> np.ndarray:
+        """Image i decoded (the next decodable one if it cannot be)."""
+        return self._view(i, -1)
+
+    def _view(self, i: int, size: int) -> np.ndarray:
+        """Image i at `size` (0: its own size, upscaled to the crop if smaller; -1: as decoded), cached."""
         for k in range(len(self.refs)):
             j = (i + k) % len(self.refs)
-            if j in self._cache:
-                self._cache.move_to_end(j)
-                return self._cache[j]
-            ref = self.refs[j]
-            if ref.name in self.bad:
+            if self.refs[j].name in self.bad:
                 continue
+            if (j, size) in self._cache:
+                self._cache.move_to_end((j, size))
+                return self._cache[(j, size)]
             try:
-                arr = load_rgb(ref)
+                arr = self.image(j) if size >= 0 else load_rgb(self.refs[j])
             except TokenizerError as e:
-                self.bad[ref.name] = str(e)
+                self.bad[self.refs[j].name] = str(e)
                 continue
-            self._cache[j] = arr
+            arr = self.resized(arr, size) if size >= 0 else arr
+            self._cache[(j, size)] = arr
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return arr
         raise TokenizerError(f"none of the {len(self.refs)} images could be decoded; first: {next(iter(self.bad.values()))}")
 
-    def view(self, arr: np.ndarray, size: int) -> np.ndarray:
+    def resized(self, arr: np.ndarray, size: int) -> np.ndarray:
         h, w = arr.shape[:2]
         if size:
             return resize_rgb(arr, size, size)
@@ -227,7 +232,7 @@ class CropBatches(torch.utils.data.Dataset):
         out = np.empty((n, c, c, 3), dtype=np.uint8)
         for k in range(n):
             i = int(rng.integers(len(self.refs)))
-            v = self.view(self.image(i), self.sizes[int(rng.integers(len(self.sizes)))])
+            v = self._view(i, self.sizes[int(rng.integers(len(self.sizes)))])
             y = int(rng.integers(v.shape[0] - c + 1))
             x = int(rng.integers(v.shape[1] - c + 1))
             patch = v[y:y + c, x:x + c]
