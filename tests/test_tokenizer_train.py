@@ -364,3 +364,11 @@ def test_lpips_from_a_local_vgg_file(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(Exception, match="not torchvision's VGG16"):
         load_lpips(tmp_path / "other.pth")
+
+
+def test_same_seed_same_bytes_with_or_without_loader_workers(tmp_path):
+    args = [*SMALL, "--steps", "2", "--batch-size", "2"]
+    for name, extra in (("w0", []), ("w2", ["--workers", "2"])):
+        r = CliRunner().invoke(vq_app, ["train", str(EXAMPLE_IMAGES), "--out", str(tmp_path / name), *args, *extra])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "w0" / "model.safetensors").read_bytes() == (tmp_path / "w2" / "model.safetensors").read_bytes()

@@ -47,10 +47,11 @@ def export_taming(model, out_dir: str | Path, decoder_dtype: torch.dtype = torch
         for k, v in mod.state_dict().items():
             tensors[prefix + k] = v.detach().to("cpu", dtype).contiguous().clone()
     tensors["quantize.embedding.weight"] = model.codebook.detach().to("cpu", torch.float32).contiguous().clone()
-    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    # One key: safetensors writes its metadata map in no fixed order, and same seed must give same bytes.
+    meta = {"cogalign": json.dumps(metadata, sort_keys=True)} if metadata else None
     paths = {"model": out / MODEL_FILE, "config": out / CONFIG_FILE}
     tmp = out / (MODEL_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta or None)
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(paths["model"])
     os.chmod(paths["model"], 0o644)  # safetensors writes 0600
     with open(paths["config"], "w", encoding="utf-8") as fh:
