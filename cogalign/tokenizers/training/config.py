@@ -2,6 +2,7 @@
 before any image is read."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from cogalign.tokenizers.base import TokenizerError
@@ -73,7 +74,7 @@ class TrainConfig:
                 raise TokenizerError(f"{name} {v}: must be at least 1")
         if self.codes < 2:
             raise TokenizerError(f"--codes {self.codes}: a codebook needs at least 2 codes")
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TokenizerError(f"--lr {self.lr}: must be a positive number, e.g. 1e-4")
         for name, v in (("--disc-weight", self.disc_weight), ("--perceptual-weight", self.perceptual_weight),
                         ("--disc-start", self.disc_start), ("--workers", self.workers),

@@ -109,12 +109,12 @@ class VQGANLoss(nn.Module):
             nll = nll + self.mse_weight * F.mse_loss(rec, x)
         loss = nll + self.codebook_weight * vq_loss
         if self.gan_on(step):
-            g_loss = -(disc or self.discriminator)(rec).mean()
+            g_loss = -(disc if disc is not None else self.discriminator)(rec).mean()
             w = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
             loss = loss + w * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=w)
         return loss, logs
 
     def discriminator_loss(self, x, rec, disc=None) -> torch.Tensor:
-        d = disc or self.discriminator
+        d = disc if disc is not None else self.discriminator
         return hinge_d_loss(d(x.detach()), d(rec.detach()))
