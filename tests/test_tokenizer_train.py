@@ -349,17 +349,18 @@ def test_images_from_llava_json_and_parquet(tmp_path):
 
 def test_lpips_from_a_local_vgg_file(tmp_path):
     pytest.importorskip("lpips")
-    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
 
     from cogalign.tokenizers.training.losses import find_vgg_weights, load_lpips
 
     torch.manual_seed(0)
-    vgg = torchvision.models.vgg16()
+    features = make_layers(cfgs["D"])  # vgg16().features, without building the classifier
     path = tmp_path / "vgg16-397923af.pth"
-    torch.save({"features." + k: v for k, v in vgg.features.state_dict().items()}, path)  # the trunk is enough
+    torch.save({"features." + k: v for k, v in features.state_dict().items()}, path)  # the trunk is enough
     assert find_vgg_weights(path) == path
     model = load_lpips(path)
-    torch.testing.assert_close(model.net.slice1[0].weight, vgg.features[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.net.slice1[0].weight, features[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(getattr(model.net.slice5, "28").bias, features[28].bias, rtol=0, atol=0)
     x = to_model_input(photos((32, 32))[:2])
     assert float(model(x, x).abs().max()) == 0.0 and float(model(x, x.flip(0)).min()) > 0
     with pytest.raises(Exception, match="no such file"):
