@@ -94,8 +94,8 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
     """Train a VQGAN on random crops of the images, export it to out_dir (taming layout) and
     return the metrics (also in out_dir/train_metrics.json). `settings`: TrainConfig fields.
     Under torchrun, every rank calls this; rank 0 writes."""
-    log = log or (lambda s: None)
     work = from_env()
+    log = log if log and work.is_main else (lambda s: None)  # rank 0 speaks for all
     cfg = TrainConfig(**settings).resolved(work.world_size)
     cfg.check()
     out = Path(out_dir)
@@ -169,7 +169,7 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
     clip = 1.0 if PRESETS[cfg.preset].mse_weight > 0 else None  # the demo recipe clips; taming does not
     model.train()
     ema_mse, used = None, torch.zeros(cfg.codes, dtype=torch.bool)
-    step = start
+    t_loop = time.perf_counter()
     with StepProgress(cfg.steps, start, progress and work.is_main) as bar:
         for step, crops in enumerate(loader, start):
             for g in opt.param_groups:
@@ -222,7 +222,7 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
                "images_undecodable": sorted(batches.bad), "downsample": f, "dead_code_threshold": threshold,
                "world_size": world, "rank": rank, "parameters": n_params, "lpips": lpips is not None,
                "train_seconds": round(seconds, 1), "steps_this_run": cfg.steps - start,
-               "seconds_per_step": round(seconds / max(1, cfg.steps - start), 3),
+               "seconds_per_step": round((time.perf_counter() - t_loop) / max(1, cfg.steps - start), 3),
                "final_train_psnr_db": 10 * math.log10(4.0 / max(ema_mse or 1e-12, 1e-12)),
                "history_every": cfg.log_every, "history": hist, "torch": torch.__version__}
     if work.is_main:
