@@ -147,7 +147,8 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         if disc is not None:
             disc.load_state_dict(saved["disc"])
             opt_d.load_state_dict(saved["opt_d"])
-        torch.set_rng_state(saved["rng"])
+        rngs = saved["rng"]  # one per rank
+        torch.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         start, hist = saved["step"], saved["history"]
     else:
         model.train()
@@ -208,12 +209,16 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
                 if not bar._tty:
                     log(f"step {step:6d}  {bar.text}  lr {_lr_at(cfg, step):.2e}  {time.perf_counter() - t_start:.0f}s")
                 used.zero_()
-            if work.is_main and (done % cfg.save_every == 0 or done == cfg.steps):
-                st.save_state(out, {
-                    "step": done, "config": cfg.as_dict(), "images_digest": digest, "images": len(names),
-                    "model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "disc": disc.state_dict() if disc is not None else {},
-                    "opt_d": opt_d.state_dict() if disc is not None else {}, "history": hist})
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                rngs = [torch.get_rng_state()] * world
+                if world > 1:  # every rank's RNG (dead-code re-seeding draws from it)
+                    dist.all_gather_object(rngs, torch.get_rng_state())
+                if work.is_main:
+                    st.save_state(out, {
+                        "step": done, "config": cfg.as_dict(), "images_digest": digest, "images": len(names),
+                        "model": model.state_dict(), "opt": opt.state_dict(), "rng": rngs,
+                        "disc": disc.state_dict() if disc is not None else {},
+                        "opt_d": opt_d.state_dict() if disc is not None else {}, "history": hist})
     if batches.bad:
         log(f"vq train: {len(batches.bad)} images could not be decoded and were skipped, e.g. {next(iter(batches.bad.values()))}")
     model.eval()
