@@ -24,48 +24,71 @@ def _ints(text: str, what: str) -> list[int]:
         fail(f"--{what} must be comma-separated integers, got {text!r}")
 
 
+def _opt_ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
+    return None if text is None else tuple(_ints(text, what))
+
+
+_PRESET = "(default: from --preset)"
+
+
 @vq_app.command("train")
 def train(
-    images: List[Path] = typer.Argument(..., help="Training images: files and/or folders (searched recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write model.safetensors, config.yaml and train_metrics.json to."),
-    codes: int = typer.Option(4096, "--codes", help="Codebook size."),
-    steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Crops per step."),
+    images: List[Path] = typer.Argument(..., help="Training images: files, folders (searched recursively), or LLaVA inputs (.json, .jsonl, .parquet: the first image of each record, resolved as `expand` does)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write model.safetensors, config.yaml, train_metrics.json and the resume state train_state.pt to."),
+    preset: str = typer.Option("demo", "--preset", help="Architecture and losses: demo (small f8, L1+MSE, no GAN: the shipped demo's recipe), vqgan-4096 (latent-diffusion vq-f8 with 4096 codes, L1 + LPIPS + PatchGAN), vqgan-f16-16384 (taming ImageNet f16)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved step (same settings and images; raise --steps to train longer)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier `vq train` output in --out (only the files vq train writes are removed)."),
+    steps: int = typer.Option(2000, "--steps", help="Total optimizer steps (with --resume: the step to stop at)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Crops per step per rank."),
     crop: int = typer.Option(128, "--crop", help="Crop size in pixels (a multiple of f)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak Adam learning rate (warm-up, then cosine decay to 10%)."),
-    ch: int = typer.Option(32, "--ch", help="Base channel width (a multiple of 32)."),
-    ch_mult: str = typer.Option("1,2,2,4", "--ch-mult", help="Channel multipliers per level; f = 2^(levels-1), so 1,2,2,4 gives f=8."),
-    num_res_blocks: int = typer.Option(1, "--res-blocks", help="Residual blocks per encoder level (the decoder has one more)."),
-    z_channels: int = typer.Option(4, "--z-channels", help="Encoder output channels."),
-    embed_dim: int = typer.Option(4, "--embed-dim", help="Codebook vector size."),
-    attn_resolutions: str = typer.Option("", "--attn-resolutions", help="Feature-map sizes that get attention blocks, counted from a 256-px input (256 / 2^level), comma-separated; taming's middle attention block is always there."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate, constant after the preset's warm-up. Default: demo 1e-3; GAN presets taming's 4.5e-6 x batch size x ranks."),
+    codes: Optional[int] = typer.Option(None, "--codes", help=f"Codebook size {_PRESET}."),
+    ch: Optional[int] = typer.Option(None, "--ch", help=f"Base channel width, a multiple of 32 {_PRESET}."),
+    ch_mult: Optional[str] = typer.Option(None, "--ch-mult", help=f"Channel multipliers per level; f = 2^(levels-1), so 1,2,2,4 gives f=8 {_PRESET}."),
+    num_res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help=f"Residual blocks per encoder level {_PRESET}."),
+    z_channels: Optional[int] = typer.Option(None, "--z-channels", help=f"Encoder output channels {_PRESET}."),
+    embed_dim: Optional[int] = typer.Option(None, "--embed-dim", help=f"Codebook vector size {_PRESET}."),
+    attn_resolutions: Optional[str] = typer.Option(None, "--attn-resolutions", help=f"Feature-map sizes with attention blocks, counted from a 256-px input, comma-separated ('' for none) {_PRESET}."),
+    disc_weight: Optional[float] = typer.Option(None, "--disc-weight", help=f"PatchGAN loss weight (times taming's adaptive weight); 0 turns the discriminator off {_PRESET}."),
+    disc_start: Optional[int] = typer.Option(None, "--disc-start", help=f"Step at which the discriminator starts {_PRESET}."),
+    perceptual_weight: Optional[float] = typer.Option(None, "--perceptual-weight", help=f"LPIPS weight; 0 turns it off {_PRESET}."),
+    lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS. Default: $COGALIGN_LPIPS_VGG, else torchvision's cache; without them the run goes on without LPIPS."),
     dead_code_threshold: Optional[float] = typer.Option(None, "--dead-code-threshold", help="Re-seed codes whose EMA use per step falls below this. Default: min(2, 0.05 x latents per step / codes)."),
+    kmeans_latents: Optional[int] = typer.Option(None, "--kmeans-latents", help="Encoder outputs used for the k-means codebook init. Default: 2 x codes."),
     decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Storage type of decoder.* and post_quant_conv.* (float32, float16, bfloat16); the encoder path is always float32."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (weights, crops)."),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate PSNR and codebook usage on the training images afterwards."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (weights, crops, data order)."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads per rank."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (under torchrun: each rank's GPU)."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPUs (the quantizer stays float32); ignored on the CPU."),
+    workers: int = typer.Option(0, "--workers", help="Data loader processes decoding and cropping images (0: in the training process)."),
+    save_every: int = typer.Option(500, "--save-every", help="Save the resume state every this many steps (and at the end)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input."),
+    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate PSNR and codebook usage on the first 64 training images afterwards."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with loss, PSNR and codebook use (a log line every 50 steps when not on a terminal)."),
 ) -> None:
-    """Train a taming-layout VQGAN (reconstruction + commitment loss, no GAN) and export it."""
-    from cogalign.tokenizers.train import evaluate, train_vq
+    """Train a taming-layout VQGAN and export it (taming config.yaml + model.safetensors)."""
+    from cogalign.tokenizers.training import evaluate, train_vq
+    from cogalign.tokenizers.training.loop import write_metrics
 
-    if decoder_dtype not in ("float32", "float16", "bfloat16"):
-        fail(f"--decoder-dtype must be float32, float16 or bfloat16, not {decoder_dtype!r}")
     try:
         metrics = train_vq(
-            images, out, codes=codes, ch=ch, ch_mult=_ints(ch_mult, "ch-mult"), num_res_blocks=num_res_blocks,
-            z_channels=z_channels, embed_dim=embed_dim, attn_resolutions=_ints(attn_resolutions, "attn-resolutions"),
-            steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
-            dead_code_threshold=dead_code_threshold, decoder_dtype=decoder_dtype, device=device, log=say)
-        metrics.pop("model", None)
-        if evaluate_after:
-            ev = evaluate(out, images)
+            images, out, resume=resume, force=force, image_root=image_root, allow_absolute=allow_absolute_paths,
+            progress=progress, log=say, preset=preset, codes=codes, ch=ch, ch_mult=_opt_ints(ch_mult, "ch-mult"),
+            num_res_blocks=num_res_blocks, z_channels=z_channels, embed_dim=embed_dim,
+            attn_resolutions=_opt_ints(attn_resolutions, "attn-resolutions"), disc_weight=disc_weight,
+            disc_start=disc_start, perceptual_weight=perceptual_weight, lr=lr, steps=steps, batch_size=batch_size,
+            crop=crop, seed=seed, threads=threads, dead_code_threshold=dead_code_threshold,
+            decoder_dtype=decoder_dtype, kmeans_latents=kmeans_latents, device=device, bf16=bf16, workers=workers, save_every=save_every,
+            lpips_vgg=str(lpips_vgg) if lpips_vgg else None)
+        if evaluate_after and metrics["rank"] == 0:
+            ev = evaluate(out, images, max_images=64, image_root=image_root)
             ev.pop("psnr_db_per_image", None)
             say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
-                 f"{ev['codes_used']}/{ev['codebook_size']} ({100 * ev['codebook_usage']:.1f}%) at {ev['usage_resolution']}px")
+                f"{ev['codes_used']}/{ev['codebook_size']} ({100 * ev['codebook_usage']:.1f}%) at "
+                f"{ev['usage_resolution']}px on {ev['images']} images")
             metrics["eval"] = ev
-            with open(out / "train_metrics.json", "w", encoding="utf-8") as fh:
-                json.dump(metrics, fh, indent=1)
+            write_metrics(out, metrics)
     except CogalignError as e:
         fail(str(e))
 
@@ -147,23 +170,28 @@ def convert(
 @vq_app.command("eval")
 def eval_(
     spec: str = typer.Argument(..., help="A preset name (demo, vqgan-4096) or a taming checkpoint folder/file."),
-    images: List[Path] = typer.Argument(..., help="Images: files and/or folders (searched recursively)."),
-    resolution: int = typer.Option(256, "--resolution", help="Images are stretched to this square size for the PSNR."),
+    images: List[Path] = typer.Argument(..., help="Images: files, folders (searched recursively), or LLaVA inputs (.json, .jsonl, .parquet)."),
+    resolution: int = typer.Option(256, "--resolution", help="Images are stretched to this square size for the PSNR (a multiple of f)."),
     usage_resolution: int = typer.Option(672, "--usage-resolution", help="Images are stretched to this square size and encoded whole for the codebook usage."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR) instead of text."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR, keyed by each image's path) instead of text."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
 ) -> None:
     """Reconstruction PSNR (needs the decoder in the checkpoint) and codebook usage on images."""
     from cogalign.tokenizers.presets import DEMO_DIR, list_presets, vqgan_4096_dir
-    from cogalign.tokenizers.train import evaluate
+    from cogalign.tokenizers.training import evaluate
 
+    for name, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
+        if v < 1:
+            fail(f"{name} {v}: must be a positive multiple of the tokenizer's downsampling factor, e.g. 256")
     path = {"demo": DEMO_DIR, "vqgan-4096": vqgan_4096_dir()}.get(spec, Path(spec)) if spec in list_presets() else Path(spec)
     try:
         if spec in list_presets():
             from cogalign.tokenizers import load_tokenizer
 
             load_tokenizer(spec)  # the preset's own error if it is not installed
-        res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle)
+        res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle,
+                       image_root=image_root)
     except CogalignError as e:
         fail(str(e))
     if as_json:

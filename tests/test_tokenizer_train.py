@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq") / "tiny"
     logs = []
     metrics = train_vq(TRAIN_IMAGES, out, codes=64, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
-                       steps=4, batch_size=2, crop=32, seed=0, threads=1, log=logs.append, log_every=2)
+                       steps=4, batch_size=2, crop=32, seed=0, threads=1, log=logs.append, log_every=2,
+                       progress=False)
     return out, metrics, logs
 
 
@@ -132,3 +133,246 @@ def test_cli_info_demo():
     assert r.exit_code == 0, r.output
     assert "name: demo-f8-4096" in r.output and "codebook_size: 4096" in r.output
     assert load_tokenizer("demo").content_hash in r.output
+
+
+# --------------------------------------------------------------------------- issue 7: the vq commands
+
+SMALL = ["--codes", "16", "--ch-mult", "1,1,1,1", "--steps", "1", "--batch-size", "1", "--crop", "16",
+         "--no-eval", "--no-progress"]
+
+
+def _one_line_error(r, *words):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1, r.output
+    for w in words:
+        assert w in r.output, r.output
+
+
+def test_train_refuses_to_overwrite_out_without_force(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "tok"
+    assert runner.invoke(vq_app, ["train", str(TRAIN_IMAGES[0]), "--out", str(out), *SMALL]).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    r = runner.invoke(vq_app, ["train", str(TRAIN_IMAGES[0]), "--out", str(out), *SMALL, "--seed", "1"])
+    _one_line_error(r, "--force", "--resume")
+    assert (out / "model.safetensors").read_bytes() == before
+    (out / "notes.txt").write_text("mine")
+    r = runner.invoke(vq_app, ["train", str(TRAIN_IMAGES[0]), "--out", str(out), *SMALL, "--seed", "1", "--force"])
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").read_bytes() != before and (out / "notes.txt").read_text() == "mine"
+    # another checkpoint in the folder would make `--vq OUT` ambiguous: refused even with --force
+    (out / "other.ckpt").write_bytes(b"x")
+    r = runner.invoke(vq_app, ["train", str(TRAIN_IMAGES[0]), "--out", str(out), *SMALL, "--force"])
+    _one_line_error(r, "other.ckpt")
+
+
+def test_eval_finds_a_decoder_under_a_prefix(tmp_path):
+    """latent diffusion stores the VQGAN as first_stage_model.*: eval must see its decoder."""
+    sd = make_random_taming_state(TINY_PARAMS, seed=3)
+    src = tmp_path / "ldm"
+    src.mkdir()
+    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in sd.items()}}, src / "model.ckpt")
+    (src / "config.yaml").write_text(taming_yaml())
+    res = evaluate(src, TRAIN_IMAGES, resolution=64, usage_resolution=64)
+    assert res["psnr_db"] is not None and 0 < res["psnr_db"] < 60
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    torch.save({"state_dict": sd}, plain / "model.ckpt")
+    (plain / "config.yaml").write_text(taming_yaml())
+    assert evaluate(plain, TRAIN_IMAGES, resolution=64, usage_resolution=64)["psnr_db"] == res["psnr_db"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--steps", "0"], ["--steps 0"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--crop", "0"], ["--crop 0"]),
+    (["--crop", "12"], ["--crop 12", "f=8"]),
+    (["--codes", "0"], ["--codes 0"]),
+    (["--lr", "-1"], ["--lr -1"]),
+    (["--lr", "nan"], ["--lr nan"]),
+    (["--lr", "inf"], ["--lr inf"]),
+    (["--seed", "-1"], ["--seed -1"]),
+    (["--disc-start", "-5"], ["--disc-start -5"]),
+    (["--ch", "48"], ["--ch 48"]),
+    (["--device", "cuda"], ["--device cuda"]),
+    (["--device", "tpu"], ["--device 'tpu'"]),
+    (["--preset", "huge"], ["--preset 'huge'"]),
+])
+def test_train_bad_numbers_fail_in_one_line_before_any_work(tmp_path, args, words):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = tmp_path / "tok"
+    base = ["train", str(TRAIN_IMAGES[0]), "--out", str(out), "--steps", "1", "--no-eval", "--no-progress"]
+    r = CliRunner().invoke(vq_app, base + args)
+    _one_line_error(r, *words)
+    assert not out.exists()
+
+
+def test_train_out_naming_a_file_fails_before_training(tmp_path):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"not a folder")
+    r = CliRunner().invoke(vq_app, ["train", str(TRAIN_IMAGES[0]), "--out", str(out), "--steps", "100000"])
+    _one_line_error(r, "is a file")
+
+
+@pytest.mark.parametrize("flag", ["--resolution", "--usage-resolution"])
+@pytest.mark.parametrize("value", ["0", "-8", "12"])
+def test_eval_bad_resolution_fails_in_one_line(flag, value):
+    r = CliRunner().invoke(vq_app, ["eval", "demo", str(TRAIN_IMAGES[0]), flag, value])
+    _one_line_error(r, f"{flag} {value}")
+
+
+def test_eval_json_keeps_images_with_the_same_name(tmp_path):
+    from PIL import Image
+
+    for folder, src in (("a", TRAIN_IMAGES[0]), ("b", TRAIN_IMAGES[1])):
+        (tmp_path / folder).mkdir()
+        Image.open(src).convert("RGB").resize((64, 64)).save(tmp_path / folder / "x.png")
+    r = CliRunner().invoke(vq_app, ["eval", "demo", str(tmp_path / "a"), str(tmp_path / "b"), "--json",
+                                    "--resolution", "64", "--usage-resolution", "64"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["images"] == 2
+    assert sorted(res["psnr_db_per_image"]) == [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    vals = list(res["psnr_db_per_image"].values())
+    assert res["psnr_db"] == pytest.approx(sum(vals) / 2, abs=0.01)
+
+
+# --------------------------------------------------------------------------- issue 10: the VQGAN recipe
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """4 steps in one run == 2 steps, then --resume to 4: same steps, data order, weights (GAN on)."""
+    kw = dict(log=None, progress=False, codes=32, ch_mult=(1, 1, 1, 1), batch_size=2, crop=32, disc_weight=0.5,
+              disc_start=1, kmeans_latents=64, log_every=1)
+    whole = train_vq(TRAIN_IMAGES, tmp_path / "whole", steps=4, **kw)
+    half = train_vq(TRAIN_IMAGES, tmp_path / "half", steps=2, **kw)
+    assert half["history"]["step"] == [0, 1]
+    resumed = train_vq(TRAIN_IMAGES, tmp_path / "half", steps=4, resume=True, **kw)
+    assert resumed["steps_this_run"] == 2
+    assert resumed["history"]["step"] == whole["history"]["step"] == [0, 1, 2, 3]
+    assert resumed["history"]["loss"] == whole["history"]["loss"]
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "half")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # a resume with other settings, or past the end, is refused in one line
+    r = CliRunner().invoke(vq_app, ["train", *map(str, TRAIN_IMAGES), "--out", str(tmp_path / "half"), "--resume",
+                                    "--steps", "6", "--codes", "64", "--ch-mult", "1,1,1,1", "--no-eval"])
+    _one_line_error(r, "codes")
+    with pytest.raises(Exception, match="already at step 4"):
+        train_vq(TRAIN_IMAGES, tmp_path / "half", steps=4, resume=True, **kw)
+
+
+def test_torchrun_two_ranks_keep_one_codebook(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    script = Path(__file__).with_name("vq_train_ddp.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(script), str(TRAIN_IMAGES[0].parent), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["equal"] and r1["equal"]
+    assert r0["codebook"] == r1["codebook"] and r0["weights"] == r1["weights"]
+    assert load_taming(out).codebook_size == 32  # rank 0 exported
+
+
+def test_vqgan_4096_preset_trains_with_the_gan_and_encodes_through_expand(tmp_path):
+    import yaml
+
+    from helpers import EXAMPLES, FAST, run_cli
+
+    out = tmp_path / "vqgan"
+    r = CliRunner().invoke(vq_app, ["train", str(EXAMPLES), "--out", str(out), "--preset", "vqgan-4096",
+                                    "--steps", "2", "--batch-size", "1", "--crop", "16", "--disc-start", "0",
+                                    "--kmeans-latents", "256", "--no-progress", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    assert "no LPIPS" in r.output and "GAN from step 0" in r.output
+    assert "13 images" in r.output and "1 records gave no image (text_only: 1)" in r.output
+    p = yaml.safe_load((out / "config.yaml").read_text())["model"]["params"]
+    assert p["n_embed"] == 4096 and p["embed_dim"] == 4
+    dd = p["ddconfig"]
+    assert (dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["z_channels"], dd["attn_resolutions"]) == (
+        128, [1, 2, 2, 4], 2, 4, [32])
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["preset"] == "vqgan-4096" and metrics["disc_weight"] == 0.75 and metrics["steps"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "train_metrics.json",
+                                                      "train_state.pt"]
+    tok = load_taming(out)
+    assert tok.codebook_size == 4096 and tok.downsample == 8
+    res = run_cli("expand", EXAMPLES, "--out", tmp_path / "expanded", "--vq", out, *FAST, "--workers", "0")
+    report = json.loads((tmp_path / "expanded" / "report.json").read_text())
+    assert report["input"] == 14 and report["expanded"] == 13, res.output
+    assert tok.content_hash in (tmp_path / "expanded" / "report.json").read_text() + res.output
+
+
+def test_images_from_llava_json_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cogalign.tokenizers.training.data import CropBatches, collect_images
+    from helpers import EXAMPLES
+
+    got = collect_images([EXAMPLES])
+    assert len(got.refs) == 13 and dict(got.skipped) == {"text_only": 1}
+    assert got.refs[0].path == EXAMPLES.parent / "images" / "astronaut.png"
+    raw = (EXAMPLE_IMAGES / "chelsea.png").read_bytes()
+    table = pa.table({"id": ["a", "b", "c", "d"],
+                      "image": [{"bytes": raw, "path": None}, {"bytes": None, "path": "images/camera.png"},
+                                None, {"bytes": None, "path": "../escape.png"}]})
+    pq.write_table(table, tmp_path / "hf.parquet")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "camera.png").write_bytes((EXAMPLE_IMAGES / "camera.png").read_bytes())
+    got = collect_images([tmp_path / "hf.parquet"])
+    assert len(got.refs) == 2 and got.refs[0].data == raw
+    assert dict(got.skipped) == {"text_only": 1, "image_path_escapes_root": 1}
+    from cogalign.images import load_image
+
+    b = CropBatches(got.refs, 32, 2, seed=0)
+    np.testing.assert_array_equal(b.image(0), np.asarray(load_image(EXAMPLE_IMAGES / "chelsea.png")))
+    np.testing.assert_array_equal(b[5], CropBatches(got.refs, 32, 2, seed=0)[5])  # fixed by (seed, rank, step)
+    assert not np.array_equal(b[5], b[6])
+
+
+def test_lpips_from_a_local_vgg_file(tmp_path):
+    pytest.importorskip("lpips")
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from cogalign.tokenizers.training.losses import find_vgg_weights, load_lpips
+
+    torch.manual_seed(0)
+    features = make_layers(cfgs["D"])  # vgg16().features, without building the classifier
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save({"features." + k: v for k, v in features.state_dict().items()}, path)  # the trunk is enough
+    assert find_vgg_weights(path) == path
+    model = load_lpips(path)
+    torch.testing.assert_close(model.net.slice1[0].weight, features[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(getattr(model.net.slice5, "28").bias, features[28].bias, rtol=0, atol=0)
+    x = to_model_input(photos((32, 32))[:2])
+    assert float(model(x, x).abs().max()) == 0.0 and float(model(x, x.flip(0)).min()) > 0
+    with pytest.raises(Exception, match="no such file"):
+        find_vgg_weights(tmp_path / "missing.pth")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(Exception, match="not torchvision's VGG16"):
+        load_lpips(tmp_path / "other.pth")
+
+
+def test_same_seed_same_bytes_with_or_without_loader_workers(tmp_path):
+    args = [*SMALL, "--steps", "2", "--batch-size", "2"]
+    for name, extra in (("w0", []), ("w2", ["--workers", "2"])):
+        r = CliRunner().invoke(vq_app, ["train", str(EXAMPLE_IMAGES), "--out", str(tmp_path / name), *args, *extra])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "w0" / "model.safetensors").read_bytes() == (tmp_path / "w2" / "model.safetensors").read_bytes()
