@@ -18,6 +18,7 @@ RESIZE_MODES = ("stretch", "pad", "crop")
 RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming")
 VQ_SCOPES = ("region", "image")
 OUTPUT_FORMATS = ("parquet", "jsonl", "json")
+VQ_PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit
 
 
@@ -78,6 +79,10 @@ class ExpandOptions:
     tokenizer_name: str = ""
     tokenizer_hash: str = ""
     templates_hash: str = ""
+    # How the VQ encoder runs (indices can differ between modes, so they are part of the output).
+    vq_precision: str = "fp32"
+    vq_channels_last: bool = False
+    vq_compile: bool = False
 
     def __post_init__(self) -> None:
         parse_list(self.targets, TARGET_KINDS, "targets")
@@ -87,6 +92,8 @@ class ExpandOptions:
                 raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
         if self.max_image_pixels < 1:
             raise OptionError("--max-image-pixels must be positive")
+        if self.vq_precision not in VQ_PRECISIONS:
+            raise OptionError(f"--precision {self.vq_precision!r}: choose from {', '.join(VQ_PRECISIONS)}")
 
     def replace(self, **changes) -> "ExpandOptions":
         return dataclasses.replace(self, **changes)
