@@ -199,7 +199,9 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
                     x = torch.cat([x, x.new_zeros((n - (e - s),) + tuple(x.shape[1:]))])
                 x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous(memory_format=fmt)
                 # autocast is per thread: entered here, in the thread that runs the encoder
-                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                amp = (contextlib.nullcontext() if dtype == torch.float32
+                       else torch.autocast(self.device.type, dtype=dtype))
+                with amp:
                     pre = encoder(x)
                 out[s:e] = self.lookup(pre.float())[:e - s].to("cpu", torch.int64).numpy()
 
