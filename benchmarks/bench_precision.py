@@ -125,6 +125,26 @@ def encode_before_issue7(tok, images):
     return out
 
 
+def layout_ab(tok, images, rounds: int) -> list[list[str]]:
+    """Contiguous input (now) against the pre-issue-7 NHWC-permute input, alternating A/B and
+    B/A each round on the same crops, so that a noisy machine's load hits both alike."""
+    import statistics
+
+    tok.set_encoder_mode()
+    runs = {"contiguous NCHW (now)": [], "NHWC permute (before issue 7)": []}
+    fns = {"contiguous NCHW (now)": tok.encode, "NHWC permute (before issue 7)": lambda x: encode_before_issue7(tok, x)}
+    order = list(fns)
+    fns[order[0]](images[:1]), fns[order[1]](images[:1])  # warm-up
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            fns[name](images)
+            runs[name].append(1000 * (time.perf_counter() - t) / len(images))
+    base = statistics.median(runs[order[1]])
+    return [[tok.name, name, f"{statistics.median(v):.1f}", f"{min(v):.1f}", f"{max(v):.1f}",
+             f"{base / statistics.median(v):.2f}x"] for name, v in runs.items()]
+
+
 def timed(fn, images, batch: int):
     fn(images[:batch])  # warm-up (and compilation, for --compile)
     t = time.perf_counter()
@@ -181,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--regions", type=int, default=None, help="crops per mode (default 512 on cuda, 16 on cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="regions per encode call (default 64)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile modes (slow to compile)")
+    p.add_argument("--layout-ab", type=int, default=0, metavar="ROUNDS",
+                   help="CPU only: instead of the modes, time the contiguous input against the pre-issue-7 NHWC input, "
+                        "alternating for ROUNDS rounds (medians)")
     p.add_argument("--smoke", action="store_true", help="CPU, demo, 4 crops of 64 px: checks that every path runs")
     args = p.parse_args(argv)
     if args.smoke:
@@ -196,6 +219,18 @@ def main(argv=None) -> int:
     from cogalign.tokenizers import load_tokenizer
 
     images = crops(args.size, args.regions)
+    if args.layout_ab:
+        rows = []
+        for spec in args.models.split(","):
+            tok = random_vq_f8("cpu") if spec == "vq-f8" else load_tokenizer(spec, device="cpu")
+            rows += layout_ab(tok, images, args.layout_ab)
+        print(f"\n### Encoder input layout, fp32, CPU: {args.regions} crops of {args.size}x{args.size}, "
+              f"{args.layout_ab} alternating rounds\n")
+        print(md_table(["tokenizer", "input", "median ms/region", "min", "max", "speed vs before"], rows))
+        print()
+        print(md_table(["", ""], [*[[k, v] for k, v in machine_lines("cpu")],
+                                  ["load average before / after", f"{load_before} / {load_average()}"]]))
+        return 0
     rate = matmul_rate(args.device, "bf16", 512 if args.smoke else None)
     rate32 = matmul_rate(args.device, "fp32", 512 if args.smoke else None)  # TF32 off: true fp32
     rows = []
