@@ -49,7 +49,7 @@ if [ "$SMOKE" = 1 ]; then
   DEFAULT_PRECISION="--smoke"
 else
   DEFAULT_BENCH="--records 96 --workers 12 --batch-size 64 --agreement"
-  DEFAULT_PRECISION="--device cuda"
+  DEFAULT_PRECISION="--device cuda --regions 256"
 fi
 echo "== bench_expand on $DEVICE (with the CPU-vs-GPU index agreement)"
 timeout 420 python3 benchmarks/bench_expand.py --device "$DEVICE" ${BENCH_ARGS:-$DEFAULT_BENCH} \
