@@ -110,7 +110,9 @@ def run_baseline(records: list[dict], image_root: Path, out_path: Path, modules,
         vq_q, px_q = rng.choice(QUARTERS), rng.choice(QUARTERS)
         x0, y0, x1, y1 = quarter_box(vq_q, res, res)
         crop = arr[y0:y1, x0:x1]
-        x = torch.from_numpy(np.ascontiguousarray(crop)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        # contiguous NCHW, as taming's VQModel.get_input makes it (to(memory_format=contiguous_format))
+        x = (torch.from_numpy(np.ascontiguousarray(crop)).to(device).permute(2, 0, 1)[None].float() / 127.5
+             - 1.0).contiguous()
         with torch.no_grad():
             _, _, (_, _, indices) = quantize(quant_conv(encoder(x)))
         vq_answer = "<vq start>" + ", ".join(map(str, indices.view(-1).cpu().tolist())) + "<vq end>"
@@ -358,12 +360,17 @@ def _main(args, tmp: Path, load_before: str) -> int:
     batch_same = float((singles == grids[:k]).mean())
     modules = build_taming_modules(tokenizer, device)
     taming_same, taming_total = 0, 0
-    with torch.no_grad():
-        for crop, g in zip(crops[:k], singles):
-            x = torch.from_numpy(crop).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-            _, _, (_, _, idx) = modules[2](modules[1](modules[0](x)))
-            taming_same += int((idx.view(-1).cpu().numpy() == g.reshape(-1)).sum())
-            taming_total += g.size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # taming's own result moves with the thread count; the reference is one thread
+    try:
+        with torch.no_grad():
+            for crop, g in zip(crops[:k], singles):
+                x = (torch.from_numpy(crop).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0).contiguous()
+                _, _, (_, _, idx) = modules[2](modules[1](modules[0](x)))
+                taming_same += int((idx.view(-1).cpu().numpy() == g.reshape(-1)).sum())
+                taming_total += g.size
+    finally:
+        torch.set_num_threads(threads)
     del modules
 
     agreement = None
@@ -410,7 +417,7 @@ def _main(args, tmp: Path, load_before: str) -> int:
         ["VQ indices in expand's output == tokenizer.encode of the same crops", f"{vq_equal}/{len(crops)}"],
         ["pure encoder, batch 1", f"{1000 * t_enc1:.0f} ms/region ({k} regions)"],
         [f"indices: tokenizer batch 1 == batch {bs} (same {k} crops)", f"{100 * batch_same:.3f}% equal"],
-        [f"indices: taming Encoder + VectorQuantizer == tokenizer, batch 1 ({k} crops)",
+        [f"indices: taming Encoder + VectorQuantizer == tokenizer, batch 1, one thread, contiguous input ({k} crops)",
          f"{100 * taming_same / taming_total:.3f}% equal"],
         ["output size: baseline JSON / expand shards", f"{base_bytes / 1e6:.0f} MB / {out_bytes / 1e6:.0f} MB"],
         ["tokenizer load (in-process) / imports of this script", f"{t_load:.2f} s / {t_import:.2f} s"],

@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
-# One short benchmark run for a lent GPU machine (about 2-4 minutes on an H100 with 16 cores).
+# One short benchmark run for a lent GPU machine (about 3-5 minutes on an H100 with 16 cores).
 #
 # Run from the repository root with the wheels carried (.whl/ is git-ignored):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # It writes $OUT/bench_gpu.md (OUT defaults to /tmp/gpu_out when unset).
+#   bash benchmarks/gpu_check.sh --smoke    # every step on the CPU, tiny sizes (under a minute)
+# Env: BENCH_ARGS (bench_expand.py), PRECISION_ARGS (bench_precision.py, e.g. --compile), TRAIN_DEMO=1.
 #
 # The GPU machine has torch, pillow, pyarrow, numpy, rich, typer, pyyaml, safetensors and psutil,
 # but not orjson, ijson or taming-transformers: their cp312 wheels come from .whl/. cogalign
 # itself is used from the working tree through PYTHONPATH (no install).
 set -uo pipefail
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+DEVICE=cuda
+[ "$SMOKE" = 1 ] && DEVICE=cpu
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
-echo "== machine"
-nvidia-smi || echo "nvidia-smi failed"
+echo "== machine (device $DEVICE)"
+[ "$SMOKE" = 1 ] || nvidia-smi || echo "nvidia-smi failed"
 echo "cores: $(nproc)"
 python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
 '| available', torch.cuda.is_available(), '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"
 
 echo "== wheels"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed: was .whl carried?"; exit 2; }
-export PYTHONPATH=/tmp/site:$PWD
+if [ "$SMOKE" = 1 ] && python3 -c "import orjson, ijson, taming.modules" 2>/dev/null; then
+  echo "smoke: orjson, ijson and taming already importable; no wheels installed"
+  export PYTHONPATH=$PWD
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed: was .whl carried?"; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
 
 echo "== imports"
 python3 - <<'EOF'
@@ -33,25 +44,39 @@ print("cogalign.executor imports datasets:", "datasets" in sys.modules)
 print("cogalign.executor imports torch:", "torch" in sys.modules)
 EOF
 
-echo "== bench_expand on cuda (with the CPU-vs-GPU index agreement)"
-timeout 420 python3 benchmarks/bench_expand.py --device cuda ${BENCH_ARGS:---records 96 --workers 12 --batch-size 64 --agreement} \
+if [ "$SMOKE" = 1 ]; then
+  DEFAULT_BENCH="--records 4 --resolution 64 --workers 1 --batch-size 4 --skip-baseline --renderer-reps 1"
+  DEFAULT_PRECISION="--smoke"
+else
+  DEFAULT_BENCH="--records 96 --workers 12 --batch-size 64 --agreement"
+  DEFAULT_PRECISION="--device cuda --regions 256"
+fi
+echo "== bench_expand on $DEVICE (with the CPU-vs-GPU index agreement)"
+timeout 420 python3 benchmarks/bench_expand.py --device "$DEVICE" ${BENCH_ARGS:-$DEFAULT_BENCH} \
   | tee "$OUT/bench_gpu.md"
 status=${PIPESTATUS[0]}
 
-echo "== GPU indices independent of the caller's batching (spec 7)"
-python3 - <<'EOF2' | tee -a "$OUT/bench_gpu.md"
+echo "== encoder modes: regions/s, FLOPs/region, share of the bf16 matmul rate, indices equal to fp32"
+timeout 300 python3 benchmarks/bench_precision.py $DEFAULT_PRECISION ${PRECISION_ARGS:-} | tee -a "$OUT/bench_gpu.md"
+pstatus=${PIPESTATUS[0]}
+[ "$status" = 0 ] && status=$pstatus
+
+echo "== indices independent of the caller's batching (spec 7)"
+DEVICE=$DEVICE SIZE=$([ "$SMOKE" = 1 ] && echo 64 || echo 336) python3 - <<'EOF2' | tee -a "$OUT/bench_gpu.md"
+import os
 import numpy as np
 from pathlib import Path
 from cogalign.images import load_image, to_working
 from cogalign.tokenizers import load_tokenizer
-tok = load_tokenizer("demo", device="cuda")
+device, s = os.environ["DEVICE"], int(os.environ["SIZE"])
+tok = load_tokenizer("demo", device=device)
 imgs = sorted(Path("examples/images").iterdir())
-crops = np.stack([to_working(load_image(p), (672, 672))[y:y + 336, x:x + 336]
-                  for p in imgs for y in (0, 336) for x in (0, 336)])
+crops = np.stack([to_working(load_image(p), (2 * s, 2 * s))[y:y + s, x:x + s]
+                  for p in imgs for y in (0, s) for x in (0, s)])
 whole = tok.encode(crops)
 ones = np.concatenate([tok.encode(crops[i:i + 1]) for i in range(len(crops))])
 odd = np.concatenate([tok.encode(crops[i:i + 5]) for i in range(0, len(crops), 5)])
-print(f"cuda, {len(crops)} regions: batch {len(crops)} vs 1: {(whole == ones).mean():.6f}, vs 5: {(whole == odd).mean():.6f} equal")
+print(f"{device}, {len(crops)} regions: batch {len(crops)} vs 1: {(whole == ones).mean():.6f}, vs 5: {(whole == odd).mean():.6f} equal")
 EOF2
 
 if [ "${TRAIN_DEMO:-0}" = 1 ]; then

@@ -29,7 +29,8 @@ def _human_bytes(n: int) -> str:
 
 
 def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
-             max_image_pixels, allow_absolute_paths, fmt, embed_images: bool = False) -> ExpandOptions:
+             max_image_pixels, allow_absolute_paths, fmt, embed_images: bool = False, precision="fp32",
+             channels_last=False, compile_=False) -> ExpandOptions:
     from cogalign.regions import parse_regions
 
     return ExpandOptions(
@@ -37,7 +38,8 @@ def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resiz
         vq_resolution=parse_resolution(vq_resolution, "vq-resolution"),
         px_resolution=parse_resolution(px_resolution, "px-resolution"), vq_scope=vq_scope, resize=resize,
         resample=resample, seed=seed, templates=templates, max_image_pixels=max_image_pixels,
-        allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images)
+        allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images,
+        vq_precision=precision, vq_channels_last=channels_last, vq_compile=compile_)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -79,6 +81,9 @@ def expand(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="VQ encoder precision: fp32, bf16 or fp16 (autocast; the codebook distance is always float32). bf16/fp16 are faster on GPUs but move some near-tie indices, so the precision is recorded in each record and the run manifest. fp16 is refused on the CPU (no fast kernels). Default: fp32."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Run the VQ encoder in channels_last memory layout (faster on some GPUs; other kernels, so some indices differ from taming's contiguous layout; recorded like --precision). Default: off (contiguous NCHW, as taming)."),
+    compile_: bool = typer.Option(False, "--compile", help="Run the VQ encoder through torch.compile (compiled once per crop shape; on the CPU it then runs on one thread; recorded like --precision). Default: off (eager)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
     shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
@@ -98,7 +103,7 @@ def expand(
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
                            str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt,
-                           embed_images)
+                           embed_images, precision, channels_last, compile_)
         runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
@@ -106,7 +111,9 @@ def expand(
             from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
 
             llm = load_llm_tokenizer(llm_tokenizer) if llm_tokenizer else None
-            options, sampler, tokenizer = resolve_options(options, replace(runtime, device="cpu"))
+            # sizes do not depend on the encoder mode: estimate with the default one on the CPU
+            plain = options.replace(vq_precision="fp32", vq_channels_last=False, vq_compile=False)
+            options, sampler, tokenizer = resolve_options(plain, replace(runtime, device="cpu"))
             facts = run_dry(input, options, tokenizer, sampler, image_root, llm)
             for key, value in facts.items():
                 typer.echo(f"{key}: {_human_bytes(value) if key.endswith('bytes') else value}")

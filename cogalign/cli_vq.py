@@ -131,12 +131,14 @@ def convert(
     """Rewrite a checkpoint as safetensors with only the model tensors, checked against its yaml.
 
     Keeps encoder.*, decoder.*, quant_conv.*, post_quant_conv.* and quantize.*; drops loss.*
-    (discriminator, LPIPS), optimizer state and pickled objects. The yaml is copied beside OUT."""
+    (discriminator, LPIPS), optimizer state and pickled objects. The encoder path, and the decoder
+    with post_quant_conv when the checkpoint has one, must match the yaml's model key for key and
+    shape for shape. The yaml is copied beside OUT."""
     from safetensors.torch import save_file
 
     from cogalign.tokenizers.checkpoints import (
-        _quantizer_kind, _strip_prefix, check_state_dict, find_checkpoint, read_config, read_state_dict,
-        select_model_keys)
+        _quantizer_kind, _strip_prefix, check_decoder, check_state_dict, find_checkpoint, read_config,
+        read_state_dict, select_model_keys)
     from cogalign.tokenizers.taming import TamingVQTokenizer
 
     if out.suffix != ".safetensors":
@@ -151,6 +153,7 @@ def convert(
         with contextlib.redirect_stdout(io.StringIO()):
             model = TamingVQTokenizer(params, name=ckpt.stem, quantizer=_quantizer_kind(target, set(kept)))
         check_state_dict(kept, model.state_dict(), ckpt, cfg_path)
+        has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:
         fail(str(e))
     model_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -165,6 +168,10 @@ def convert(
         shutil.copyfile(cfg_path, yaml_out)
     dropped = len(raw) - len(tensors)
     say(f"wrote {out} ({len(tensors)} tensors; {dropped} others dropped) and {yaml_out}")
+    if has_decoder:
+        say("decoder: present, checked against the yaml (vq eval can report PSNR)")
+    else:
+        say("decoder: none in this checkpoint (encoder only: it encodes, but vq eval cannot report PSNR)")
 
 
 @vq_app.command("eval")

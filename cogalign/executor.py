@@ -71,6 +71,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
         tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
+        tokenizer.set_encoder_mode(options.vq_precision, options.vq_channels_last, options.vq_compile)
         (h, w), f = options.vq_resolution, tokenizer.downsample
         if h % f or w % f:
             raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "

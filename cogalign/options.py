@@ -19,6 +19,7 @@ RESIZE_MODES = ("stretch", "pad", "crop")
 RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming")
 VQ_SCOPES = ("region", "image")
 OUTPUT_FORMATS = ("parquet", "jsonl", "json")
+VQ_PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit
 MAX_SEED = 2**63 - 1  # recorded in every record's provenance as a 64-bit integer
 
@@ -93,6 +94,10 @@ class ExpandOptions:
     tokenizer_hash: str = ""
     templates_hash: str = ""
     embed_images: bool = False  # parquet: the image column holds the image file's bytes (datasets Image)
+    # How the VQ encoder runs (indices can differ between modes, so they are part of the output).
+    vq_precision: str = "fp32"
+    vq_channels_last: bool = False
+    vq_compile: bool = False
 
     def __post_init__(self) -> None:
         from cogalign.regions import check_regions, parse_regions
@@ -122,6 +127,8 @@ class ExpandOptions:
         if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) \
                 or self.max_image_pixels < 1:
             raise OptionError("--max-image-pixels must be positive")
+        if self.vq_precision not in VQ_PRECISIONS:
+            raise OptionError(f"--precision {self.vq_precision!r}: choose from {', '.join(VQ_PRECISIONS)}")
 
     def replace(self, **changes) -> "ExpandOptions":
         return dataclasses.replace(self, **changes)

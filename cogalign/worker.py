@@ -148,6 +148,8 @@ def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) ->
         "seed": opts.seed, "index": prepared.index, "turns": turns_meta,
         "tokenizer": opts.tokenizer_name if "vq" in opts.targets else None,
         "tokenizer_hash": opts.tokenizer_hash if "vq" in opts.targets else None,
+        "vq_encoder": ({"precision": opts.vq_precision, "layout": "channels_last" if opts.vq_channels_last else
+                        "contiguous", "compile": opts.vq_compile} if "vq" in opts.targets else None),
         "vq_scope": opts.vq_scope, "resize": opts.resize, "resample": opts.resample,
         "templates_hash": opts.templates_hash,
     }

@@ -3,7 +3,9 @@ with taming's own modules, strict key/shape checks, pickle refusal, presets, the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -82,7 +84,40 @@ def test_indices_match_taming_in_every_layout(tmp_path, state, test_images):
         assert len(np.unique(ref)) > 50
     rate = agree / total
     print(f"\nindex agreement with taming (Encoder->quant_conv->VectorQuantizer, float32): {agree}/{total} = {rate:.6f}")
-    assert rate >= 0.999
+    assert rate == 1.0
+
+
+# Random weights and 16384 codes leave many near-ties, where the kernel path decides the index.
+# These seeds each have near-ties that a channels_last input moves (1-4 per config at 256 px).
+@pytest.mark.parametrize("attn,ch_mult,seeds", [
+    ([], [1, 2, 2, 4], (1, 2)),         # f8, only taming's middle attention block
+    ([], [1, 1, 2, 2, 4], (0, 2)),      # f16
+    ([16], [1, 2, 2, 4], (0, 2)),       # f8 with an attention level
+    ([16], [1, 1, 2, 2, 4], (0, 2)),    # f16 with an attention level
+], ids=["f8", "f16", "f8-attn", "f16-attn"])
+def test_indices_equal_taming_modules_on_random_weights(attn, ch_mult, seeds):
+    """Issue 7: the encoder runs on contiguous NCHW input, as taming does, so every index equals
+    taming's own Encoder -> quant_conv -> VectorQuantizer on the same contiguous crops, run one
+    crop at a time on one thread (100%, not 99.9%)."""
+    params = copy.deepcopy(TINY_PARAMS)
+    params["n_embed"] = 16384
+    params["ddconfig"].update(attn_resolutions=attn, ch_mult=ch_mult)
+    crops = photos((256, 256))[:3]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in seeds:
+            sd = make_random_taming_state(params, seed=seed)
+            with contextlib.redirect_stdout(io.StringIO()):
+                tok = TamingVQTokenizer(params)
+            tok.load_state_dict({k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv.", "quantize."))})
+            ref = np.concatenate([reference_indices(sd, params, crops[i:i + 1]) for i in range(len(crops))])
+            got = tok.encode(crops)
+            assert tok.describe()["layout"] == "contiguous" and tok.describe()["precision"] == "fp32"
+            moved = int((got != ref).sum())
+            assert moved == 0, f"seed {seed}: {moved}/{ref.size} indices differ from taming's"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_torch_tensor_input_and_index_length(tmp_path, state, test_images):
@@ -131,7 +166,7 @@ def test_fp16_checkpoint_is_used_as_float32(tmp_path, state, test_images):
     assert all(p.dtype == torch.float32 for p in tok.parameters())
     rounded = {k: v.float() for k, v in half.items()}
     ref = reference_indices(rounded, TINY_PARAMS, test_images[0])
-    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+    assert (tok.encode(test_images[0]) == ref).mean() == 1.0
     kept = {k: v for k, v in rounded.items() if k.startswith(("encoder.", "quant_conv.", "quantize."))}
     assert tok.content_hash == taming_mod.hash_state_dict(kept)
 
@@ -150,11 +185,11 @@ def test_gumbel_checkpoint_uses_argmax_of_proj(tmp_path, test_images):
 
     enc = Encoder(**params["ddconfig"]).eval()
     enc.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")})
-    x = torch.from_numpy(test_images[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = (torch.from_numpy(test_images[0]).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
     with torch.no_grad():
         h = torch.nn.functional.conv2d(enc(x), sd["quant_conv.weight"], sd["quant_conv.bias"])
         ref = torch.nn.functional.conv2d(h, sd["quantize.proj.weight"], sd["quantize.proj.bias"]).argmax(1).numpy()
-    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+    assert (tok.encode(test_images[0]) == ref).mean() == 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +210,7 @@ def test_pickled_objects_refused_without_trust(tmp_path, state, test_images):
         load_tokenizer(str(d))
     tok = load_taming(d, trust_pickle=True)
     ref = reference_indices(state, TINY_PARAMS, test_images[0])
-    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+    assert (tok.encode(test_images[0]) == ref).mean() == 1.0
 
 
 def test_unimportable_pickled_class_loads_with_trust(tmp_path, state):
@@ -365,7 +400,7 @@ def test_latent_diffusion_checkpoint_uses_its_first_stage(tmp_path, state, test_
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     tok = load_taming(d)
     ref = reference_indices(state, TINY_PARAMS, test_images[0])
-    assert (tok.encode(test_images[0]) == ref).mean() >= 0.999
+    assert (tok.encode(test_images[0]) == ref).mean() == 1.0
 
 
 def test_demo_matches_taming_reference_on_paper_sized_regions(demo):
@@ -388,4 +423,4 @@ def test_demo_matches_taming_reference_on_paper_sized_regions(demo):
     finally:
         torch.set_num_threads(threads)
     agreement = (demo.encode(quarters) == ref).mean()
-    assert agreement >= 0.999, agreement
+    assert agreement == 1.0, agreement

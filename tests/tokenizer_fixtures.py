@@ -104,7 +104,9 @@ def reference_indices(sd: dict[str, torch.Tensor], params: dict, images: np.ndar
     vq.embedding.weight.data.copy_(sd["quantize.embedding.weight"])
     enc.eval(), qc.eval(), vq.eval()
     with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        # contiguous NCHW, as taming's own data pipeline gives it (a bare permute of NHWC
+        # pixels is channels_last in memory, which takes other convolution kernels)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
         h = qc(enc(x))
         _, _, (_, _, idx) = vq(h)
     b, _, hh, ww = h.shape

@@ -9,6 +9,11 @@ import torch
 from cogalign.errors import CogalignError
 
 
+# Encoder precisions (`--precision`): the name and its torch dtype. The codebook distance is
+# always computed in float32.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 class TokenizerError(CogalignError):
     """A tokenizer cannot be found, loaded or used. The message is one line that names
     the file (or preset) and the fix."""
@@ -44,6 +49,23 @@ class VQTokenizer(abc.ABC):
     downsample: int
     device: torch.device
 
+    precision: str = "fp32"
+    channels_last: bool = False
+    compiled: bool = False
+
+    def set_encoder_mode(self, precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> None:
+        """How the encoder runs (precision, memory layout, torch.compile). Indices may differ from
+        the default (fp32, contiguous, eager), so the mode is part of the provenance. A backend
+        that has only the default refuses the others."""
+        if (precision, channels_last, compile) != ("fp32", False, False):
+            raise TokenizerError(f"{self.name}: this tokenizer runs only in fp32, contiguous, eager; "
+                                 "drop --precision, --channels-last and --compile")
+
+    def encoder_mode(self) -> dict:
+        """The encoder mode for provenance: precision, layout, compile."""
+        return {"precision": self.precision, "layout": "channels_last" if self.channels_last else "contiguous",
+                "compile": bool(self.compiled)}
+
     @abc.abstractmethod
     def encode(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, H, W, 3) uint8 with H, W multiples of f -> (B, H//f, W//f) int64 indices.
@@ -63,6 +85,7 @@ class VQTokenizer(abc.ABC):
             "content_hash": self.content_hash,
             "codebook_size": int(self.codebook_size),
             "downsample": int(self.downsample),
+            **self.encoder_mode(),
         }
 
     # -- helpers for implementations -------------------------------------------------

@@ -297,6 +297,42 @@ def select_model_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if k.startswith(KEPT_PREFIXES) and k not in IGNORED_QUANTIZE_KEYS}
 
 
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def decoder_shapes(params: dict) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of taming's Decoder and post_quant_conv for these model params (built on the
+    meta device: no memory, no weights)."""
+    import contextlib
+    import io
+
+    from taming.modules.diffusionmodules.model import Decoder
+
+    params = normalize_params(params)
+    dd = params["ddconfig"]
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        dec = Decoder(**dd)
+        pqc = torch.nn.Conv2d(params["embed_dim"], dd["z_channels"], 1)
+    shapes = {"decoder." + k: tuple(v.shape) for k, v in dec.state_dict().items()}
+    shapes.update({"post_quant_conv." + k: tuple(v.shape) for k, v in pqc.state_dict().items()})
+    return shapes
+
+
+def check_decoder(sd: dict[str, torch.Tensor], params: dict, ckpt: Path, cfg: Path) -> bool:
+    """If `sd` holds any decoder.* / post_quant_conv.* key, they must match the yaml's Decoder
+    exactly (keys and shapes), else one TokenizerError naming the differences. Returns whether
+    a decoder is there."""
+    found = {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
+    if not found:
+        return False
+    expected = {k: torch.empty(shape, device="meta") for k, shape in decoder_shapes(params).items()}
+    try:
+        check_state_dict(found, expected, ckpt, cfg)
+    except TokenizerError as exc:
+        raise TokenizerError(str(exc).replace("weights do not match", "decoder weights do not match", 1)) from None
+    return True
+
+
 def _listing(names: list[str], n: int = 10) -> str:
     more = f", ... ({len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more

@@ -20,7 +20,7 @@ import torch.nn as nn
 # Only taming.modules: taming.models needs pytorch_lightning and does not import cleanly.
 from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 
-from cogalign.tokenizers.base import TokenizerError, VQTokenizer, resolve_device
+from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
 from cogalign.tokenizers.checkpoints import (_quantizer_kind, check_state_dict, find_checkpoint, hash_state_dict,
                                              normalize_params, read_config, read_state_dict, select_model_keys)
 
@@ -28,6 +28,7 @@ from cogalign.tokenizers.checkpoints import (_quantizer_kind, check_state_dict, 
 # (4 MB: cache-sized blocks are ~4x faster than one big distance matrix, and never more
 # than a few MB is allocated, whatever the batch).
 LOOKUP_CHUNK_BYTES = 4 << 20
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
@@ -124,9 +125,43 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
 
     # -- encoding ------------------------------------------------------------------------
 
+    def set_encoder_mode(self, precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> None:
+        """See VQTokenizer.set_encoder_mode. `precision` is the autocast dtype of the encoder and
+        quant_conv (fp32: no autocast); the codebook lookup always runs in float32.
+        `channels_last` keeps the weights and the input in NHWC memory (other kernels, so other
+        near-ties). `compile` runs Encoder -> quant_conv through torch.compile (dynamic=False:
+        one compilation per crop shape)."""
+        if precision not in PRECISIONS:
+            raise TokenizerError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        if precision == "fp16" and self.device.type == "cpu":
+            raise TokenizerError(
+                "--precision fp16 is refused on the CPU: PyTorch has no fast CPU kernels for float16 convolutions "
+                "(about 30x slower than fp32 here); use --precision bf16 or fp32 on the CPU, fp16 on a GPU")
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.compiled = bool(compile)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for module in (self.encoder, self.quant_conv):
+            nn.Module.to(module, memory_format=fmt)
+        self.__dict__.pop("_compiled_pre_quant", None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_compiled_pre_quant", None)  # compiled code does not pickle; rebuilt on first use
+        return state
+
     def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Float (B, 3, H, W) in [-1, 1] -> quant_conv output (B, embed_dim, H/f, W/f)."""
         return self.quant_conv(self.encoder(x))
+
+    def _encoder_fn(self):
+        if not self.compiled:
+            return self.pre_quant
+        fn = self.__dict__.get("_compiled_pre_quant")
+        if fn is None:
+            fn = torch.compile(self.pre_quant, dynamic=False)
+            self.__dict__["_compiled_pre_quant"] = fn
+        return fn
 
     def lookup(self, h: torch.Tensor) -> torch.Tensor:
         """quant_conv output (B, C, h, w) -> (B, h, w) int64 code indices."""
@@ -138,18 +173,23 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
 
     def encode(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """See VQTokenizer.encode. The indices do not depend on how the caller batches, nor on
-        the thread count (spec §7): convolution libraries pick kernels by batch size and split
-        reductions by thread count, which moved ~0.1% of indices (near-ties) between a batch of
+        the thread count (spec §7): convolution libraries pick kernels by batch size, memory
+        layout and thread count, which moved ~0.1% of indices (near-ties) between a batch of
         4 and 4 batches of 1, or between 1 and 2 threads. So on CUDA the encoder always runs on
         groups of exactly `encoder_batch` images (the last padded with zeros); on CPU each image
         runs alone on one thread, and the images of a batch run side by side on
-        `torch.get_num_threads()` threads (as fast as one image on all threads)."""
+        `torch.get_num_threads()` threads (as fast as one image on all threads).
+        The input is contiguous NCHW, as in taming (a permuted NHWC tensor is channels_last in
+        memory and takes other kernels: 0.1-0.2% of indices moved), unless channels_last is set."""
         pixels = self._check_images(images)
         b, h, w, _ = pixels.shape
         f = self.downsample
         out = np.empty((b, h // f, w // f), dtype=np.int64)
         n = max(1, int(self.encoder_batch))
         groups = [(s, min(s + n, b)) for s in range(0, b, n)]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        dtype = _DTYPES[self.precision]
+        encoder = self._encoder_fn()
 
         def run(group: tuple[int, int]) -> None:
             s, e = group
@@ -157,8 +197,13 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
                 x = pixels[s:e].to(self.device, non_blocking=True)
                 if e - s < n:
                     x = torch.cat([x, x.new_zeros((n - (e - s),) + tuple(x.shape[1:]))])
-                x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-                out[s:e] = self.lookup(self.pre_quant(x))[:e - s].to("cpu", torch.int64).numpy()
+                x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous(memory_format=fmt)
+                # autocast is per thread: entered here, in the thread that runs the encoder
+                amp = (contextlib.nullcontext() if dtype == torch.float32
+                       else torch.autocast(self.device.type, dtype=dtype))
+                with amp:
+                    pre = encoder(x)
+                out[s:e] = self.lookup(pre.float())[:e - s].to("cpu", torch.int64).numpy()
 
         if self.device.type != "cpu":
             for group in groups:
@@ -167,7 +212,7 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            if threads == 1 or len(groups) == 1:
+            if threads == 1 or len(groups) == 1 or self.compiled:
                 for group in groups:
                     run(group)
             else:
