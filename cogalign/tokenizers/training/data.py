@@ -3,7 +3,6 @@ input (resolved under its image root as `expand` resolves them), decoded with
 `cogalign.images`, and cut into random crops in an order fixed by (seed, rank, step)."""
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -12,10 +11,10 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.images import load_image, resolve_image_path, to_rgb
+from cogalign.images import load_image, load_image_bytes, resolve_image_path
 from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS
 from cogalign.tokenizers.base import TokenizerError
 
@@ -43,11 +42,8 @@ def load_rgb(ref: ImageRef | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
     if not isinstance(ref, ImageRef):
         ref = ImageRef(str(ref), Path(ref))
     try:
-        if ref.path is not None:
-            return np.array(load_image(ref.path, max_pixels), dtype=np.uint8)
-        with Image.open(io.BytesIO(ref.data)) as im:
-            im.load()
-            return np.array(to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)
+        image = load_image(ref.path, max_pixels) if ref.path is not None else load_image_bytes(ref.data, ref.name, max_pixels)
+        return np.array(image, dtype=np.uint8)
     except RecordError as e:
         raise TokenizerError(f"{ref.name}: {e.reason}: {e.detail}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
