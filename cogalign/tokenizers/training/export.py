@@ -2,8 +2,6 @@
 `load_taming` and by taming itself) and evaluate a tokenizer folder (`cogalign vq eval`)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -12,11 +10,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import yaml
 
 from cogalign.tokenizers.base import TokenizerError
-from cogalign.tokenizers.training.data import collect_images, from_model_output, load_rgb, resize_rgb
+from cogalign.tokenizers.decoder import load_decoder
+from cogalign.tokenizers.training.data import collect_images, load_rgb, resize_rgb
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.yaml", "train_metrics.json"
 
@@ -59,24 +57,6 @@ def export_taming(model, out_dir: str | Path, decoder_dtype: torch.dtype = torch
     return paths
 
 
-class _Reconstructor(nn.Module):
-    """post_quant_conv + Decoder from a taming checkpoint, for evaluation."""
-
-    def __init__(self, params: dict, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        from taming.modules.diffusionmodules.model import Decoder
-
-        dd = params["ddconfig"]
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.decoder = Decoder(**dd)
-        self.post_quant_conv = nn.Conv2d(int(params["embed_dim"]), dd["z_channels"], 1)
-        self.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-        self.eval()
-
-    def forward(self, q):
-        return self.decoder(self.post_quant_conv(q))
-
-
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
@@ -116,16 +96,11 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
            "resolution": resolution, "usage_resolution": usage_resolution}
     with torch.inference_mode():
         if dec and tok.quantizer == "vq":
-            try:
-                rec_model = _Reconstructor(tok.params, dec)
-            except RuntimeError as e:
-                raise TokenizerError(f"{ckpt}: the decoder weights do not match the config ({str(e).splitlines()[0]})") from None
+            rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle)  # refuses weights that do not fit
             per = {}
             for r, arr in zip(refs, images):
                 x = resize_rgb(arr, resolution, resolution)[None]
-                idx = torch.from_numpy(tok.encode(x))
-                q = tok.quantize.embedding.weight[idx].permute(0, 3, 1, 2)
-                per[r.name] = psnr_db(x, from_model_output(rec_model(q)))
+                per[r.name] = psnr_db(x, rec_model.decode(tok.encode(x)))
             res["psnr_db"] = float(np.mean(list(per.values())))
             res["psnr_db_per_image"] = {k: round(v, 2) for k, v in per.items()}
         else:
