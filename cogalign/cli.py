@@ -158,6 +158,8 @@ def _mount_subcommands() -> None:
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
+    from cogalign.train.cli import register as register_train
+    register_train(app)  # train, generate, eval
 
 
 _mount_subcommands()
