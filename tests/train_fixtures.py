@@ -29,11 +29,14 @@ def quadrant_set(folder: Path, n: int, seed: int, prefix: str = "q") -> Path:
     return path
 
 
-def expand_px(src: Path, out: Path) -> None:
+def expand_px(src: Path, out: Path, regions: str = "quarters") -> None:
     """Expand with one RGB turn per record whose answer is one pixel (--px-resolution 2)."""
     from tests.helpers import run_cli
 
+    templates = src.parent / "templates.json"  # one short prompt keeps the sequences (and the test) short
+    templates.write_text(json.dumps({"vq": ["VQ of this image?"], "px": ["RGB of this image?"]}))
     run_cli("expand", src, "--out", out, "--targets", "px", "--px-resolution", "2", "--vq-resolution", "64",
+            "--templates", templates, "--regions", regions,
             "--resample", "box", "--workers", "0", "--no-progress")
 
 

@@ -23,7 +23,7 @@ DDP: `torchrun --nproc-per-node N -m cogalign train ...` (gloo on CPU, nccl on G
 def train_cmd(
     model: str = typer.Option(..., "--model", help="LLaVA checkpoint (Hub id or folder) or `tiny`."),
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` (its data/ shards)."),
-    out: Path = typer.Option(Path("run"), "--out", help="Run folder: model (safetensors), processor, train_log.jsonl, train_summary.json, checkpoint/."),
+    out: Path = typer.Option(Path("run"), "--out", help="Run folder: model (safetensors), processor, train_log.jsonl, train_summary.json, checkpoint-N/ (the 2 newest)."),
     stage: int = typer.Option(3, "--stage", help="Table 7 preset: 1 projector 1e-3, batch 256; 2 + vision 2e-6, batch 64; 3 projector 1e-5, vision 2e-6, LM 1e-5, batch 32."),
     lr: Optional[List[str]] = typer.Option(None, "--lr", help="GROUP=VALUE (projector, vision_tower, language_model); a rate unfreezes the group, `frozen` freezes it. Repeatable. Default: the stage's."),
     modules: Optional[List[str]] = typer.Option(None, "--modules", help="GROUP=REGEX: which parameter names form a group (other architectures). Default: multi_modal_projector, vision_tower, language_model|lm_head."),
@@ -37,20 +37,20 @@ def train_cmd(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the folder of the input expand read (cogalign.json)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order (shuffled per epoch), the tiny model and the tokenizer."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes per rank (0: load in the training process)."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Also save RUN/checkpoint/ every N steps (always saved at the end). Default: 0 (only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from RUN/checkpoint/: same data order, same loss curve."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Also save RUN/checkpoint-N/ every N steps (always saved at the end). Default: 0 (only at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint-N/: same data order, same loss curve. Give the same options."),
     print_plan: bool = typer.Option(False, "--print-plan", help="Print the plan (groups, rates, batch) as JSON and exit without training."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
     from cogalign.train.model import add_vq_tokens, codebook_size, load
-    from cogalign.train.run import TrainConfig, train
+    from cogalign.train.run import TrainConfig, checkpoints, train
     from cogalign.train.stages import make_plan, plan_json
 
     try:
         if vq_tokens not in ("text", "special"):
             raise CogalignError(f"--vq-tokens {vq_tokens!r}: choose text or special")
-        if resume and not (out / "checkpoint").is_dir():
-            raise CogalignError(f"--resume: no checkpoint in {out}/checkpoint (start without --resume)")
+        if resume and not checkpoints(out):
+            raise CogalignError(f"--resume: no checkpoint-N folder in {out} (start without --resume)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = make_plan(stage, world, lr, global_batch_size, per_device_batch_size, epochs, modules)
         net, processor = load(model, data, seed)

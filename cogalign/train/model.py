@@ -21,10 +21,13 @@ def require_transformers():
 
 
 def shard_texts(out: Path, limit_chars: int = 4000) -> Iterator[str]:
-    """Every turn's text in the shards (long answers cut: the tokenizer only needs their alphabet)."""
+    """Every turn's text in the shards (long answers cut: the tokenizer only needs their alphabet),
+    and the vicuna_v1 frame the collator wraps them in."""
+    from cogalign.train.collate import VICUNA_SYSTEM
     from cogalign.train.data import shard_files
     from cogalign.writer import read_shard
 
+    yield from [VICUNA_SYSTEM + " USER: ", " ASSISTANT: "] * 16
     for f in shard_files(out):
         for rec in read_shard(f):
             for turn in rec.get("conversations") or []:

@@ -24,6 +24,7 @@ from cogalign.train.stages import GROUPS, Plan, group_params
 
 STATE = "trainer_state.json"
 RUN_CONFIG = "cogalign_train.json"
+CHECKPOINT = "checkpoint-"
 
 
 @dataclass
@@ -152,9 +153,13 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     log_path = out / "train_log.jsonl"
     if cfg.resume:
         step, stats, skipped_ids = _load_checkpoint(accel, out, log_path)
-    elif accel.is_main_process:
+    elif accel.is_main_process:  # a fresh run: an earlier run's log and checkpoints in --out go
         out.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
+        import shutil
+
+        for old in checkpoints(out):
+            shutil.rmtree(old)
     accel.wait_for_everyone()
 
     from cogalign.progress import Progress
@@ -250,21 +255,38 @@ def _gather_list(items: list) -> list:
 
 
 def _save_checkpoint(accel, out: Path, step: int, stats: dict, skipped_ids: list, final: bool = False) -> None:
-    """RUN/checkpoint/: model, optimizer, scheduler and RNG states (accelerate) + this rank's counts."""
-    ckpt = out / "checkpoint"
+    """RUN/checkpoint-STEP/: model, optimizer, scheduler and RNG states (accelerate) + this rank's
+    counts. The two newest are kept."""
+    import shutil
+
+    ckpt = out / f"{CHECKPOINT}{step}"
     accel.wait_for_everyone()
     accel.save_state(str(ckpt), safe_serialization=True)
     state = {"step": step, "stats": {**stats, "skipped": dict(stats["skipped"]), "truncated": dict(stats["truncated"])},
              "skipped_ids": skipped_ids[:1000]}
     (ckpt / f"rank{accel.process_index}_{STATE}").write_text(json.dumps(state))
     accel.wait_for_everyone()
+    if accel.is_main_process:
+        for old in checkpoints(out)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    accel.wait_for_everyone()
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in a run folder, oldest first."""
+    found = [p for p in Path(out).glob(f"{CHECKPOINT}*") if p.name[len(CHECKPOINT):].isdigit()
+             and (p / f"rank0_{STATE}").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT):]))
 
 
 def _load_checkpoint(accel, out: Path, log_path: Path) -> tuple[int, dict, list]:
-    ckpt = out / "checkpoint"
+    found = checkpoints(out)
+    if not found:
+        raise CogalignError(f"--resume: no checkpoint in {out} (train without --resume)")
+    ckpt = found[-1]
     path = ckpt / f"rank{accel.process_index}_{STATE}"
     if not path.exists():
-        raise CogalignError(f"--resume: no checkpoint in {ckpt} (train without --resume, or use --save-every)")
+        raise CogalignError(f"--resume: {ckpt} was saved with another number of ranks (run with the same torchrun size)")
     accel.load_state(str(ckpt))
     state = json.loads(path.read_text())
     stats = state["stats"]
