@@ -69,3 +69,34 @@ def test_resume_continues_the_curve(quads, tmp_path):
     AutoProcessor.from_pretrained(run)
     assert AutoModelForImageTextToText.from_pretrained(run).config.model_type == "llava"
     assert (run / "model.safetensors").exists()
+
+
+def test_learning_check_rgb_from_images(tmp_path):
+    """Train tiny on one-pixel RGB answers (the upper-left quadrant's colour, palette of 4), then
+    answer held-out images. With the true answers it must be far above chance (1/4); with the
+    answers shuffled across records (image pairing broken) it must fall back to about chance."""
+    from cogalign.train.evaluate import score
+    from cogalign.train.generate import run_generate
+    from cogalign.train.model import load
+    from cogalign.train.run import TrainConfig, train
+    from cogalign.train.stages import make_plan
+
+    expand_px(quadrant_set(tmp_path / "tr", 160, 0), tmp_path / "train", regions="upper-left")
+    expand_px(quadrant_set(tmp_path / "te", 40, 1, prefix="t"), tmp_path / "test", regions="upper-left")
+    exact = {}
+    for name in ("true", "shuffled"):
+        if name == "shuffled":
+            shuffle_answers(tmp_path / "train")
+        net, processor = load("tiny", tmp_path / "train", seed=0)
+        plan = make_plan(3, lr=["projector=3e-3", "vision_tower=3e-3", "language_model=3e-3"],
+                         global_batch_size=16, per_device_batch_size=16)
+        summary = train(TrainConfig(tmp_path / "train", tmp_path / name, plan, max_length=256, max_steps=120,
+                                    progress=False, log_every=20), net, processor)
+        assert summary["truncated_records"] == 0 and summary["skipped"] == 0
+        run_generate(tmp_path / name, tmp_path / "test", tmp_path / f"{name}.jsonl", max_new_tokens=24, progress=False)
+        result = score(tmp_path / "test", tmp_path / f"{name}.jsonl")
+        assert result["px"]["n"] == 40 and result["px"]["format_ok"] == 1.0
+        exact[name] = result["px"]["exact_match"]
+    print("learning check exact match:", exact)
+    assert exact["true"] >= 0.8, exact
+    assert exact["shuffled"] <= 0.5, exact
