@@ -125,10 +125,11 @@ def train(cfg: TrainConfig, model, processor) -> dict:
 
     plan = cfg.plan
     rank, world = init_distributed()
-    if world != plan.world_size:
-        raise CogalignError(f"plan made for {plan.world_size} ranks but running on {world}")
-    accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+    gpu = torch.cuda.is_available()
+    accel = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu,  # cpu=True: multi-CPU DDP (gloo)
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if world != plan.world_size or accel.num_processes != world:
+        raise CogalignError(f"plan made for {plan.world_size} ranks but accelerate runs {accel.num_processes} of {world}")
     set_seed(cfg.seed)
     out = Path(cfg.out)
     probe = ShardDataset(cfg.data, cfg.seed, 0, rank, world, plan.per_device_batch_size,
