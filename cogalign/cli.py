@@ -213,6 +213,8 @@ def _mount_subcommands() -> None:
     mount_hub(app)  # publish, export, stats
     app.command("show")(show)
     app.command("gallery")(gallery)
+    from cogalign.train.cli import register as register_train
+    register_train(app)  # train, generate, eval
 
 
 _mount_subcommands()

@@ -1,0 +1,146 @@
+"""An IterableDataset over an `expand` output folder: exact rank × worker split, deterministic
+shuffle by (seed, epoch), resumable mid-epoch, images read from the image root.
+
+Order. Shards are shuffled, then the rows inside each shard (block shuffle, so a rank reads one
+shard at a time). Position i of that epoch sequence belongs to rank i % world. Each rank's list is
+padded with empty slots to the same length, so every rank runs the same number of steps. A rank's
+list is cut into blocks of `batch_size`; DataLoader worker w takes blocks w, w + W, ..., and since
+the DataLoader takes batches from its workers round robin, the batches come out in list order.
+`start` skips the first `start` items of the rank's list (a mid-epoch resume).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+import torch.utils.data
+
+from cogalign.errors import CogalignError, RecordError
+from cogalign.layout import MANIFEST
+from cogalign.writer import from_row
+
+
+def shard_files(out: Path) -> list[Path]:
+    data = Path(out) / "data"
+    files = sorted(data.glob("*.parquet")) or sorted(data.glob("*.jsonl"))
+    if not files:
+        raise CogalignError(f"no shards in {data}: give --data the folder that `cogalign expand --out` wrote")
+    return files
+
+
+def shard_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def read_rows(path: Path, rows: set[int]) -> dict[int, dict]:
+    """The records at `rows` (0-based) of one shard, as LLaVA dicts."""
+    out = {}
+    if path.suffix == ".parquet":
+        pos = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            wanted = [r - pos for r in range(pos, pos + batch.num_rows) if r in rows]
+            if wanted:
+                for r, row in zip(wanted, batch.take(wanted).to_pylist()):
+                    out[pos + r] = from_row(row)
+            pos += batch.num_rows
+        return out
+    with open(path, "rb") as f:
+        for i, line in enumerate(l for l in f if l.strip()):
+            if i in rows:
+                out[i] = orjson.loads(line)
+    return out
+
+
+def default_image_root(out: Path) -> Path:
+    """The folder the shards were made from: the input file's folder, as `cogalign.json` records it."""
+    manifest = Path(out) / MANIFEST
+    if not manifest.exists():
+        raise CogalignError(f"{manifest} is missing: pass --image-root (the folder `image` paths are relative to)")
+    src = Path(orjson.loads(manifest.read_bytes())["input"])
+    for folder in ([src.parent] if src.is_absolute() else [src.parent, Path(out).parent / src.parent]):
+        if folder.is_dir():
+            return folder
+    raise CogalignError(f"the input folder {src.parent} recorded in {manifest} is not here: pass --image-root")
+
+
+def epoch_order(counts: list[int], seed: int, epoch: int) -> np.ndarray:
+    """(N, 2) array of (shard, row): shards in a shuffled order, rows shuffled inside each shard."""
+    rng = np.random.default_rng([seed, epoch])
+    parts = []
+    for s in rng.permutation(len(counts)):
+        rows = rng.permutation(counts[s])
+        parts.append(np.stack([np.full(len(rows), s), rows], axis=1))
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Yields one item per slot of this rank's list: {"position", "record", "image", "skip"}.
+
+    `record` is None for a padding slot; `skip` names why a record cannot be used (its image is
+    missing or corrupt), so the collator counts it instead of swapping in another sample."""
+
+    def __init__(self, out: Path, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1,
+                 batch_size: int = 1, start: int = 0, image_root: Optional[Path] = None,
+                 load_images: bool = True, allow_absolute_paths: bool = False, shuffle: bool = True):
+        self.files = shard_files(out)
+        self.counts = [shard_rows(f) for f in self.files]
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.batch_size, self.start, self.load_images = batch_size, start, load_images
+        self.allow_absolute_paths, self.shuffle = allow_absolute_paths, shuffle
+        self.image_root = Path(image_root) if image_root else (default_image_root(out) if load_images else None)
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.counts)
+
+    def rank_length(self) -> int:
+        """Slots per rank in one epoch (padded, the same on every rank)."""
+        return math.ceil(self.num_records / self.world)
+
+    def rank_list(self) -> np.ndarray:
+        """This rank's (shard, row) slots for the epoch; (-1, -1) is padding."""
+        order = epoch_order(self.counts, self.seed, self.epoch) if self.shuffle else np.array(
+            [(s, r) for s, n in enumerate(self.counts) for r in range(n)], dtype=np.int64).reshape(-1, 2)
+        order = order[self.rank::self.world]
+        pad = self.rank_length() - len(order)
+        return np.concatenate([order, np.full((pad, 2), -1)]) if pad else order
+
+    def positions(self) -> list[int]:
+        """Slot positions this DataLoader worker yields, in order."""
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        n = self.rank_length()
+        return [p for p in range(self.start, n) if ((p - self.start) // self.batch_size) % nw == wid]
+
+    def __iter__(self) -> Iterator[dict]:
+        slots = self.rank_list()
+        mine = self.positions()
+        cache_shard, cache = -1, {}
+        for p in mine:
+            shard, row = (int(v) for v in slots[p])
+            if shard < 0:
+                yield {"position": p, "record": None, "image": None, "skip": None}
+                continue
+            if shard != cache_shard:  # slots are grouped by shard: read each shard's rows once
+                need = {int(r) for (s, r), q in zip(slots[mine], mine) if s == shard and q >= p}
+                cache_shard, cache = shard, read_rows(self.files[shard], need)
+            record = cache.pop(row)
+            yield {"position": p, "record": record, **self._image(record)}
+
+    def _image(self, record: dict) -> dict:
+        if not self.load_images or not isinstance(record.get("image"), str):
+            return {"image": None, "skip": None}
+        from cogalign.images import load_image, resolve_image_path, to_rgb
+
+        try:
+            path = resolve_image_path(record["image"], self.image_root, self.allow_absolute_paths)
+            return {"image": to_rgb(load_image(path)), "skip": None}
+        except RecordError as e:
+            return {"image": None, "skip": e.reason, "detail": f"{record.get('id')}: {e}"}

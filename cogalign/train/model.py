@@ -1,0 +1,118 @@
+"""Load a LLaVA-family model and its processor, or build `tiny`: a small random LLaVA (CLIP-style
+vision tower, projector, Llama-style LM) with a byte-level BPE tokenizer trained on the shards."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+from cogalign.errors import CogalignError
+
+TINY_IMAGE, TINY_PATCH = 32, 8
+TINY_VOCAB = 1024
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise CogalignError('training needs transformers: pip install "cogalign[train]"') from None
+
+
+def shard_texts(out: Path, limit_chars: int = 4000) -> Iterator[str]:
+    """Every turn's text in the shards (long answers cut: the tokenizer only needs their alphabet),
+    and the vicuna_v1 frame the collator wraps them in."""
+    from cogalign.train.collate import VICUNA_SYSTEM
+    from cogalign.train.data import shard_files
+    from cogalign.writer import read_shard
+
+    yield from [VICUNA_SYSTEM + " USER: ", " ASSISTANT: "] * 16
+    for f in shard_files(out):
+        for rec in read_shard(f):
+            for turn in rec.get("conversations") or []:
+                yield str(turn.get("value", ""))[:limit_chars]
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int = TINY_VOCAB):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def tiny_processor(tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE},
+                                         crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=TINY_IMAGE, patch_size=TINY_PATCH, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def load(model: str, data: Optional[Path] = None, seed: int = 0, tiny_layers: int = 2, tiny_hidden: int = 128):
+    """(model, processor) for a Hub id / local folder (Auto classes), or a fresh `tiny`."""
+    require_transformers()
+    if model == "tiny":
+        if data is None:
+            raise CogalignError("--model tiny trains its tokenizer on the shards: give --data")
+        processor = tiny_processor(train_tokenizer(shard_texts(data)))
+        return tiny_model(processor.tokenizer, seed, tiny_hidden, tiny_layers), processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+        net = AutoModelForImageTextToText.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CogalignError(f"cannot load model {model!r}: {first} (give a LLaVA checkpoint folder, a Hub id, or tiny)") from None
+    return net, processor
+
+
+def add_vq_tokens(model, processor, k: int) -> int:
+    """`--vq-tokens special`: add <vq_0>..<vq_{k-1}> and resize the embeddings; returns tokens added."""
+    from cogalign.train.collate import vq_token_names
+
+    added = processor.tokenizer.add_tokens(vq_token_names(k))
+    if added:
+        model.resize_token_embeddings(len(processor.tokenizer))
+    return added
+
+
+def codebook_size(out: Path) -> Optional[int]:
+    """The VQ codebook size from cogalign.json's tokenizer name (`demo-f8-4096` → 4096), if it says."""
+    import orjson
+
+    from cogalign.layout import MANIFEST
+
+    try:
+        name = orjson.loads((Path(out) / MANIFEST).read_bytes())["options"].get("tokenizer_name", "")
+    except (OSError, KeyError, ValueError):
+        return None
+    m = re.search(r"(\d+)$", name or "")
+    return int(m.group(1)) if m else None
