@@ -207,13 +207,13 @@ def _mount_subcommands() -> None:
     from cogalign import cli_vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
     from cogalign.hub.cli import mount as mount_hub
     from cogalign.inspect.cli import gallery, show
+    from cogalign.train.cli import register as register_train
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")
     mount_hub(app)  # publish, export, stats
     app.command("show")(show)
     app.command("gallery")(gallery)
-    from cogalign.train.cli import register as register_train
     register_train(app)  # train, generate, eval
 
 
