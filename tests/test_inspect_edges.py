@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cogalign.errors import CogalignError
 from cogalign.inspect import find_record, targets, view_record
@@ -168,3 +170,31 @@ def test_config_file_of_the_wrong_shape_is_one_line(text, tmp_path, monkeypatch)
     with pytest.raises(TokenizerError, match="config.yaml: expected a mapping"):
         load_tokenizer("vqgan-4096")
     _one_line_error(run_cli("vq", "list", expect=2), "config.yaml")
+
+
+def test_show_draws_images_embedded_in_a_parquet_input(tmp_path, monkeypatch):
+    """A Hub parquet input carries its images; the output keeps only their names. `show` finds
+    the bytes in the input (given relative to where the run started), from another folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [r for r in json.loads(EXAMPLES.read_text()) if r["id"] in ("chelsea", "coffee")]
+    rows = [{"id": r["id"], "conversations": r["conversations"],
+             "image": {"bytes": (EXAMPLES.parent / r["image"]).read_bytes(), "path": r["image"].split("/")[-1]}}
+            for r in records]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+    run_cli("expand", "hub", "--out", "out", *SMALL)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = run_cli("show", tmp_path / "out", "--id", "coffee", "--out", "c.png")
+    assert "PSNR exact (inf dB)" in res.output
+    record = find_record(tmp_path / "out", "coffee")
+    view = view_record(record, load_manifest(tmp_path / "out"), None)
+    t = sorted(targets(record), key=lambda t: t.kind != "vq")[0]  # the panels' order: VQ first
+    h, w = t.meta["resolution"]
+    with Image.open(EXAMPLES.parent / "images" / "coffee.png") as im:
+        full = np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC))
+    x0, y0, x1, y1 = t.meta["box"]
+    np.testing.assert_array_equal(view.panels[0].pixels, full[y0:y1, x0:x1])
