@@ -198,3 +198,13 @@ def test_show_draws_images_embedded_in_a_parquet_input(tmp_path, monkeypatch):
         full = np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC))
     x0, y0, x1, y1 = t.meta["box"]
     np.testing.assert_array_equal(view.panels[0].pixels, full[y0:y1, x0:x1])
+
+
+def test_gallery_does_not_overwrite_someone_elses_index_html(run, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><title>my homepage</title></html>")
+    _one_line_error(run_cli("gallery", run, "--out", site, "--no-progress", expect=2), "not a cogalign gallery")
+    assert "my homepage" in (site / "index.html").read_text()
+    run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")
+    run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")  # its own page is replaced

@@ -74,7 +74,7 @@ def show(
 
 def gallery(
     out: Path = OutArg,
-    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; earlier gallery images are replaced)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; an earlier gallery there is replaced, any other index.html is refused)."),
     n: int = typer.Option(24, "--n", min=1, help="Records to show, spread evenly over the output."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
@@ -92,6 +92,9 @@ def gallery(
     if dest.exists() and not dest.is_dir():
         fail(f"--out {dest}: exists and is not a folder")
     check_out_parent(dest)
+    page = dest / "index.html"
+    if page.is_file() and "<title>cogalign gallery:" not in page.read_text(encoding="utf-8", errors="replace")[:2000]:
+        fail(f"--out {dest}: holds an index.html that is not a cogalign gallery; choose an empty or new folder")
     try:
         manifest = load_manifest(out)
         decoder = _decoder(out, manifest, vq, trust_pickle)
