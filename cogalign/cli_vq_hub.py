@@ -7,15 +7,16 @@ from pathlib import Path
 
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli_util import check_png_out, fail, save_png, say
 from cogalign.cli_vq import vq_app
-from cogalign.errors import CogalignError
+from cogalign.errors import CogalignError, RecordError
 
 
 @vq_app.command("list")
-def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Known tokenizers: name, codebook size, f, embed dim, where they are published, and whether
-    they are here already (shipped, in $COGALIGN_HOME/tokenizers, or in the Hugging Face cache)."""
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table. Default: a table.")) -> None:
+    """Known tokenizers: name, codebook size, f, embed dim, source, and whether each is here already.
+
+    Here already: shipped, in $COGALIGN_HOME/tokenizers, or in the Hugging Face cache."""
     from cogalign.tokenizers.catalog import KNOWN
     from cogalign.tokenizers.presets import is_local
 
@@ -42,10 +43,11 @@ def push(
     folder: Path = typer.Argument(..., help="Tokenizer folder: one .safetensors, its config.yaml, optionally train_metrics.json."),
     repo: str = typer.Option(..., "--repo", help="Hub model repo to create or update, OWNER/NAME."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private. Default: public."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check the folder and print the files and model card; upload nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the folder and print the files and model card; upload nothing. Default: upload."),
 ) -> None:
-    """Upload a tokenizer folder to the Hugging Face Hub with a generated model card (architecture,
-    codebook size, f, training data, PSNR when known). Pickle checkpoints are refused: `vq convert` first."""
+    """Upload a tokenizer folder to the Hugging Face Hub with a generated model card.
+
+    The card names the architecture, codebook size, f, training data and PSNR (when known). Pickle checkpoints are refused: `vq convert` first."""
     from cogalign.tokenizers.hub import push as run_push
 
     try:
@@ -80,19 +82,20 @@ def recon(
     from cogalign.tokenizers import load_tokenizer
     from cogalign.tokenizers.decoder import load_decoder_spec
 
-    if out.suffix.lower() != ".png":
-        fail(f"--out {out}: must be a .png file")
+    check_png_out(out)
     try:
         h, w = parse_resolution(resolution, "resolution")
         tok = load_tokenizer(vq, trust_pickle=trust_pickle)
         if h % tok.downsample or w % tok.downsample:
             fail(f"--resolution {resolution}: each side must be a multiple of f={tok.downsample}")
         dec = load_decoder_spec(vq, trust_pickle=trust_pickle)
-        x = to_working(load_image(image), (h, w))
+        try:
+            x = to_working(load_image(image), (h, w))
+        except RecordError as e:
+            fail(f"{e}; pass an image file PIL can read (PNG, JPEG, WebP, ...)")
         rec = dec.decode(tok.encode(x[None])[0])
     except CogalignError as e:
         fail(str(e))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate([x, rec], axis=1) if side_by_side else rec).save(out)
-    typer.echo(f"PSNR: {fmt_psnr(psnr_db(rec, x))} ({tok.name}, {w}x{h}, {(h // tok.downsample) * (w // tok.downsample)} indices)")
+    save_png(Image.fromarray(np.concatenate([x, rec], axis=1) if side_by_side else rec), out)
+    typer.echo(f"PSNR: {fmt_psnr(psnr_db(rec, x))} ({tok.name}, {h}x{w} (HxW), {(h // tok.downsample) * (w // tok.downsample)} indices)")
     say(f"wrote {out}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli_util import check_out_parent, check_png_out, fail, save_png, say
 from cogalign.errors import CogalignError
 
 OutArg = typer.Argument(..., help="Output folder of `cogalign expand`.", exists=True, file_okay=False)
@@ -29,6 +29,9 @@ def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
         decoder = load_decoder_spec(spec, trust_pickle=trust_pickle)
     except TokenizerError as e:
         if "decoder" not in str(e) and "Gumbel" not in str(e):
+            if vq is None:  # the run's own --vq, which may be a path relative to where the run was started
+                raise TokenizerError(f"{out / 'cogalign.json'}: the run's tokenizer --vq {spec} cannot be loaded "
+                                     f"here ({e}); pass the tokenizer the run used with --vq") from None
             raise
         say(f"warning: {e}; the VQ panels are left blank")
         return None
@@ -42,8 +45,8 @@ def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
 
 def show(
     out: Path = OutArg,
-    record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id`."),
-    index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based)."),
+    record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id` (the first record with it). Give --id or --index."),
+    index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based). Give --id or --index."),
     dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
@@ -51,21 +54,18 @@ def show(
 ) -> None:
     """Draw one record's targets side by side in a PNG, with PSNRs.
 
-    Panels: the region as the model saw it, the VQ indices decoded by the tokenizer's decoder, the RGB
-    dump drawn; each with its PSNR against the region."""
+    Panels: the region as the model saw it, the VQ indices decoded by the tokenizer's decoder, the RGB dump drawn; each with its PSNR against the region."""
     from cogalign.inspect.panels import compose, fmt_psnr, view_record
     from cogalign.inspect.records import find_record, load_manifest
 
-    if dest.suffix.lower() != ".png":
-        fail(f"--out {dest}: must be a .png file")
+    check_png_out(dest)
     try:
         manifest = load_manifest(out)
         record = find_record(out, record_id, index)
         view = view_record(record, manifest, _decoder(out, manifest, vq, trust_pickle), image_root)
     except CogalignError as e:
         fail(str(e))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    compose(view, f"id {view.record_id} - {view.image}").save(dest)
+    save_png(compose(view, f"id {view.record_id} - {view.image}"), dest)
     for panel in view.panels:
         if panel.psnr_db is not None:
             say(f"{panel.title}: PSNR {fmt_psnr(panel.psnr_db)} against the region")
@@ -74,7 +74,7 @@ def show(
 
 def gallery(
     out: Path = OutArg,
-    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; earlier gallery images are replaced)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; an earlier gallery there is replaced, any other index.html is refused)."),
     n: int = typer.Option(24, "--n", min=1, help="Records to show, spread evenly over the output."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
@@ -83,8 +83,7 @@ def gallery(
 ) -> None:
     """Write a static HTML gallery of a sample of records.
 
-    DIR/index.html shows each record's panels (as `show`), the prompts they were asked with and the
-    counts from report.json; no server, no external assets (images in DIR/img/)."""
+    DIR/index.html shows each record's panels (as `show`), the prompts they were asked with and the counts from report.json; no server, no external assets (images in DIR/img/)."""
     from cogalign.inspect.gallery import sample_records, write_gallery
     from cogalign.inspect.records import load_manifest
     from cogalign.progress import Progress
@@ -92,6 +91,10 @@ def gallery(
     started = time.perf_counter()
     if dest.exists() and not dest.is_dir():
         fail(f"--out {dest}: exists and is not a folder")
+    check_out_parent(dest)
+    page = dest / "index.html"
+    if page.is_file() and "<title>cogalign gallery:" not in page.read_text(encoding="utf-8", errors="replace")[:2000]:
+        fail(f"--out {dest}: holds an index.html that is not a cogalign gallery; choose an empty or new folder")
     try:
         manifest = load_manifest(out)
         decoder = _decoder(out, manifest, vq, trust_pickle)
@@ -100,6 +103,12 @@ def gallery(
             res = write_gallery(out, dest, n, decoder, image_root, records=records, on_record=lambda: bar.advance(True))
     except CogalignError as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"--out {dest}: cannot write ({e.strerror or e}); choose a folder you can write to")
+    for _, why in res["skipped_records"][:3]:
+        say(f"skipped {why}")
+    if len(res["skipped_records"]) > 3:
+        say(f"... and {len(res['skipped_records']) - 3} more (listed at the end of the page)")
     say(f"records shown: {res['shown']}  skipped: {res['skipped']}  images: {res['images']}  "
         f"time: {time.perf_counter() - started:.1f} s")
     say(f"open {res['path']}")

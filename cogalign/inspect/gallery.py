@@ -99,7 +99,7 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
                       f"{html.escape(str(view.image))}<div class=\"panels\">{''.join(figs)}</div>{''.join(qs)}</div>")
     tpl_rows = "".join(f"<tr><td>{kind}</td><td>{tid}</td><td>{c}</td></tr>"
                        for (kind, tid), c in sorted(templates.items()))
-    skipped_html = "".join(f"<li>id {html.escape(str(i))}: {html.escape(m)}</li>" for i, m in skipped)
+    skipped_html = "".join(f"<li>{html.escape(m)}</li>" for _, m in skipped)  # the message names the record
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cogalign gallery: {html.escape(out.name)}</title>
 <link rel="icon" href="data:,"><style>{STYLE}</style></head><body>
@@ -116,5 +116,6 @@ with nearest-neighbour sampling.</p>
 </body></html>
 """
     (dest / "index.html").write_text(page, encoding="utf-8")
-    return {"shown": len(blocks), "skipped": len(skipped), "images": images, "path": dest / "index.html"}
+    return {"shown": len(blocks), "skipped": len(skipped), "images": images, "path": dest / "index.html",
+            "skipped_records": skipped}
 

@@ -58,7 +58,16 @@ def _region(record: dict, manifest: dict, meta: dict, image_root, cache: dict) -
 
 def view_record(record: dict, manifest: dict, decoder=None, image_root: Path | None = None) -> RecordView:
     """Panels for every target turn of an expanded record. `decoder` (a VQDecoder) is needed
-    for VQ turns; without it the VQ panel is left out and its caption says why."""
+    for VQ turns; without it the VQ panel is left out and its caption says why. Errors name the record."""
+    try:
+        return _view_record(record, manifest, decoder, image_root)
+    except CogalignError as e:
+        if str(e).startswith("record "):
+            raise
+        raise CogalignError(f"record {record.get('id')!r}: {e}") from None
+
+
+def _view_record(record: dict, manifest: dict, decoder, image_root: Path | None) -> RecordView:
     view = RecordView(record.get("id"), record.get("image"))
     cache: dict = {}
     turns = sorted(targets(record), key=lambda t: t.kind != "vq")  # VQ turns first; refuses unexpanded records
@@ -67,7 +76,9 @@ def view_record(record: dict, manifest: dict, decoder=None, image_root: Path | N
         view.turns.append({**t.meta, "question": t.question})
         region = _region(record, manifest, t.meta, image_root, cache)
         h, w = region.shape[:2]
-        where = f"{t.meta['region']} {w}x{h} of {t.meta['resolution'][1]}x{t.meta['resolution'][0]}"
+        # in the record's own terms: the box (x0, y0, x1, y1) and the [3, H, W] its text states
+        where = (f"{t.meta['region']} ({', '.join(map(str, t.meta['box']))}): h {h} x w {w} of "
+                 f"[3, {t.meta['resolution'][0]}, {t.meta['resolution'][1]}]")
         view.panels.append(Panel(f"region ({t.kind.upper()} input)", region, where))
         if t.kind == "px":
             view.panels.append(_px_panel(t, region))
@@ -83,7 +94,7 @@ def _px_panel(t: Target, region: np.ndarray) -> Panel:
     except ValueError as exc:
         raise CogalignError(f"the RGB answer does not parse ({exc})") from None
     if px.shape[0] != h * w:
-        raise CogalignError(f"the RGB answer has {px.shape[0]} pixels, the {w}x{h} region needs {h * w}")
+        raise CogalignError(f"the RGB answer has {px.shape[0]} pixels, the h {h} x w {w} region needs {h * w}")
     drawn = px.reshape(h, w, 3)
     p = psnr_db(drawn, region)
     return Panel("RGB text, drawn", drawn, f"{h * w} pixels; PSNR vs region {fmt_psnr(p)}", p)
@@ -91,12 +102,15 @@ def _px_panel(t: Target, region: np.ndarray) -> Panel:
 
 def _vq_panel(t: Target, region: np.ndarray, decoder, prov: dict) -> Panel:
     h, w = region.shape[:2]
-    idx = parse_vq(t.answer)
+    try:
+        idx = parse_vq(t.answer)
+    except ValueError as exc:
+        raise CogalignError(f"the VQ answer does not parse ({exc})") from None
     if decoder is None:
         return Panel("VQ text, decoded", np.zeros_like(region), f"{idx.size} indices; no decoder (pass --vq)")
     f = decoder.downsample
     if idx.size != (h // f) * (w // f):
-        raise CogalignError(f"the VQ answer has {idx.size} indices; the {w}x{h} region at f={f} needs "
+        raise CogalignError(f"the VQ answer has {idx.size} indices; the h {h} x w {w} region at f={f} needs "
                             f"{(h // f) * (w // f)}: is --vq the tokenizer of this run ({prov.get('tokenizer')})?")
     decoded = decoder.decode(idx.reshape(h // f, w // f))
     p = psnr_db(decoded, region)

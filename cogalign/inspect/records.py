@@ -62,8 +62,12 @@ def iter_records_of(path: Path) -> Iterator[dict]:
                 yield orjson.loads(line)
 
 
+IMAGE_BYTES = "_cogalign_image_bytes"  # key under which read_record keeps an embedded image's bytes
+
+
 def read_record(path: Path, row: int) -> dict:
-    """Record number `row` of a shard (parquet: only its row group is read)."""
+    """Record number `row` of a shard (parquet: only its row group is read; the bytes of an
+    embedded image are kept under IMAGE_BYTES, so `show` needs no image files)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -71,7 +75,11 @@ def read_record(path: Path, row: int) -> dict:
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if row < n:
-                return from_row(pf.read_row_group(rg).slice(row, 1).to_pylist()[0])
+                raw = pf.read_row_group(rg).slice(row, 1).to_pylist()[0]
+                record = from_row(raw)
+                if isinstance(raw.get("image"), dict) and raw["image"].get("bytes"):  # an --embed-images shard
+                    record[IMAGE_BYTES] = raw["image"]["bytes"]
+                return record
             row -= n
         raise IndexError(row)
     for i, rec in enumerate(iter_records_of(path)):
@@ -102,7 +110,9 @@ def find_record(out: Path, record_id: str | None = None, index: int | None = Non
     for path, row, _, _ in hits:
         return read_record(path, row)
     what = f"id {record_id!r}" if record_id is not None else f"index {index}"
-    raise CogalignError(f"{out}: no record with {what}; rejected records are in rejects.jsonl, "
+    unfinished = "" if (Path(out) / "report.json").is_file() else (
+        " (report.json is not written: the run, or another slice of it, may not have reached that record yet)")
+    raise CogalignError(f"{out}: no record with {what}{unfinished}; rejected records are in rejects.jsonl, "
                         "and --index is the record's position in the input file")
 
 
@@ -149,14 +159,55 @@ def targets(record: dict) -> list[Target]:
 
 def working_image(record: dict, manifest: dict, resolution: tuple[int, int], image_root: Path | None) -> np.ndarray:
     """The image at a working resolution, resized exactly as `expand` did."""
-    from cogalign.images import load_image, resolve_image_path, to_working
+    from cogalign.errors import RecordError
+    from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_working
 
     opts = manifest.get("options", {})
     prov = record["cogalign"]
     root = Path(image_root) if image_root else Path(manifest.get("image_root") or Path(manifest["input"]).parent)
-    path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
-    image = load_image(path, int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels))
+    max_pixels = int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels)
+    try:
+        if record.get(IMAGE_BYTES) and image_root is None:
+            image = load_image_bytes(record[IMAGE_BYTES], str(record["image"]), max_pixels)
+        else:
+            try:
+                path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
+                image = load_image(path, max_pixels)
+            except RecordError as e:
+                data = _bytes_from_input(record, manifest) if e.reason == "image_missing" and not image_root else None
+                if data is None:
+                    raise
+                image = load_image_bytes(data, str(record["image"]), max_pixels)
+    except RecordError as e:
+        fix = ("pass --image-root with the folder the image paths are relative to now"
+               if e.reason == "image_missing" else "the image changed since the run; restore the file the run read")
+        raise CogalignError(f"{e} (image root {root}); {fix}") from None
     return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))
+
+
+def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:
+    """The image bytes a Hub parquet / save_to_disk / mixture input embedded for this record (the
+    output keeps only the name unless --embed-images); None for a LLaVA JSON input or one not found."""
+    from cogalign.inputs import input_kind, iter_input
+
+    inp, index = Path(str(manifest.get("input") or "")), (record.get("cogalign") or {}).get("index")
+    root = Path(str(manifest.get("image_root") or ""))
+    # the input path is as the run was given it (maybe relative); its image root is absolute and is
+    # the input folder itself, or the folder of an input file
+    suffix = inp.suffix.lower()
+    if index is None or not str(manifest.get("input") or "") or suffix not in ("", ".parquet", ".yaml", ".yml"):
+        return None  # a LLaVA JSON input holds no image bytes
+    inp = next((p for p in ((inp, root) if not suffix else (inp, root / inp.name)) if p.exists()), inp)
+    try:
+        if index is None or not inp.exists() or input_kind(inp) == "llava":
+            return None
+        seed = int(manifest.get("options", {}).get("seed") or 0)
+        for pos, rec in iter_input(inp, skip=lambda i: i != index, seed=seed):
+            if pos == index:
+                return getattr(rec.get("image") if isinstance(rec, dict) else None, "data", None)
+    except CogalignError:
+        return None
+    return None
 
 
 def load_manifest(out: Path) -> dict:

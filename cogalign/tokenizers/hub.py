@@ -43,7 +43,19 @@ def parse_hub_spec(spec: str) -> HubSpec:
     repo, _, revision = parts[1].partition("@")
     if not repo or (_ and not revision):
         raise TokenizerError(f"{spec}: empty repo name or revision; write hf://OWNER/REPO@REVISION")
+    check_repo_id(f"{parts[0]}/{repo}", spec)
     return HubSpec(f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:]))
+
+
+def check_repo_id(repo_id: str, what: str) -> None:
+    """huggingface_hub's own rule for repo ids (letters, digits, '-', '_', '.'; at most 96 characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise TokenizerError(f"{what}: {repo_id!r} is not a valid Hub repo id ({' '.join(str(exc).split())[:160]}); "
+                             "write OWNER/NAME, e.g. my-team/vqgan-4096") from None
 
 
 def hub_cache_dir() -> Path:
@@ -163,12 +175,12 @@ def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
     """The files `push` uploads and the model card, or a TokenizerError when the folder is not
     a safetensors tokenizer (a pickle checkpoint is never uploaded)."""
     folder = Path(folder).expanduser()
-    hs = parse_hub_spec(repo_id) if repo_id.count("/") == 1 and "@" not in repo_id else None
-    if hs is None:
+    if repo_id.count("/") != 1 or "@" in repo_id:
         raise TokenizerError(f"--repo {repo_id!r}: expected OWNER/NAME, e.g. my-team/vqgan-4096")
+    check_repo_id(repo_id, "--repo")
     if not folder.is_dir():
         raise TokenizerError(f"{folder}: not a folder; pass the tokenizer folder (safetensors + config.yaml)")
-    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     weights = sorted(folder.glob("*.safetensors"))
     if pickles:
         first = folder / pickles[0]

@@ -48,8 +48,13 @@ def list_presets() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pth")
+
+
 def _has_files(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
+    """Whether the folder holds weights (itself or ckpts/), not only notes or an empty ckpts/."""
+    return any(p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+               for d in (folder, folder / "ckpts") if d.is_dir() for p in d.iterdir())
 
 
 def _configured_repo(name: str) -> str | None:
@@ -63,7 +68,10 @@ def _configured_repo(name: str) -> str | None:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise TokenizerError(f"{path}: unreadable config ({' '.join(str(exc).split())[:120]}); fix or remove it") from None
-    value = (cfg.get("tokenizers") or {}).get(name) if isinstance(cfg, dict) else None
+    table = cfg.get("tokenizers") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(table or {}, dict):
+        raise TokenizerError(f"{path}: expected a mapping like `tokenizers: {{{name}: OWNER/NAME}}`; fix or remove it")
+    value = (table or {}).get(name)
     return str(value).strip() if value else None
 
 
