@@ -36,8 +36,8 @@ def train(
     images: List[Path] = typer.Argument(..., help="Training images: files, folders (searched recursively), or LLaVA inputs (.json, .jsonl, .parquet: the first image of each record, resolved as `expand` does)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write model.safetensors, config.yaml, train_metrics.json and the resume state train_state.pt to."),
     preset: str = typer.Option("demo", "--preset", help="Architecture and losses: demo (small f8, L1+MSE, no GAN: the shipped demo's recipe), vqgan-4096 (latent-diffusion vq-f8 with 4096 codes, L1 + LPIPS + PatchGAN), vqgan-f16-16384 (taming ImageNet f16)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved step (same settings and images; raise --steps to train longer)."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier `vq train` output in --out (only the files vq train writes are removed)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved step (same settings and images; raise --steps to train longer). Default: off."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier `vq train` output in --out (only the files vq train writes are removed). Default: off."),
     steps: int = typer.Option(2000, "--steps", help="Total optimizer steps (with --resume: the step to stop at)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per step per rank."),
     crop: int = typer.Option(128, "--crop", help="Crop size in pixels (a multiple of f)."),
@@ -63,7 +63,7 @@ def train(
     workers: int = typer.Option(0, "--workers", help="Data loader processes decoding and cropping images (0: in the training process)."),
     save_every: int = typer.Option(500, "--save-every", help="Save the resume state every this many steps (and at the end)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
-    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input."),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input. Default: off."),
     evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate PSNR and codebook usage on the first 64 training images afterwards."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with loss, PSNR and codebook use (a log line every 50 steps when not on a terminal)."),
 ) -> None:
@@ -96,8 +96,8 @@ def train(
 @vq_app.command("info")
 def info(
     spec: str = typer.Argument("demo", help="A preset name (demo, vqgan-4096) or a taming checkpoint folder/file."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file: only for sources you trust)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file: only for sources you trust). Default: off."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text. Default: off."),
 ) -> None:
     """Name, content hash, codebook size, downsampling factor and parameter count of a tokenizer."""
     from cogalign.tokenizers import list_presets, load_tokenizer
@@ -124,9 +124,9 @@ def info(
 def convert(
     ckpt: Path = typer.Argument(..., help="Checkpoint to convert (.ckpt / .pth, e.g. a Lightning checkpoint).", exists=True, dir_okay=False),
     out: Path = typer.Argument(..., help="Output .safetensors file; the model yaml is copied beside it as <stem>.yaml."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle Python objects in the checkpoint (runs code from the file: only for sources you trust)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle Python objects in the checkpoint (runs code from the file: only for sources you trust). Default: off."),
     config: Optional[Path] = typer.Option(None, "--config", help="The model yaml. Default: found beside the checkpoint (same stem, config.yaml, the only yaml, or ../configs/).", exists=True, dir_okay=False),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists. Default: off."),
 ) -> None:
     """Rewrite a checkpoint as safetensors with only the model tensors, checked against its yaml.
 
@@ -180,8 +180,8 @@ def eval_(
     images: List[Path] = typer.Argument(..., help="Images: files, folders (searched recursively), or LLaVA inputs (.json, .jsonl, .parquet)."),
     resolution: int = typer.Option(256, "--resolution", help="Images are stretched to this square size for the PSNR (a multiple of f)."),
     usage_resolution: int = typer.Option(672, "--usage-resolution", help="Images are stretched to this square size and encoded whole for the codebook usage."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR, keyed by each image's path) instead of text."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file). Default: off."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR, keyed by each image's path) instead of text. Default: off."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
 ) -> None:
     """Reconstruction PSNR (needs the decoder in the checkpoint) and codebook usage on images."""
