@@ -154,8 +154,8 @@ tags:
 A VQGAN image tokenizer in the taming-transformers layout ({params.get('_target') or 'taming.models.vqgan.VQModel'}),
 for `cogalign expand --vq hf://{repo_id}`.
 
-- Architecture: taming Encoder/Decoder, ch {dd['ch']}, ch_mult {dd['ch_mult']}, {dd['num_res_blocks']} residual
-  blocks, z_channels {dd['z_channels']}, attention at {dd['attn_resolutions'] or 'none'}
+- Architecture: taming Encoder/Decoder, ch {dd['ch']}, ch_mult {dd['ch_mult']}, residual blocks per
+  level {dd['num_res_blocks']}, z_channels {dd['z_channels']}, attention at feature sizes {dd['attn_resolutions'] or 'none (no attention)'}
 - Codebook: {params['n_embed']} codes of dimension {params['embed_dim']}
 - Downsampling factor f: {f} (one index per {f}x{f} pixels)
 - Training data: {data}
