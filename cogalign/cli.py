@@ -63,7 +63,7 @@ NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. D
 def expand(
     input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
-    vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a name (demo, vqgan-4096, ...: see `cogalign vq list`), hf://OWNER/REPO[@REVISION][/SUBFOLDER] from the Hugging Face Hub, or a taming checkpoint folder/file with its yaml."),
+    vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a name (demo, vqgan-4096, ...: see `cogalign vq list`), hf://OWNER/REPO\\[@REVISION]\\[/SUBFOLDER] from the Hugging Face Hub, or a taming checkpoint folder/file with its yaml."),
     targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
     regions: str = typer.Option("quarters", "--regions", help="Regions to draw from: names (full, upper-left, ..., left, ..., center, box) or groups (quarters, halves, all), comma-separated."),
     vq_resolution: str = typer.Option("672", "--vq-resolution", help="Working resolution of the VQ target: N or HxW (a multiple of the tokenizer's factor)."),
