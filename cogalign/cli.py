@@ -148,8 +148,8 @@ def validate(
     from cogalign import report
     from cogalign.validate import validate as run_validate
 
-    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
     try:
+        options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)
     except CogalignError as e:
