@@ -239,3 +239,21 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["converted"] == {"messages": 2, "role_content": 1}  # records written; "sys" is rejected
     assert report["reject_reasons"] == {"leading_system_turn": 1} and report["expanded"] == 3
+
+
+def test_image_parts_that_name_their_file_give_the_record_its_image(tmp_path):
+    """TRL / HF chat parts `{"type": "image", "image": "a.png"}`: the image is not dropped (the record used
+    to pass as text-only with an `<image>` token and no image)."""
+    parts = lambda src: [{"type": "image", **src}, {"type": "text", "text": "Coins?"}]  # noqa: E731
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}
+    records = [{"id": "inline", "messages": [{"role": "user", "content": parts({"image": "images/coins.png"})}, answer]},
+               {"id": "path", "messages": [{"role": "user", "content": parts({"path": "images/coins.png"})}, answer]},
+               {"id": "bytes", "messages": [{"role": "user", "content": parts({"image": {"bytes": "xx"}})}, answer]}]
+    src = json_input(tmp_path, records)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    got = {r["id"]: r for r in outputs(out)}
+    for key in ("inline", "path"):
+        assert got[key]["image"] == "images/coins.png" and len(got[key]["conversations"]) == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["expanded"] == 2 and report["rejected"] == 1 and "bytes" not in got
