@@ -94,6 +94,9 @@ def expand(
     from cogalign import report
     from cogalign.executor import Runtime, expand as run_expand, resolve_options
 
+    if llm_tokenizer and not dry_run:
+        fail(f"--llm-tokenizer {llm_tokenizer} counts tokens only with --dry-run; add --dry-run, or use "
+             f"`cogalign stats OUT --tokenizer {llm_tokenizer}` after the run")
     _check_out_dir(out)
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
