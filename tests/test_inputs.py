@@ -257,3 +257,21 @@ def test_image_parts_that_name_their_file_give_the_record_its_image(tmp_path):
         assert got[key]["image"] == "images/coins.png" and len(got[key]["conversations"]) == 6
     report = json.loads((out / "report.json").read_text())
     assert report["expanded"] == 2 and report["rejected"] == 1 and "bytes" not in got
+
+
+def test_parquet_with_an_images_list_of_structs_and_messages(tmp_path):
+    """TRL / HF chat layout on the Hub: `messages` + `images` as a list of Image structs (and `image` as a
+    list of them). It used to stop the whole run with `bytes is not JSON serializable`."""
+    coins = (IMAGES / "coins.png").read_bytes()
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Coins?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+    llava = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    pq.write_table(pa.Table.from_pylist([{"id": "m", "images": [{"bytes": coins, "path": "c.png"}], "messages": user}]),
+                   tmp_path / "messages.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "l", "image": [{"bytes": coins, "path": None}], "conversations": llava}]),
+                   tmp_path / "list.parquet")
+    for name, key, image in (("messages", "m", "c.png"), ("list", "l", ["embedded-0-0"])):
+        out = tmp_path / f"out-{name}"
+        run_cli("expand", tmp_path / f"{name}.parquet", "--out", out, *FAST, "--workers", "0")
+        (record,) = outputs(out)
+        assert record["id"] == key and record["image"] == image and len(record["conversations"]) == 6

@@ -6,7 +6,8 @@ layout of lmms-lab/LLaVA-NeXT-Data: `id`, `conversations`, `data_source`, `image
 An `image` struct with bytes becomes an `EmbeddedImage` (its path, or `embedded-<position>`
 when the path is null): the worker decodes the bytes with the same checks as a file. A
 struct with a path and no bytes becomes that path; a null image (or one with neither) drops
-the key, as LLaVA's JSON has no `image` for text-only records.
+the key, as LLaVA's JSON has no `image` for text-only records. A list of such structs in `image`
+or `images` (the TRL / HF chat layout, beside `messages`) is read the same way, item by item.
 """
 from __future__ import annotations
 
@@ -98,18 +99,30 @@ def _batches_disk(file: Path, first: int, wanted) -> Iterator[tuple[int, pa.Reco
         offset += batch.num_rows
 
 
+_NO_IMAGE = object()
+
+
+def _image(value, name: str):
+    """An `{bytes, path}` struct as an EmbeddedImage (bytes), its path (no bytes), or _NO_IMAGE
+    (neither); any other value as it is."""
+    if not (isinstance(value, dict) and set(value) <= {"bytes", "path"}):
+        return value
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        return EmbeddedImage(path or name, data)
+    return path if path is not None else _NO_IMAGE
+
+
 def _record(row: dict, position: int) -> dict:
-    image = row.get("image")
-    if image is None and "image" in row:  # a null cell: LLaVA tells text-only records by the key's absence
-        del row["image"]
-    elif isinstance(image, dict) and set(image) <= {"bytes", "path"}:
-        data, name = image.get("bytes"), image.get("path")
-        if data is not None:
-            row["image"] = EmbeddedImage(name or f"embedded-{position}", data)
-        elif name is not None:
-            row["image"] = name
-        else:
-            del row["image"]
+    image = _image(row.get("image"), f"embedded-{position}")
+    if image is None or image is _NO_IMAGE:  # a null cell: LLaVA tells text-only records by the key's absence
+        row.pop("image", None)
+    else:
+        row["image"] = image
+    for key in ("image", "images"):  # lists of Image structs (`images`: the TRL / HF chat layout)
+        if isinstance(row.get(key), list):
+            items = [_image(v, f"embedded-{position}-{k}") for k, v in enumerate(row[key])]
+            row[key] = [v for v in items if v is not _NO_IMAGE]
     return row
 
 
