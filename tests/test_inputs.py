@@ -275,3 +275,17 @@ def test_parquet_with_an_images_list_of_structs_and_messages(tmp_path):
         run_cli("expand", tmp_path / f"{name}.parquet", "--out", out, *FAST, "--workers", "0")
         (record,) = outputs(out)
         assert record["id"] == key and record["image"] == image and len(record["conversations"]) == 6
+
+
+def test_a_binary_column_rejects_its_record_not_the_run(tmp_path):
+    """A column JSON cannot hold (bytes other than images) stopped the whole run with a traceback."""
+    llava = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    shutil.copytree(IMAGES, tmp_path / "images")
+    rows = [{"id": "bin", "image": "images/coins.png", "thumb": b"\0\1", "conversations": llava},
+            {"id": "ok", "image": "images/coins.png", "thumb": None, "conversations": llava}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    out = tmp_path / "out"
+    run_cli("expand", tmp_path / "x.parquet", "--out", out, *FAST, "--workers", "1")
+    (reject,) = map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
+    assert reject["index"] == 0 and reject["reason"] == "invalid_json" and "column `thumb`" in reject["detail"]
+    assert [r["id"] for r in outputs(out)] == ["ok"]

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogalign.errors import InputError
+from cogalign.errors import InputError, RecordError
 from cogalign.inputs.embedded import EmbeddedImage
 
 BATCH_ROWS = 64  # rows turned into Python objects at once (images make rows large)
@@ -126,6 +127,25 @@ def _record(row: dict, position: int) -> dict:
     return row
 
 
+def _unwritable(row: dict) -> RecordError | None:
+    """A record whose values JSON cannot hold (binary or decimal columns other than images)
+    is rejected, naming the column, instead of stopping the run when it is written."""
+    try:
+        orjson.dumps(row)
+        return None
+    except TypeError:
+        pass
+    for key, value in row.items():
+        try:
+            orjson.dumps(value)
+        except TypeError as e:
+            if "64-bit" in str(e):
+                continue
+            return RecordError("invalid_json", f"column `{key}`: {type(value).__name__} values have no JSON form "
+                                               f"({e}); drop or convert that column")
+    return None
+
+
 def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict]]:
     batches = _batches_parquet if kind == "parquet" else _batches_disk
     if skip is None:
@@ -143,7 +163,8 @@ def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None 
                     continue
                 if rows is None:
                     rows = batch.to_pylist()
-                yield offset + i, _record(rows[i], offset + i)
+                record = _record(rows[i], offset + i)
+                yield offset + i, _unwritable(record) or record
         first += count_file(file, kind)
 
 
