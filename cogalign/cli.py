@@ -55,7 +55,7 @@ def _check_out_dir(out: Path) -> None:
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
-Workers = typer.Option(None, "--workers", min=0, help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+Workers = typer.Option(None, "--workers", min=0, max=1024, help="Decoding worker processes (0 to 1024); 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
 
@@ -76,7 +76,7 @@ def expand(
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
     image_root: Optional[Path] = ImageRoot,
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Regions per tokenizer batch (1 to 4096; the decoder keeps about as many records in flight)."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
