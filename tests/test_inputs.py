@@ -289,3 +289,14 @@ def test_a_binary_column_rejects_its_record_not_the_run(tmp_path):
     (reject,) = map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
     assert reject["index"] == 0 and reject["reason"] == "invalid_json" and "column `thumb`" in reject["detail"]
     assert [r["id"] for r in outputs(out)] == ["ok"]
+
+
+def test_an_unknown_chat_role_is_named_in_the_reject():
+    from cogalign.errors import RecordError
+    from cogalign.inputs.turns import to_llava
+    from cogalign.records import check_record
+
+    record, _ = to_llava({"id": "r", "conversations": [{"role": "user", "content": "Hi"},
+                                                       {"role": "bot", "content": "Hello"}]})
+    with pytest.raises(RecordError, match="turn 1 is a {role, content} turn with role 'bot'; cogalign converts only the roles user, assistant"):
+        check_record(record)
