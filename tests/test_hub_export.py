@@ -89,6 +89,15 @@ def test_sharegpt_registers_dataset_info_and_resolves_from_media_dir(parquet_out
         assert all((EXAMPLES.parent / p).is_file() for p in row["images"])
 
 
+def test_a_broken_dataset_info_is_refused_before_anything_is_written(parquet_out, tmp_path):
+    """It was an orjson traceback, after the export file was already written."""
+    (tmp_path / "dataset_info.json").write_text("{bad")
+    result = run_cli("export", parquet_out, "--to", "sharegpt", "--out", tmp_path / "cog.json", "--no-progress",
+                     expect=2)
+    assert "dataset_info.json: not valid JSON" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "cog.json").exists() and (tmp_path / "dataset_info.json").read_text() == "{bad"
+
+
 def _tiny_processor(tmp_path):
     """A LLaVA processor built offline: a WordLevel tokenizer trained here, CLIP preprocessing, a jinja
     chat template that renders typed parts."""

@@ -182,6 +182,8 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
                             "(files there would be taken for part of the dataset)")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "sharegpt":
+        read_dataset_info(dest)  # refuse before anything is written
     root = Path(image_root) if image_root else default_image_root(out)
     if image_folder and not root.is_dir():
         raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
@@ -214,12 +216,23 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     return result
 
 
+def read_dataset_info(dest: Path) -> dict:
+    """The `dataset_info.json` beside `dest` ({} if none); CogalignError if it is not a JSON object."""
+    info_path = dest.parent / "dataset_info.json"
+    try:
+        info = loads(info_path.read_bytes()) if info_path.is_file() else {}
+    except ValueError as e:
+        raise CogalignError(f"{info_path}: not valid JSON ({str(e).splitlines()[0]}); fix it or move it away, "
+                            "then rerun (the sharegpt export adds its entry there)") from None
+    if not isinstance(info, dict):
+        raise CogalignError(f"{info_path}: not a JSON object; LLaMA-Factory's dataset_info.json maps names to entries")
+    return info
+
+
 def register_sharegpt(dest: Path) -> Path:
     """Add (or replace) this file's entry in the `dataset_info.json` beside it; other entries are kept."""
     info_path = dest.parent / "dataset_info.json"
-    info = loads(info_path.read_bytes()) if info_path.is_file() else {}
-    if not isinstance(info, dict):
-        raise CogalignError(f"{info_path}: not a JSON object; LLaMA-Factory's dataset_info.json maps names to entries")
+    info = read_dataset_info(dest)
     info[dest.stem] = {"file_name": dest.name, "formatting": "sharegpt",
                        "columns": {"messages": "conversations", "images": "images"}, "tags": dict(SHAREGPT_TAGS)}
     tmp = info_path.with_name(info_path.name + ".tmp")
