@@ -79,7 +79,7 @@ def expand(
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Regions per tokenizer batch (1 to 4096; the decoder keeps about as many records in flight)."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, max=MAX_SEED, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
     shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete what an earlier run of these settings wrote in --out (a slice: only its own shards) and redo it; with other settings, reset the folder (a slice is refused: run `cogalign reset OUT`). Your own files are never deleted. Default: off (resume)."),
