@@ -229,7 +229,8 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     ]
     src = json_input(tmp_path, records)
     out = tmp_path / "out"
-    run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    result = run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    assert "converted from chat format: messages (2), role_content (1)" in result.output
     got = {r["id"]: r for r in outputs(out)}
     assert got["rc"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
     assert got["msg"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
