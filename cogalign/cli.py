@@ -124,8 +124,9 @@ def expand(
     note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
     if result.finalized:  # the totals of the whole output, from report.json
         rep = result.report
+        converted = f"converted from chat format: {report.top_reasons(rep['converted'])}" if rep.get("converted") else ""
         lines = report.summary_lines(report.report_counts(rep), rep["reject_reasons"], result.seconds,
-                                     str(out), "\n".join(filter(None, [note, report.card_note(out)])),
+                                     str(out), "\n".join(filter(None, [note, converted, report.card_note(out)])),
                                      warnings=rep["warnings"], processed=result.counts)
     else:
         where = f"{out}  (this slice is done; once all slices are, the last one writes the report, or run " \
