@@ -154,54 +154,9 @@ def working_image(record: dict, manifest: dict, resolution: tuple[int, int], ima
     opts = manifest.get("options", {})
     prov = record["cogalign"]
     root = Path(image_root) if image_root else Path(manifest.get("image_root") or Path(manifest["input"]).parent)
-<<<<<<< Updated upstream
     path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
     image = load_image(path, int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels))
-=======
-    max_pixels = int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels)
-    try:
-        if record.get(IMAGE_BYTES) and image_root is None:
-            image = load_image_bytes(record[IMAGE_BYTES], str(record["image"]), max_pixels)
-        else:
-            try:
-                path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
-                image = load_image(path, max_pixels)
-            except RecordError as e:
-                data = _bytes_from_input(record, manifest) if e.reason == "image_missing" and not image_root else None
-                if data is None:
-                    raise
-                image = load_image_bytes(data, str(record["image"]), max_pixels)
-    except RecordError as e:
-        fix = ("pass --image-root with the folder the image paths are relative to now"
-               if e.reason == "image_missing" else "the image changed since the run; restore the file the run read")
-        raise CogalignError(f"{e} (image root {root}); {fix}") from None
->>>>>>> Stashed changes
     return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))
-
-
-def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:
-    """The image bytes a Hub parquet / save_to_disk / mixture input embedded for this record (the
-    output keeps only the name unless --embed-images); None for a LLaVA JSON input or one not found."""
-    from cogalign.inputs import input_kind, iter_input
-
-    inp, index = Path(str(manifest.get("input") or "")), (record.get("cogalign") or {}).get("index")
-    root = Path(str(manifest.get("image_root") or ""))
-    # the input path is as the run was given it (maybe relative); its image root is absolute and is
-    # the input folder itself, or the folder of an input file
-    suffix = inp.suffix.lower()
-    if index is None or not str(manifest.get("input") or "") or suffix not in ("", ".parquet", ".yaml", ".yml"):
-        return None  # a LLaVA JSON input holds no image bytes
-    inp = next((p for p in ((inp, root) if not suffix else (inp, root / inp.name)) if p.exists()), inp)
-    try:
-        if index is None or not inp.exists() or input_kind(inp) == "llava":
-            return None
-        seed = int(manifest.get("options", {}).get("seed") or 0)
-        for pos, rec in iter_input(inp, skip=lambda i: i != index, seed=seed):
-            if pos == index:
-                return getattr(rec.get("image") if isinstance(rec, dict) else None, "data", None)
-    except CogalignError:
-        return None
-    return None
 
 
 def load_manifest(out: Path) -> dict:
