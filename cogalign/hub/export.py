@@ -43,6 +43,8 @@ RULES = {
     "image_in_inserted_turn": "a turn cogalign inserted holds <image>",
     "provenance_mismatch": "cogalign.turns does not match the conversation",
     "image_without_path": "an image has no path (embedded bytes only)",
+    "image_file_missing": "with --image-folder: an image is not a file under the image root (an input with "
+                          "embedded images has no files: the trainer would fail on it)",
 }
 
 
@@ -195,6 +197,9 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         with Progress(count_records(out), progress, label="export") as bar:
             for index, record in enumerate(iter_output(out)):
                 reasons = check_record(record)
+                if not reasons and image_folder and not all(
+                        (paths.root / image_path(im)).is_file() for im in images_of(record)):
+                    reasons = ["image_file_missing"]
                 if reasons:
                     rid = record.get("id") if isinstance(record, dict) else None
                     bad.write({"index": index, "id": rid, "reasons": reasons,
