@@ -57,7 +57,7 @@ def _check_out_dir(out: Path) -> None:
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
-Workers = typer.Option(None, "--workers", min=0, help="Decoding worker processes; 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+Workers = typer.Option(None, "--workers", min=0, max=1024, help="Decoding worker processes (0 to 1024); 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
 
@@ -78,13 +78,13 @@ def expand(
     fmt: str = typer.Option("parquet", "--format", help="parquet (Hub layout data/train-*.parquet), jsonl, or json (one LLaVA file is also assembled at the end)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="parquet only: store each image file's bytes in the `image` column (a datasets Image), so the output loads anywhere without the image folder. Default: off (paths)."),
     image_root: Optional[Path] = ImageRoot,
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Regions per tokenizer batch."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Regions per tokenizer batch (1 to 4096; the decoder keeps about as many records in flight)."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", "--precision", help="VQ encoder precision: fp32, bf16 or fp16 (autocast; the codebook distance is always float32). bf16/fp16 are faster on GPUs but move some near-tie indices, so the precision is recorded in each record and the run manifest. fp16 is refused on the CPU (no fast kernels). Default: fp32."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the VQ encoder in channels_last memory layout (faster on some GPUs; other kernels, so some indices differ from taming's contiguous layout; recorded like --precision). Default: off (contiguous NCHW, as taming)."),
     compile_: bool = typer.Option(False, "--compile", help="Run the VQ encoder through torch.compile (compiled once per crop shape; on the CPU it then runs on one thread; recorded like --precision). Default: off (eager)."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, max=MAX_SEED, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Split the job into this many slices (Slurm arrays, several machines); each run does one."),
     shard_index: int = typer.Option(0, "--shard-index", min=0, help="Which slice this run does, 0..num-shards-1."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete what an earlier run of these settings wrote in --out (a slice: only its own shards) and redo it; with other settings, reset the folder (a slice is refused: run `cogalign reset OUT`). Your own files are never deleted. Default: off (resume)."),
@@ -99,6 +99,9 @@ def expand(
     from cogalign import report
     from cogalign.executor import Runtime, expand as run_expand, resolve_options
 
+    if llm_tokenizer and not dry_run:
+        fail(f"--llm-tokenizer {llm_tokenizer} counts tokens only with --dry-run; add --dry-run, or use "
+             f"`cogalign stats OUT --tokenizer {llm_tokenizer}` after the run")
     _check_out_dir(out)
     try:
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
@@ -128,8 +131,9 @@ def expand(
     note = f"skipped {result.shards_skipped} shards already complete (resume)" if result.shards_skipped else ""
     if result.finalized:  # the totals of the whole output, from report.json
         rep = result.report
+        converted = f"converted from chat format: {report.top_reasons(rep['converted'])}" if rep.get("converted") else ""
         lines = report.summary_lines(report.report_counts(rep), rep["reject_reasons"], result.seconds,
-                                     str(out), "\n".join(filter(None, [note, report.card_note(out)])),
+                                     str(out), "\n".join(filter(None, [note, converted, report.card_note(out)])),
                                      warnings=rep["warnings"], processed=result.counts)
     else:
         where = f"{out}  (this slice is done; once all slices are, the last one writes the report, or run " \
@@ -155,8 +159,8 @@ def validate(
     from cogalign import report
     from cogalign.validate import validate as run_validate
 
-    options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
     try:
+        options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)
     except CogalignError as e:

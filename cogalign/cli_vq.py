@@ -59,13 +59,13 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Random seed (weights, crops, data order)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads per rank."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (under torchrun: each rank's GPU)."),
-    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPUs (the quantizer stays float32); ignored on the CPU."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPUs (the quantizer stays float32); ignored on the CPU. Default: bf16."),
     workers: int = typer.Option(0, "--workers", help="Data loader processes decoding and cropping images (0: in the training process)."),
     save_every: int = typer.Option(500, "--save-every", help="Save the resume state every this many steps (and at the end)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input. Default: off."),
-    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate PSNR and codebook usage on the first 64 training images afterwards."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with loss, PSNR and codebook use (a log line every 50 steps when not on a terminal)."),
+    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate PSNR and codebook usage on the first 64 training images afterwards. Default: eval."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with loss, PSNR and codebook use (a log line every 50 steps when not on a terminal). Default: progress."),
 ) -> None:
     """Train a taming-layout VQGAN and export it (taming config.yaml + model.safetensors)."""
     from cogalign.tokenizers.training import evaluate, train_vq

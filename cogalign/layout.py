@@ -96,7 +96,8 @@ def _read(root: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise CogalignError(f"{root} is a file, not a folder; choose an empty or new --out") from None
+        raise CogalignError(f"{root} is a file, not a folder: give an output folder (an empty or new one for "
+                            "--out)") from None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -125,8 +125,9 @@ class ExpandOptions:
             raise OptionError(f"--embed-images needs --format parquet (got {self.format!r}): "
                               "LLaVA JSON files hold image paths, not bytes")
         if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) \
-                or self.max_image_pixels < 1:
-            raise OptionError("--max-image-pixels must be positive")
+                or not 1 <= self.max_image_pixels <= MAX_SEED:
+            raise OptionError(f"--max-image-pixels {self.max_image_pixels!r}: must be an integer from 1 to {MAX_SEED} "
+                              f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
         if self.vq_precision not in VQ_PRECISIONS:
             raise OptionError(f"--precision {self.vq_precision!r}: choose from {', '.join(VQ_PRECISIONS)}")
 

@@ -424,10 +424,11 @@ def check_record(obj: object) -> RecordCheck:
         if not isinstance(turn, dict):
             raise RecordError("turn_not_object", f"turn {i} is {_kind(turn)}, expected an object {{from, value}}")
         if "from" not in turn:
-            if "role" in turn or "content" in turn:
+            if "role" in turn or "content" in turn:  # chat turns left unconverted: name what blocked them
                 raise RecordError(
                     "turn_bad_role",
-                    f"turn {i} has no `from`: turns use {{role, content}}; cogalign expects LLaVA {{from, value}}",
+                    f"turn {i} is a {{role, content}} turn with role {_show(turn.get('role'))}; cogalign converts "
+                    "only the roles user, assistant (human, gpt, system) to LLaVA {from, value}",
                 )
             raise RecordError("turn_bad_role", f"turn {i} has no `from`; expected 'human' or 'gpt'")
         role = turn["from"]

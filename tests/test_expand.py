@@ -193,6 +193,18 @@ def test_paper_resolution_same_bytes_across_batch_sizes_and_threads(tmp_path):
     assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
 
 
+@pytest.mark.parametrize("option", ["--workers", "--batch-size"])
+def test_huge_workers_or_batch_size_are_refused(tmp_path, option):
+    """--workers 99999 started a process per chunk of input; a huge --batch-size kept every record in flight."""
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, option, "99999", expect=2)
+    assert option in result.output and not (tmp_path / "o").exists()
+
+
+def test_llm_tokenizer_without_dry_run_is_refused_not_ignored(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, "--llm-tokenizer", tmp_path, expect=2)
+    assert "only with --dry-run" in result.output and not (tmp_path / "o").exists()
+
+
 def test_dry_run_counts_llm_tokens_of_real_turns(tmp_path):
     """Spec §4: given a tokenizer, the toolkit reports the token count of the new turns."""
     tokenizers = pytest.importorskip("tokenizers")

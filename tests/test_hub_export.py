@@ -89,6 +89,15 @@ def test_sharegpt_registers_dataset_info_and_resolves_from_media_dir(parquet_out
         assert all((EXAMPLES.parent / p).is_file() for p in row["images"])
 
 
+def test_a_broken_dataset_info_is_refused_before_anything_is_written(parquet_out, tmp_path):
+    """It was an orjson traceback, after the export file was already written."""
+    (tmp_path / "dataset_info.json").write_text("{bad")
+    result = run_cli("export", parquet_out, "--to", "sharegpt", "--out", tmp_path / "cog.json", "--no-progress",
+                     expect=2)
+    assert "dataset_info.json: not valid JSON" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "cog.json").exists() and (tmp_path / "dataset_info.json").read_text() == "{bad"
+
+
 def _tiny_processor(tmp_path):
     """A LLaVA processor built offline: a WordLevel tokenizer trained here, CLIP preprocessing, a jinja
     chat template that renders typed parts."""
@@ -163,7 +172,20 @@ BREAKING = [  # (the one reason expected, the record)
 
 
 def test_rules_table_is_covered():
-    assert {reason for reason, _ in BREAKING} == set(RULES)
+    assert {reason for reason, _ in BREAKING} | {"image_file_missing"} == set(RULES)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_image_that_is_no_file_is_reported_with_image_folder(jsonl_out, tmp_path, fmt):
+    """An input with embedded images (Hub parquet) leaves paths that were never files: with --image-folder
+    they were written anyway, and the trainer failed on them mid-run."""
+    out = copy_output(jsonl_out, tmp_path / "o")
+    append_records(out, [{"id": "ghost", "image": "images/never-a-file.png", "conversations": GOOD}])
+    dest = tmp_path / "x.jsonl"
+    result = run_cli("export", out, "--to", fmt, "--out", dest, "--image-folder", EXAMPLES.parent, "--no-progress")
+    assert "written: 14  rejected: 1" in result.output
+    (reject,) = [orjson.loads(line) for line in open(tmp_path / "x.jsonl.rejects.jsonl")]
+    assert reject["id"] == "ghost" and reject["reasons"] == ["image_file_missing"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

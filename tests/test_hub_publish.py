@@ -81,6 +81,7 @@ def test_unmerged_slice_is_refused(tmp_path):
             "--num-shards", "2", "--shard-index", "0")
     result = run_cli("publish", out, "--repo", "me/x", "--dry-run", expect=2)
     assert "1 of 2 shards are not complete" in result.output
+    assert "run the slices that have not finished, then `cogalign merge-report`" in result.output
 
 
 @pytest.mark.parametrize("repo", ["noslash", "a/b/c", "me/", "/x", "me/bad name", "me/..x"])

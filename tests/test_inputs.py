@@ -229,7 +229,8 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     ]
     src = json_input(tmp_path, records)
     out = tmp_path / "out"
-    run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    result = run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    assert "converted from chat format: messages (2), role_content (1)" in result.output
     got = {r["id"]: r for r in outputs(out)}
     assert got["rc"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
     assert got["msg"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
@@ -239,3 +240,64 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["converted"] == {"messages": 2, "role_content": 1}  # records written; "sys" is rejected
     assert report["reject_reasons"] == {"leading_system_turn": 1} and report["expanded"] == 3
+
+
+def test_image_parts_that_name_their_file_give_the_record_its_image(tmp_path):
+    """TRL / HF chat parts `{"type": "image", "image": "a.png"}`: the image is not dropped (the record used
+    to pass as text-only with an `<image>` token and no image)."""
+    parts = lambda src: [{"type": "image", **src}, {"type": "text", "text": "Coins?"}]  # noqa: E731
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}
+    records = [{"id": "inline", "messages": [{"role": "user", "content": parts({"image": "images/coins.png"})}, answer]},
+               {"id": "path", "messages": [{"role": "user", "content": parts({"path": "images/coins.png"})}, answer]},
+               {"id": "bytes", "messages": [{"role": "user", "content": parts({"image": {"bytes": "xx"}})}, answer]}]
+    src = json_input(tmp_path, records)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
+    got = {r["id"]: r for r in outputs(out)}
+    for key in ("inline", "path"):
+        assert got[key]["image"] == "images/coins.png" and len(got[key]["conversations"]) == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["expanded"] == 2 and report["rejected"] == 1 and "bytes" not in got
+
+
+def test_parquet_with_an_images_list_of_structs_and_messages(tmp_path):
+    """TRL / HF chat layout on the Hub: `messages` + `images` as a list of Image structs (and `image` as a
+    list of them). It used to stop the whole run with `bytes is not JSON serializable`."""
+    coins = (IMAGES / "coins.png").read_bytes()
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Coins?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+    llava = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    pq.write_table(pa.Table.from_pylist([{"id": "m", "images": [{"bytes": coins, "path": "c.png"}], "messages": user}]),
+                   tmp_path / "messages.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "l", "image": [{"bytes": coins, "path": None}], "conversations": llava}]),
+                   tmp_path / "list.parquet")
+    for name, key, image in (("messages", "m", "c.png"), ("list", "l", ["embedded-0-0"])):
+        out = tmp_path / f"out-{name}"
+        run_cli("expand", tmp_path / f"{name}.parquet", "--out", out, *FAST, "--workers", "0")
+        (record,) = outputs(out)
+        assert record["id"] == key and record["image"] == image and len(record["conversations"]) == 6
+
+
+def test_a_binary_column_rejects_its_record_not_the_run(tmp_path):
+    """A column JSON cannot hold (bytes other than images) stopped the whole run with a traceback."""
+    llava = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    shutil.copytree(IMAGES, tmp_path / "images")
+    rows = [{"id": "bin", "image": "images/coins.png", "thumb": b"\0\1", "conversations": llava},
+            {"id": "ok", "image": "images/coins.png", "thumb": None, "conversations": llava}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    out = tmp_path / "out"
+    run_cli("expand", tmp_path / "x.parquet", "--out", out, *FAST, "--workers", "1")
+    (reject,) = map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
+    assert reject["index"] == 0 and reject["reason"] == "invalid_json" and "column `thumb`" in reject["detail"]
+    assert [r["id"] for r in outputs(out)] == ["ok"]
+
+
+def test_an_unknown_chat_role_is_named_in_the_reject():
+    from cogalign.errors import RecordError
+    from cogalign.inputs.turns import to_llava
+    from cogalign.records import check_record
+
+    record, _ = to_llava({"id": "r", "conversations": [{"role": "user", "content": "Hi"},
+                                                       {"role": "bot", "content": "Hello"}]})
+    with pytest.raises(RecordError, match="turn 1 is a {role, content} turn with role 'bot'; cogalign converts only the roles user, assistant"):
+        check_record(record)

@@ -30,6 +30,7 @@ def test_strings_and_ints_are_normalised():
     ({"seed": "3"}, "--seed"),
     ({"seed": 1.5}, "--seed"),
     ({"max_image_pixels": 0}, "--max-image-pixels"),
+    ({"max_image_pixels": 2**64}, "--max-image-pixels"),
     ({"px_resolution": 1}, "--regions upper-left cannot be cut at --px-resolution 1x1"),
     ({"regions": "center", "px_resolution": 2}, "use --px-resolution 3 or larger"),
 ])
@@ -51,6 +52,7 @@ def test_px_regions_are_checked_only_when_px_is_produced():
     (["--px-resolution", "1"], "use --px-resolution 2 or larger"),
     (["--regions", "center", "--vq-resolution", "16"], "use --vq-resolution 24 or larger"),
     (["--seed", "-1"], "--seed"),
+    (["--max-image-pixels", str(10**23)], "--max-image-pixels 100000000000000000000000: must be an integer"),
 ])
 def test_expand_refuses_before_the_run_starts(tmp_path, args, message):
     out = tmp_path / "out"

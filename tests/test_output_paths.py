@@ -45,3 +45,18 @@ def test_expand_out_that_is_a_file_is_one_line(tmp_path, out):
     result = run_cli("expand", EXAMPLES, "--out", tmp_path / out, "--workers", "0", *FAST, expect=2)
     assert result.output.startswith(f"error: --out {tmp_path / out}: ") and "is a file, not a folder" in result.output
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["expand", "validate"])
+def test_a_missing_image_root_is_refused_not_every_record(tmp_path, command):
+    """A typo in --image-root used to run to the end and reject every image record as image_missing."""
+    out = ["--out", tmp_path / "o", *FAST] if command == "expand" else []
+    result = run_cli(command, EXAMPLES, "--image-root", tmp_path / "typo", *out, "--workers", "0", "--no-progress",
+                     expect=2)
+    assert "--image-root" in result.output and "no such folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_huge_shard_size_is_refused(tmp_path):
+    result = run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, "--shard-size", str(10**23), expect=2)
+    assert "--shard-size" in result.output and not (tmp_path / "o").exists()

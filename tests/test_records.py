@@ -346,7 +346,7 @@ REJECT_CASES = [
     ({"conversations": [{"from": "human", "value": "x"}, {"from": ["gpt"], "value": "y"}]}, "turn_bad_role", "a list"),
     ({"conversations": [{"from": "human", "value": "x"}, {"value": "y"}]}, "turn_bad_role", "turn 1 has no `from`"),
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "turn_bad_role",
-     "turns use {role, content}; cogalign expects LLaVA {from, value}"),
+     "turn 0 is a {role, content} turn with role 'user'; cogalign converts only the roles"),
     ({"conversations": GOOD + conv("system", "gpt")}, "turn_bad_role", "turn 2 is from 'system'"),
     ({"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "y"}]}, "turn_value_not_string", "turn 0"),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]}, "turn_value_not_string", "turn 1"),

@@ -43,6 +43,8 @@ RULES = {
     "image_in_inserted_turn": "a turn cogalign inserted holds <image>",
     "provenance_mismatch": "cogalign.turns does not match the conversation",
     "image_without_path": "an image has no path (embedded bytes only)",
+    "image_file_missing": "with --image-folder: an image is not a file under the image root (an input with "
+                          "embedded images has no files: the trainer would fail on it)",
 }
 
 
@@ -182,6 +184,8 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
                             "(files there would be taken for part of the dataset)")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "sharegpt":
+        read_dataset_info(dest)  # refuse before anything is written
     root = Path(image_root) if image_root else default_image_root(out)
     if image_folder and not root.is_dir():
         raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
@@ -193,6 +197,9 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         with Progress(count_records(out), progress, label="export") as bar:
             for index, record in enumerate(iter_output(out)):
                 reasons = check_record(record)
+                if not reasons and image_folder and not all(
+                        (paths.root / image_path(im)).is_file() for im in images_of(record)):
+                    reasons = ["image_file_missing"]
                 if reasons:
                     rid = record.get("id") if isinstance(record, dict) else None
                     bad.write({"index": index, "id": rid, "reasons": reasons,
@@ -214,12 +221,23 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     return result
 
 
+def read_dataset_info(dest: Path) -> dict:
+    """The `dataset_info.json` beside `dest` ({} if none); CogalignError if it is not a JSON object."""
+    info_path = dest.parent / "dataset_info.json"
+    try:
+        info = loads(info_path.read_bytes()) if info_path.is_file() else {}
+    except ValueError as e:
+        raise CogalignError(f"{info_path}: not valid JSON ({str(e).splitlines()[0]}); fix it or move it away, "
+                            "then rerun (the sharegpt export adds its entry there)") from None
+    if not isinstance(info, dict):
+        raise CogalignError(f"{info_path}: not a JSON object; LLaMA-Factory's dataset_info.json maps names to entries")
+    return info
+
+
 def register_sharegpt(dest: Path) -> Path:
     """Add (or replace) this file's entry in the `dataset_info.json` beside it; other entries are kept."""
     info_path = dest.parent / "dataset_info.json"
-    info = loads(info_path.read_bytes()) if info_path.is_file() else {}
-    if not isinstance(info, dict):
-        raise CogalignError(f"{info_path}: not a JSON object; LLaMA-Factory's dataset_info.json maps names to entries")
+    info = read_dataset_info(dest)
     info[dest.stem] = {"file_name": dest.name, "formatting": "sharegpt",
                        "columns": {"messages": "conversations", "images": "images"}, "tags": dict(SHAREGPT_TAGS)}
     tmp = info_path.with_name(info_path.name + ".tmp")

@@ -26,7 +26,8 @@ def check_complete(out: str | Path) -> Layout:
     missing = [i for i in range(layout.num_shards) if not layout.is_complete(i)]
     if missing:
         raise CogalignError(f"{out}: {len(missing)} of {layout.num_shards} shards are not complete (first: "
-                            f"{layout.shard_path(missing[0]).name}); rerun the same `cogalign expand` command to finish them")
+                            f"{layout.shard_path(missing[0]).name}); rerun the same `cogalign expand` command to finish them "
+                            "(for a sliced run: run the slices that have not finished, then `cogalign merge-report`)")
     partial = out / ".partial"
     if partial.is_dir() and any(partial.iterdir()):
         raise CogalignError(f"{out}: .partial/ holds unfinished shards ({next(partial.iterdir()).name}); "

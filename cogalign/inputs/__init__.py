@@ -27,6 +27,18 @@ def default_image_root(path) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def image_root(input_path, given=None) -> Path:
+    """`--image-root` if given (it must be a folder: a typo would reject every record as missing),
+    else `default_image_root(input_path)`."""
+    if given is None or str(given) == "":
+        return default_image_root(input_path)
+    root = Path(given)
+    if not root.is_dir():
+        raise InputError(f"--image-root {root}: {'a file' if root.exists() else 'no such folder'}; give the folder "
+                         "that the records' `image` paths are relative to (default: the input's folder)")
+    return root
+
+
 def input_kind(path) -> str:
     """`llava`, `parquet`, `disk` or `mixture`, from the path alone."""
     p = Path(path)

@@ -6,7 +6,8 @@ layout of lmms-lab/LLaVA-NeXT-Data: `id`, `conversations`, `data_source`, `image
 An `image` struct with bytes becomes an `EmbeddedImage` (its path, or `embedded-<position>`
 when the path is null): the worker decodes the bytes with the same checks as a file. A
 struct with a path and no bytes becomes that path; a null image (or one with neither) drops
-the key, as LLaVA's JSON has no `image` for text-only records.
+the key, as LLaVA's JSON has no `image` for text-only records. A list of such structs in `image`
+or `images` (the TRL / HF chat layout, beside `messages`) is read the same way, item by item.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogalign.errors import InputError
+from cogalign.errors import InputError, RecordError
 from cogalign.inputs.embedded import EmbeddedImage
 
 BATCH_ROWS = 64  # rows turned into Python objects at once (images make rows large)
@@ -98,19 +100,50 @@ def _batches_disk(file: Path, first: int, wanted) -> Iterator[tuple[int, pa.Reco
         offset += batch.num_rows
 
 
+_NO_IMAGE = object()
+
+
+def _image(value, name: str):
+    """An `{bytes, path}` struct as an EmbeddedImage (bytes), its path (no bytes), or _NO_IMAGE
+    (neither); any other value as it is."""
+    if not (isinstance(value, dict) and set(value) <= {"bytes", "path"}):
+        return value
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        return EmbeddedImage(path or name, data)
+    return path if path is not None else _NO_IMAGE
+
+
 def _record(row: dict, position: int) -> dict:
-    image = row.get("image")
-    if image is None and "image" in row:  # a null cell: LLaVA tells text-only records by the key's absence
-        del row["image"]
-    elif isinstance(image, dict) and set(image) <= {"bytes", "path"}:
-        data, name = image.get("bytes"), image.get("path")
-        if data is not None:
-            row["image"] = EmbeddedImage(name or f"embedded-{position}", data)
-        elif name is not None:
-            row["image"] = name
-        else:
-            del row["image"]
+    image = _image(row.get("image"), f"embedded-{position}")
+    if image is None or image is _NO_IMAGE:  # a null cell: LLaVA tells text-only records by the key's absence
+        row.pop("image", None)
+    else:
+        row["image"] = image
+    for key in ("image", "images"):  # lists of Image structs (`images`: the TRL / HF chat layout)
+        if isinstance(row.get(key), list):
+            items = [_image(v, f"embedded-{position}-{k}") for k, v in enumerate(row[key])]
+            row[key] = [v for v in items if v is not _NO_IMAGE]
     return row
+
+
+def _unwritable(row: dict) -> RecordError | None:
+    """A record whose values JSON cannot hold (binary or decimal columns other than images)
+    is rejected, naming the column, instead of stopping the run when it is written."""
+    try:
+        orjson.dumps(row)
+        return None
+    except TypeError:
+        pass
+    for key, value in row.items():
+        try:
+            orjson.dumps(value)
+        except TypeError as e:
+            if "64-bit" in str(e):
+                continue
+            return RecordError("invalid_json", f"column `{key}`: {type(value).__name__} values have no JSON form "
+                                               f"({e}); drop or convert that column")
+    return None
 
 
 def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict]]:
@@ -130,7 +163,8 @@ def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None 
                     continue
                 if rows is None:
                     rows = batch.to_pylist()
-                yield offset + i, _record(rows[i], offset + i)
+                record = _record(rows[i], offset + i)
+                yield offset + i, _unwritable(record) or record
         first += count_file(file, kind)
 
 

@@ -6,12 +6,16 @@
 - content: a string, or typed parts: `{"type": "image"}` -> `<image>`, `{"type": "text",
   "text": ...}` -> the text, joined with newlines;
 - `messages` becomes `conversations`; with it an `images` list becomes `image` (one path: a
-  string; several: the list), when the record has no `image`.
+  string; several: the list), when the record has no `image`;
+- an image part that names its own file (`{"type": "image", "image"|"path"|"url": "a.png"}`)
+  gives that path, in order, when the record has neither `image` nor `images`; an image part
+  whose source is not a string (bytes, a PIL image) cannot be converted.
 
 Anything that does not fit is left as it is, for the record check to reject with its reason.
 """
 from __future__ import annotations
 
+IMAGE_SOURCE_KEYS = ("image", "path", "url")
 ROLES = {"user": "human", "assistant": "gpt", "human": "human", "gpt": "gpt", "system": "system"}
 
 
@@ -23,6 +27,8 @@ def _content(value):
         for part in value:
             kind = part.get("type")
             if kind == "image":
+                if any(part.get(k) is not None and not isinstance(part.get(k), str) for k in IMAGE_SOURCE_KEYS):
+                    return value
                 parts.append("<image>")
             elif kind == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
@@ -43,6 +49,17 @@ def _turn(turn):
     return out, True
 
 
+def _inline_images(conv) -> list:
+    """Paths named by image parts (`{"type": "image", "image": "a.png"}`), in turn order."""
+    found = []
+    for turn in conv if isinstance(conv, list) else ():
+        content = turn.get("content") if isinstance(turn, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "image":
+                found += [part[k] for k in IMAGE_SOURCE_KEYS if isinstance(part.get(k), str)][:1]
+    return found
+
+
 def to_llava(record):
     """(record with LLaVA turns, what was converted: "" | "role_content" | "messages")."""
     if not isinstance(record, dict):
@@ -60,5 +77,8 @@ def to_llava(record):
         turns, changed = zip(*(_turn(t) for t in conv))
         if any(changed):
             record = {**record, "conversations": list(turns)}
+            inline = _inline_images(conv)
+            if inline and "image" not in record and "images" not in record:
+                record["image"] = inline[0] if len(inline) == 1 else inline
             converted = converted or "role_content"
     return record, converted

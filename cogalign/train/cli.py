@@ -38,9 +38,9 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the data order (shuffled per epoch), the tiny model and the tokenizer."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes per rank (0: load in the training process)."),
     save_every: int = typer.Option(0, "--save-every", min=0, help="Also save RUN/checkpoint-N/ every N steps (always saved at the end). Default: 0 (only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint-N/: same data order, same loss curve. Give the same options."),
-    print_plan: bool = typer.Option(False, "--print-plan", help="Print the plan (groups, rates, batch) as JSON and exit without training."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint-N/: same data order, same loss curve. Give the same options. Default: off."),
+    print_plan: bool = typer.Option(False, "--print-plan", help="Print the plan (groups, rates, batch) as JSON and exit without training. Default: off."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
     from cogalign.train.model import add_vq_tokens, codebook_size, load
     from cogalign.train.run import TrainConfig, checkpoints, train
@@ -83,7 +83,7 @@ def generate_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Answer the first N records only. Default: all."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: from cogalign.json."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer generated."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
     """Greedy-decode the answer to every inserted VQ/RGB turn, given the image and the conversation before it."""
     from cogalign.train.generate import run_generate
@@ -99,7 +99,7 @@ def generate_cmd(
 def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` with the true answers."),
     predictions: Path = typer.Option(..., "--predictions", help="JSON lines {id, kind, text}, e.g. from `cogalign generate`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON instead of a table. Default: off."),
 ) -> None:
     """Score predicted VQ/RGB answers: format validity, VQ index accuracy and length error, RGB exact match, MAE, PSNR."""
     from cogalign.train.evaluate import score, table
