@@ -82,7 +82,20 @@ def test_resume_continues_the_curve(quads, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
-def test_learning_check_rgb_from_images(tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread, as the subprocess runs above (OMP_NUM_THREADS=1): for a model
+    this small, a second thread only adds synchronisation, and on a busy 2-core machine threads that
+    wait for each other made this test 3-4× slower (670 s instead of about 75 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_learning_check_rgb_from_images(tmp_path, one_thread):
     """Train tiny on one-pixel RGB answers (the upper-left quadrant's colour, palette of 4), then
     answer held-out images. With the true answers it must be far above chance (1/4); with the
     answers shuffled across records (image pairing broken) it must fall back to about chance."""
@@ -110,4 +123,4 @@ def test_learning_check_rgb_from_images(tmp_path):
         exact[name] = result["px"]["exact_match"]
     print("learning check exact match:", exact)
     assert exact["true"] >= 0.8, exact
-    assert exact["shuffled"] <= 0.5, exact
+    assert exact["shuffled"] <= 0.45 and exact["true"] - exact["shuffled"] >= 0.5, exact
