@@ -28,8 +28,12 @@ def _train(*args, nproc: int = 1, timeout: int = 600):
     return proc
 
 
+def _log(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+
+
 def _curve(run: Path, key: str = "loss") -> list[float]:
-    return [json.loads(l)[key] for l in (run / "train_log.jsonl").read_text().splitlines()]
+    return [line[key] for line in _log(run)]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +44,23 @@ def quads(tmp_path_factory):
 
 
 def test_two_gloo_ranks_match_one_rank(quads, tmp_path):
-    common = ["--data", quads, "--stage", "3", *TINY_LR, "--global-batch-size", "8", "--max-steps", "3",
+    """Two epochs of 24 records at global batch 16: each epoch is a full step and a half step (the
+    ranks' shares run out: padding and the one-token dummy batch), and the second epoch reshuffles."""
+    common = ["--data", quads, "--stage", "3", *TINY_LR, "--global-batch-size", "16", "--max-steps", "4",
               "--max-length", "128"]
-    _train(*common, "--out", tmp_path / "one", "--per-device-batch-size", "4")
-    two = _train(*common, "--out", tmp_path / "two", "--per-device-batch-size", "2", nproc=2)
+    _train(*common, "--out", tmp_path / "one", "--per-device-batch-size", "8")
+    two = _train(*common, "--out", tmp_path / "two", "--per-device-batch-size", "4", nproc=2)
     assert "ranks: 2" in two.stderr
+    one_log, two_log = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [l["epoch"] for l in one_log] == [0, 0, 1, 1] == [l["epoch"] for l in two_log]
+    assert [l["tokens"] for l in two_log] == [l["tokens"] for l in one_log]  # the same records per step
+    # the schedule advances once per optimizer step whatever the world size
+    assert [l["lr"]["projector"] for l in two_log] == pytest.approx([l["lr"]["projector"] for l in one_log], rel=1e-9)
     one_curve, two_curve = _curve(tmp_path / "one"), _curve(tmp_path / "two")
-    assert len(one_curve) == 3 and one_curve[0] > one_curve[-1]
-    assert two_curve == pytest.approx(one_curve, rel=1e-2)
+    assert one_curve[0] > one_curve[-1]
+    assert two_curve == pytest.approx(one_curve, rel=1e-4)
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
-    assert summary["seen"] == 24 and summary["world_size"] == 2  # 3 steps × 8 records: one epoch
+    assert summary["seen"] == 48 and summary["world_size"] == 2  # 2 epochs × 24 records
 
 
 def test_resume_continues_the_curve(quads, tmp_path):
@@ -71,7 +82,20 @@ def test_resume_continues_the_curve(quads, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
-def test_learning_check_rgb_from_images(tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread, as the subprocess runs above (OMP_NUM_THREADS=1): for a model
+    this small, a second thread only adds synchronisation, and on a busy 2-core machine threads that
+    wait for each other made this test 3-4× slower (670 s instead of about 75 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_learning_check_rgb_from_images(tmp_path, one_thread):
     """Train tiny on one-pixel RGB answers (the upper-left quadrant's colour, palette of 4), then
     answer held-out images. With the true answers it must be far above chance (1/4); with the
     answers shuffled across records (image pairing broken) it must fall back to about chance."""
@@ -99,4 +123,4 @@ def test_learning_check_rgb_from_images(tmp_path):
         exact[name] = result["px"]["exact_match"]
     print("learning check exact match:", exact)
     assert exact["true"] >= 0.8, exact
-    assert exact["shuffled"] <= 0.5, exact
+    assert exact["shuffled"] <= 0.45 and exact["true"] - exact["shuffled"] >= 0.5, exact

@@ -126,7 +126,11 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     plan = cfg.plan
     rank, world = init_distributed()
     gpu = torch.cuda.is_available()
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank
+    # per optimizer step (it assumes the batch grows with the ranks), so N ranks would run N× faster
+    # through warm-up and cosine than 1 rank at the same global batch.
     accel = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu,  # cpu=True: multi-CPU DDP (gloo)
+                        step_scheduler_with_optimizer=False,
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if world != plan.world_size or accel.num_processes != world:
         raise CogalignError(f"plan made for {plan.world_size} ranks but accelerate runs {accel.num_processes} of {world}")
