@@ -193,8 +193,8 @@ def mean_sd(xs: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=256, help="training records (default 256)")
-    ap.add_argument("--test", type=int, default=64, help="held-out records, 2 questions each (default 64)")
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
+    ap.add_argument("--test", type=int, default=48, help="held-out records, 2 questions each (default 48)")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     ap.add_argument("--batch", type=int, default=16, help="global batch, records per step (default 16)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per condition, 0..N-1 (default 3)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 64 train / 16 held-out records, 20 steps")
