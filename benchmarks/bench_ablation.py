@@ -19,7 +19,7 @@ decoding of each answer given the image and the conversation before it, compared
 lower-casing and dropping punctuation.
 
 python benchmarks/bench_ablation.py            # the README table (3 seeds, 2 conditions)
-python benchmarks/bench_ablation.py --quick    # 1 seed, small sizes, about a minute
+python benchmarks/bench_ablation.py --quick    # 1 seed, small sizes, 1-2 minutes
 """
 from __future__ import annotations
 
