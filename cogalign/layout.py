@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from cogalign.errors import CogalignError
-from cogalign.writer import shard_name
+from cogalign.writer import shard_name, write_atomic
 
 MANIFEST = "cogalign.json"
 CARD = "README.md"
@@ -268,23 +268,6 @@ def _delete(root: Path, paths: list[Path]) -> None:
             (root / d).rmdir()  # only if empty: a user's file there stays, and so does the folder
         except OSError:
             pass
-
-
-def temp_name(path: Path) -> Path:
-    """A temporary name of its own: slices on several machines may write the same file at once."""
-    return Path(f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def card_is_ours(root: Path) -> bool:

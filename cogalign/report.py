@@ -12,7 +12,8 @@ from pathlib import Path
 
 import orjson
 
-from cogalign.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, temp_name, write_atomic, write_card
+from cogalign.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
+from cogalign.writer import temp_name, write_atomic
 
 COUNTS = ("input", "expanded", "passed", "rejected")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -220,13 +221,21 @@ def _publish(tmp: Path, final: Path) -> int:
     return final.stat().st_size
 
 
+def temp_name(path: Path) -> Path:
+    """A temporary name of its own: ranks and slices on several machines may write the same file at once."""
+    return Path(f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = Path(f"{path}.{os.getpid()}.tmp")  # several ranks may write the same file at once
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_shard(path: Path) -> Iterator[dict]:

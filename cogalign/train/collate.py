@@ -13,7 +13,6 @@ import re
 from collections import Counter
 from typing import Optional
 
-import numpy as np
 
 from cogalign.render import RGB_START, VQ_END, VQ_START
 
@@ -200,8 +199,6 @@ class Collator:
         self.enc = encoder
 
     def __call__(self, items: list[dict]) -> dict:
-        import torch
-
         stats, rows, images, skipped_ids = new_stats(), [], [], []
         for item in items:
             rec = item["record"]
