@@ -115,6 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=0.1, help="PSS sampling period, seconds")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--skip-json-load", action="store_true")
+    p.add_argument("--expand-args", default="",
+                   help="extra `cogalign expand` options; default none, i.e. what users run by default "
+                        "(VQ and RGB targets, demo tokenizer, 672 px). The 2026-11-27 tables before this "
+                        "option used '--targets px --px-resolution 8'")
     args = p.parse_args(argv)
 
     load_before = load_average()
@@ -145,8 +149,9 @@ def main(argv=None) -> int:
 
     out = data_dir / "out"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "cogalign", "expand", str(path), "--out", str(out), "--targets", "px",
-           "--px-resolution", "8", "--workers", str(args.workers), "--no-progress"]
+    extra = args.expand_args.split()
+    cmd = [sys.executable, "-m", "cogalign", "expand", str(path), "--out", str(out), *extra,
+           "--workers", str(args.workers), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     rc, sec, peak, procs, maxrss, err = run_measured(cmd, args.interval, env=env)
@@ -156,7 +161,8 @@ def main(argv=None) -> int:
     out_bytes = sum(f.stat().st_size for f in (out / "data").iterdir())
     results["expand"] = peak
     results["expand_rss"] = maxrss
-    rows.append([f"`cogalign expand --targets px --px-resolution 8 --workers {args.workers}` (whole tree)",
+    shown = " ".join(["cogalign expand", *extra, "--workers", str(args.workers)])
+    rows.append([f"`{shown}` (whole tree)",
                  f"{peak / 2**20:,.0f}", f"{maxrss / 2**20:,.0f}", f"{sec:.1f}", procs])
     shutil.rmtree(out, ignore_errors=True)
 
