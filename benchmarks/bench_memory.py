@@ -50,8 +50,6 @@ QUESTIONS = ("What is the man holding?", "How many people are in the image?", "W
 
 
 def _sentence_pool(rng, n: int) -> list[str]:
-    import numpy as np
-
     lengths = rng.integers(4, 22, size=n)
     picks = rng.integers(0, len(WORDS), size=int(lengths.sum()))
     out, pos = [], 0
