@@ -19,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from cogalign.images import LLAVA_PAD_COLOR, RESAMPLE, _pad_resize_wide, pad_and_resize
+from cogalign.images import LLAVA_PAD_COLOR, RESAMPLE, _pad_resize_wide
 
 FILTERS = list(RESAMPLE)
 
