@@ -35,6 +35,13 @@ def write_input(tmp_path, records, fmt="json"):
     return path
 
 
+def expand(tmp_path, records, fmt):
+    """`expand` `records` (written as a JSON input) to `tmp_path / "out"` in `fmt`; the output folder."""
+    out = tmp_path / "out"
+    run_cli("expand", write_input(tmp_path, records), "--out", out, *FAST, "--workers", "0", "--format", fmt)
+    return out
+
+
 def output_records(out):
     return [r for f in sorted((out / "data").iterdir()) for r in read_shard(f)]
 
@@ -42,9 +49,7 @@ def output_records(out):
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "json"])
 def test_integers_beyond_64_bits_are_kept_exactly(tmp_path, fmt):
     source = records_with_odd_values()
-    src = write_input(tmp_path, source)
-    out = tmp_path / "out"
-    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--format", fmt)
+    out = expand(tmp_path, source, fmt)
     got = output_records(out)
     assert [r["id"] for r in got] == [BIG, "text", "plain"]
     assert got[0]["source"] == {"n": -BIG, "f": 0.5} and got[0]["conversations"][0]["weight"] == BIG
@@ -96,9 +101,7 @@ def test_dataset_card_matches_each_format(tmp_path, fmt):
     import datasets
 
     source = uniform_odd_records()
-    src = write_input(tmp_path, source)
-    out = tmp_path / "out"
-    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--format", fmt)
+    out = expand(tmp_path, source, fmt)
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 3
     rows = ds.to_list()
