@@ -137,8 +137,8 @@ def convert(
     from safetensors.torch import save_file
 
     from cogalign.tokenizers.checkpoints import (
-        _quantizer_kind, _strip_prefix, check_decoder, check_state_dict, find_checkpoint, read_config,
-        read_state_dict, select_model_keys)
+        check_decoder, check_state_dict, find_checkpoint, quantizer_kind, read_config, read_state_dict,
+        select_model_keys, strip_prefix)
     from cogalign.tokenizers.taming import TamingVQTokenizer
 
     if out.suffix != ".safetensors":
@@ -148,10 +148,10 @@ def convert(
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]
         params, target = read_config(cfg_path)
-        raw = _strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
+        raw = strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
         kept = select_model_keys(raw)
         with contextlib.redirect_stdout(io.StringIO()):
-            model = TamingVQTokenizer(params, name=ckpt.stem, quantizer=_quantizer_kind(target, set(kept)))
+            model = TamingVQTokenizer(params, name=ckpt.stem, quantizer=quantizer_kind(target, set(kept)))
         check_state_dict(kept, model.state_dict(), ckpt, cfg_path)
         has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:

@@ -118,7 +118,7 @@ def normalize_params(params: dict, source: str = "config") -> dict:
     return out
 
 
-def _quantizer_kind(target: str | None, keys: set[str]) -> str:
+def quantizer_kind(target: str | None, keys: set[str]) -> str:
     if target and "gumbel" in str(target).lower():
         return "gumbel"
     if "quantize.embedding.weight" not in keys and "quantize.proj.weight" in keys:
@@ -279,7 +279,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """If the model sits under a prefix (e.g. latent diffusion's `first_stage_model.`), drop it."""
     if any(k.startswith("encoder.") for k in sd):
         return sd
@@ -292,7 +292,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def select_model_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder-path tensors: encoder.*, quant_conv.*, quantize.* (minus known extras)."""
-    sd = _strip_prefix(sd)
+    sd = strip_prefix(sd)
     return {k: v for k, v in sd.items()
             if k.startswith(KEPT_PREFIXES) and k not in IGNORED_QUANTIZE_KEYS}
 

@@ -15,10 +15,8 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import Decoder
 
 from cogalign.tokenizers.base import TokenizerError
-from cogalign.tokenizers.checkpoints import (_quantizer_kind, _strip_prefix, find_checkpoint, hash_state_dict,
-                                             normalize_params, read_config, read_state_dict)
-
-DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, find_checkpoint, hash_state_dict, normalize_params,
+                                             quantizer_kind, read_config, read_state_dict, strip_prefix)
 
 
 class VQDecoder(nn.Module):
@@ -73,9 +71,9 @@ def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None 
     path = Path(path).expanduser()
     ckpt, cfg = find_checkpoint(path)
     params, target = read_config(cfg)
-    raw = _strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
+    raw = strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
     name = name or (path.name if path.is_dir() else ckpt.stem)
-    if _quantizer_kind(target, set(raw)) == "gumbel":
+    if quantizer_kind(target, set(raw)) == "gumbel":
         raise TokenizerError(f"{ckpt}: a Gumbel VQGAN; decoding its indices is not supported (use a VQ model)")
     sd = {k: v.float() for k, v in raw.items() if k.startswith(DECODER_PREFIXES) or k == "quantize.embedding.weight"}
     if not any(k.startswith("decoder.") for k in sd):

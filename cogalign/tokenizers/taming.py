@@ -21,8 +21,8 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 
 from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
-from cogalign.tokenizers.checkpoints import (_quantizer_kind, check_state_dict, find_checkpoint, hash_state_dict,
-                                             normalize_params, read_config, read_state_dict, select_model_keys)
+from cogalign.tokenizers.checkpoints import (check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
+                                             quantizer_kind, read_config, read_state_dict, select_model_keys)
 
 # Positions per lookup chunk are chosen so that chunk x codebook float32 stays near this
 # (4 MB: cache-sized blocks are ~4x faster than one big distance matrix, and never more
@@ -273,7 +273,7 @@ def load_taming(path: str | Path, device: str | torch.device = "cpu", trust_pick
     del raw
     if name is None:
         name = path.name if path.is_dir() else ckpt.stem
-    kind = _quantizer_kind(target, set(kept))
+    kind = quantizer_kind(target, set(kept))
     with contextlib.redirect_stdout(io.StringIO()):
         model = TamingVQTokenizer(params, name=name, quantizer=kind)
     expected = model.state_dict()

@@ -65,9 +65,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 def decoder_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """decoder.* and post_quant_conv.*, also when stored under a prefix (latent diffusion's
     `first_stage_model.`)."""
-    from cogalign.tokenizers.checkpoints import _strip_prefix
+    from cogalign.tokenizers.checkpoints import DECODER_PREFIXES, strip_prefix
 
-    return {k: v for k, v in _strip_prefix(raw).items() if k.startswith(("decoder.", "post_quant_conv."))}
+    return {k: v for k, v in strip_prefix(raw).items() if k.startswith(DECODER_PREFIXES)}
 
 
 def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resolution: int = 256,
