@@ -1,6 +1,6 @@
 """A finished output folder as other tools see it: is it complete, and its records in order.
 
-Records come back as LLaVA dicts (`cogalign.writer.from_row`), integers beyond 64 bits
+Records come back as LLaVA dicts (`cogalign.writer.read_shard`), integers beyond 64 bits
 exact, read a row group at a time.
 """
 from __future__ import annotations
@@ -8,12 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
-
 from cogalign.errors import CogalignError
 from cogalign.layout import Layout, read_manifest
 from cogalign.records import loads_exact as loads
-from cogalign.writer import from_row
+from cogalign.writer import read_shard
 
 
 def check_complete(out: str | Path) -> Layout:
@@ -42,21 +40,11 @@ def check_complete(out: str | Path) -> Layout:
     return layout
 
 
-def iter_shard(path: Path) -> Iterator[dict]:
-    """Records of one shard, a row group at a time."""
-    if path.suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from (from_row(r) for r in batch.to_pylist())
-    else:
-        with open(path, "rb") as f:
-            yield from (loads(line) for line in f if line.strip())
-
-
 def iter_output(out: str | Path) -> Iterator[dict]:
     """Every record of a complete output folder, shard by shard."""
     layout = check_complete(out)
     for i in range(layout.num_shards):
-        yield from iter_shard(layout.shard_path(i))
+        yield from read_shard(layout.shard_path(i))
 
 
 def count_records(out: str | Path) -> int:
