@@ -1,20 +1,14 @@
 """An input's identity, pinned in the run manifest: its files' sizes and mtimes, and a hash of
 its bytes taken while they stream through the counting pass (no extra read).
 
-For an input of several files (a folder), `input_files` lists them in a fixed order and the
+For an input of several files (a folder), `cogalign.inputs.input_files` lists them in a fixed order and the
 hash covers their bytes in that order; the reader that counts them feeds one digest.
 """
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-
-def input_files(path) -> list[Path]:
-    """The files an input consists of (a LLaVA file; parquet/save_to_disk folders; a YAML mixture and its files)."""
-    from cogalign.inputs import input_files as files
-
-    return files(path)
+from cogalign.inputs import input_files
 
 
 def input_identity(path, sha256: str) -> dict:
