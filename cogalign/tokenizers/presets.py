@@ -15,6 +15,7 @@ import yaml
 from cogalign.tokenizers import hub
 from cogalign.tokenizers.base import TokenizerError, VQTokenizer
 from cogalign.tokenizers.catalog import BY_NAME, Known
+from cogalign.tokenizers.checkpoints import CHECKPOINT_SUFFIXES
 from cogalign.tokenizers.taming import load_taming
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -48,12 +49,9 @@ def list_presets() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pth")
-
-
 def _has_files(folder: Path) -> bool:
     """Whether the folder holds weights (itself or ckpts/), not only notes or an empty ckpts/."""
-    return any(p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+    return any(p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES
                for d in (folder, folder / "ckpts") if d.is_dir() for p in d.iterdir())
 
 
@@ -86,18 +84,6 @@ def resolve(spec: str) -> tuple[Path, str]:
         if not (DEMO_DIR / "model.safetensors").is_file():
             raise TokenizerError(f"{DEMO_DIR}: the demo tokenizer is missing from this install; reinstall cogalign")
         return DEMO_DIR, "demo-f8-4096"
-    if spec == "vqgan-4096":
-        home = vqgan_4096_dir()
-        if _has_files(home):
-            return home, "vqgan-4096"
-        repo = _configured_repo(spec)
-        if repo:
-            return hub.download(_as_hub(repo)), "vqgan-4096"
-        raise TokenizerError(
-            f"vqgan-4096 is not installed: looked in {home} and found no Hub repo in ${VQGAN_4096_ENV} or in "
-            f"{config_file()} (tokenizers: {{vqgan-4096: OWNER/NAME}}); either train it with "
-            f"`cogalign vq train IMAGES --out {home} --codes 4096`, or set {VQGAN_4096_ENV}=OWNER/NAME "
-            "to a Hub repo that holds it (or pass --vq PATH to a checkpoint folder, or --vq hf://OWNER/NAME)")
     if hub.is_hub_spec(spec):
         hs = hub.parse_hub_spec(spec)
         return hub.download(hs), str(hs).removeprefix(hub.PREFIX)
@@ -115,8 +101,15 @@ def _resolve_known(k: Known) -> tuple[Path, str]:
     folder = cogalign_home() / "tokenizers" / k.name
     if _has_files(folder):
         return folder, k.name
-    if k.kind == "hub":
-        return hub.download(hub.PREFIX + k.source), k.name
+    repo = k.source if k.kind == "hub" else _configured_repo(k.name) if k.kind == "local" else None
+    if repo:
+        return hub.download(_as_hub(repo)), k.name
+    if k.kind == "local":
+        raise TokenizerError(
+            f"{k.name} is not installed: looked in {folder} and found no Hub repo in ${VQGAN_4096_ENV} or in "
+            f"{config_file()} (tokenizers: {{{k.name}: OWNER/NAME}}); either train it with "
+            f"`cogalign vq train IMAGES --out {folder} --codes {k.codes}`, or set {VQGAN_4096_ENV}=OWNER/NAME "
+            "to a Hub repo that holds it (or pass --vq PATH to a checkpoint folder, or --vq hf://OWNER/NAME)")
     raise TokenizerError(
         f"{k.name} is not installed (looked in {folder}): download {k.source} (files: {k.files}), "
         f"put the checkpoint and its yaml in {folder}, then use --vq {k.name}")
@@ -136,7 +129,7 @@ def is_local(k: Known) -> bool:
     except TokenizerError:
         return False
     snaps = hub.hub_cache_dir() / ("models--" + hs.repo_id.replace("/", "--")) / "snapshots"
-    return snaps.is_dir() and any(p.suffix in (".safetensors", ".ckpt", ".pth") for p in snaps.rglob("*"))
+    return snaps.is_dir() and any(p.suffix in CHECKPOINT_SUFFIXES for p in snaps.rglob("*"))
 
 
 def load_tokenizer(spec: str = "demo", device: str | torch.device = "cpu", trust_pickle: bool = False) -> VQTokenizer:
