@@ -14,7 +14,7 @@ from cogalign.errors import CogalignError
 from cogalign.layout import read_manifest
 from cogalign.options import ExpandOptions
 from cogalign.render import RGB_START, VQ_START
-from cogalign.writer import from_row
+from cogalign.writer import from_row, read_shard
 
 
 def shard_files(out: Path) -> list[Path]:
@@ -28,14 +28,7 @@ def shard_files(out: Path) -> list[Path]:
 def iter_records(out: Path) -> Iterator[dict]:
     """Every output record, in shard order."""
     for path in shard_files(out):
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
-                for row in batch.to_pylist():
-                    yield from_row(row)
-        else:
-            yield from iter_records_of(path)
+        yield from read_shard(path)
 
 
 def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
@@ -51,15 +44,8 @@ def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
                     rid = orjson.loads(extra).get("id")
                 yield rid, (orjson.loads(prov) if prov else None)
     else:
-        for rec in iter_records_of(path):
+        for rec in read_shard(path):
             yield rec.get("id"), rec.get("cogalign")
-
-
-def iter_records_of(path: Path) -> Iterator[dict]:
-    with open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
-                yield orjson.loads(line)
 
 
 IMAGE_BYTES = "_cogalign_image_bytes"  # key under which read_record keeps an embedded image's bytes
@@ -82,7 +68,7 @@ def read_record(path: Path, row: int) -> dict:
                 return record
             row -= n
         raise IndexError(row)
-    for i, rec in enumerate(iter_records_of(path)):
+    for i, rec in enumerate(read_shard(path)):
         if i == row:
             return rec
     raise IndexError(row)
