@@ -226,7 +226,7 @@ def owned_paths(root: Path, manifest: dict) -> list[Path]:
     """Every file `manifest` says cogalign wrote in `root` (that exists), the manifest last."""
     root = Path(root)
     layout = Layout(root, manifest["num_shards"], manifest["format"])
-    top = (manifest.get("owns") or owned_files(manifest.get("input", ""), layout))["files"]
+    top = _owned_top(manifest, layout)
     paths = [p for s in range(layout.num_shards) for p in layout.shard_files(s)]
     legacy_card = "owns" not in manifest and (root / "report.json").exists()  # older runs always wrote it then
     if card_is_ours(root) or legacy_card:
@@ -236,6 +236,11 @@ def owned_paths(root: Path, manifest: dict) -> list[Path]:
     paths += list(root.glob(f"{_MANIFEST_TMP}*.tmp"))
     paths.sort(key=lambda p: p.name == MANIFEST)
     return [p for p in paths if p.is_file()]
+
+
+def _owned_top(manifest: dict, layout: Layout) -> list[str]:
+    """The top-level files `manifest` owns (derived for a manifest older than `owns`)."""
+    return (manifest.get("owns") or owned_files(manifest.get("input", ""), layout))["files"]
 
 
 def reset(root: Path, manifest: dict | None = None, keep_manifest: bool = True) -> int:
@@ -254,8 +259,7 @@ def reset(root: Path, manifest: dict | None = None, keep_manifest: bool = True) 
 
 def _delete_merged(root: Path, manifest: dict) -> None:
     """The outputs merged from all shards: stale once any shard is redone."""
-    top = (manifest.get("owns") or owned_files(manifest.get("input", ""),
-                                               Layout(root, manifest["num_shards"], manifest["format"])))["files"]
+    top = _owned_top(manifest, Layout(root, manifest["num_shards"], manifest["format"]))
     _delete(root, ([root / CARD] if card_is_ours(root) else [])
             + [root / name for name in top if name not in (MANIFEST, CARD_COPY)])
 
