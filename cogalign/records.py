@@ -176,8 +176,8 @@ class _SurrogateScan:
         chunk = self.f.read(size)
         if self.found:
             return chunk
-        if b"\\" not in chunk and b"\\" not in self.tail:
-            self.tail = chunk[-1:] or self.tail
+        if b"\\u" not in chunk and b"\\" not in self.tail:  # no \u escape starts here (most chunks)
+            self.tail = chunk[-2:] or self.tail  # a backslash that may start one, and the byte before it
         else:
             self._scan(self.tail + chunk, eof=not chunk)
         return chunk
