@@ -1,6 +1,7 @@
 """What every `cogalign` subcommand prints: one-line errors and status lines, on stderr."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -18,8 +19,6 @@ def say(line: str) -> None:
 def check_png_out(dest) -> None:
     """Refuse, before any work, an --out that cannot become a PNG file: another suffix, an existing
     folder, or a parent path that runs through a file."""
-    from pathlib import Path
-
     dest = Path(dest)
     if dest.suffix.lower() != ".png":
         fail(f"--out {dest}: must be a .png file")
@@ -30,8 +29,6 @@ def check_png_out(dest) -> None:
 
 def check_out_parent(dest) -> None:
     """Refuse an --out whose parent path runs through an existing file (mkdir would fail there)."""
-    from pathlib import Path
-
     for parent in Path(dest).parents:
         if parent.exists():
             if not parent.is_dir():
@@ -41,8 +38,6 @@ def check_out_parent(dest) -> None:
 
 def save_png(image, dest) -> None:
     """Create dest's folder and write the PIL image; an OS error (permissions, full disk) is one line."""
-    from pathlib import Path
-
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
