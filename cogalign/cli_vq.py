@@ -185,18 +185,12 @@ def eval_(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
 ) -> None:
     """Reconstruction PSNR (needs the decoder in the checkpoint) and codebook usage on images."""
-    from cogalign.tokenizers.presets import DEMO_DIR, list_presets, vqgan_4096_dir
+    from cogalign.tokenizers.presets import list_presets, resolve
     from cogalign.tokenizers.training import evaluate
 
-    for name, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
-        if v < 1:
-            fail(f"{name} {v}: must be a positive multiple of the tokenizer's downsampling factor, e.g. 256")
-    path = {"demo": DEMO_DIR, "vqgan-4096": vqgan_4096_dir()}.get(spec, Path(spec)) if spec in list_presets() else Path(spec)
     try:
-        if spec in list_presets():
-            from cogalign.tokenizers import load_tokenizer
-
-            load_tokenizer(spec)  # the preset's own error if it is not installed
+        # a preset's folder (or Hub download), with its own error if it is not installed
+        path = resolve(spec)[0] if spec in list_presets() else Path(spec)
         res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle,
                        image_root=image_root)
     except CogalignError as e:
