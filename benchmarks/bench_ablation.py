@@ -135,11 +135,9 @@ def normalise(text: str) -> str:
 
 def ordinary_accuracy(run: Path, test: Path, max_new_tokens: int = 8) -> dict:
     """Greedy answers to every ordinary question of the held-out records, scored per question kind."""
-    import torch
-
-    from cogalign.train.collate import Encoder, answer_kind, has_image_token
+    from cogalign.train.collate import Encoder, answer_kind
     from cogalign.train.data import ShardDataset
-    from cogalign.train.generate import load_run
+    from cogalign.train.generate import greedy_answers, load_run
 
     model, processor, vq_tokens = load_run(run)
     enc = Encoder(processor, 1024, vq_tokens)
@@ -150,20 +148,10 @@ def ordinary_accuracy(run: Path, test: Path, max_new_tokens: int = 8) -> dict:
         if rec is None or item.get("skip"):
             raise SystemExit(f"held-out record unreadable: {item.get('detail') or item.get('skip')}")
         turns = rec["conversations"]
-        with_image = item["image"] is not None and has_image_token(turns)
-        pixels = processor.image_processor([item["image"]], return_tensors="pt")["pixel_values"]
-        for i, t in enumerate(turns):
-            if t["from"] != "gpt" or answer_kind(t["value"]) != "original":
-                continue
-            ids = torch.tensor([enc.encode(enc.segments(turns, with_image, upto=i))["input_ids"]])
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_token_id,
-                                     pad_token_id=processor.tokenizer.pad_token_id)
-            answer = enc.decode_answer(out[0, ids.shape[1]:].tolist())
+        ordinary = [i for i, t in enumerate(turns) if t["from"] == "gpt" and answer_kind(t["value"]) == "original"]
+        for i, answer in zip(ordinary, greedy_answers(model, enc, item, ordinary, max_new_tokens)):
             question = kind_of[turns[i - 1]["value"].replace("<image>", "").strip()]
-            hits[question].append(normalise(answer) == normalise(t["value"]))
+            hits[question].append(normalise(answer) == normalise(turns[i]["value"]))
     acc = {k: sum(v) / len(v) for k, v in hits.items()}
     acc["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     acc["n"] = sum(len(v) for v in hits.values())

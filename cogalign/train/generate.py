@@ -33,33 +33,41 @@ def load_run(run: Path):
 def inserted_turns(record: dict) -> Iterator[tuple[int, str]]:
     """(index, kind) of each gpt turn whose answer is a VQ or RGB target."""
     for i, t in enumerate(record.get("conversations") or []):
-        if t.get("from") == "gpt" and answer_kind(t.get("value", "")) != "original":
-            yield i, answer_kind(t["value"])
+        kind = answer_kind(t.get("value", "")) if t.get("from") == "gpt" else "original"
+        if kind != "original":
+            yield i, kind
+
+
+def greedy_answers(model, enc: Encoder, item: dict, turns: Iterator[int], max_new_tokens: int) -> Iterator[str]:
+    """Greedy answer to each gpt turn index in `turns` of a `ShardDataset` item, given its image and
+    the conversation before that turn."""
+    import torch
+
+    conv = item["record"]["conversations"]
+    device = next(model.parameters()).device
+    with_image = item["image"] is not None and has_image_token(conv)
+    pixels = enc.processor.image_processor([item["image"]], return_tensors="pt")["pixel_values"].to(device) \
+        if with_image else None
+    for i in turns:
+        ids = torch.tensor([enc.encode(enc.segments(conv, with_image, upto=i))["input_ids"]], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=enc.tok.eos_token_id, pad_token_id=enc.tok.pad_token_id)
+        yield enc.decode_answer(out[0, ids.shape[1]:].tolist())
 
 
 def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", max_new_tokens: int = 256,
              max_length: int = 8192) -> Iterator[dict]:
     """Items are `ShardDataset` items (record + image); yields one prediction per inserted turn."""
-    import torch
-
     enc = Encoder(processor, max_length, vq_tokens)
-    device = next(model.parameters()).device
     for item in items:
         rec = item["record"]
         if rec is None or item.get("skip"):
             continue
-        with_image = item["image"] is not None and has_image_token(rec["conversations"])
-        pixels = processor.image_processor([item["image"]], return_tensors="pt")["pixel_values"].to(device) \
-            if with_image else None
-        for i, kind in inserted_turns(rec):
-            row = enc.encode(enc.segments(rec["conversations"], with_image, upto=i))
-            ids = torch.tensor([row["input_ids"]], device=device)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_token_id,
-                                     pad_token_id=processor.tokenizer.pad_token_id)
-            yield {"id": rec.get("id"), "kind": kind, "text": enc.decode_answer(out[0, ids.shape[1]:].tolist())}
+        turns = list(inserted_turns(rec))
+        for (_, kind), text in zip(turns, greedy_answers(model, enc, item, (i for i, _ in turns), max_new_tokens)):
+            yield {"id": rec.get("id"), "kind": kind, "text": text}
 
 
 def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, image_root: Optional[Path] = None,
