@@ -79,16 +79,18 @@ def recon(
     from cogalign.images import load_image, to_working
     from cogalign.inspect.panels import fmt_psnr, psnr_db
     from cogalign.options import parse_resolution
-    from cogalign.tokenizers import load_tokenizer
-    from cogalign.tokenizers.decoder import load_decoder_spec
+    from cogalign.tokenizers.decoder import load_decoder
+    from cogalign.tokenizers.presets import resolve
+    from cogalign.tokenizers.taming import load_taming
 
     check_png_out(out)
     try:
         h, w = parse_resolution(resolution, "resolution")
-        tok = load_tokenizer(vq, trust_pickle=trust_pickle)
+        path, name = resolve(vq)  # once: a Hub tokenizer is looked up a single time
+        tok = load_taming(path, trust_pickle=trust_pickle, name=name)
         if h % tok.downsample or w % tok.downsample:
             fail(f"--resolution {resolution}: each side must be a multiple of f={tok.downsample}")
-        dec = load_decoder_spec(vq, trust_pickle=trust_pickle)
+        dec = load_decoder(path, trust_pickle=trust_pickle, name=name)
         try:
             x = to_working(load_image(image), (h, w))
         except RecordError as e:
