@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from cogalign import estimate
-from cogalign.errors import RecordError
+from cogalign.errors import CogalignError, RecordError
 from cogalign.inputs import image_root as resolve_image_root
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
-from cogalign.errors import CogalignError
 from cogalign.records import check_record, count_records, iter_records
 from cogalign.render import VQ_START
 from cogalign.worker import EXPAND, WorkerContext, finish, prepare
@@ -87,7 +86,6 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
     """Counts from the record checks alone, the new turns of a few real records (built and
     measured, see `sample_turns`) and from both the size of what expand would write."""
     from cogalign.templates import TemplateSampler
-    from cogalign.writer import dumps
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
     passed: list = []
