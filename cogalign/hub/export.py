@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from cogalign.errors import CogalignError
-from cogalign.hub.output import check_complete, count_records, image_path, images_of, inserted_turns, iter_output
+from cogalign.hub.output import check_complete, count_records, image_path, images_of, inserted_turns, iter_layout
 from cogalign.layout import read_manifest
 from cogalign.records import loads_exact as loads
 from cogalign.writer import dumps
@@ -177,7 +177,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     if fmt not in FORMATS:
         raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
     out, dest = Path(out), Path(dest)
-    check_complete(out)
+    layout = check_complete(out)
     if dest.is_dir():
         raise CogalignError(f"--out {dest} is a folder; give a file path, e.g. {dest / (out.name + '.json')}")
     if dest.resolve().is_relative_to(out.resolve()):
@@ -195,7 +195,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     writer, bad = _Writer(dest, is_array(fmt, dest)), _Writer(result.rejects_path, False)
     try:
         with Progress(count_records(out), progress, label="export") as bar:
-            for index, record in enumerate(iter_output(out)):
+            for index, record in enumerate(iter_layout(layout)):
                 reasons = check_record(record)
                 if not reasons and image_folder and not all(
                         (paths.root / image_path(im)).is_file() for im in images_of(record)):

@@ -42,7 +42,11 @@ def check_complete(out: str | Path) -> Layout:
 
 def iter_output(out: str | Path) -> Iterator[dict]:
     """Every record of a complete output folder, shard by shard."""
-    layout = check_complete(out)
+    yield from iter_layout(check_complete(out))
+
+
+def iter_layout(layout: Layout) -> Iterator[dict]:
+    """Every record of a layout `check_complete` returned, shard by shard."""
     for i in range(layout.num_shards):
         yield from read_shard(layout.shard_path(i))
 

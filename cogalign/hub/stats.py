@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.hub.output import check_complete, count_records, inserted_turns, iter_output
+from cogalign.hub.output import check_complete, count_records, inserted_turns, iter_layout
 from cogalign.progress import Progress
 
 KINDS = {"original": "original turns", "vq_answer": "VQ answers", "px_answer": "RGB answers",
@@ -93,11 +93,11 @@ class _Counter:
 
 def measure(out: str | Path, tokenizer=None, progress: bool = True) -> TurnStats:
     """Characters (and tokens) of every turn of a complete output folder, streamed."""
-    check_complete(out)
+    layout = check_complete(out)
     stats = TurnStats()
     counter = _Counter(tokenizer, stats) if tokenizer is not None else None
     with Progress(count_records(out), progress, label="stats") as bar:
-        for record in iter_output(out):
+        for record in iter_layout(layout):
             inserted = inserted_turns(record)
             rec = stats.records
             stats.records += 1
