@@ -137,8 +137,8 @@ def convert(
     from safetensors.torch import save_file
 
     from cogalign.tokenizers.checkpoints import (
-        check_decoder, check_state_dict, find_checkpoint, quantizer_kind, read_config, read_state_dict,
-        select_model_keys, strip_prefix)
+        DECODER_PREFIXES, KEPT_PREFIXES, check_decoder, check_state_dict, find_checkpoint, quantizer_kind, read_config,
+        read_state_dict, select_model_keys, strip_prefix)
     from cogalign.tokenizers.taming import TamingVQTokenizer
 
     if out.suffix != ".safetensors":
@@ -156,7 +156,7 @@ def convert(
         has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:
         fail(str(e))
-    model_keys = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
+    model_keys = KEPT_PREFIXES + DECODER_PREFIXES
     tensors = {k: v.contiguous() for k, v in raw.items() if k.startswith(model_keys)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
