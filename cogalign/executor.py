@@ -138,7 +138,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
 
 
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
-    sink = ShardSink(layout, ctx.options.format, result)
+    sink = ShardSink(layout, ctx.options.format, result, embed_images=ctx.options.embed_images)
     batcher = EncodeBatcher(tokenizer, runtime.batch_size)
     mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo,  # skipped ones never come
                         seed=ctx.options.seed)
@@ -154,7 +154,7 @@ def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, r
                 sink.add(done.index // shard_size, done, grids, ctx)
                 bar.advance(expanded=done.outcome == EXPAND)
         for shard in sorted(todo - sink.opened):  # no records (an empty input): an empty shard all the same
-            sink.open_empty(shard, ctx)
+            sink.open_empty(shard)
         sink.close()
     except OSError as e:  # disk full, permissions: the finished shards stay valid
         sink.abort()
@@ -205,8 +205,9 @@ class ShardSink:
     a thread of its own, up to `parallel` shards at once: compressing one shard overlaps the
     next (the writer, not the GPU, bounds throughput at the paper's 1.8 MB of text a record)."""
 
-    def __init__(self, layout: Layout, fmt: str, result: RunResult, parallel: int = 4, max_pending: int = 128):
-        self.layout, self.fmt, self.result = layout, fmt, result
+    def __init__(self, layout: Layout, fmt: str, result: RunResult, parallel: int = 4, max_pending: int = 128,
+                 embed_images: bool = False):
+        self.layout, self.fmt, self.result, self.embed_images = layout, fmt, result, embed_images
         self.parallel, self.max_pending = parallel, max_pending
         self.live: deque[tuple[ThreadPoolExecutor, object]] = deque()  # (thread, last op) per shard
         self.unpublished: dict[int, object] = {}  # shard -> writer, until its publish has run
@@ -223,7 +224,7 @@ class ShardSink:
     def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
         if shard != self.shard:
             self._close_shard()
-            self._open_shard(shard, ctx)
+            self._open_shard(shard)
         self.stats["input"] += 1
         self.ids.append(prepared.record_id)
         outcome = prepared.outcome
@@ -246,11 +247,11 @@ class ShardSink:
                                  "detail": prepared.detail})
             self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
 
-    def open_empty(self, shard: int, ctx: WorkerContext) -> None:
+    def open_empty(self, shard: int) -> None:
         self._close_shard()
-        self._open_shard(shard, ctx)
+        self._open_shard(shard)
 
-    def _open_shard(self, shard: int, ctx: WorkerContext) -> None:
+    def _open_shard(self, shard: int) -> None:
         self.opened.add(shard)
         self.shard, self.started = shard, time.perf_counter()
         self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
@@ -265,7 +266,7 @@ class ShardSink:
             raise self.error
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"cogalign-writer-{shard}")
         self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt,
-                                         ctx.options.embed_images).result()
+                                         self.embed_images).result()
         self.unpublished[shard] = self.writer
 
     def _submit(self, fn, *args) -> None:
