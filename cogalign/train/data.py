@@ -21,6 +21,7 @@ import torch.utils.data
 
 from cogalign.errors import CogalignError, RecordError
 from cogalign.layout import MANIFEST
+from cogalign.records import loads_exact
 from cogalign.writer import from_row
 
 
@@ -54,7 +55,7 @@ def read_rows(path: Path, rows: set[int]) -> dict[int, dict]:
     with open(path, "rb") as f:
         for i, line in enumerate(l for l in f if l.strip()):
             if i in rows:
-                out[i] = orjson.loads(line)
+                out[i] = loads_exact(line)
     return out
 
 
