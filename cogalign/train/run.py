@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -194,7 +195,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
             model.train()
             for i, b in enumerate(micro):
                 b = {k: v.to(accel.device) for k, v in (b or dummy_batch(accel.device)).items() if hasattr(v, "to")}
-                ctx = accel.no_sync(model) if i < accum - 1 else _null()
+                ctx = accel.no_sync(model) if i < accum - 1 else nullcontext()
                 with ctx, accel.autocast():
                     loss, kinds = token_losses(model, b)
                     scaled = loss.sum() * world / max(total_tokens, 1.0)
@@ -234,14 +235,6 @@ def train(cfg: TrainConfig, model, processor) -> dict:
         _save_checkpoint(accel, out, step, stats, skipped_ids, final=True)
     accel.wait_for_everyone()
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _group_lr(optimizer, name: str):
