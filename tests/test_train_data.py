@@ -133,11 +133,8 @@ def test_special_vq_tokens_round_trip(processor):
 
 
 def test_stage_plans_match_table_7(out):
-    from cogalign.train.model import tiny_model
+    from cogalign.train.model import shard_texts, tiny_model, train_tokenizer
     from cogalign.train.stages import make_plan, plan_json
-
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
-    from cogalign.train.model import shard_texts, train_tokenizer
 
     model = tiny_model(train_tokenizer(shard_texts(out), 300), layers=1, hidden=32)
     want = {1: (256, {"projector": 1e-3, "vision_tower": None, "language_model": None}),
