@@ -154,7 +154,8 @@ def differences(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two runs' manifests (empty: the same run)."""
     out = []
     a, b = old.get("input_identity") or {}, new["input_identity"]
-    if (a.get("sha256"), a.get("size")) != (b["sha256"], b["size"]):
+    input_changed = (a.get("sha256"), a.get("size")) != (b["sha256"], b["size"])
+    if input_changed:
         was = (f"{Path(a['path']).name}, {a['size']} bytes, sha256 {a['sha256'][:12]}" if a
                else f"{old.get('input')}, not hashed (an older cogalign)")
         out.append(f"input: {was} -> {Path(b['path']).name}, {b['size']} bytes, sha256 {b['sha256'][:12]}")
@@ -162,7 +163,7 @@ def differences(old: dict, new: dict) -> list[str]:
         o, n = old.get("options", {}), new["options"]
         out += [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(set(o) | set(n))
                 if o.get(k) != n.get(k) and k not in ("vq", "templates")] or ["fingerprint"]
-    derived = ("records", "num_shards") if out and out[0].startswith("input") else ()
+    derived = ("records", "num_shards") if input_changed else ()  # follow from the input
     out += [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in RUN_KEYS[1:] if old.get(k) != new[k] and k not in derived]
     return out
 
