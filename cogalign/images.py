@@ -26,6 +26,7 @@ code while a cogalign call is in flight run without PIL's own bomb check.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import stat
@@ -455,3 +456,9 @@ def to_working(
         arr = np.array(im, dtype=np.uint8)  # a copy: writable, C-contiguous
     assert arr.shape == (h, w, 3), arr.shape
     return np.ascontiguousarray(arr)
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two uint8 images in dB (inf when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cogalign.errors import CogalignError
+from cogalign.images import psnr_db
 from cogalign.inspect.records import Target, targets, working_image
 from cogalign.render import parse_px, parse_vq
 
@@ -36,10 +37,6 @@ class RecordView:
     turns: list[dict] = field(default_factory=list)
 
 
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of uint8 images in dB (inf when equal)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def fmt_psnr(value: float | None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Iterable
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 import yaml
 
+from cogalign.images import psnr_db
 from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.decoder import load_decoder
 from cogalign.tokenizers.training.data import collect_images, load_rgb, resize_rgb
@@ -57,9 +57,6 @@ def export_taming(model, out_dir: str | Path, decoder_dtype: torch.dtype = torch
     return paths
 
 
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def decoder_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
