@@ -11,7 +11,7 @@ import typer
 
 from cogalign.cli_util import fail, say
 from cogalign.errors import CogalignError
-from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions, parse_list, parse_resolution, TARGET_KINDS
+from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data.")
@@ -31,12 +31,10 @@ def _human_bytes(n: int) -> str:
 def _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed, templates,
              max_image_pixels, allow_absolute_paths, fmt, embed_images: bool = False, precision="fp32",
              channels_last=False, compile_=False) -> ExpandOptions:
-    from cogalign.regions import parse_regions
-
+    """The CLI's strings as they are: `ExpandOptions` parses and checks them."""
     return ExpandOptions(
-        targets=parse_list(targets, TARGET_KINDS, "targets"), regions=parse_regions(regions), vq=vq,
-        vq_resolution=parse_resolution(vq_resolution, "vq-resolution"),
-        px_resolution=parse_resolution(px_resolution, "px-resolution"), vq_scope=vq_scope, resize=resize,
+        targets=targets, regions=regions, vq=vq, vq_resolution=vq_resolution,
+        px_resolution=px_resolution, vq_scope=vq_scope, resize=resize,
         resample=resample, seed=seed, templates=templates, max_image_pixels=max_image_pixels,
         allow_absolute_paths=allow_absolute_paths, format=fmt, embed_images=embed_images,
         vq_precision=precision, vq_channels_last=channels_last, vq_compile=compile_)
