@@ -55,7 +55,8 @@ def finalize(out_dir: str | Path) -> dict:
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
                           "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
-        "fingerprint": manifest["fingerprint"], "options": manifest["options"],
+        "arrow_bytes": arrow_bytes(layout),
+        "fingerprint": manifest["fingerprint"], "options": shareable_options(manifest["options"]),
     }
     assert totals["input"] == manifest["records"], "every input record is accounted for"
     write_atomic(out_dir / "report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
@@ -67,6 +68,40 @@ def finalize(out_dir: str | Path) -> dict:
     except OSError:
         pass
     return report
+
+
+def arrow_bytes(layout: Layout) -> int | None:
+    """The records' size in Arrow, what `datasets` reports as a split's `num_bytes` (parquet shards
+    are read back a batch at a time); None for JSON lines, whose Arrow types `datasets` infers."""
+    if layout.fmt != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(batch.nbytes for i in range(layout.num_shards)
+               for batch in pq.ParquetFile(layout.shard_path(i)).iter_batches())
+
+
+def shareable_options(options: dict) -> dict:
+    """The options with local paths (the tokenizer folder, the templates file) cut to their names:
+    report.json goes to the Hub with `publish`; cogalign.json keeps the paths."""
+    def name(value):
+        return Path(value).name if isinstance(value, str) and ("/" in value or "\\" in value) else value
+    return {k: name(v) for k, v in options.items()}
+
+
+def source_dataset(manifest: dict) -> str | None:
+    """OWNER/NAME when the input was a Hub dataset (`hf://datasets/OWNER/NAME...`)."""
+    import re
+
+    identity = manifest.get("input_identity")
+    candidates = [manifest.get("input"), manifest.get("source"), manifest.get("hub_repo"),
+                  *((identity.get("path"), identity.get("repo"), identity.get("repo_id"))
+                    if isinstance(identity, dict) else ())]
+    for value in candidates:
+        found = re.match(r"^hf://datasets/([\w.-]+/[\w.-]+?)(?:@|/|$)", value) if isinstance(value, str) else None
+        if found:
+            return found.group(1)
+    return None
 
 
 def card_note(out_dir: str | Path) -> str:
@@ -126,6 +161,10 @@ _PARQUET_FEATURES = """  features:
     dtype: string
 """
 
+_IMAGES_FEATURE = """  - name: images
+    list: image
+"""
+
 _PARQUET_COLUMNS = """Columns: `id`, `image` ({image}), `conversations` (LLaVA `from`/`value` turns),
 `cogalign` (JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
 `extra` (JSON of any other keys of the source record, and of any value the typed columns
@@ -141,19 +180,34 @@ record and a string in another) cannot become one Arrow column; `--format parque
 such values in its `extra` column."""
 
 
-def dataset_card(report: dict, manifest: dict) -> str:
-    """The Hub dataset card: `configs` and `dataset_info` that match what the format wrote."""
+def dataset_card(report: dict, manifest: dict, license: str | None = None) -> str:
+    """The Hub dataset card: `configs` and `dataset_info` that match what the format wrote; `license`
+    (the source data's, given to `publish --license`) goes into the header when known."""
     opts = manifest["options"]
     parquet = manifest["format"] == "parquet"
     data_glob = "data/train-*" + (".parquet" if parquet else ".jsonl")
     kept = report["expanded"] + report["passed"]
     embedded = bool(opts.get("embed_images"))
     image = "image" if embedded else "string"
-    features = _PARQUET_FEATURES.format(image=image) if parquet else ""
+    features = _PARQUET_FEATURES.format(image=image) + (_IMAGES_FEATURE if embedded else "") if parquet else ""
     image_note = ("the source image file's bytes, a `datasets` Image: `load_dataset` gives PIL images, "
-                  "no local files needed" if embedded else "the path in the source record")
+                  "no local files needed; a record with several images has them all in `images`, a list of Images"
+                  if embedded else "the path or name the source record gave, relative to the run's image folder; "
+                  "an input that held its images as bytes (Hub parquet, `save_to_disk`) gives names that are no "
+                  "files: run `expand --embed-images` to keep the images")
     columns = _PARQUET_COLUMNS.format(image=image_note) if parquet else _JSONL_COLUMNS
+    num_bytes = report.get("arrow_bytes")
+    source = source_dataset(manifest)
+    header = [f"license: {license}"] if license else []
+    header += ["task_categories:", "- image-text-to-text"]
+    header += ["source_datasets:", f"- {source}"] if source else []
+    demo = opts.get("vq") == "demo" or str(opts.get("tokenizer_name") or "").startswith("demo-")
+    warning = ("\n**The VQ targets were made with cogalign's `demo` tokenizer, a small VQGAN for trying cogalign "
+               "out: this data is not for training a model.** Rerun `expand` with a real tokenizer (`--vq`).\n"
+               if demo and "vq" in opts["targets"] else "")
+    reasons = top_reasons(report.get("reject_reasons", {}))
     return f"""---
+{chr(10).join(header)}
 configs:
 - config_name: default
   data_files:
@@ -163,17 +217,16 @@ dataset_info:
 {features}  splits:
   - name: train
     num_examples: {kept}
-    num_bytes: {report['output_bytes']}
-tags:
+{f"    num_bytes: {num_bytes}{chr(10)}" if num_bytes is not None else ""}tags:
 - llava
 - cognition-alignment
 ---
 # LLaVA data with cognition-alignment turns
-
-Made with cogalign {manifest['cogalign_version']} from `{Path(manifest['input']).name}`
+{warning}
+Made with cogalign {manifest['cogalign_version']} from `{Path(str(manifest['input'])).name}`
 ({manifest['records']} records): {report['expanded']} expanded with
 {' and '.join(opts['targets'])} turns, {report['passed']} passed through unchanged,
-{report['rejected']} rejected (listed in `rejects.jsonl`).
+{report['rejected']} rejected (reasons: {reasons}).
 
 | option | value |
 |---|---|

@@ -52,7 +52,7 @@ class Prepared:
     vq_inputs: list[np.ndarray] = field(default_factory=list)
     px_texts: list[str] = field(default_factory=list)
     warning: str = ""  # kept, but LLaVA's trainer would mistreat it (counted in report.json)
-    image_bytes: bytes | None = None  # the image file's bytes, with --embed-images
+    image_bytes: bytes | list[bytes] | None = None  # the image files' bytes, with --embed-images (a list: several images)
     converted: str = ""  # the record's turns were converted to LLaVA's (counted in report.json)
 
     @property
@@ -89,6 +89,8 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
         path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
         image = load_image(path, opts.max_image_pixels)
         data = path.read_bytes() if opts.embed_images else None
+    if opts.embed_images and isinstance(record.get("image"), list) and len(record["image"]) > 1:
+        data = [data, *(_image_data(item, ctx) for item in record["image"][1:])]  # every image is kept
     warning = image_token_warning(record["conversations"])
     if ctx.decode_only:
         return Prepared(index, record, EXPAND, warning=warning, converted=converted)
@@ -98,7 +100,7 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
     working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
     out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted,
-                   image_bytes=bytes(data) if opts.embed_images else None)
+                   image_bytes=(data if isinstance(data, list) else bytes(data)) if opts.embed_images else None)
     for plan in plans:
         if plan.kind == "px":
             out.px_texts.append(px_text(plan.region.crop(working["px"])))
@@ -107,6 +109,16 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     if opts.vq_scope == "image" and "vq" in opts.targets:
         out.vq_inputs.append(working["vq"])
     return out
+
+
+def _image_data(image, ctx: WorkerContext) -> bytes:
+    """The bytes of one more image of a record (--embed-images), checked as the first one was."""
+    if isinstance(image, EmbeddedImage):
+        load_image_bytes(image.data, image, ctx.options.max_image_pixels)
+        return bytes(image.data)
+    path = resolve_image_path(image, ctx.image_root, ctx.options.allow_absolute_paths)
+    load_image(path, ctx.options.max_image_pixels)
+    return path.read_bytes()
 
 
 def image_token_warning(conversations: list[dict]) -> str:

@@ -34,8 +34,12 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the d
 _HF_FEATURES = {"id": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"},
                 "conversations": {"feature": {"from": {"dtype": "string", "_type": "Value"},
                                               "value": {"dtype": "string", "_type": "Value"}}, "_type": "List"},
-                "cogalign": {"dtype": "string", "_type": "Value"}, "extra": {"dtype": "string", "_type": "Value"}}
-EMBEDDED_SCHEMA = pa.schema([f if f.name != "image" else pa.field("image", IMAGE_TYPE) for f in SCHEMA]) \
+                "cogalign": {"dtype": "string", "_type": "Value"}, "extra": {"dtype": "string", "_type": "Value"},
+                "images": {"feature": {"_type": "Image"}, "_type": "List"}}
+# --embed-images: `image` holds the record's first image; `images` (TRL's layout, a list of Images) every
+# image of a record that has several, [] otherwise (so one-image records do not store their bytes twice).
+EMBEDDED_SCHEMA = pa.schema([f if f.name != "image" else pa.field("image", IMAGE_TYPE) for f in SCHEMA]
+                            + [pa.field("images", pa.list_(IMAGE_TYPE))]) \
     .with_metadata({b"huggingface": orjson.dumps({"info": {"features": _HF_FEATURES}})})
 
 
@@ -80,6 +84,24 @@ def to_row(record: dict) -> dict:
     return row
 
 
+def embed(row: dict, record: dict, image_bytes: bytes | list[bytes] | None) -> dict:
+    """`row` with the image file bytes of `record` for an --embed-images shard: the first image in
+    `image`, and with several images (a list of bytes, one per path in `record["image"]`) all of
+    them, paired with their paths, in `images`."""
+    if image_bytes is None:
+        return row
+    several = isinstance(image_bytes, list)
+    row["image_bytes"] = image_bytes[0] if several else image_bytes
+    if row["image"] is None:  # a list of images: the first one is the one in `image`
+        row["image"] = str(record["image"][0])
+    if several and len(image_bytes) > 1:
+        paths = [str(p) for p in record["image"]]
+        if len(paths) != len(image_bytes):
+            raise ValueError(f"{len(image_bytes)} images' bytes for {len(paths)} image paths")
+        row["images"] = list(zip(paths, image_bytes))
+    return row
+
+
 def from_row(row: dict) -> dict:
     """Inverse of `to_row` (key order follows LLaVA: id, image, conversations, others, cogalign)."""
     extra = loads_exact(row["extra"]) if row.get("extra") else {}
@@ -119,6 +141,12 @@ def _strings(values: list) -> pa.Array:
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))])
 
 
+def _images(data: list, paths: list) -> pa.StructArray:
+    """The datasets Image struct {bytes, path}; null where there are no bytes."""
+    return pa.StructArray.from_arrays([pa.array(data, pa.binary()), _strings(paths)], fields=list(IMAGE_TYPE),
+                                      mask=pa.array([b is None for b in data], pa.bool_()))
+
+
 def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
     """Column by column (10x faster than `Table.from_pylist`, which walks every value in Python)."""
     convs = [r["conversations"] for r in rows]
@@ -136,15 +164,19 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
     if schema.field("image").type == IMAGE_TYPE:  # {bytes, path}; null where no image was embedded
         data = [r.get("image_bytes") for r in rows]
         paths = [r["image"] if b is not None else None for r, b in zip(rows, data)]
-        columns["image"] = pa.StructArray.from_arrays(
-            [pa.array(data, pa.binary()), _strings(paths)], fields=list(IMAGE_TYPE),
-            mask=pa.array([b is None for b in data]))
+        columns["image"] = _images(data, paths)
+        many = [r.get("images") or [] for r in rows]  # [(path, bytes), ...] of a several-image record
+        flat = [item for items in many for item in items]
+        columns["images"] = pa.ListArray.from_arrays(
+            pa.array(np.cumsum([0] + [len(items) for items in many]), pa.int32()),
+            _images([b for _, b in flat], [p for p, _ in flat]))
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 class ParquetShardWriter:
     """With `embed_images`, the `image` column is the datasets Image struct {bytes, path}:
-    the path of the record's (first) image and the bytes of its file, as `write` gets them.
+    the path of the record's (first) image and the bytes of its file, as `write` gets them;
+    a record with several images gets a list of bytes, one per image, and keeps them all in `images`.
     A row group is cut before a record would take its values (images included) past
     `row_group_bytes`, so it passes that only when one record alone does."""
 
@@ -157,14 +189,10 @@ class ParquetShardWriter:
         self._bytes = 0
         self.records = 0
 
-    def write(self, record: dict, image_bytes: bytes | None = None) -> None:
-        row = to_row(record)
-        if image_bytes is not None:
-            row["image_bytes"] = image_bytes
-            if row["image"] is None:  # a list of images: the first one is the one embedded
-                row["image"] = record["image"][0]
+    def write(self, record: dict, image_bytes: bytes | list[bytes] | None = None) -> None:
+        row = embed(to_row(record), record, image_bytes)
         size = sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "") + \
-            len(image_bytes or b"")
+            len(row.get("image_bytes") or b"") + sum(len(b) for _, b in row.get("images") or ())
         if self._rows and self._bytes + size > self.row_group_bytes:
             self._flush()  # a row group passes the limit only when one record alone does
         self._rows.append(row)
