@@ -66,7 +66,8 @@ def test_llava_json_reads_like_lazy_supervised_dataset(parquet_out, tmp_path):
         roles = [t["from"] for t in r["conversations"]]
         assert roles == ["human", "gpt"] * (len(roles) // 2)
         assert sum(t["value"].count("<image>") for t in r["conversations"]) == 1
-    assert set(data[0]) == {"id", "image", "conversations"}
+    assert set(data[0]) == {"id", "image", "conversations", "cogalign"}  # other keys are kept (LLaVA ignores them)
+    assert data[0]["cogalign"] == source_records(parquet_out)[0]["cogalign"]
 
 
 def test_sharegpt_registers_dataset_info_and_resolves_from_media_dir(parquet_out, tmp_path):
@@ -82,7 +83,7 @@ def test_sharegpt_registers_dataset_info_and_resolves_from_media_dir(parquet_out
     assert info["cog"] == {"file_name": "cog.json", "formatting": "sharegpt",
                            "columns": {"messages": "conversations", "images": "images"},
                            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                                    "assistant_tag": "gpt"}}
+                                    "assistant_tag": "gpt"}, "cogalign_export": True}
     ds = datasets.load_dataset("json", data_files=str(dest), split="train")
     for row in ds:  # LLaMA-Factory: count of <image> == len(images); media_dir + path is a file
         assert sum(t["value"].count("<image>") for t in row["conversations"]) == len(row["images"])
@@ -150,7 +151,7 @@ def test_messages_render_through_a_chat_template_with_image_parts(parquet_out, t
 # One hand-made record per rule (a user's edit, another tool's output): each is reported, none is written.
 GOOD = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
 INSERTED = {"turns": [{"kind": "vq", "position": 1}]}
-CAT = "images/cat.png"
+CAT = "images/chelsea.png"  # a file: export writes no paths that point nowhere
 BREAKING = [  # (the one reason expected, the record)
     ("not_an_object", ["a list, not a record"]),
     ("conversations_missing", {"id": "b0", "image": CAT, "conversations": []}),
@@ -172,7 +173,7 @@ BREAKING = [  # (the one reason expected, the record)
 
 
 def test_rules_table_is_covered():
-    assert {reason for reason, _ in BREAKING} | {"image_file_missing"} == set(RULES)
+    assert {reason for reason, _ in BREAKING} | {"image_file_missing", "image_embedded_only"} == set(RULES)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -181,10 +182,10 @@ def test_image_that_is_no_file_is_reported_with_image_folder(jsonl_out, tmp_path
     they were written anyway, and the trainer failed on them mid-run."""
     out = copy_output(jsonl_out, tmp_path / "o")
     append_records(out, [{"id": "ghost", "image": "images/never-a-file.png", "conversations": GOOD}])
-    dest = tmp_path / "x.jsonl"
+    dest = tmp_path / ("x.json" if fmt == "llava-json" else "x.jsonl")
     result = run_cli("export", out, "--to", fmt, "--out", dest, "--image-folder", EXAMPLES.parent, "--no-progress")
     assert "written: 14  rejected: 1" in result.output
-    (reject,) = [orjson.loads(line) for line in open(tmp_path / "x.jsonl.rejects.jsonl")]
+    (reject,) = [orjson.loads(line) for line in open(dest.with_name(dest.name + ".rejects.jsonl"))]
     assert reject["id"] == "ghost" and reject["reasons"] == ["image_file_missing"]
 
 
@@ -193,14 +194,14 @@ def test_each_rule_has_a_breaking_record_that_is_reported(jsonl_out, tmp_path, f
     out = copy_output(jsonl_out, tmp_path / "o")
     fine = {"id": "ok-struct", "image": {"bytes": None, "path": CAT}, "conversations": GOOD}
     append_records(out, [*(rec for _, rec in BREAKING), fine])
-    dest = tmp_path / "x.jsonl"
+    dest = tmp_path / ("x.json" if fmt == "llava-json" else "x.jsonl")
     result = run_cli("export", out, "--to", fmt, "--out", dest, "--no-progress")
     assert f"written: 15  rejected: {len(BREAKING)}" in result.output
-    rejects = [orjson.loads(line) for line in open(tmp_path / "x.jsonl.rejects.jsonl")]
+    rejects = [orjson.loads(line) for line in open(dest.with_name(dest.name + ".rejects.jsonl"))]
     assert [r["reasons"] for r in rejects] == [[reason] for reason, _ in BREAKING]  # in order, one reason each
     assert [r["id"] for r in rejects] == [rec.get("id") if isinstance(rec, dict) else None for _, rec in BREAKING]
     assert all(r["detail"] for r in rejects)
-    text = dest.read_text()  # llava-json is one array whatever the name
+    text = dest.read_text()
     written = [r["id"] for r in (json.loads(text) if fmt == "llava-json" else map(json.loads, text.splitlines()))]
     assert len(written) == 15 and written[-1] == "ok-struct"  # a {bytes, path} struct is read for its path
     assert not set(written) & {rec["id"] for _, rec in BREAKING if isinstance(rec, dict)}
@@ -211,7 +212,7 @@ def test_big_integers_stay_exact(jsonl_out, tmp_path):
     big = 2**70 + 1
     shard = sorted((out / "data").glob("*.jsonl"))[-1]
     with open(shard, "a") as f:
-        f.write(json.dumps({"id": big, "image": "images/cat.png", "conversations": GOOD}) + "\n")
+        f.write(json.dumps({"id": big, "image": CAT, "conversations": GOOD}) + "\n")
     dest = tmp_path / "x.json"
     run_cli("export", out, "--to", "llava-json", "--out", dest, "--no-progress")
     assert json.load(open(dest))[-1]["id"] == big

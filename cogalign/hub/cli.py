@@ -47,10 +47,12 @@ def publish(
 def export(
     out: Path = Out,
     to: str = typer.Option(..., "--to", help="llava-json (one JSON array, LLaVA), llava-jsonl (LLaVA-NeXT), sharegpt (LLaMA-Factory, + dataset_info.json), messages (TRL / HF chat)."),
-    dest: Path = typer.Option(..., "--out", "-o", help="File to write (.json: a JSON array; .jsonl: JSON lines; llava-json is always an array)."),
-    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Folder the trainer joins image paths to (LLaVA --image_folder, LLaMA-Factory media_dir); paths are written relative to it. Default: paths unchanged (relative to --image-root)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="File to write: .json (a JSON array) or .jsonl (JSON lines); llava-json needs .json, llava-jsonl .jsonl. An existing file is replaced only with --overwrite; the run's input and dataset_info.json never."),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Folder the trainer joins image paths to (LLaVA --image_folder, LLaMA-Factory media_dir); paths are written relative to it, and images the output holds only as bytes (--embed-images) are written into <folder>/<--out name>-images/. Default: paths unchanged (relative to --image-root)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the output's image paths are relative to. Default: the folder of the input `expand` read."),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Where records that break a rule are listed with their reasons. Default: <--out>.rejects.jsonl."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --rejects file (never the run's input). Default: off (refused)."),
+    drop_keys: bool = typer.Option(False, "--drop-keys", help="Write only the format's own keys. Default: off (other keys, e.g. data_source and the `cogalign` provenance, are kept; LLaVA, LLaMA-Factory and TRL ignore them)."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Write the records in a trainer's format; records that would break that trainer are listed, not written."""
@@ -59,7 +61,8 @@ def export(
 
     started = time.perf_counter()
     try:
-        result = run_export(out, to, dest, image_root, image_folder, rejects, progress=not no_progress)
+        result = run_export(out, to, dest, image_root, image_folder, rejects, progress=not no_progress,
+                            overwrite=overwrite, keep_keys=not drop_keys)
     except CogalignError as e:
         fail(str(e))
     seconds = time.perf_counter() - started
@@ -67,6 +70,8 @@ def export(
     say(f"reject reasons: {top_reasons(dict(result.reasons), n=10)}")
     say(f"time: {seconds:.1f} s  throughput: {(result.written + result.rejected) / max(seconds, 1e-9):.1f} records/s")
     say(f"output: {result.path}  rejects: {result.rejects_path}")
+    if result.images_written:
+        say(f"images written from the output's bytes: {result.images_written} (under {image_folder})")
     if result.dataset_info:
         say(f"registered as {result.path.stem!r} in {result.dataset_info} (set media_dir to the image folder)")
 

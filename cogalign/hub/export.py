@@ -14,6 +14,7 @@ the export.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,9 +44,16 @@ RULES = {
     "image_in_inserted_turn": "a turn cogalign inserted holds <image>",
     "provenance_mismatch": "cogalign.turns does not match the conversation",
     "image_without_path": "an image has no path (embedded bytes only)",
-    "image_file_missing": "with --image-folder: an image is not a file under the image root (an input with "
-                          "embedded images has no files: the trainer would fail on it)",
+    "image_file_missing": "an image is not a file under the image root (an input with embedded images has no "
+                          "files: the trainer would fail on it); run `expand --embed-images` to keep the images",
+    "image_embedded_only": "an image exists only as bytes in the output (--embed-images): pass --image-folder "
+                           "to have them written there as files",
 }
+#: the extensions each format may be written to (the trainers pick the reader by the extension)
+EXTENSIONS = {"llava-json": (".json",), "llava-jsonl": (".jsonl",), "sharegpt": (".json", ".jsonl"),
+              "messages": (".json", ".jsonl")}
+#: a dataset_info.json entry that export wrote carries this key (LLaMA-Factory ignores unknown keys)
+MARKER = "cogalign_export"
 
 
 @dataclass
@@ -56,6 +64,7 @@ class ExportResult:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     dataset_info: Path | None = None
+    images_written: int = 0
 
 
 def check_record(record: dict) -> list[str]:
@@ -106,30 +115,38 @@ class ImagePaths:
 def _parts(text: str) -> list[dict]:
     """LLaVA text -> typed content parts: an image part where each <image> stood, text parts between."""
     parts = []
-    for i, piece in enumerate(text.split(IMAGE)):
+    pieces = text.split(IMAGE)
+    for i, piece in enumerate(pieces):
         if i:
             parts.append({"type": "image"})
             piece = piece.removeprefix("\n")
+        if i < len(pieces) - 1:
+            piece = piece.removesuffix("\n")  # "text\n<image>": the importer joins parts with newlines
         if piece.strip():
             parts.append({"type": "text", "text": piece})
     return parts
 
 
-def convert(record: dict, fmt: str, paths: ImagePaths) -> dict:
-    """One checked LLaVA record in the export format."""
-    images = [paths(im) for im in images_of(record)]
+def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | None = None,
+            keep_keys: bool = True) -> dict:
+    """One checked LLaVA record in the export format; `image_paths` replace the record's own (images
+    written out from their bytes). With `keep_keys`, the record's other keys (`data_source`, the `cogalign`
+    provenance, ...) follow the format's own."""
+    images = image_paths if image_paths is not None else [paths(im) for im in images_of(record)]
     conv = [{"from": t["from"], "value": t["value"]} for t in record["conversations"]]
     head = {"id": record["id"]} if "id" in record else {}
+    own = {"id", "image", "conversations"} | ({"images", "messages"} if fmt in ("sharegpt", "messages") else set())
+    rest = {k: v for k, v in record.items() if k not in own} if keep_keys else {}
     if fmt in ("llava-json", "llava-jsonl"):
         if not images:
-            return {**head, "conversations": conv}
+            return {**head, "conversations": conv, **rest}
         image = images if isinstance(record.get("image"), list) else images[0]
-        return {**head, "image": image, "conversations": conv}
+        return {**head, "image": image, "conversations": conv, **rest}
     if fmt == "sharegpt":
-        return {**head, "conversations": conv, "images": images}
+        return {**head, "conversations": conv, "images": images, **rest}
     if fmt == "messages":
         return {**head, "messages": [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
-                "images": images}
+                "images": images, **rest}
     raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
 
 
@@ -161,7 +178,7 @@ class _Writer:
 
 
 def is_array(fmt: str, dest: Path) -> bool:
-    return fmt == "llava-json" or (fmt in ("sharegpt", "messages") and dest.suffix.lower() == ".json")
+    return dest.suffix.lower() == ".json"
 
 
 def default_image_root(out: Path) -> Path:
@@ -170,36 +187,136 @@ def default_image_root(out: Path) -> Path:
     return Path(manifest.get("image_root") or Path(manifest["input"]).parent)
 
 
+def _input_files(manifest: dict) -> list[Path]:
+    """The files the run read, as far as they can be found from here (resolved)."""
+    from cogalign.inputs import input_files
+
+    identity = manifest.get("input_identity") if isinstance(manifest.get("input_identity"), dict) else {}
+    found = [Path(f) for f in identity.get("files", []) if isinstance(f, str)]
+    for name in (manifest.get("input"), identity.get("path")):
+        if isinstance(name, str) and "://" not in name:
+            try:
+                found += input_files(name)
+            except Exception:  # moved, or not readable here: the content check below still holds
+                found.append(Path(name))
+    return [f.resolve() for f in found]
+
+
+def _is_input(path: Path, manifest: dict) -> bool:
+    """Is `path` (an existing file) one the run read: the same path, or the same bytes as the input file."""
+    real = path.resolve()
+    if any(real == f for f in _input_files(manifest)):
+        return True
+    identity = manifest.get("input_identity") if isinstance(manifest.get("input_identity"), dict) else {}
+    if identity.get("size") != path.stat().st_size or not identity.get("sha256"):
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == identity["sha256"]
+
+
+def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, a file export may not write: a wrong extension for the
+    format, dataset_info.json, the run's input, or any existing file without --overwrite."""
+    if dest.is_dir():
+        raise CogalignError(f"--out {dest} is a folder; give a file path, e.g. {dest / (out.name + '.json')}")
+    if dest.suffix.lower() not in EXTENSIONS[fmt]:
+        want = " or ".join(EXTENSIONS[fmt])
+        raise CogalignError(f"--out {dest}: --to {fmt} writes {want} files (trainers pick the reader by the "
+                            f"extension); name it {dest.with_suffix(EXTENSIONS[fmt][0]).name}"
+                            + (", or use --to llava-jsonl" if fmt == "llava-json" else
+                               ", or use --to llava-json" if fmt == "llava-jsonl" else ""))
+    if dest.resolve().is_relative_to(out.resolve()):
+        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
+                            "(files there would be taken for part of the dataset)")
+    manifest = read_manifest(out)
+    for path, option in ((dest, "--out"), (rejects, "--rejects")):
+        if path.name == "dataset_info.json":
+            raise CogalignError(f"{option} {path}: that is LLaMA-Factory's dataset list, which export only adds "
+                                "entries to; name the export file otherwise, e.g. " + str(path.with_name("data.json")))
+        if path.is_dir():
+            raise CogalignError(f"{option} {path} is a folder; give a file path")
+        if path.exists() and _is_input(path, manifest):
+            raise CogalignError(f"{option} {path}: that is the input the run {out} read; export never replaces "
+                                "it (the run could not resume): choose another file")
+        if path.exists() and not overwrite:
+            raise CogalignError(f"{option} {path}: exists; export replaces a file only with --overwrite, "
+                                "or choose another name")
+    if rejects.resolve() == dest.resolve():
+        raise CogalignError(f"--rejects {rejects}: the same file as --out; choose another")
+
+
+class ImageFiles:
+    """Images that exist only as bytes in the output, written as files under `<image_folder>/<stem>-images/`
+    (a folder export creates; an existing one is replaced into only with --overwrite)."""
+
+    def __init__(self, image_folder: Path, stem: str, overwrite: bool):
+        self.folder = image_folder / f"{stem}-images"
+        self.existed, self.overwrite = self.folder.exists(), overwrite
+        self.written = 0
+
+    def write(self, index: int, k: int, name: str, data: bytes) -> str:
+        if self.existed and not self.overwrite:
+            raise CogalignError(f"{self.folder}: exists, and export would write the output's embedded images "
+                                "there; pass --overwrite, or remove that folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{index:08d}-{k}{_extension(name, data)}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.written += 1
+        return f"{self.folder.name}/{path.name}"
+
+
+def _extension(name: str, data: bytes) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+        return suffix
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        return "." + (Image.open(BytesIO(data)).format or "img").lower().replace("jpeg", "jpg")
+    except Exception:
+        return ".img"
+
+
 def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path | None = None,
            image_folder: str | Path | None = None, rejects: str | Path | None = None,
-           progress: bool = True) -> ExportResult:
-    """Write `dest` in `fmt`, record by record; rejects go to `rejects` (default: `<dest>.rejects.jsonl`)."""
+           progress: bool = True, overwrite: bool = False, keep_keys: bool = True) -> ExportResult:
+    """Write `dest` in `fmt`, record by record; rejects go to `rejects` (default: `<dest>.rejects.jsonl`).
+    Every image path written is a file under the image root (or `image_folder`): an image that is not is
+    written out from the output's bytes (an --embed-images run, with `image_folder`) or rejected."""
     if fmt not in FORMATS:
         raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
     out, dest = Path(out), Path(dest)
     layout = check_complete(out)
-    if dest.is_dir():
-        raise CogalignError(f"--out {dest} is a folder; give a file path, e.g. {dest / (out.name + '.json')}")
-    if dest.resolve().is_relative_to(out.resolve()):
-        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
-                            "(files there would be taken for part of the dataset)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(dest, Path(rejects) if rejects else dest.with_name(dest.name + ".rejects.jsonl"))
+    check_dest(out, fmt, dest, result.rejects_path, overwrite)
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise CogalignError(f"--image-folder {image_folder}: no such folder; give the folder the trainer joins "
+                            "image paths to (LLaVA --image_folder, LLaMA-Factory media_dir)")
     if fmt == "sharegpt":
-        read_dataset_info(dest)  # refuse before anything is written
+        check_entry(dest)  # refuse before anything is written
     root = Path(image_root) if image_root else default_image_root(out)
-    if image_folder and not root.is_dir():
+    embedded = bool(read_manifest(out).get("options", {}).get("embed_images"))
+    if not root.is_dir() and not (embedded and image_folder):
         raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
                             "pass --image-root, the --image-root that `expand` used")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     paths = ImagePaths(root, image_folder)
-    result = ExportResult(dest, Path(rejects) if rejects else dest.with_name(dest.name + ".rejects.jsonl"))
+    files = ImageFiles(Path(image_folder), dest.stem, overwrite) if image_folder else None
     writer, bad = _Writer(dest, is_array(fmt, dest)), _Writer(result.rejects_path, False)
     try:
         with Progress(count_records(out), progress, label="export") as bar:
-            for index, record in enumerate(iter_layout(layout)):
+            for index, (record, data) in enumerate(iter_layout(layout, with_bytes=True)):
                 reasons = check_record(record)
-                if not reasons and image_folder and not all(
-                        (paths.root / image_path(im)).is_file() for im in images_of(record)):
-                    reasons = ["image_file_missing"]
+                written = None
+                if not reasons:
+                    reasons, written = _place_images(record, data, index, paths, files)
                 if reasons:
                     rid = record.get("id") if isinstance(record, dict) else None
                     bad.write({"index": index, "id": rid, "reasons": reasons,
@@ -207,7 +324,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                     result.rejected += 1
                     result.reasons.update(reasons)
                 else:
-                    writer.write(convert(record, fmt, paths))
+                    writer.write(convert(record, fmt, paths, written, keep_keys))
                     result.written += 1
                 bar.advance()
     except BaseException:
@@ -216,9 +333,24 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
         raise
     writer.close()
     bad.close()
+    result.images_written = files.written if files else 0
     if fmt == "sharegpt":
         result.dataset_info = register_sharegpt(dest)
     return result
+
+
+def _place_images(record: dict, data: list | None, index: int, paths: ImagePaths, files: ImageFiles | None):
+    """(reasons, image paths to write or None): every image must be a file the trainer can open."""
+    images = images_of(record)
+    missing = [k for k, im in enumerate(images) if not (paths.root / image_path(im)).is_file()]
+    if not missing:
+        return [], None
+    if data is None or len(data) != len(images) or any(data[k] is None for k in missing):
+        return ["image_file_missing"], None
+    if files is None:
+        return ["image_embedded_only"], None
+    return [], [files.write(index, k, image_path(im), data[k]) if k in missing else paths(im)
+                for k, im in enumerate(images)]
 
 
 def read_dataset_info(dest: Path) -> dict:
@@ -234,12 +366,28 @@ def read_dataset_info(dest: Path) -> dict:
     return info
 
 
-def register_sharegpt(dest: Path) -> Path:
-    """Add (or replace) this file's entry in the `dataset_info.json` beside it; other entries are kept."""
-    info_path = dest.parent / "dataset_info.json"
+def _entry(dest: Path) -> dict:
+    return {"file_name": dest.name, "formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images"},
+            "tags": dict(SHAREGPT_TAGS), MARKER: True}
+
+
+def check_entry(dest: Path) -> dict:
+    """The `dataset_info.json` beside `dest`, after refusing to replace an entry of the same name
+    that export did not write for this file."""
     info = read_dataset_info(dest)
-    info[dest.stem] = {"file_name": dest.name, "formatting": "sharegpt",
-                       "columns": {"messages": "conversations", "images": "images"}, "tags": dict(SHAREGPT_TAGS)}
+    old = info.get(dest.stem)
+    if old is not None and not (isinstance(old, dict) and old.get(MARKER) and old.get("file_name") == dest.name):
+        where = f" (file_name: {old.get('file_name')})" if isinstance(old, dict) else ""
+        raise CogalignError(f"{dest.parent / 'dataset_info.json'}: has an entry {dest.stem!r}{where} that cogalign "
+                            "export did not write; name --out otherwise, or remove that entry yourself")
+    return info
+
+
+def register_sharegpt(dest: Path) -> Path:
+    """Add (or replace its own) entry for this file in the `dataset_info.json` beside it; other entries are kept."""
+    info_path = dest.parent / "dataset_info.json"
+    info = check_entry(dest)
+    info[dest.stem] = _entry(dest)
     tmp = info_path.with_name(info_path.name + ".tmp")
     tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
     os.replace(tmp, info_path)

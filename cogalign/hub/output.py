@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
 from cogalign.errors import CogalignError
 from cogalign.layout import Layout, read_manifest
 from cogalign.records import loads_exact as loads
-from cogalign.writer import read_shard
+from cogalign.writer import from_row, read_shard
 
 
 def check_complete(out: str | Path) -> Layout:
@@ -45,10 +47,27 @@ def iter_output(out: str | Path) -> Iterator[dict]:
     yield from iter_layout(check_complete(out))
 
 
-def iter_layout(layout: Layout) -> Iterator[dict]:
-    """Every record of a layout `check_complete` returned, shard by shard."""
+def iter_layout(layout: Layout, with_bytes: bool = False) -> Iterator:
+    """Every record of a layout `check_complete` returned, shard by shard. With `with_bytes`,
+    (record, bytes of each of its images or None) pairs: the bytes an --embed-images shard holds."""
     for i in range(layout.num_shards):
-        yield from read_shard(layout.shard_path(i))
+        path = layout.shard_path(i)
+        if not with_bytes:
+            yield from read_shard(path)
+        elif path.suffix != ".parquet":
+            yield from ((record, None) for record in read_shard(path))
+        else:
+            for batch in pq.ParquetFile(path).iter_batches():
+                for row in batch.to_pylist():
+                    yield from_row(row), _image_bytes(row)
+
+
+def _image_bytes(row: dict) -> list | None:
+    several = row.get("images")
+    if several:
+        return [item["bytes"] if item else None for item in several]
+    image = row.get("image")
+    return [image["bytes"]] if isinstance(image, dict) and image.get("bytes") is not None else None
 
 
 def count_records(out: str | Path) -> int:
