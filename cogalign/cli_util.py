@@ -16,15 +16,32 @@ def say(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def check_png_out(dest) -> None:
+def check_png_out(dest, overwrite: bool | None = None) -> None:
     """Refuse, before any work, an --out that cannot become a PNG file: another suffix, an existing
-    folder, or a parent path that runs through a file."""
+    folder, or a parent path that runs through a file; with `overwrite` given (a command that has
+    --overwrite), an existing file unless it is True."""
     dest = Path(dest)
     if dest.suffix.lower() != ".png":
         fail(f"--out {dest}: must be a .png file")
     if dest.is_dir():
         fail(f"--out {dest}: is a folder; name a .png file, e.g. {dest / 'record.png'}")
+    if overwrite is False and dest.exists():
+        fail(f"--out {dest}: exists; pass --overwrite to replace it, or choose another name")
     check_out_parent(dest)
+
+
+def check_not_run_file(dest, manifest: dict, images=()) -> None:
+    """Refuse an existing --out that the run read: its input, or one of `images` (the record's own
+    image files): no command replaces those, --overwrite or not."""
+    from cogalign.hub.export import is_run_input
+
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    if any(dest.resolve() == Path(p).resolve() for p in images):
+        fail(f"--out {dest}: is the record's own image; it is never replaced: choose another path")
+    if is_run_input(dest, manifest):
+        fail(f"--out {dest}: is the input the run read; it is never replaced: choose another path")
 
 
 def check_out_parent(dest) -> None:

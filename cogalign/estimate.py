@@ -46,8 +46,55 @@ def record_bytes(options, tokenizer=None) -> int:
     return sum(target_chars(options, tokenizer).values()) + TURN_OVERHEAD * len(options.targets) + 1000
 
 
-def auto_shard_size(options, tokenizer=None) -> int:
-    return max(1, min(MAX_SHARD_RECORDS, SHARD_TARGET_BYTES // record_bytes(options, tokenizer)))
+def auto_shard_size(options, tokenizer=None, input_path=None, image_root=None) -> int:
+    """Records per shard for shards of about SHARD_TARGET_BYTES: the target text, and with
+    --embed-images the image files' bytes (measured on the first records of `input_path`)."""
+    per_record = record_bytes(options, tokenizer)
+    if getattr(options, "embed_images", False) and input_path is not None:
+        per_record += mean_image_bytes(input_path, image_root, options)
+    return max(1, min(MAX_SHARD_RECORDS, SHARD_TARGET_BYTES // per_record))
+
+
+def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: int = 1024) -> int:
+    """Mean bytes of image files per record, over the first records (up to `scan`) until `samples`
+    records with images were seen; records without images count as 0. Unreadable images count as 0
+    (the run rejects them). The same input gives the same figure, so a resume gets the same shard size."""
+    from cogalign.errors import CogalignError
+    from cogalign.images import resolve_image_path
+    from cogalign.inputs import image_root as resolve_image_root
+    from cogalign.inputs.embedded import EmbeddedImage
+    from cogalign.inputs.turns import to_llava
+    from cogalign.records import iter_records
+
+    root = Path(resolve_image_root(Path(input_path), image_root))
+    total = records = with_images = 0
+    for _, record in _records(iter_records(input_path, seed=options.seed)):
+        if records >= scan or with_images >= samples:
+            break
+        records += 1
+        record = to_llava(record)[0] if isinstance(record, dict) else None
+        image = record.get("image") if isinstance(record, dict) else None
+        items = image if isinstance(image, list) else [image] if image is not None else []
+        with_images += bool(items)
+        for item in items:
+            if isinstance(item, EmbeddedImage):
+                total += len(item.data)
+            elif isinstance(item, str):
+                try:
+                    total += resolve_image_path(item, root, options.allow_absolute_paths).stat().st_size
+                except (OSError, CogalignError):
+                    pass
+    return total // records if records else 0
+
+
+def _records(pairs):
+    """The (position, record) pairs until the input turns out unreadable (the run reports that itself)."""
+    from cogalign.errors import CogalignError
+
+    try:
+        yield from pairs
+    except CogalignError:
+        return
 
 
 def format_bytes(records: list, fmt: str, images: list | None = None) -> float:

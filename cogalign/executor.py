@@ -100,7 +100,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     options, sampler, tokenizer = resolve_options(options, runtime, work)
     digest = hashlib.sha256()
     n_records = count_records(input_path, digest, seed=options.seed)
-    shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer)
+    shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)  # `[]` still gets one shard
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
                 "input": str(input_path), "image_root": str(Path(image_root).resolve()),

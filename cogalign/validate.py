@@ -105,7 +105,7 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
             passed.append(record)
     facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
                                 tokenizer, image_root, llm_tokenizer, samples, keep=True)
-    shard_size = estimate.auto_shard_size(options, tokenizer)
+    shard_size = estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     n = sum(counts.values())
     if built["expanded"] or not counts["expand"]:
         total = estimate.output_bytes(options.format, expand=counts["expand"], passed=counts["pass"],

@@ -22,6 +22,8 @@ def publish(
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing). Default: main."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the files, their sizes and the target, then stop; no network call. Default: off."),
     include_all: bool = typer.Option(False, "--include-all", help="Upload every file of the folder (stats/, manifest, rejects.jsonl, ...), not only data/, README.md and report.json. Default: off."),
+    card: Optional[str] = typer.Option(None, "--card", help="ours: upload cogalign's dataset card as README.md; yours: upload the README.md of yours that expand kept, as it is. Default: cogalign's card; refused when README.md is yours (choose)."),
+    license: Optional[str] = typer.Option(None, "--license", help="The data's license id for the card (the source dataset's, e.g. cc-by-4.0, apache-2.0). Default: none (the card names no license)."),
 ) -> None:
     """Upload a finished output folder to a Hugging Face dataset repository (resumable: rerun to continue).
 
@@ -29,10 +31,12 @@ def publish(
     from cogalign.hub.publish import plan_publish, publish as run_publish, resumable
 
     try:
-        plan = plan_publish(out, repo, revision, private, include_all)
+        plan = plan_publish(out, repo, revision, private, include_all, card, license)
         for line in plan.lines():
             typer.echo(line)
         if dry_run:
+            for note in plan.notes:
+                say(note)
             say("dry run: nothing uploaded")
             return
         if not resumable():
@@ -41,6 +45,8 @@ def publish(
         url = run_publish(plan)
     except CogalignError as e:
         fail(str(e))
+    for note in plan.notes:
+        say(note)
     say(f"uploaded {len(plan.files)} files ({plan.total_bytes:,} B) in {time.perf_counter() - started:.1f} s: {url}")
 
 

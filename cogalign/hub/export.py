@@ -202,7 +202,7 @@ def _input_files(manifest: dict) -> list[Path]:
     return [f.resolve() for f in found]
 
 
-def _is_input(path: Path, manifest: dict) -> bool:
+def is_run_input(path: Path, manifest: dict) -> bool:
     """Is `path` (an existing file) one the run read: the same path, or the same bytes as the input file."""
     real = path.resolve()
     if any(real == f for f in _input_files(manifest)):
@@ -238,7 +238,7 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
                                 "entries to; name the export file otherwise, e.g. " + str(path.with_name("data.json")))
         if path.is_dir():
             raise CogalignError(f"{option} {path} is a folder; give a file path")
-        if path.exists() and _is_input(path, manifest):
+        if path.exists() and is_run_input(path, manifest):
             raise CogalignError(f"{option} {path}: that is the input the run {out} read; export never replaces "
                                 "it (the run could not resume): choose another file")
         if path.exists() and not overwrite:

@@ -1,7 +1,9 @@
 """`cogalign publish`: upload a finished output folder to a Hugging Face dataset repository.
 
 Only `data/`, `README.md` (the dataset card) and `report.json` go up, unless
-`include_all`. The plan is checked and printed before any network call; the token
+`include_all`. The card is cogalign's, made again from report.json and the manifest with
+`license`; a README.md of the user's that `expand` kept goes up only with `card="yours"`
+(`card="ours"` uploads cogalign's card in its place, and leaves the local file alone). The plan is checked and printed before any network call; the token
 and the endpoint are checked before the repository is created, so a failure leaves
 nothing half-done on the Hub. The upload resumes: rerunning skips committed files.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete
+from cogalign.layout import CARD, card_is_ours, write_card
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _NEVER = (".partial", ".git", ".cache")  # never uploaded, even with include_all
@@ -30,6 +33,9 @@ class PublishPlan:
     private: bool
     endpoint: str
     files: tuple[tuple[str, int], ...]  # (path in the repo, size in bytes)
+    card: bytes | None = None  # what goes up as README.md (cogalign's card); None: the local README.md as it is
+    card_is_local: bool = True  # README.md is cogalign's: `card` is written to it (and stats/card.md) first
+    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -55,7 +61,7 @@ def _endpoint() -> str:
 
 
 def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
-                 include_all: bool = False) -> PublishPlan:
+                 include_all: bool = False, card: str | None = None, license: str | None = None) -> PublishPlan:
     """What would be uploaded where; refuses an incomplete output or a bad repository name."""
     if not _REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
         raise CogalignError(f"--repo {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.'), "
@@ -69,8 +75,33 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
                  and not any(part in _NEVER for part in p.relative_to(root).parts) and not p.name.endswith(".tmp")]
     else:
         paths = [layout.shard_path(i) for i in range(layout.num_shards)] + [root / "README.md", root / "report.json"]
-    files = tuple((p.relative_to(root).as_posix(), p.stat().st_size) for p in paths)
-    return PublishPlan(root, repo_id, revision, private, _endpoint(), files)
+    files = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in paths]
+    text, local, notes = _card(root, card, license)
+    if text is not None:
+        files = [(path, len(text) if path == CARD else size) for path, size in files]
+    return PublishPlan(root, repo_id, revision, private, _endpoint(), tuple(files), text, local, tuple(notes))
+
+
+def _card(root: Path, choice: str | None, license: str | None) -> tuple[bytes | None, bool, list[str]]:
+    """(the card to upload as README.md or None for the local file as it is, is README.md cogalign's, notes)."""
+    from cogalign.layout import read_manifest
+    from cogalign.records import loads_exact
+    from cogalign.report import dataset_card
+
+    if choice not in (None, "ours", "yours"):
+        raise CogalignError(f"--card {choice!r}: choose ours (cogalign's dataset card) or yours (the README.md there)")
+    ours = card_is_ours(root) or not (root / CARD).exists()
+    if not ours and choice is None:
+        raise CogalignError(f"{root / CARD} is not cogalign's dataset card (yours, kept by expand; it declares no "
+                            "configs/dataset_info for this data): pass --card ours to upload cogalign's card in its "
+                            "place (your file stays here), or --card yours to upload yours as it is")
+    if choice == "yours" and not ours:
+        return None, False, [f"README.md: yours, as it is{' (--license is not written into it)' if license else ''}"]
+    report = loads_exact((root / "report.json").read_bytes())
+    text = dataset_card(report, read_manifest(root), license).encode()
+    notes = [] if license else ["note: no --license: the card names none; give the source data's license, "
+                                "e.g. --license cc-by-4.0"]
+    return text, ours, notes
 
 
 def publish(plan: PublishPlan, api=None) -> str:
@@ -96,18 +127,25 @@ def publish(plan: PublishPlan, api=None) -> str:
         api.create_repo(plan.repo_id, repo_type="dataset", private=plan.private, exist_ok=True, token=token)
         if plan.revision:
             api.create_branch(plan.repo_id, branch=plan.revision, repo_type="dataset", exist_ok=True, token=token)
-        allow = [glob.escape(path) for path, _ in plan.files]  # exact names, not patterns
+        if plan.card is not None and plan.card_is_local:
+            write_card(plan.folder, plan.card)  # README.md is cogalign's: it gets the license too
+        upload_card = plan.card is not None and not plan.card_is_local  # cogalign's card in place of the user's
+        allow = [glob.escape(path) for path, _ in plan.files if not (upload_card and path == CARD)]
         message = f"cogalign publish: {len(allow)} files"
         if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2: the resumable large-folder path
             api.upload_large_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
                                     revision=plan.revision, private=plan.private, allow_patterns=allow)
             _delete_stale(api, plan, token)
+            if upload_card:
+                _upload_card(api, plan, token)
             return plan.url
         # huggingface_hub >= 2: upload_folder commits large folders in batches and resumes (with hf_xet);
         # remote data/ files that are not uploaded now (an earlier run's shards) are deleted in the same commit
         info = api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="dataset",
                                  revision=plan.revision, allow_patterns=allow, delete_patterns=[STALE],
                                  commit_message=message, token=token)
+        if upload_card:
+            _upload_card(api, plan, token)
     except CogalignError:
         raise
     except Exception as e:
@@ -115,6 +153,11 @@ def publish(plan: PublishPlan, api=None) -> str:
         raise CogalignError(f"upload to {plan.url} as {who} failed ({_short(e)}); rerun the same command to "
                             "resume (committed files are skipped)") from None
     return getattr(info, "commit_url", None) or plan.url
+
+
+def _upload_card(api, plan: PublishPlan, token: str) -> None:
+    api.upload_file(path_or_fileobj=plan.card, path_in_repo=CARD, repo_id=plan.repo_id, repo_type="dataset",
+                    revision=plan.revision, token=token, commit_message="cogalign publish: dataset card")
 
 
 def _delete_stale(api, plan: PublishPlan, token: str) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cogalign.cli_util import check_out_parent, check_png_out, fail, save_png, say
+from cogalign.cli_util import check_not_run_file, check_out_parent, check_png_out, fail, save_png, say
 from cogalign.errors import CogalignError
 
 OutArg = typer.Argument(..., help="Output folder of `cogalign expand`.", exists=True, file_okay=False)
@@ -47,10 +47,11 @@ def show(
     out: Path = OutArg,
     record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id` (the first record with it). Give --id or --index."),
     index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based). Give --id or --index."),
-    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write. An existing file is replaced only with --overwrite; the run's input and images never."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
     trust_pickle: bool = TrustOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (never the run's input or an image under its image root). Default: off (refused)."),
 ) -> None:
     """Draw one record's targets side by side in a PNG, with PSNRs.
 
@@ -58,10 +59,14 @@ def show(
     from cogalign.inspect.panels import compose, fmt_psnr, view_record
     from cogalign.inspect.records import find_record, load_manifest
 
-    check_png_out(dest)
+    check_png_out(dest, overwrite)
     try:
         manifest = load_manifest(out)
         record = find_record(out, record_id, index)
+        roots = {Path(r) for r in (image_root, manifest.get("image_root"), Path(str(manifest["input"])).parent) if r}
+        image = record.get("image")
+        check_not_run_file(dest, manifest, [root / str(p) for p in (image if isinstance(image, list) else [image])
+                                            if p for root in roots])
         view = view_record(record, manifest, _decoder(out, manifest, vq, trust_pickle), image_root)
     except CogalignError as e:
         fail(str(e))
