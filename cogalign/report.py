@@ -105,11 +105,42 @@ def source_dataset(manifest: dict) -> str | None:
 
 
 def card_note(out_dir: str | Path) -> str:
-    """A line for the summary when the dataset card could not go to README.md."""
-    if card_is_ours(Path(out_dir)) or not (Path(out_dir) / CARD_COPY).exists():
+    """Lines for the summary: image paths that point nowhere, and the card when it could not go to README.md."""
+    lines = [dangling_note(Path(out_dir))]
+    if not card_is_ours(Path(out_dir)) and (Path(out_dir) / CARD_COPY).exists():
+        lines.append(f"dataset card: {Path(out_dir) / CARD_COPY} ({CARD} is not cogalign's and was kept; "
+                     "`publish --card ours` uploads cogalign's card in its place)")
+    return "\n".join(filter(None, lines))
+
+
+def dangling_note(out_dir: Path, sample: int = 256) -> str:
+    """A warning when image paths of the first records are no files under the run's image root (an input
+    that held its images as bytes: Hub parquet, save_to_disk), unless --embed-images kept the bytes."""
+    from cogalign.writer import read_shard
+
+    try:
+        manifest = read_manifest(out_dir, run=True)
+    except Exception:
         return ""
-    return (f"dataset card: {Path(out_dir) / CARD_COPY} ({CARD} is not cogalign's and was kept; "
-            "put the card's header into it before publishing)")
+    if manifest["options"].get("embed_images") or not manifest.get("image_root"):
+        return ""
+    layout = Layout(out_dir, manifest["num_shards"], manifest["format"])
+    root, seen, missing = Path(manifest["image_root"]), 0, 0
+    for i in range(layout.num_shards):
+        if seen >= sample or not layout.is_complete(i):
+            break
+        for record in read_shard(layout.shard_path(i)):
+            image = record.get("image") if isinstance(record, dict) else None
+            for item in image if isinstance(image, list) else [image] if isinstance(image, str) else []:
+                seen += 1
+                missing += not (root / item).is_file()
+            if seen >= sample:
+                break
+    if not missing:
+        return ""
+    return (f"warning: {missing} of the first {seen} image paths are no files under {root} (the input held its "
+            "images as bytes?): the output keeps only their names; rerun with --embed-images to keep the images "
+            "(`export` rejects records whose images are no files)")
 
 
 @contextlib.contextmanager
