@@ -6,6 +6,7 @@ same whichever rank, slice or rerun writes it (`cogalign merge-report OUT`).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -71,21 +72,27 @@ def finalize(out_dir: str | Path) -> dict:
 
 
 def arrow_bytes(layout: Layout) -> int | None:
-    """The records' size in Arrow, what `datasets` reports as a split's `num_bytes` (parquet shards
-    are read back a batch at a time); None for JSON lines, whose Arrow types `datasets` infers."""
+    """The records' size in Arrow, what `datasets` reports as a split's `num_bytes` (recorded in each
+    parquet shard's footer by the writer); None for JSON lines, whose Arrow types `datasets` infers."""
     if layout.fmt != "parquet":
         return None
     import pyarrow.parquet as pq
 
-    return sum(batch.nbytes for i in range(layout.num_shards)
-               for batch in pq.ParquetFile(layout.shard_path(i)).iter_batches())
+    from cogalign.writer import ARROW_BYTES_KEY
+
+    total = 0
+    for i in range(layout.num_shards):
+        shard = pq.ParquetFile(layout.shard_path(i))
+        recorded = (shard.metadata.metadata or {}).get(ARROW_BYTES_KEY.encode())
+        total += int(recorded) if recorded else sum(b.nbytes for b in shard.iter_batches())  # an older shard
+    return total
 
 
 def shareable_options(options: dict) -> dict:
     """The options with local paths (the tokenizer folder, the templates file) cut to their names:
     report.json goes to the Hub with `publish`; cogalign.json keeps the paths."""
     def name(value):
-        return Path(value).name if isinstance(value, str) and ("/" in value or "\\" in value) else value
+        return Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
     return {k: name(v) for k, v in options.items()}
 
 

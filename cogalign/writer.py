@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cogalign.records import loads_exact
 
+ARROW_BYTES_KEY = "cogalign.arrow_bytes"  # parquet footer key: the shard's records in Arrow, in bytes
 ROW_GROUP_BYTES = 64 * 1024 * 1024  # the Hub asks for row groups of ~100 MB or less
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
 SCHEMA = pa.schema([
@@ -144,7 +145,13 @@ def _strings(values: list) -> pa.Array:
 def _images(data: list, paths: list) -> pa.StructArray:
     """The datasets Image struct {bytes, path}; null where there are no bytes."""
     return pa.StructArray.from_arrays([pa.array(data, pa.binary()), _strings(paths)], fields=list(IMAGE_TYPE),
-                                      mask=pa.array([b is None for b in data], pa.bool_()))
+                                      mask=_nulls([b is None for b in data]))
+
+
+def _nulls(flags: list[bool]) -> pa.Array | None:
+    """A null mask, or None when nothing is null: no validity buffer, as pyarrow reads the column back
+    (so the Arrow size counted here is what `datasets` reports)."""
+    return pa.array(flags, pa.bool_()) if any(flags) else None
 
 
 def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
@@ -157,8 +164,8 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
     turns = [t for conv in convs if conv is not None for t in conv]
     struct = pa.StructArray.from_arrays([_strings([t["from"] for t in turns]),
                                          _strings([t["value"] for t in turns])], fields=list(TURN_TYPE))
-    mask = pa.array([c is None for c in convs])
-    conversations = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct, mask=mask)
+    conversations = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct,
+                                             mask=_nulls([c is None for c in convs]))
     columns = {name: _strings([r[name] for r in rows]) for name in ("id", "image", "cogalign", "extra")}
     columns["conversations"] = conversations
     if schema.field("image").type == IMAGE_TYPE:  # {bytes, path}; null where no image was embedded
@@ -188,6 +195,7 @@ class ParquetShardWriter:
         self._rows: list[dict] = []
         self._bytes = 0
         self.records = 0
+        self.arrow_bytes = 0  # the records' Arrow size, what `datasets` counts as num_bytes
 
     def write(self, record: dict, image_bytes: bytes | list[bytes] | None = None) -> None:
         row = embed(to_row(record), record, image_bytes)
@@ -201,11 +209,14 @@ class ParquetShardWriter:
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(rows_to_table(self._rows, self.schema))
+            table = rows_to_table(self._rows, self.schema)
+            self.arrow_bytes += table.nbytes
+            self._writer.write_table(table)
         self._rows, self._bytes = [], 0
 
     def close(self) -> int:
         self._flush()
+        self._writer.add_key_value_metadata({ARROW_BYTES_KEY: str(self.arrow_bytes)})
         self._writer.close()
         return _publish(self.tmp, self.path)
 

@@ -218,6 +218,8 @@ def test_every_image_of_a_record_is_kept_with_embed_images(tmp_path):
     assert [im["bytes"] for im in first["images"]] == [im["bytes"] for im in rows[0]["image"]]
     assert [im["path"] for im in first["images"]] == [im["path"] for im in rows[0]["image"]]
     assert all(r["images"] == [] for r in ds.select(range(1, ds.num_rows)))  # one image: in `image` only
+    card = (out / "README.md").read_text()
+    assert f"num_bytes: {ds.info.splits['train'].num_bytes}\n" in card  # the Arrow size, as datasets counts it
 
 
 def test_auto_shard_size_counts_embedded_image_bytes(tmp_path):
