@@ -66,7 +66,7 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
     from cogalign.inputs.turns import to_llava
     from cogalign.records import iter_records
 
-    root = Path(resolve_image_root(Path(input_path), image_root))
+    root = Path(image_root) if image_root is not None else Path(resolve_image_root(input_path, None))
     total = records = with_images = 0
     for _, record in _records(iter_records(input_path, seed=options.seed)):
         if records >= scan or with_images >= samples:

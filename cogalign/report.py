@@ -97,18 +97,17 @@ def shareable_options(options: dict) -> dict:
 
 
 def source_dataset(manifest: dict) -> str | None:
-    """OWNER/NAME when the input was a Hub dataset (`hf://datasets/OWNER/NAME...`)."""
+    """OWNER/NAME when the input was a Hub dataset: `hf://datasets/OWNER/NAME...` as the input, or the
+    `repo` its input identity records."""
     import re
 
-    identity = manifest.get("input_identity")
-    candidates = [manifest.get("input"), manifest.get("source"), manifest.get("hub_repo"),
-                  *((identity.get("path"), identity.get("repo"), identity.get("repo_id"))
-                    if isinstance(identity, dict) else ())]
-    for value in candidates:
+    identity = manifest.get("input_identity") if isinstance(manifest.get("input_identity"), dict) else {}
+    for value in (manifest.get("input"), identity.get("path")):
         found = re.match(r"^hf://datasets/([\w.-]+/[\w.-]+?)(?:@|/|$)", value) if isinstance(value, str) else None
         if found:
             return found.group(1)
-    return None
+    repo = identity.get("repo")
+    return repo if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None
 
 
 def card_note(out_dir: str | Path) -> str:

@@ -80,6 +80,9 @@ def test_license_and_source_dataset_go_into_the_card(output, tmp_path, monkeypat
     for given in ("hf://datasets/lmms-lab/LLaVA-NeXT-Data", "hf://datasets/lmms-lab/LLaVA-NeXT-Data@main/data"):
         card = dataset_card(report, {**manifest, "input": given})
         assert header(card)["source_datasets"] == ["lmms-lab/LLaVA-NeXT-Data"]
+    hub_identity = {**manifest["input_identity"], "repo": "lmms-lab/LLaVA-NeXT-Data", "commit": "0" * 40}
+    assert header(dataset_card(report, {**manifest, "input_identity": hub_identity}))["source_datasets"] == [
+        "lmms-lab/LLaVA-NeXT-Data"]
     assert "source_datasets" not in header(dataset_card(report, manifest))
 
 

@@ -192,7 +192,8 @@ def _input_files(manifest: dict) -> list[Path]:
     from cogalign.inputs import input_files
 
     identity = manifest.get("input_identity") if isinstance(manifest.get("input_identity"), dict) else {}
-    found = [Path(f) for f in identity.get("files", []) if isinstance(f, str)]
+    hub = bool(identity.get("repo"))  # a Hub dataset: its files are names in the Hub cache, not paths here
+    found = [] if hub else [Path(f) for f in identity.get("files", []) if isinstance(f, str)]
     for name in (manifest.get("input"), identity.get("path")):
         if isinstance(name, str) and "://" not in name:
             try:
