@@ -26,7 +26,7 @@ from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete, count_records, image_path, images_of, inserted_turns, iter_layout
 from cogalign.layout import read_manifest
 from cogalign.records import loads_exact as loads
-from cogalign.writer import dumps
+from cogalign.writer import dumps, temp_name, write_atomic
 from cogalign.progress import Progress
 
 FORMATS = ("llava-json", "llava-jsonl", "sharegpt", "messages")
@@ -155,7 +155,7 @@ class _Writer:
 
     def __init__(self, path: Path, array: bool):
         self.path, self.array, self.first = path, array, True
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = temp_name(path)  # a name of its own: never a file of the user's
         self.file = open(self.tmp, "wb")
         if array:
             self.file.write(b"[")
@@ -264,9 +264,7 @@ class ImageFiles:
                                 "there; pass --overwrite, or remove that folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{index:08d}-{k}{_extension(name, data)}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         self.written += 1
         return f"{self.folder.name}/{path.name}"
 
@@ -389,7 +387,5 @@ def register_sharegpt(dest: Path) -> Path:
     info_path = dest.parent / "dataset_info.json"
     info = check_entry(dest)
     info[dest.stem] = _entry(dest)
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, info_path)
+    write_atomic(info_path, orjson.dumps(info, option=orjson.OPT_INDENT_2))
     return info_path

@@ -101,6 +101,9 @@ def _card(root: Path, choice: str | None, license: str | None) -> tuple[bytes | 
     text = dataset_card(report, read_manifest(root), license).encode()
     notes = [] if license else ["note: no --license: the card names none; give the source data's license, "
                                 "e.g. --license cc-by-4.0"]
+    if any(isinstance(v, str) and os.path.isabs(v) for v in (report.get("options") or {}).values()):
+        notes.append(f"note: {root / 'report.json'} holds local paths (an older cogalign wrote it); "
+                     f"`cogalign merge-report {root}` rewrites it with names")
     return text, ours, notes
 
 
