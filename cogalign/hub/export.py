@@ -177,7 +177,7 @@ class _Writer:
         self.tmp.unlink(missing_ok=True)
 
 
-def is_array(fmt: str, dest: Path) -> bool:
+def is_array(dest: Path) -> bool:
     return dest.suffix.lower() == ".json"
 
 
@@ -308,7 +308,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     dest.parent.mkdir(parents=True, exist_ok=True)
     paths = ImagePaths(root, image_folder)
     files = ImageFiles(Path(image_folder), dest.stem, overwrite) if image_folder else None
-    writer, bad = _Writer(dest, is_array(fmt, dest)), _Writer(result.rejects_path, False)
+    writer, bad = _Writer(dest, is_array(dest)), _Writer(result.rejects_path, False)
     try:
         with Progress(count_records(out), progress, label="export") as bar:
             for index, (record, data) in enumerate(iter_layout(layout, with_bytes=True)):
