@@ -30,9 +30,10 @@ def check_png_out(dest, overwrite: bool | None = None) -> None:
     check_out_parent(dest)
 
 
-def check_not_run_file(dest, manifest: dict, images=()) -> None:
-    """Refuse an existing --out that the run read: its input, or one of `images` (the record's own
-    image files): no command replaces those, --overwrite or not."""
+def check_not_run_file(dest, manifest: dict, images=(), image_root=None, mark: str | None = None) -> None:
+    """Refuse an existing --out that the run read: its input, one of `images` (the record's own image
+    files), or a file under `image_root` that is not a PNG this command wrote (its `mark`): no command
+    replaces those, --overwrite or not."""
     from cogalign.hub.export import is_run_input
 
     dest = Path(dest)
@@ -40,8 +41,23 @@ def check_not_run_file(dest, manifest: dict, images=()) -> None:
         return
     if any(dest.resolve() == Path(p).resolve() for p in images):
         fail(f"--out {dest}: is the record's own image; it is never replaced: choose another path")
+    if image_root is not None and dest.resolve().is_relative_to(Path(image_root).resolve()) \
+            and not png_marked(dest, mark):
+        fail(f"--out {dest}: is a file under the run's image root {image_root} that cogalign did not write; "
+             "it is never replaced: choose another path")
     if is_run_input(dest, manifest):
         fail(f"--out {dest}: is the input the run read; it is never replaced: choose another path")
+
+
+def png_marked(path, mark: str | None) -> bool:
+    """Is `path` a PNG whose Software text is `mark` (written by `save_png(..., mark=mark)`)?"""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return mark is not None and getattr(im, "text", {}).get("Software") == mark
+    except Exception:
+        return False
 
 
 def check_out_parent(dest) -> None:
@@ -53,11 +69,17 @@ def check_out_parent(dest) -> None:
             return
 
 
-def save_png(image, dest) -> None:
-    """Create dest's folder and write the PIL image; an OS error (permissions, full disk) is one line."""
+def save_png(image, dest, mark: str | None = None) -> None:
+    """Create dest's folder and write the PIL image (with `mark` as its Software text, which tells
+    the PNG as this command's later); an OS error (permissions, full disk) is one line."""
+    from PIL.PngImagePlugin import PngInfo
+
     dest = Path(dest)
+    info = PngInfo()
+    if mark:
+        info.add_text("Software", mark)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        image.save(dest, format="PNG")
+        image.save(dest, format="PNG", pnginfo=info)
     except OSError as exc:
         fail(f"--out {dest}: cannot write ({exc.strerror or exc}); choose a folder you can write to")

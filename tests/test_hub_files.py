@@ -143,12 +143,19 @@ def test_show_never_replaces_the_records_image_and_replaces_others_only_with_ove
     for extra in ([], ["--overwrite"]):
         result = run_cli("show", out, "--index", "0", "--out", image, *extra, expect=2)
         assert "error:" in result.output and image.read_bytes() == before
+    other = src.parent / "images" / "coins.png"  # another record's image, under the run's image root
+    before = other.read_bytes()
+    one_line_error(run_cli("show", out, "--index", "0", "--out", other, "--overwrite", expect=2), "image root")
+    assert other.read_bytes() == before
     mine = tmp_path / "panel.png"
     mine.write_bytes(b"not yours")
     one_line_error(run_cli("show", out, "--index", "0", "--out", mine, expect=2), "exists", "--overwrite")
     assert mine.read_bytes() == b"not yours"
     run_cli("show", out, "--index", "0", "--out", mine, "--overwrite")
     assert mine.read_bytes().startswith(b"\x89PNG")
+    panel = src.parent / "panel.png"  # a panel show wrote, beside the input: show may replace its own
+    run_cli("show", out, "--index", "0", "--out", panel)
+    run_cli("show", out, "--index", "1", "--out", panel, "--overwrite")
 
 
 # ------------------------------------------------------------------ inputs with embedded images

@@ -13,6 +13,7 @@ from cogalign.errors import CogalignError
 OutArg = typer.Argument(..., help="Output folder of `cogalign expand`.", exists=True, file_okay=False)
 VqOpt = typer.Option(None, "--vq", help="Tokenizer whose decoder draws the VQ panels. Default: the run's own --vq (from OUT/cogalign.json).")
 RootOpt = typer.Option(None, "--image-root", help="Folder the records' image paths are relative to. Default: the run's image root (from OUT/cogalign.json).")
+SHOW_MARK = "cogalign show"  # the PNG's Software text: a panel show wrote may be replaced (--overwrite)
 TrustOpt = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that unpickles Python objects (runs code from the file). Default: off.")
 
 
@@ -65,12 +66,12 @@ def show(
         record = find_record(out, record_id, index)
         roots = {Path(r) for r in (image_root, manifest.get("image_root"), Path(str(manifest["input"])).parent) if r}
         image = record.get("image")
-        check_not_run_file(dest, manifest, [root / str(p) for p in (image if isinstance(image, list) else [image])
-                                            if p for root in roots])
+        own = [root / str(p) for p in (image if isinstance(image, list) else [image]) if p for root in roots]
+        check_not_run_file(dest, manifest, own, image_root or manifest.get("image_root"), SHOW_MARK)
         view = view_record(record, manifest, _decoder(out, manifest, vq, trust_pickle), image_root)
     except CogalignError as e:
         fail(str(e))
-    save_png(compose(view, f"id {view.record_id} - {view.image}"), dest)
+    save_png(compose(view, f"id {view.record_id} - {view.image}"), dest, mark=SHOW_MARK)
     for panel in view.panels:
         if panel.psnr_db is not None:
             say(f"{panel.title}: PSNR {fmt_psnr(panel.psnr_db)} against the region")
