@@ -301,3 +301,25 @@ def test_an_unknown_chat_role_is_named_in_the_reject():
                                                        {"role": "bot", "content": "Hello"}]})
     with pytest.raises(RecordError, match="turn 1 is a {role, content} turn with role 'bot'; cogalign converts only the roles user, assistant"):
         check_record(record)
+
+
+@pytest.mark.parametrize("strategy,expect", [
+    ("end:0", [f"a{i}" for i in range(20)]),  # LLaVA-NeXT's [-0:]: the whole file
+    ("first:0", []),
+    ('"first: 3"', ["a0", "a1", "a2"]),  # LLaVA-NeXT's int(" 3") is 3
+])
+def test_mixture_edges_follow_llava_next(tmp_path, strategy, expect):
+    path = write_mixture(tmp_path, [strategy, "first:1"])
+    assert ids(path) == expect + ["b0"] and count_records(path) == len(expect) + 1
+
+
+@pytest.mark.parametrize("strategy,needle", [
+    ("random:2.5%", "stops on a fraction"),  # LLaVA-NeXT: int("2.5") raises
+    ("Random:5", "matches 'random' exactly"),  # LLaVA-NeXT: no branch matches, the whole file is taken
+    ('"first :3"', "matches 'first' exactly"),
+    ("all:5", "sampling_strategy 'all:5'"),
+])
+def test_mixture_strategies_llava_next_would_not_apply_are_refused(tmp_path, strategy, needle):
+    path = write_mixture(tmp_path, [strategy, "all"])
+    result = run_cli("expand", path, "--out", tmp_path / "o", *FAST, expect=2)
+    assert needle in result.output and result.output.count("\n") <= 2
