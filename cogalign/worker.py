@@ -89,7 +89,7 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
         path = resolve_image_path(check.image, ctx.image_root, opts.allow_absolute_paths)
         image = load_image(path, opts.max_image_pixels)
         data = path.read_bytes() if opts.embed_images else None
-    warning = image_token_warning(record["conversations"])
+    warning = check.warning
     if ctx.decode_only:
         return Prepared(index, record, EXPAND, warning=warning, converted=converted)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
@@ -107,12 +107,6 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     if opts.vq_scope == "image" and "vq" in opts.targets:
         out.vq_inputs.append(working["vq"])
     return out
-
-
-def image_token_warning(conversations: list[dict]) -> str:
-    """LLaVA drops the image of a record without `<image>` and misaligns one with two."""
-    n = sum(turn["value"].count("<image>") for turn in conversations)
-    return "" if n == 1 else ("image_token_missing" if n == 0 else "image_token_repeated")
 
 
 def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: str) -> list[np.ndarray]:

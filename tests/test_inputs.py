@@ -323,3 +323,25 @@ def test_mixture_strategies_llava_next_would_not_apply_are_refused(tmp_path, str
     path = write_mixture(tmp_path, [strategy, "all"])
     result = run_cli("expand", path, "--out", tmp_path / "o", *FAST, expect=2)
     assert needle in result.output and result.output.count("\n") <= 2
+
+
+def test_image_tokens_are_counted_against_the_images(tmp_path):
+    """Issue 14 item 9: `<image>` with no usable image passed as text_only; a correct 2-image record
+    was warned `image_token_repeated`."""
+    coins = (IMAGES / "coins.png").read_bytes()
+    one = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "Yes."}]
+    img = {"bytes": coins, "path": "c.png"}
+    rows = [{"id": "null", "image": None, "conversations": one},
+            {"id": "empty", "image": [{"bytes": None, "path": None}], "conversations": one},
+            {"id": "two", "image": [img, img], "conversations": two},
+            {"id": "two-one-empty", "image": [img, {"bytes": None, "path": None}], "conversations": two},
+            {"id": "one", "image": [img], "conversations": one}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    out = tmp_path / "out"
+    run_cli("expand", tmp_path / "x.parquet", "--out", out, *FAST, "--workers", "0")
+    report = json.loads((out / "report.json").read_text())
+    assert report["reject_reasons"] == {"image_token_without_image": 2, "image_count_mismatch": 1}
+    assert report["expanded"] == 2 and report["passed"] == 0 and report["warnings"] == {}
+    rejects = {json.loads(line)["index"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
+    assert sorted(rejects) == [0, 1, 3] and "no usable image" in rejects[0]["detail"]

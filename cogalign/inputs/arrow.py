@@ -124,6 +124,8 @@ def _record(row: dict, position: int) -> dict:
         if isinstance(row.get(key), list):
             items = [_image(v, f"embedded-{position}-{k}") for k, v in enumerate(row[key])]
             row[key] = [v for v in items if v is not _NO_IMAGE]
+            if not row[key]:  # only empty structs: no image (the record check counts the `<image>` tokens)
+                del row[key]
     return row
 
 
