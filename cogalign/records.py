@@ -22,7 +22,7 @@ import ijson
 import orjson
 
 from .errors import InputError, RecordError
-from .inputs import count_input, input_files, input_kind, iter_input
+from .inputs import count_input, hash_input, input_kind, iter_input
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 
@@ -316,9 +316,7 @@ def count_records(path, digest=None, *, seed: int = 0) -> int:
     if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixtures: hashed file by file
         n = count_input(path, seed=seed)
         if digest is not None:
-            for file in input_files(path):
-                with open(file, "rb") as f:
-                    HashingReader(f, digest).drain()
+            hash_input(path, digest)
         return n
     with _opened(path) as (fmt, f, p):
         if digest is not None:
