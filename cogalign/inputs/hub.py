@@ -24,7 +24,6 @@ from urllib.parse import quote, unquote
 from cogalign.errors import InputError
 
 PREFIX = "hf://datasets/"
-FOOTER_BLOCK = 1 << 16  # bytes per ranged read of a remote parquet footer
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -125,7 +124,7 @@ class HubFile:
             from huggingface_hub import HfFileSystem
 
             fs = HfFileSystem(endpoint=endpoint)
-            with fs.open(f"datasets/{self.repo_id}@{self.commit}/{self.name}", "rb", block_size=FOOTER_BLOCK) as f:
+            with fs.open(f"datasets/{self.repo_id}@{self.commit}/{self.name}", "rb") as f:
                 return pq.ParquetFile(f).metadata.num_rows
         except InputError:
             raise
