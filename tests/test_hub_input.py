@@ -232,3 +232,19 @@ def test_split_of_a_save_to_disk_dataset_dict(tmp_path):
     shutil.rmtree(tmp_path / "o")
     out = run_cli("expand", tmp_path / "dd", "--split", "dev", "--out", tmp_path / "o", *FAST, expect=2).output
     assert "no split 'dev'; it has" in out
+
+
+@pytest.mark.parametrize("via_hub", [False, True])
+def test_show_rereads_the_split_and_commit_the_run_read(tmp_path, offline, via_hub):
+    """`show` re-reads a record's embedded image from the input by position: from the split (and, for
+    hf://datasets, the commit) the run read, not the folder's default split."""
+    from cogalign.inspect.records import _bytes_from_input
+    from test_inputs import IMAGES
+
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    source = f"hf://datasets/{REPO}" if via_hub else files
+    run_cli("expand", source, "--split", "test", "--out", tmp_path / "o", *FAST, "--workers", "0")
+    manifest = json.loads((tmp_path / "o" / "cogalign.json").read_text())
+    first = outputs(tmp_path / "o")[0]
+    assert _bytes_from_input(first, manifest) == (IMAGES.parent / records12()[9]["image"]).read_bytes()

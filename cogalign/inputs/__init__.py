@@ -25,7 +25,7 @@ from cogalign.inputs import arrow, hub, mixture
 from cogalign.inputs.splits import DatasetInput, local_folder
 
 __all__ = ["input_kind", "iter_input", "count_input", "input_files", "hash_input", "default_image_root",
-           "resolve_input", "DatasetInput"]
+           "resolve_input", "reopen_input", "DatasetInput"]
 
 
 def resolve_input(spec, config: str | None = None, split: str | None = None):
@@ -49,6 +49,20 @@ def resolve_input(spec, config: str | None = None, split: str | None = None):
     if config is not None or split is not None:
         raise InputError(f"{path}: --config/--split choose among the files of a parquet folder, a save_to_disk "
                          "DatasetDict (--split) or an hf://datasets/... input; leave them out for this input")
+    return path
+
+
+def reopen_input(manifest: dict, path):
+    """The input a run read, for re-reading its records by position: a Hub dataset at the recorded
+    commit, a parquet folder with the recorded config and split; else `path` as it is."""
+    ident = manifest.get("input_identity") or {}
+    if ident.get("commit"):
+        ds = hub.parse(str(manifest.get("input") or ident["path"]))
+        pinned = str(hub.DatasetSpec(ds.repo_id, ident["commit"], ds.path))
+        one_file = ds.path.endswith(".parquet")
+        return hub.resolve(pinned, None if one_file else ident.get("config"), None if one_file else ident.get("split"))
+    if ident.get("split") is not None and Path(path).is_dir() and input_kind(path) == "parquet":
+        return local_folder(Path(path), ident.get("config"), ident.get("split"))
     return path
 
 
