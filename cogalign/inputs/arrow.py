@@ -32,7 +32,7 @@ def disk_files(path: Path) -> list[Path]:
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if len(splits) != 1:
             raise InputError(f"{path}: a DatasetDict with splits {', '.join(splits) or '(none)'}; "
-                             f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+                             f"pass --split NAME or one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
         path = path / splits[0]
     state = path / "state.json"
     try:
