@@ -341,6 +341,11 @@ def test_image_tokens_are_counted_against_the_images(tmp_path):
             {"id": "two-one-empty", "image": [img, {"bytes": None, "path": None}], "conversations": two},
             {"id": "one", "image": [img], "conversations": one}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    # TRL layout: an image part, and `images` holding only an empty struct
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Coins?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+    pq.write_table(pa.Table.from_pylist([{"id": "m", "images": [{"bytes": None, "path": None}], "messages": chat}]),
+                   tmp_path / "y.parquet")
     out = tmp_path / "out"
     run_cli("expand", tmp_path / "x.parquet", "--out", out, *FAST, "--workers", "0")
     report = json.loads((out / "report.json").read_text())
@@ -348,6 +353,9 @@ def test_image_tokens_are_counted_against_the_images(tmp_path):
     assert report["expanded"] == 2 and report["passed"] == 0 and report["warnings"] == {}
     rejects = {json.loads(line)["index"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
     assert sorted(rejects) == [0, 1, 3] and "no usable image" in rejects[0]["detail"]
+    run_cli("expand", tmp_path / "y.parquet", "--out", tmp_path / "out-m", *FAST, "--workers", "0")
+    report = json.loads((tmp_path / "out-m" / "report.json").read_text())
+    assert report["reject_reasons"] == {"image_token_without_image": 1} and report["passed"] == 0
 
 
 def test_system_turns_and_openai_image_url_parts(tmp_path):
