@@ -61,8 +61,11 @@ NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. D
 
 @app.command()
 def expand(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
+    input: str = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture; a Hub dataset hf://datasets/OWNER/NAME\\[@REVISION]\\[/PATH] (docs/hub-input.md)."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (shards, report.json, rejects.jsonl, card)."),
+    # issue 14: which config and split of a parquet folder or Hub dataset (datasets' rules)
+    config: Optional[str] = typer.Option(None, "--config", help="Parquet folder or hf://datasets input: the config (the card's `configs`). Default: the card's default config, else the only one."),
+    split: Optional[str] = typer.Option(None, "--split", help="Parquet folder, save_to_disk DatasetDict or hf://datasets input: the split, by the Hub's file-name rules (data/train-*, *test*...). Default: train, else the only split."),
     vq: str = typer.Option("demo", "--vq", help="VQ tokenizer: a name (demo, vqgan-4096, ...: see `cogalign vq list`), hf://OWNER/REPO\\[@REVISION]\\[/SUBFOLDER] from the Hugging Face Hub, or a taming checkpoint folder/file with its yaml."),
     targets: str = typer.Option("vq,px", "--targets", help="Which pairs to add, comma-separated: vq, px."),
     regions: str = typer.Option("quarters", "--regions", help="Regions to draw from: names (full, upper-left, ..., left, ..., center, box) or groups (quarters, halves, all), comma-separated."),
@@ -102,6 +105,9 @@ def expand(
              f"`cogalign stats OUT --tokenizer {llm_tokenizer}` after the run")
     _check_out_dir(out)
     try:
+        from cogalign.inputs import resolve_input
+
+        input = resolve_input(input, config, split)  # a parquet folder or Hub dataset: one config and split
         options = _options(targets, regions, vq, vq_resolution, px_resolution, vq_scope, resize, resample, seed,
                            str(templates) if templates else None, max_image_pixels, allow_absolute_paths, fmt,
                            embed_images, precision, channels_last, compile_)

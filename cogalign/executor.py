@@ -22,7 +22,7 @@ from cogalign import distributed, estimate, report
 from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
 from cogalign.identity import input_identity
-from cogalign.inputs import image_root as resolve_image_root
+from cogalign.inputs import image_root as resolve_image_root, resolve_input
 from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool, refuse_while_spawning
@@ -85,7 +85,7 @@ def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
     refuse_while_spawning()  # a worker re-running an unguarded script stops here, before touching out_dir
     runtime = runtime or Runtime()
-    input_path, out_dir = Path(input_path), Path(out_dir)
+    input_path, out_dir = resolve_input(input_path), Path(out_dir)  # a parquet folder, hf://datasets/...: one split
     image_root = resolve_image_root(input_path, image_root)
     work = distributed.from_env(runtime.num_slices, runtime.slice_index)
     distributed.init_process_group(work)

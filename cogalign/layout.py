@@ -150,15 +150,19 @@ def _foreign_entries(root: Path) -> list[str]:
 RUN_KEYS = ("fingerprint", "records", "shard_size", "num_shards", "format")
 
 
+def _shown_identity(a: dict) -> str:
+    pinned = f", commit {a['commit'][:12]}, split {a.get('split')}" if a.get("commit") else ""  # hf://datasets
+    return f"{Path(a['path']).name}{pinned}, {a['size']} bytes, sha256 {a['sha256'][:12]}"
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two runs' manifests (empty: the same run)."""
     out = []
     a, b = old.get("input_identity") or {}, new["input_identity"]
     input_changed = (a.get("sha256"), a.get("size")) != (b["sha256"], b["size"])
     if input_changed:
-        was = (f"{Path(a['path']).name}, {a['size']} bytes, sha256 {a['sha256'][:12]}" if a
-               else f"{old.get('input')}, not hashed (an older cogalign)")
-        out.append(f"input: {was} -> {Path(b['path']).name}, {b['size']} bytes, sha256 {b['sha256'][:12]}")
+        was = _shown_identity(a) if a else f"{old.get('input')}, not hashed (an older cogalign)"
+        out.append(f"input: {was} -> {_shown_identity(b)}")
     if old.get("fingerprint") != new["fingerprint"]:
         o, n = old.get("options", {}), new["options"]
         out += [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(set(o) | set(n))

@@ -15,14 +15,14 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import ijson
 import orjson
 
 from .errors import InputError, RecordError
-from .inputs import count_input, input_files, input_kind, iter_input
+from .inputs import count_input, hash_input, input_kind, iter_input
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 
@@ -45,6 +45,9 @@ REJECT_REASONS = (
     "roles_not_alternating",
     "odd_turn_count",
     "image_bad_type",
+    "image_token_without_image",
+    "image_count_mismatch",
+    "image_remote_url",
 )
 
 
@@ -313,9 +316,7 @@ def count_records(path, digest=None, *, seed: int = 0) -> int:
     if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixtures: hashed file by file
         n = count_input(path, seed=seed)
         if digest is not None:
-            for file in input_files(path):
-                with open(file, "rb") as f:
-                    HashingReader(f, digest).drain()
+            hash_input(path, digest)
         return n
     with _opened(path) as (fmt, f, p):
         if digest is not None:
@@ -363,9 +364,11 @@ class RecordCheck:
     pass_reason: str  # "" for expand; "text_only" or "video" for pass
     image: str | None  # the image to expand on (the first one when `image` is a list)
     n_pairs: int  # number of (human, gpt) pairs
+    warning: str = field(default="", compare=False)  # kept, counted: "image_token_missing"
 
 
 _ROLES = ("human", "gpt")
+REMOTE_SCHEMES = ("http://", "https://", "data:", "ftp://", "s3://", "gs://")
 
 
 def _kind(value: object) -> str:
@@ -401,10 +404,11 @@ def check_record(obj: object) -> RecordCheck:
     from `system` is `leading_system_turn`; `{role, content}` turns are
     `turn_bad_role`) and a string `value`; roles alternate starting with human; the
     count is even; `image`, when present and not null, is a string or a non-empty
-    list of strings.
+    list of strings, none a remote URL; the `<image>` tokens number as many as the
+    images (none at all is kept with the warning `image_token_missing`).
 
-    Passes: no `image` (or `image: null`) -> `text_only`, or `video` when the record
-    has a non-null `video`. `id` is not checked.
+    Passes: no `image` (or `image: null`) and no `<image>` token -> `text_only`, or
+    `video` when the record has a non-null `video`. `id` is not checked.
     """
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"the record is {_kind(obj)}, expected an object")
@@ -454,18 +458,28 @@ def check_record(obj: object) -> RecordCheck:
         raise RecordError("odd_turn_count", f"{len(conv)} turn{'s' if len(conv) != 1 else ''}: the last human turn has no gpt answer")
 
     n_pairs = len(conv) // 2
+    tokens = sum(turn["value"].count("<image>") for turn in conv)
     image = obj.get("image")
     if image is None:
-        if obj.get("video") is not None:
+        if obj.get("video") is not None:  # LLaVA-NeXT video records use `<image>` for the frames
             return RecordCheck("pass", "video", None, n_pairs)
+        if tokens:  # `image: null`, a {bytes: null, path: null} struct, an image part with no file
+            raise RecordError("image_token_without_image", f"`<image>` appears {tokens} time{'s' * (tokens > 1)} but "
+                              "the record has no usable image (`image` is missing, null or an empty struct); "
+                              "give the image, or remove the token for a text-only record")
         return RecordCheck("pass", "text_only", None, n_pairs)
-    if isinstance(image, str):
-        return RecordCheck("expand", "", image, n_pairs)
-    if isinstance(image, list):
-        if not image:
-            raise RecordError("image_bad_type", "`image` is an empty list")
-        for j, item in enumerate(image):
-            if not isinstance(item, str):
-                raise RecordError("image_bad_type", f"`image`[{j}] is {_kind(item)}, expected a string")
-        return RecordCheck("expand", "", image[0], n_pairs)
-    raise RecordError("image_bad_type", f"`image` is {_kind(image)}, expected a string or a list of strings")
+    images = image if isinstance(image, list) else [image]
+    if isinstance(image, list) and not image:
+        raise RecordError("image_bad_type", "`image` is an empty list")
+    for j, item in enumerate(images):
+        if not isinstance(item, str):
+            where = f"`image`[{j}]" if isinstance(image, list) else "`image`"
+            raise RecordError("image_bad_type", f"{where} is {_kind(item)}, expected a string"
+                              + ("" if isinstance(image, list) else " or a list of strings"))
+        if item.startswith(REMOTE_SCHEMES):
+            raise RecordError("image_remote_url", f"image {_show(item)} is a remote URL; cogalign does not fetch "
+                              "images while expanding: download it and give its local path")
+    if tokens and tokens != len(images):
+        raise RecordError("image_count_mismatch", f"{len(images)} image{'s' * (len(images) > 1)} but `<image>` "
+                          f"appears {tokens} times; LLaVA pairs them in order: give one token per image")
+    return RecordCheck("expand", "", images[0], n_pairs, "" if tokens else "image_token_missing")

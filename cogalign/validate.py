@@ -10,7 +10,7 @@ import numpy as np
 
 from cogalign import estimate
 from cogalign.errors import CogalignError, RecordError
-from cogalign.inputs import image_root as resolve_image_root
+from cogalign.inputs import image_root as resolve_image_root, resolve_input
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool, refuse_while_spawning
@@ -38,10 +38,10 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
              workers: int = 2, rejects_path: str | Path | None = None, progress: bool = True) -> Validation:
     """Check every record and decode every image, in worker processes; write rejects as JSON lines."""
     refuse_while_spawning()
-    input_path = Path(input_path)
+    input_path = resolve_input(input_path)
     ctx = WorkerContext(options, resolve_image_root(input_path, image_root), decode_only=True)
     result, started = Validation(), time.perf_counter()
-    if rejects_path and Path(rejects_path).exists() and Path(rejects_path).resolve() == input_path.resolve():
+    if rejects_path and Path(rejects_path).exists() and Path(rejects_path).resolve() == Path(str(input_path)).resolve():
         raise CogalignError(f"--rejects {rejects_path} is the input file; writing it would erase the input: "
                             "give another path")
     out = open_output(rejects_path, "--rejects") if rejects_path else None
@@ -140,7 +140,7 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
     """Build the new turns of the first `samples` expandable records for real and measure them:
     characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
     With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
-    input_path = Path(input_path)
+    input_path = resolve_input(input_path)
     ctx = WorkerContext(options, resolve_image_root(input_path, image_root),
                         tokenizer.downsample if tokenizer else 1, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}

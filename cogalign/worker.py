@@ -91,7 +91,7 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
         data = path.read_bytes() if opts.embed_images else None
     if opts.embed_images and isinstance(record.get("image"), list) and len(record["image"]) > 1:
         data = [data, *(_image_data(item, ctx) for item in record["image"][1:])]  # every image is kept
-    warning = image_token_warning(record["conversations"])
+    warning = check.warning
     if ctx.decode_only:
         return Prepared(index, record, EXPAND, warning=warning, converted=converted)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
@@ -119,12 +119,6 @@ def _image_data(image, ctx: WorkerContext) -> bytes:
     path = resolve_image_path(image, ctx.image_root, ctx.options.allow_absolute_paths)
     load_image(path, ctx.options.max_image_pixels)
     return path.read_bytes()
-
-
-def image_token_warning(conversations: list[dict]) -> str:
-    """LLaVA drops the image of a record without `<image>` and misaligns one with two."""
-    n = sum(turn["value"].count("<image>") for turn in conversations)
-    return "" if n == 1 else ("image_token_missing" if n == 0 else "image_token_repeated")
 
 
 def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: str) -> list[np.ndarray]:

@@ -217,7 +217,7 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
     img("path:inner-dotdot", "sub/../mode_RGB.png")
     img("path:double-slash", "sub//nested.png")
     img("path:symlink-inside", "link_inside.png")
-    img("image-list:first-ok", ["mode_RGB.png", "missing.png"])
+    img("image-list:first-ok", ["mode_RGB.png", "missing.png"], conversations=_conv(first="<image>\n<image>\nQ?"))
     img("image-list:single", ["mode_L.png"])
     img("image-and-video", "mode_RGB.png", video="clip.mp4")
 
@@ -244,8 +244,10 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
     img("path:windows-drive", "C:\\images\\x.jpg", "reject", "image_path_absolute")
     img("path:windows-drive-slash", "D:/images/x.jpg", "reject", "image_path_absolute")
     img("path:unc", "\\\\server\\share\\x.jpg", "reject", "image_path_absolute")
-    img("image-list:first-missing", ["missing.png", "mode_RGB.png"], "reject", "image_missing")
-    img("image-list:first-escapes", [f"../{OUTSIDE_DIR}/secret.png", "mode_RGB.png"], "reject", "image_path_escapes_root")
+    img("image-list:first-missing", ["missing.png", "mode_RGB.png"], "reject", "image_missing",
+        conversations=_conv(first="<image>\n<image>\nQ?"))
+    img("image-list:first-escapes", [f"../{OUTSIDE_DIR}/secret.png", "mode_RGB.png"], "reject", "image_path_escapes_root",
+        conversations=_conv(first="<image>\n<image>\nQ?"))
 
     # --- image value types
     img("image-type:int", 5, "reject", "image_bad_type")
@@ -260,6 +262,10 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
     rec("pass:image-null", {"id": "pass:image-null", "image": None, "conversations": _conv(first="Hi")}, "pass", "text_only")
     rec("pass:video", {"id": "pass:video", "video": "clip.mp4", "conversations": _conv(first="<video>\nWhat happens?")}, "pass", "video")
     rec("pass:video-image-null", {"id": "pass:video-image-null", "video": "clip.mp4", "image": None, "conversations": _conv()}, "pass", "video")
+    rec("tokens:image-null", {"id": "tokens:image-null", "image": None, "conversations": _conv()},
+        "reject", "image_token_without_image")
+    img("tokens:two-for-one", "mode_RGB.png", "reject", "image_count_mismatch", conversations=_conv(first="<image><image>"))
+    img("image:remote-url", "https://example.com/a.png", "reject", "image_remote_url")
     rec("pass:video-null", {"id": "pass:video-null", "video": None, "conversations": _conv(first="Hi")}, "pass", "text_only")
 
     # --- ids and extra keys (never a reject)

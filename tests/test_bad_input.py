@@ -157,7 +157,8 @@ def test_duplicate_ids_are_kept_and_counted(tmp_path):
 
 
 def test_image_records_without_one_image_token_are_expanded_and_counted(tmp_path):
-    """LLaVA drops the image of a record with no <image> and misaligns one with two: say so."""
+    """LLaVA drops the image of a record with no <image> (kept, counted) and misaligns one with two
+    (rejected since issue 14: the tokens must match the images)."""
     from helpers import EXAMPLES
 
     records = json.loads(EXAMPLES.read_text())
@@ -167,6 +168,6 @@ def test_image_records_without_one_image_token_are_expanded_and_counted(tmp_path
     source.write_text(json.dumps(records))
     result = run_cli("expand", source, "--out", tmp_path / "o", *FAST, "--workers", "0", "--image-root", EXAMPLES.parent)
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["expanded"] == 13
-    assert report["warnings"] == {"image_token_missing": 1, "image_token_repeated": 1}
-    assert "warnings (kept): image_token_missing (1), image_token_repeated (1)" in result.output
+    assert report["expanded"] == 12 and report["reject_reasons"] == {"image_count_mismatch": 1}
+    assert report["warnings"] == {"image_token_missing": 1}
+    assert "warnings (kept): image_token_missing (1)" in result.output

@@ -230,7 +230,7 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     src = json_input(tmp_path, records)
     out = tmp_path / "out"
     result = run_cli("expand", src, "--out", out, *FAST, "--workers", "0")
-    assert "converted from chat format: messages (2), role_content (1)" in result.output
+    assert "converted from chat format: messages (3), role_content (1)" in result.output
     got = {r["id"]: r for r in outputs(out)}
     assert got["rc"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
     assert got["msg"]["conversations"][:2] == [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
@@ -238,8 +238,11 @@ def test_role_content_and_messages_records_are_converted_and_counted(tmp_path):
     assert got["text"] == {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     assert all(len(got[k]["conversations"]) == 6 for k in ("rc", "msg", "llava"))
     report = json.loads((out / "report.json").read_text())
-    assert report["converted"] == {"messages": 2, "role_content": 1}  # records written; "sys" is rejected
-    assert report["reject_reasons"] == {"leading_system_turn": 1} and report["expanded"] == 3
+    assert report["converted"] == {"messages": 3, "role_content": 1}
+    # issue 14 item 15: a leading system turn moves to `system`; the record is not rejected
+    assert got["sys"] == {"id": "sys", "system": "Be brief.",
+                          "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert report["reject_reasons"] == {} and report["expanded"] == 3 and report["passed"] == 2
 
 
 def test_image_parts_that_name_their_file_give_the_record_its_image(tmp_path):
@@ -301,3 +304,88 @@ def test_an_unknown_chat_role_is_named_in_the_reject():
                                                        {"role": "bot", "content": "Hello"}]})
     with pytest.raises(RecordError, match="turn 1 is a {role, content} turn with role 'bot'; cogalign converts only the roles user, assistant"):
         check_record(record)
+
+
+@pytest.mark.parametrize("strategy,expect", [
+    ("end:0", [f"a{i}" for i in range(20)]),  # LLaVA-NeXT's [-0:]: the whole file
+    ("first:0", []),
+    ('"first: 3"', ["a0", "a1", "a2"]),  # LLaVA-NeXT's int(" 3") is 3
+])
+def test_mixture_edges_follow_llava_next(tmp_path, strategy, expect):
+    path = write_mixture(tmp_path, [strategy, "first:1"])
+    assert ids(path) == expect + ["b0"] and count_records(path) == len(expect) + 1
+
+
+@pytest.mark.parametrize("strategy,needle", [
+    ("random:2.5%", "stops on a fraction"),  # LLaVA-NeXT: int("2.5") raises
+    ("Random:5", "matches 'random' exactly"),  # LLaVA-NeXT: no branch matches, the whole file is taken
+    ('"first :3"', "matches 'first' exactly"),
+    ("all:5", "sampling_strategy 'all:5'"),
+])
+def test_mixture_strategies_llava_next_would_not_apply_are_refused(tmp_path, strategy, needle):
+    path = write_mixture(tmp_path, [strategy, "all"])
+    result = run_cli("expand", path, "--out", tmp_path / "o", *FAST, expect=2)
+    assert needle in result.output and result.output.count("\n") <= 2
+
+
+def test_image_tokens_are_counted_against_the_images(tmp_path):
+    """Issue 14 item 9: `<image>` with no usable image passed as text_only; a correct 2-image record
+    was warned `image_token_repeated`."""
+    coins = (IMAGES / "coins.png").read_bytes()
+    one = [{"from": "human", "value": "<image>\nCoins?"}, {"from": "gpt", "value": "Yes."}]
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "Yes."}]
+    img = {"bytes": coins, "path": "c.png"}
+    rows = [{"id": "null", "image": None, "conversations": one},
+            {"id": "empty", "image": [{"bytes": None, "path": None}], "conversations": one},
+            {"id": "two", "image": [img, img], "conversations": two},
+            {"id": "two-one-empty", "image": [img, {"bytes": None, "path": None}], "conversations": two},
+            {"id": "one", "image": [img], "conversations": one}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    # TRL layout: an image part, and `images` holding only an empty struct
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Coins?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+    pq.write_table(pa.Table.from_pylist([{"id": "m", "images": [{"bytes": None, "path": None}], "messages": chat}]),
+                   tmp_path / "y.parquet")
+    out = tmp_path / "out"
+    run_cli("expand", tmp_path / "x.parquet", "--out", out, *FAST, "--workers", "0")
+    report = json.loads((out / "report.json").read_text())
+    assert report["reject_reasons"] == {"image_token_without_image": 2, "image_count_mismatch": 1}
+    assert report["expanded"] == 2 and report["passed"] == 0 and report["warnings"] == {}
+    rejects = {json.loads(line)["index"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
+    assert sorted(rejects) == [0, 1, 3] and "no usable image" in rejects[0]["detail"]
+    run_cli("expand", tmp_path / "y.parquet", "--out", tmp_path / "out-m", *FAST, "--workers", "0")
+    report = json.loads((tmp_path / "out-m" / "report.json").read_text())
+    assert report["reject_reasons"] == {"image_token_without_image": 1} and report["passed"] == 0
+
+
+def test_system_turns_and_openai_image_url_parts(tmp_path):
+    """Issue 14 items 15 and 16: leading system turns (several, with typed parts) are kept in `system`;
+    OpenAI `image_url` parts give their local file (plain or file://), a remote URL is refused by name."""
+    from cogalign.inputs.turns import to_llava
+
+    src = json_input(tmp_path, [])
+    coins = src.parent / "images" / "coins.png"
+    answer = {"role": "assistant", "content": "Yes."}
+    ask = lambda url: [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Coins?"}]  # noqa: E731
+    records = [
+        {"id": "sys", "system": "Old.", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "system", "content": [{"type": "text", "text": "Be kind."}]},
+            {"role": "user", "content": ask("images/coins.png")}, answer]},
+        {"id": "file", "messages": [{"role": "user", "content": ask(coins.as_uri())}, answer]},
+        {"id": "plain", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "images/coins.png"},
+                                                                 {"type": "text", "text": "Coins?"}]}, answer]},
+        {"id": "remote", "messages": [{"role": "user", "content": ask("https://example.com/coins.png")}, answer]},
+        {"id": "data", "messages": [{"role": "user", "content": ask("data:image/png;base64,iVBORw0KGgo=")}, answer]},
+    ]
+    assert to_llava(records[0])[0]["system"] == "Old.\nBe brief.\nBe kind."
+    src.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--allow-absolute-paths")
+    got = {r["id"]: r for r in outputs(out)}
+    assert got["sys"]["image"] == "images/coins.png" and got["sys"]["conversations"][0]["value"] == "<image>\nCoins?"
+    assert got["file"]["image"] == str(coins) and got["plain"]["image"] == "images/coins.png"
+    assert all(len(got[k]["conversations"]) == 6 for k in ("sys", "file", "plain"))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in rejects] == [(3, "image_remote_url"), (4, "image_remote_url")]
+    assert "does not fetch" in rejects[0]["detail"]

@@ -362,6 +362,11 @@ REJECT_CASES = [
     ({"image": ["a.jpg", None], "conversations": GOOD}, "image_bad_type", "[1]"),
     ({"image": {"path": "a.jpg"}, "conversations": GOOD}, "image_bad_type", "object"),
     ({"image": False, "conversations": GOOD}, "image_bad_type", "boolean"),
+    ({"image": None, "conversations": conv("human", "gpt", value="<image>")}, "image_token_without_image",
+     "`<image>` appears 2 times but the record has no usable image"),
+    ({"image": ["a.jpg"], "conversations": conv("human", "gpt", value="<image>")}, "image_count_mismatch",
+     "1 image but `<image>` appears 2 times"),
+    ({"image": "data:image/png;base64,AAAA", "conversations": GOOD}, "image_remote_url", "a remote URL"),
     # order of checks
     ({"conversations": [{"from": "gpt", "value": "x"}, "oops"]}, "turn_not_object", "turn 1"),
     ({"conversations": conv("gpt", "user")}, "turn_bad_role", "turn 1"),

@@ -1,7 +1,8 @@
-"""Arrow-based inputs, streamed batch by batch: parquet files or a folder of them (the Hub
-layout of lmms-lab/LLaVA-NeXT-Data: `id`, `conversations`, `data_source`, `image` as
-`{bytes, path}`), and `datasets` `save_to_disk` folders (Arrow stream files listed in
-`state.json`).
+"""Arrow-based inputs, streamed batch by batch: parquet files (a file, the chosen split of a
+folder or Hub dataset; the Hub layout of lmms-lab/LLaVA-NeXT-Data: `id`, `conversations`,
+`data_source`, `image` as `{bytes, path}`), and `datasets` `save_to_disk` folders (Arrow
+stream files listed in `state.json`). A file none of whose records is wanted is never opened:
+a Hub file is then not downloaded.
 
 An `image` struct with bytes becomes an `EmbeddedImage` (its path, or `embedded-<position>`
 when the path is null): the worker decodes the bytes with the same checks as a file. A
@@ -25,30 +26,13 @@ from cogalign.inputs.embedded import EmbeddedImage
 BATCH_ROWS = 64  # rows turned into Python objects at once (images make rows large)
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
-
-
-def parquet_files(path: Path) -> list[Path]:
-    """One file, or every `*.parquet` under a folder, sorted (folders starting with `.` or `_`,
-    and cogalign output folders, e.g. an `--out` placed inside the input folder, are skipped)."""
-    if path.is_file():
-        return [path]
-    outputs = [d.parent for d in path.rglob("cogalign.json")]  # a cogalign output inside: not input
-    files = sorted(f for f in path.rglob("*.parquet") if f.is_file() and _visible(f, path)
-                   and not any(o in f.parents for o in outputs))
-    if not files:
-        raise InputError(f"{path}: no .parquet files in this folder")
-    return files
-
-
 def disk_files(path: Path) -> list[Path]:
     """The Arrow files of a `save_to_disk` folder (a Dataset, or a DatasetDict with one split)."""
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if len(splits) != 1:
             raise InputError(f"{path}: a DatasetDict with splits {', '.join(splits) or '(none)'}; "
-                             f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+                             f"pass --split NAME or one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
         path = path / splits[0]
     state = path / "state.json"
     try:
@@ -124,6 +108,8 @@ def _record(row: dict, position: int) -> dict:
         if isinstance(row.get(key), list):
             items = [_image(v, f"embedded-{position}-{k}") for k, v in enumerate(row[key])]
             row[key] = [v for v in items if v is not _NO_IMAGE]
+            if not row[key]:  # only empty structs: no image (the record check counts the `<image>` tokens)
+                del row[key]
     return row
 
 
@@ -156,7 +142,11 @@ def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None 
             return not all(skip(i) for i in range(start, start + n))
     first = 0
     for file in files:
-        for offset, batch in batches(file, first, wanted):
+        n = count_file(file, kind)
+        if not wanted(first, n):  # a file none of whose records is wanted is not opened (nor downloaded)
+            first += n
+            continue
+        for offset, batch in batches(_local(file), first, wanted):
             rows = None
             for i in range(batch.num_rows):
                 if skip is not None and skip(offset + i):
@@ -165,10 +155,16 @@ def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None 
                     rows = batch.to_pylist()
                 record = _record(rows[i], offset + i)
                 yield offset + i, _unwritable(record) or record
-        first += count_file(file, kind)
+        first += n
 
 
-def count_file(file: Path, kind: str) -> int:
+def _local(file) -> Path:
+    return file.local() if hasattr(file, "local") else file  # a Hub file: downloaded into the cache now
+
+
+def count_file(file, kind: str) -> int:
+    if hasattr(file, "num_rows"):  # a Hub file: from its footer, without downloading it
+        return file.num_rows
     if kind == "parquet":
         try:
             return pq.ParquetFile(file).metadata.num_rows

@@ -1,7 +1,10 @@
 """LLaVA-NeXT YAML data mixtures: `datasets: [{json_path, sampling_strategy}]`.
 
 `sampling_strategy` is `all` (default), `first:N`, `end:N` or `random:N`, where N may be
-a count or a percentage (`random:10%`, rounded up as LLaVA-NeXT does). `random` picks its
+a count or a whole percentage (`random:10%`, rounded up), read as LLaVA-NeXT's `train.py` reads
+them: `end:0` is its `[-0:]` (the whole file), `first: 3` is 3 (`int` strips spaces), and what
+LLaVA-NeXT would stop on (`random:2.5%`) or silently take whole (`Random:5`, `first :3`, `all:5`)
+is refused here. `random` picks its
 records with `--seed` (and the entry's position in the list), uniformly without
 replacement, and keeps them in file order (LLaVA's trainer shuffles anyway). Paths are
 relative to the YAML file. The mixture's records are numbered in list order, then file
@@ -45,26 +48,27 @@ def read_mixture(path: Path) -> list[Entry]:
             raise InputError(f"{path}: datasets[{i}] is another YAML mixture ({target}); nest the files instead")
         if not target.exists():
             raise InputError(f"{path}: datasets[{i}]: {target} does not exist (paths are relative to the YAML)")
-        raw = str(item.get("sampling_strategy", "all")).strip()
-        strategy, _, amount = raw.partition(":")
-        strategy, amount = strategy.strip().lower(), amount.strip()
-        if strategy == "all" and not amount:
-            entries.append(Entry(target, "all", ""))
-            continue
-        ok = strategy in ("first", "end", "random") and amount and (
-            amount.isdigit() or (amount.endswith("%") and _is_percent(amount[:-1])))
-        if not ok:
-            raise InputError(f"{path}: datasets[{i}]: sampling_strategy {raw!r}; expected all, first:N, end:N, "
-                             "random:N or a percentage such as random:10%")
-        entries.append(Entry(target, strategy, amount))
+        raw = str(item.get("sampling_strategy", "all"))
+        entries.append(_entry(path, i, target, raw))
     return entries
 
 
-def _is_percent(text: str) -> bool:
-    try:
-        return 0 <= float(text) <= 100
-    except ValueError:
-        return False
+def _entry(path: Path, i: int, target: Path, raw: str) -> Entry:
+    if raw == "all":
+        return Entry(target, "all", "")
+    strategy, colon, amount = raw.partition(":")
+    amount = amount.strip()  # LLaVA-NeXT's int() strips spaces; the name must match exactly
+    number = amount[:-1] if amount.endswith("%") else amount
+    if colon and strategy in ("first", "end", "random") and number.isdigit() and ":" not in amount \
+            and (number == amount or int(number) <= 100):
+        return Entry(target, strategy, amount)
+    hint = ""
+    if colon and strategy.strip().lower() in ("first", "end", "random") and strategy not in ("first", "end", "random"):
+        hint = f" (LLaVA-NeXT matches {strategy.strip().lower()!r} exactly and would take the whole file)"
+    elif "." in number:
+        hint = " (LLaVA-NeXT reads the percentage with int() and stops on a fraction)"
+    raise InputError(f"{path}: datasets[{i}]: sampling_strategy {raw!r}{hint}; expected all, first:N, end:N, "
+                     "random:N or a whole percentage such as random:10%")
 
 
 def _take(amount: str, total: int) -> int:
@@ -81,7 +85,7 @@ def selection(entry: Entry, index: int, total: int, seed: int) -> np.ndarray | r
     if entry.strategy == "first":
         return range(n)
     if entry.strategy == "end":
-        return range(total - n, total)
+        return range(total - n if n else 0, total)  # LLaVA-NeXT's [-0:] is the whole file
     rng = np.random.default_rng([seed, index])
     return np.sort(rng.choice(total, size=n, replace=False))
 

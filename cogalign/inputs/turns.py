@@ -1,10 +1,15 @@
 """Chat-format records to LLaVA turns: `{role, content}` turns (LLaVA-NeXT) and records with
 `messages` instead of `conversations` (TRL / Hugging Face chat format).
 
-- roles: `user` -> `human`, `assistant` -> `gpt` (`human`, `gpt`, `system` stay as they are,
-  so a leading system turn is still refused by the record check);
+- roles: `user` -> `human`, `assistant` -> `gpt` (`human`, `gpt` stay as they are);
+- leading `system` turns (TRL / HF chat data) move to the record's `system` key (their texts
+  joined with newlines; LLaVA has no system turn, LLaMA-Factory's sharegpt reads `system`),
+  never rejected; a `system` turn later on is still refused by the record check;
 - content: a string, or typed parts: `{"type": "image"}` -> `<image>`, `{"type": "text",
-  "text": ...}` -> the text, joined with newlines;
+  "text": ...}` -> the text, joined with newlines; OpenAI's `{"type": "image_url", "image_url":
+  {"url": ...}}` (or a plain string) -> `<image>` with that image: a local path or a
+  `file://` URL (absolute: needs `--allow-absolute-paths`); a remote URL (http, https, data)
+  is kept as the image and the record check rejects it (`image_remote_url`: nothing is fetched);
 - `messages` becomes `conversations`; with it an `images` list becomes `image` (one path: a
   string; several: the list), when the record has no `image`;
 - an image part that names its own file (`{"type": "image", "image"|"path"|"url": "a.png"}`)
@@ -16,6 +21,7 @@ Anything that does not fit is left as it is, for the record check to reject with
 from __future__ import annotations
 
 IMAGE_SOURCE_KEYS = ("image", "path", "url")
+IMAGE_PART_TYPES = ("image", "image_url")
 ROLES = {"user": "human", "assistant": "gpt", "human": "human", "gpt": "gpt", "system": "system"}
 
 
@@ -28,6 +34,10 @@ def _content(value):
             kind = part.get("type")
             if kind == "image":
                 if any(part.get(k) is not None and not isinstance(part.get(k), str) for k in IMAGE_SOURCE_KEYS):
+                    return value
+                parts.append("<image>")
+            elif kind == "image_url":
+                if _image_url(part) is None:
                     return value
                 parts.append("<image>")
             elif kind == "text" and isinstance(part.get("text"), str):
@@ -49,15 +59,44 @@ def _turn(turn):
     return out, True
 
 
+def _image_url(part: dict) -> str | None:
+    """The image an OpenAI `image_url` part names (`file://` URLs as paths), or None."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        return None
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(url).path)
+    return url
+
+
 def _inline_images(conv) -> list:
-    """Paths named by image parts (`{"type": "image", "image": "a.png"}`), in turn order."""
+    """Paths named by image parts (`{"type": "image", "image": "a.png"}`, `image_url`), in turn order."""
     found = []
     for turn in conv if isinstance(conv, list) else ():
         content = turn.get("content") if isinstance(turn, dict) else None
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and part.get("type") == "image":
                 found += [part[k] for k in IMAGE_SOURCE_KEYS if isinstance(part.get(k), str)][:1]
+            elif isinstance(part, dict) and part.get("type") == "image_url" and _image_url(part) is not None:
+                found.append(_image_url(part))
     return found
+
+
+def _lift_system(record: dict) -> dict:
+    """Leading system turns -> the record's `system` text (after any `system` it already has)."""
+    conv = record["conversations"]
+    n = next((i for i, t in enumerate(conv) if not (isinstance(t, dict) and t.get("from") == "system")), len(conv))
+    texts = [t.get("value") for t in conv[:n]]
+    if not n or not all(isinstance(t, str) for t in texts):
+        return record
+    if isinstance(record.get("system"), str):
+        texts.insert(0, record["system"])
+    elif record.get("system") is not None:
+        return record
+    return {**record, "system": "\n".join(texts), "conversations": conv[n:]}
 
 
 def to_llava(record):
@@ -76,7 +115,7 @@ def to_llava(record):
     if isinstance(conv, list) and any(isinstance(t, dict) and t.get("from") is None and "role" in t for t in conv):
         turns, changed = zip(*(_turn(t) for t in conv))
         if any(changed):
-            record = {**record, "conversations": list(turns)}
+            record = _lift_system({**record, "conversations": list(turns)})
             inline = _inline_images(conv)
             if inline and "image" not in record and "images" not in record:
                 record["image"] = inline[0] if len(inline) == 1 else inline

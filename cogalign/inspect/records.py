@@ -174,7 +174,7 @@ def working_image(record: dict, manifest: dict, resolution: tuple[int, int], ima
 def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:
     """The image bytes a Hub parquet / save_to_disk / mixture input embedded for this record (the
     output keeps only the name unless --embed-images); None for a LLaVA JSON input or one not found."""
-    from cogalign.inputs import input_kind, iter_input
+    from cogalign.inputs import input_kind, iter_input, reopen_input
 
     inp, index = Path(str(manifest.get("input") or "")), (record.get("cogalign") or {}).get("index")
     root = Path(str(manifest.get("image_root") or ""))
@@ -188,7 +188,7 @@ def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:
         if index is None or not inp.exists() or input_kind(inp) == "llava":
             return None
         seed = int(manifest.get("options", {}).get("seed") or 0)
-        for pos, rec in iter_input(inp, skip=lambda i: i != index, seed=seed):
+        for pos, rec in iter_input(reopen_input(manifest, inp), skip=lambda i: i != index, seed=seed):  # its split
             if pos == index:
                 return getattr(rec.get("image") if isinstance(rec, dict) else None, "data", None)
     except CogalignError:
