@@ -127,7 +127,8 @@ def test_generate_cli_summary_out_and_bad_values(tiny_run, tmp_path):
     assert mine.read_text() == "my notes\n"
     run_cli(*common, "--out", mine, "--limit", "1", "--overwrite")
     assert len(mine.read_text().splitlines()) == 1 and not list(tmp_path.glob(".*partial"))
-    for bad in (["--batch-size", "0"], ["--max-length", "0"], ["--max-new-tokens", "0"], ["--limit", "-1"]):
+    for bad in (["--batch-size", "0"], ["--max-length", "0"], ["--max-new-tokens", "0"], ["--limit", "-1"],
+                ["--device", "nosuch"]):
         r = run_cli(*common, "--out", tmp_path / "x.jsonl", *bad, expect=2)
         assert r.output.startswith(f"error: {bad[0]} ") and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.jsonl").exists()

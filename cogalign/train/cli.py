@@ -98,10 +98,7 @@ def generate_cmd(
             if value is not None and value < least:
                 raise CogalignError(f"{name} {value}: must be {least} or more")
         check_out(out, overwrite)
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _torch_device(device)
         counts = run_generate(model, data, out, limit, image_root, max_new_tokens, not no_progress,
                               batch_size, max_length, overwrite, device)
     except CogalignError as e:
@@ -113,6 +110,21 @@ def generate_cmd(
         f"({counts['turns_dropped']} earlier turns dropped), {counts['too_long']} not answered (too long with only the question)")
     say(f"time: {counts['seconds']} s  ({rate:.2f} answers/s, batch size {batch_size})")
     say(f"output: {out}")
+
+
+def _torch_device(name: Optional[str]) -> str:
+    """--device checked before any work: a torch device name this machine has."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise CogalignError(f"--device {name!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CogalignError(f"--device {name}: no CUDA GPU here; use --device cpu")
+    return name
 
 
 def eval_cmd(

@@ -25,7 +25,7 @@ DEFAULT_MAX_LENGTH = 2048  # when the run folder does not say what it was traine
 
 
 def load_run(run: Path):
-    """(model, processor, run config) from a `cogalign train` output folder (or any LLaVA checkpoint)."""
+    """(model, processor, vq_tokens) from a `cogalign train` output folder (or any LLaVA checkpoint)."""
     from cogalign.train.model import require_transformers
 
     require_transformers()
@@ -37,7 +37,7 @@ def load_run(run: Path):
     except (OSError, ValueError) as e:
         raise CogalignError(f"cannot load {run}: {str(e).splitlines()[0] if str(e) else e} "
                             "(give a `cogalign train --out` folder)") from None
-    return model.eval(), processor, run_config(run)
+    return model.eval(), processor, run_config(run).get("vq_tokens", "text")
 
 
 def run_config(run: Path) -> dict:
@@ -149,6 +149,18 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
     return answers
 
 
+def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) -> list[str]:
+    """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
+    given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
+    conv = item["record"]["conversations"]
+    image = item["image"]
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    with_image = bool(images) and has_image_token(conv)
+    batch = [Prompt(item["record"].get("id"), i, "", _ids(enc, conv, i, with_image), images if with_image else [], 0)
+             for i in turns]
+    return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
+
+
 def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", max_new_tokens: int = 256,
              max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = DEFAULT_BATCH_SIZE,
              counts: Optional[dict] = None) -> Iterator[dict]:
@@ -203,7 +215,8 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
 
     check_out(out, overwrite)
     ds = ShardDataset(data, image_root=image_root, shuffle=False)
-    model, processor, config = load_run(run)
+    model, processor, vq_tokens = load_run(run)
+    config = run_config(run)
     if device:
         model.to(device)
     max_length = max_length or config.get("max_length") or DEFAULT_MAX_LENGTH
@@ -225,7 +238,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
     started = time.perf_counter()
     try:
         with open(partial, "w") as f, Progress(n, progress, label="records") as bar:
-            for pred in generate(model, processor, items(), config.get("vq_tokens", "text"), max_new_tokens,
+            for pred in generate(model, processor, items(), vq_tokens, max_new_tokens,
                                  max_length, batch_size, counts):
                 f.write(json.dumps(pred) + "\n")
                 counts["answers"] += 1
