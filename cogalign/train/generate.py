@@ -230,7 +230,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
             counts["records"] += 1
             counts["skipped"] += bool(item.get("skip"))
             yield item
-            bar.advance(expanded=True)
+            bar.advance(expanded=item["image"] is not None)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
