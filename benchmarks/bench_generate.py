@@ -5,7 +5,8 @@ pairs (an earlier answer of 0 to 120 words, so the prompts differ in length and 
 left-padded) and one RGB turn spliced in by `cogalign expand --targets px --px-resolution 4`.
 Model: a random `tiny` (seed 0; `--layers`, `--hidden`), built once; so answers run to
 `--max-new-tokens` unless the model happens to emit its end token. Every batch size runs
-`cogalign.train.generate.generate` over the same records (a warm-up pass of 4 records first);
+`cogalign.train.generate.generate` over the same records (a warm-up pass of 4 records first, then
+`--repeats` passes per batch size, interleaved; the median time counts);
 batch size 1 is the one-at-a-time baseline, and every batch size's answers are compared with it.
 
 python benchmarks/bench_generate.py                      # CPU, 48 records, batch 1 vs 8 and 16
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per batch size, interleaved; the median counts (default 3)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
@@ -87,7 +90,13 @@ def main() -> None:
             return preds, time.perf_counter() - t
 
         run(max(sizes), 4)  # warm-up
-        results = {b: run(b) for b in sizes}
+        times = {b: [] for b in sizes}
+        results = {}
+        for _ in range(args.repeats):  # interleaved, so that the machine's load falls on every size alike
+            for b in sizes:
+                results[b], s = run(b)
+                times[b].append(s)
+        results = {b: (results[b], statistics.median(times[b])) for b in sizes}
 
     base_preds, base_s = results[sizes[0]]
     cut = sum(not p["finished"] for p in base_preds)
@@ -95,7 +104,8 @@ def main() -> None:
           f"{args.hidden}, --max-new-tokens {args.max_new_tokens}, device {args.device})\n")
     for key, value in machine_lines(args.device):
         print(f"- {key}: {value}")
-    print(f"- answers: {len(base_preds)}, {cut} of them run to --max-new-tokens (no end token)\n")
+    print(f"- answers: {len(base_preds)}, {cut} of them run to --max-new-tokens (no end token); "
+          f"median of {args.repeats} passes\n")
     print("| batch size | answers | seconds | answers/s | speed-up | answers equal to batch size "
           f"{sizes[0]} |")
     print("|---:|---:|---:|---:|---:|---:|")
