@@ -98,13 +98,17 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
         rec = item["record"]
         if rec is None or item.get("skip"):
             continue
-        conv = rec["conversations"]
-        image = item["image"]
-        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        with_image = bool(images) and has_image_token(conv)
+        conv, images = rec["conversations"], item_images(item)
         for i, kind in inserted_turns(rec):
-            ids, dropped = fit_prompt(enc, conv, i, with_image, max_length)
-            yield Prompt(rec.get("id"), i, kind, ids, images if with_image else [], dropped)
+            ids, dropped = fit_prompt(enc, conv, i, bool(images), max_length)
+            yield Prompt(rec.get("id"), i, kind, ids, images, dropped)
+
+
+def item_images(item: dict) -> list:
+    """The images a `ShardDataset` item shows the model: none unless a human turn has `<image>`."""
+    image = item["image"]
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    return images if images and has_image_token(item["record"]["conversations"]) else []
 
 
 def image_inputs(enc: Encoder, images: list) -> dict:
@@ -152,12 +156,8 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
 def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) -> list[str]:
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
-    conv = item["record"]["conversations"]
-    image = item["image"]
-    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-    with_image = bool(images) and has_image_token(conv)
-    batch = [Prompt(item["record"].get("id"), i, "", _ids(enc, conv, i, with_image), images if with_image else [], 0)
-             for i in turns]
+    conv, images = item["record"]["conversations"], item_images(item)
+    batch = [Prompt(item["record"].get("id"), i, "", _ids(enc, conv, i, bool(images)), images, 0) for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
 
