@@ -100,3 +100,19 @@ def test_rgb_answer_cut_before_end_scores_the_pixels_given(shards):
     assert _json(shards, [{**ALL_RIGHT[1], "text": short}])["px"]["mae"] == pytest.approx(0.5)
     vq = _json(shards, [{**ALL_RIGHT[0], "text": VQ_A[:VQ_A.index("7") + 2]}])["vq"]  # "<vq start>5, 6, 7,"
     assert vq["format_ok"] == 0.0 and vq["index_accuracy"] == 0.75 and vq["truncated"] == 1
+
+
+def test_records_sharing_an_id_are_told_apart_by_index(shards):
+    path = shards / "data" / "train-00000-of-00001.jsonl"
+    twin = json.loads(path.read_text().splitlines()[1])  # a second record with id r2 (index 2)
+    twin["conversations"][3]["value"] = RGB_B
+    path.write_text(path.read_text() + json.dumps(twin) + "\n")
+    preds = [{**p, "index": 0 if p["id"] == "r1" else 1} for p in ALL_RIGHT]
+    preds += [{"id": "r2", "index": 2, "turn": 3, "kind": "px", "text": RGB_B},
+              {"id": "r2", "index": 2, "turn": 5, "kind": "px", "text": RGB_A}]  # wrong
+    result = _json(shards, preds)
+    assert result["px"]["n"] == 5 and result["px"]["exact_match"] == pytest.approx(4 / 5)
+    assert result["unknown_predictions"] == 0
+    assert _json(shards, preds + [{**preds[-1], "id": "r1"}])["unknown_predictions"] == 1  # index 2 is not r1
+    refused = _eval(shards, ALL_RIGHT, expect=2)  # without index, r2 names two records
+    assert "id 'r2' names 2 records" in refused.output and "\"index\"" in refused.output

@@ -114,7 +114,7 @@ def test_generate_cli_summary_out_and_bad_values(tiny_run, tmp_path):
     common = ["generate", "--model", run, "--data", out, "--max-new-tokens", "2", "--no-progress"]
     result = run_cli(*common, "--out", pred, "--max-length", "160", "--batch-size", "4", "--limit", "5")
     lines = [json.loads(l) for l in pred.read_text().splitlines()]
-    assert len(lines) == 5 and set(lines[0]) == {"id", "turn", "kind", "text", "finished", "turns_dropped"}
+    assert len(lines) == 5 and set(lines[0]) == {"id", "index", "turn", "kind", "text", "finished", "turns_dropped"}
     cut = sum(p["turns_dropped"] > 0 for p in lines)
     assert "records: 5  answers: 5" in result.output
     assert f"prompts over --max-length 160: {cut} shortened" in result.output

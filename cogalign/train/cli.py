@@ -79,7 +79,7 @@ def train_cmd(
 def generate_cmd(
     model: Path = typer.Option(..., "--model", help="A `cogalign train` output folder (or a LLaVA checkpoint folder)."),
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` whose inserted turns are answered."),
-    out: Path = typer.Option(Path("predictions.jsonl"), "--out", help="Predictions, one JSON line {id, turn, kind, text, finished, turns_dropped} per inserted turn; an existing file is refused unless --overwrite."),
+    out: Path = typer.Option(Path("predictions.jsonl"), "--out", help="Predictions, one JSON line {id, index, turn, kind, text, finished, turns_dropped} per inserted turn; an existing file is refused unless --overwrite."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Answer the first N records only (N >= 0). Default: all."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: from cogalign.json."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer generated, in tokens (>= 1); a longer one is cut and written with finished=false."),
@@ -129,7 +129,7 @@ def _torch_device(name: Optional[str]) -> str:
 
 def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` with the true answers."),
-    predictions: Path = typer.Option(..., "--predictions", help="JSON lines {id, turn, kind, text}, e.g. from `cogalign generate` (without turn: the id's turns of that kind in order)."),
+    predictions: Path = typer.Option(..., "--predictions", help="JSON lines {id, index, turn, kind, text}, e.g. from `cogalign generate` (without index: the record with that id; without turn: the id's turns of that kind in order)."),
     allow_duplicates: Optional[str] = typer.Option(None, "--allow-duplicates", help="first|last: which prediction counts when a turn has several (file order). Default: refuse such a file."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON instead of a table (psnr: a number, \"inf\" when perfect, null when n is 0). Default: off."),
 ) -> None:

@@ -1,8 +1,10 @@
-"""`cogalign eval`: score answers {"id", "turn", "kind", "text"} to the inserted turns against the
-shards, with the package's own parsers (cogalign.render).
+"""`cogalign eval`: score answers {"id", "index", "turn", "kind", "text"} to the inserted turns
+against the shards, with the package's own parsers (cogalign.render).
 
-Matching. A prediction names its turn by `turn` (the conversation index, as `generate` writes);
-without it, the predictions of an (id, kind) answer that record's turns of the kind in order. A turn
+Matching. A prediction names its record by `index` (its position in shard order, as `generate`
+writes it; without it, by `id`, which must then name one record) and its turn by `turn` (the
+conversation index; without it, an id's predictions of one kind answer its turns of that kind in
+order). A turn
 with several predictions is a duplicate: refused unless `allow_duplicates` says which one counts
 ("first" or "last" in file order). A turn with no prediction is `missing`: counted apart, not
 scored. Predictions for ids or turns the shards do not have are `unknown_predictions`.
@@ -32,21 +34,23 @@ _INDEX = re.compile(r"\s*(\d+)\s*,")
 
 
 def truths(data: Path) -> dict:
-    """{(id, turn): (kind, true answer text)} from the shards, in shard and turn order."""
+    """{(index, turn): (id, kind, true answer text)} from the shards; index is the record's position
+    in shard order (as `generate` writes it)."""
     from cogalign.train.data import shard_files
     from cogalign.train.generate import inserted_turns
     from cogalign.writer import read_shard
 
-    out = {}
+    out, index = {}, 0
     for f in shard_files(data):
         for rec in read_shard(f):
             for i, kind in inserted_turns(rec):
-                out[(rec.get("id"), i)] = (kind, rec["conversations"][i]["value"])
+                out[(index, i)] = (rec.get("id"), kind, rec["conversations"][i]["value"])
+            index += 1
     return out
 
 
-def read_predictions(path: Path) -> list[tuple[int, object, str, Optional[int], str]]:
-    """(line, id, kind, turn or None, text) per non-empty line."""
+def read_predictions(path: Path) -> list[tuple]:
+    """(line, id, kind, index or None, turn or None, text) per non-empty line."""
     out = []
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -54,47 +58,51 @@ def read_predictions(path: Path) -> list[tuple[int, object, str, Optional[int], 
                 continue
             try:
                 p = json.loads(line)
-                turn = p.get("turn")
-                if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int)):
+                where = [p.get("index"), p.get("turn")]
+                if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in where):
                     raise TypeError
-                out.append((n, p["id"], str(p["kind"]), turn, str(p["text"])))
+                out.append((n, p["id"], str(p["kind"]), *where, str(p["text"])))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise CogalignError(f"{path} line {n}: expected JSON {{\"id\", \"kind\", \"text\"}} "
-                                    "with an optional integer \"turn\"") from None
+                                    "with optional integers \"index\" and \"turn\"") from None
     return out
 
 
 def match(true: dict, preds: list, path: Path) -> tuple[dict, int]:
-    """({(id, turn): [(line, text), ...]}, unknown predictions)."""
-    turns_of = defaultdict(list)
-    for (rid, i), (kind, _) in true.items():
-        turns_of[(rid, kind)].append(i)
+    """({(index, turn): [(line, text), ...]}, unknown predictions)."""
+    records_of, turns_of = defaultdict(set), defaultdict(list)
+    for (index, i), (rid, kind, _) in true.items():
+        records_of[rid].add(index)
+        turns_of[(index, kind)].append(i)
     by_turn, unknown, used = defaultdict(list), 0, defaultdict(int)
-    for line, rid, kind, turn, text in preds:
+    for line, rid, kind, index, turn, text in preds:
+        if index is None:
+            found = records_of.get(rid, ())
+            if len(found) > 1:
+                raise CogalignError(f"{path} line {line}: id {rid!r} names {len(found)} records of the shards: "
+                                    "add \"index\" (the record's position, as `cogalign generate` writes it)")
+            index = next(iter(found), None)
         if turn is None:
-            options = turns_of.get((rid, kind), [])
-            j = used[(rid, kind)]
-            used[(rid, kind)] += 1
-            if not options:
-                unknown += 1
-                continue
-            if j >= len(options) and len(options) > 1:
+            options = turns_of.get((index, kind), [])
+            j = used[(index, kind)]
+            used[(index, kind)] += 1
+            if j >= len(options) > 1:
                 raise CogalignError(f"{path} line {line}: id {rid!r} has {len(options)} {kind} turns and more "
                                     "predictions without \"turn\": add \"turn\" (the conversation index) to each")
-            turn = options[min(j, len(options) - 1)]
-        if true.get((rid, turn), (None,))[0] != kind:
-            unknown += 1
+            turn = options[min(j, len(options) - 1)] if options else None
+        if true.get((index, turn), (None, None))[:2] != (rid, kind):
+            unknown += 1  # an id, turn or kind that the shards do not have there
             continue
-        by_turn[(rid, turn)].append((line, text))
+        by_turn[(index, turn)].append((line, text))
     return by_turn, unknown
 
 
-def pick(by_turn: dict, allow_duplicates: Optional[str], path: Path) -> tuple[dict, int]:
-    """({(id, turn): text}, turns with duplicates); refuses duplicates unless told which one wins."""
+def pick(by_turn: dict, allow_duplicates: Optional[str], path: Path, true: dict) -> tuple[dict, int]:
+    """({(index, turn): text}, turns with duplicates); refuses duplicates unless told which one wins."""
     dups = [(k, v) for k, v in by_turn.items() if len(v) > 1]
     if dups and allow_duplicates not in DUPLICATE_CHOICES:
-        (rid, turn), lines = dups[0]
-        raise CogalignError(f"{path}: {len(dups)} turns have more than one prediction (e.g. id {rid!r} turn {turn}: "
+        (index, turn), lines = dups[0]
+        raise CogalignError(f"{path}: {len(dups)} turns have more than one prediction (e.g. id {true[(index, turn)][0]!r} turn {turn}, record {index}: "
                             f"lines {', '.join(str(l) for l, _ in lines)}); pass --allow-duplicates first|last "
                             "to say which one counts")
     at = -1 if allow_duplicates == "last" else 0
@@ -166,9 +174,9 @@ def psnr_json(mse: float):
 def score(data: Path, predictions: Path, allow_duplicates: Optional[str] = None) -> dict:
     true = truths(data)
     by_turn, unknown = match(true, read_predictions(predictions), predictions)
-    chosen, dup_turns = pick(by_turn, allow_duplicates, predictions)
+    chosen, dup_turns = pick(by_turn, allow_duplicates, predictions, true)
     sums = {"vq": defaultdict(float), "px": defaultdict(float)}
-    for key, (kind, answer) in true.items():
+    for key, (_, kind, answer) in true.items():
         s = sums[kind]
         s["turns"] += 1
         s["duplicates"] += len(by_turn.get(key, ())) > 1

@@ -1,5 +1,7 @@
 """`cogalign generate`: greedy answers to every inserted (VQ / RGB) turn, given the image and the
-conversation before that turn, as JSON lines {"id", "turn", "kind", "text", "turns_dropped"}.
+conversation before that turn, as JSON lines {"id", "index", "turn", "kind", "text", "finished",
+"turns_dropped"}: `index` is the record's position in shard order, `turn` the answer's index in its
+conversation, `finished` false for an answer cut at `max_new_tokens`.
 
 Prompts are decoded in batches, left-padded, with the model's own `generate()` (greedy): a row's
 answer does not depend on the batch it is in. A prompt longer than `max_length` tokens loses whole
@@ -61,6 +63,7 @@ def inserted_turns(record: dict) -> Iterator[tuple[int, str]]:
 @dataclass
 class Prompt:
     id: object
+    index: int  # the record's position in shard order
     turn: int
     kind: str
     ids: Optional[list]  # None: over max_length even with only the image and the question
@@ -101,7 +104,7 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
         conv, images = rec["conversations"], item_images(item)
         for i, kind in inserted_turns(rec):
             ids, dropped = fit_prompt(enc, conv, i, bool(images), max_length)
-            yield Prompt(rec.get("id"), i, kind, ids, images, dropped)
+            yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped)
 
 
 def item_images(item: dict) -> list:
@@ -157,7 +160,8 @@ def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) 
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
     conv, images = item["record"]["conversations"], item_images(item)
-    batch = [Prompt(item["record"].get("id"), i, "", _ids(enc, conv, i, bool(images)), images, 0) for i in turns]
+    batch = [Prompt(item["record"].get("id"), item["position"], i, "", _ids(enc, conv, i, bool(images)), images, 0)
+             for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
 
@@ -174,7 +178,7 @@ def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", m
 
     def flush():
         for p, (text, finished) in zip(batch, answer_batch(model, enc, batch, max_new_tokens)):
-            yield {"id": p.id, "turn": p.turn, "kind": p.kind, "text": text, "finished": finished,
+            yield {"id": p.id, "index": p.index, "turn": p.turn, "kind": p.kind, "text": text, "finished": finished,
                    "turns_dropped": p.dropped}
         batch.clear()
 
