@@ -73,24 +73,24 @@ def test_batched_answers_equal_one_at_a_time(tiny_run):
 def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
-    from cogalign.train.generate import fit_prompt, generate, inserted_turns
+    from cogalign.train.generate import _ids, fit_prompt, generate, inserted_turns
 
     _, processor = _model(tiny_run / "run")
     max_length = 160
-    enc = Encoder(processor, max_length + 1)
+    enc, whole = Encoder(processor, max_length + 1), Encoder(processor, 100_000)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     seen = {0: 0, 2: 0}
     for item in ShardDataset(tiny_run / "out", shuffle=False):
         conv = item["record"]["conversations"]
         (turn, _), = inserted_turns(item["record"])
-        full = enc.encode(enc.segments(conv, True, upto=turn))["input_ids"]
+        full = _ids(whole, conv, turn, True)
         ids, dropped = fit_prompt(enc, conv, turn, True, max_length)
         assert ids is not None and len(ids) <= max_length
         assert dropped % 2 == 0 and (dropped == 0) == (len(full) <= max_length)
-        if dropped:
-            assert ids == enc.encode(enc.segments(
-                [{**conv[dropped], "value": "<image>\n" + conv[dropped]["value"]}, *conv[dropped + 1:turn + 1]],
-                True, upto=turn - dropped))["input_ids"]
-        assert ids.count(enc.image_id) == enc.num_image_tokens  # the image stays
+        if dropped:  # the prompt of the conversation from the first question kept, with the image moved there
+            kept = [{**conv[dropped], "value": "<image>\n" + conv[dropped]["value"]}, *conv[dropped + 1:turn + 1]]
+            assert ids == _ids(whole, kept, turn - dropped, True)
+        assert ids.count(image_id) == full.count(image_id) > 0  # the image stays
         question = conv[turn - 1]["value"]
         assert question in processor.tokenizer.decode(ids)[-len(question) - 20:]  # the question ends the prompt
         seen[min(dropped, 2)] += 1
