@@ -84,7 +84,7 @@ def generate_cmd(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: from cogalign.json."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer generated, in tokens (>= 1); a longer one is cut and written with finished=false."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt, in tokens (>= 1): a longer one loses whole earlier turns, oldest first, keeping the image and the question; each cut is counted. Default: the run's training --max-length (cogalign_train.json), else 2048."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (>= 1; left padding, greedy: the answers do not depend on it)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (>= 1; left padding, greedy; in float32 the answers equal one-at-a-time ones)."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu, cuda, cuda:1. Default: cuda when available, else cpu."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file. Default: off (refused)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),

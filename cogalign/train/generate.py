@@ -3,8 +3,8 @@ conversation before that turn, as JSON lines {"id", "index", "turn", "kind", "te
 "turns_dropped"}: `index` is the record's position in shard order, `turn` the answer's index in its
 conversation, `finished` false for an answer cut at `max_new_tokens`.
 
-Prompts are decoded in batches, left-padded, with the model's own `generate()` (greedy): a row's
-answer does not depend on the batch it is in. A prompt longer than `max_length` tokens loses whole
+Prompts are decoded in batches, left-padded, with the model's own `generate()` (greedy): in
+float32 a row's answer does not depend on the batch it is in. A prompt longer than `max_length` tokens loses whole
 earlier turns, oldest first (a question with the answers after it); the image moves to the first
 kept question, and the question being answered always stays. `turns_dropped` counts the turns a
 prompt lost; a prompt over `max_length` with only the image and its question is not answered and is
