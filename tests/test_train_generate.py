@@ -73,7 +73,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_run):
 def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
-    from cogalign.train.generate import _ids, fit_prompt, generate, inserted_turns
+    from cogalign.train.generate import _ids, fit_prompt, generate, inserted_turns, item_images
 
     _, processor = _model(tiny_run / "run")
     max_length = 160
@@ -81,15 +81,15 @@ def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     seen = {0: 0, 2: 0}
     for item in ShardDataset(tiny_run / "out", shuffle=False):
-        conv = item["record"]["conversations"]
+        conv, images = item["record"]["conversations"], item_images(item)
         (turn, _), = inserted_turns(item["record"])
-        full = _ids(whole, conv, turn, True)
-        ids, dropped = fit_prompt(enc, conv, turn, True, max_length)
-        assert ids is not None and len(ids) <= max_length
+        full = _ids(whole, conv, turn, images)
+        ids, dropped, problem = fit_prompt(enc, conv, turn, images, max_length)
+        assert problem is None and len(images) == 1 and len(ids) <= max_length
         assert dropped % 2 == 0 and (dropped == 0) == (len(full) <= max_length)
         if dropped:  # the prompt of the conversation from the first question kept, with the image moved there
             kept = [{**conv[dropped], "value": "<image>\n" + conv[dropped]["value"]}, *conv[dropped + 1:turn + 1]]
-            assert ids == _ids(whole, kept, turn - dropped, True)
+            assert ids == _ids(whole, kept, turn - dropped, images)
         assert ids.count(image_id) == full.count(image_id) > 0  # the image stays
         question = conv[turn - 1]["value"]
         assert question in processor.tokenizer.decode(ids)[-len(question) - 20:]  # the question ends the prompt
@@ -100,12 +100,12 @@ def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     counts = {}
     preds = list(generate(model, processor, _items(tiny_run / "out"), max_new_tokens=2, max_length=max_length,
                           batch_size=8, counts=counts))
-    assert len(preds) == 8 and counts["shortened"] == seen[2] and counts["too_long"] == 0
+    assert len(preds) == 8 and counts["shortened"] == seen[2] and counts["unanswered"] == {}
     assert counts["turns_dropped"] == sum(p["turns_dropped"] for p in preds) > 0
     # below the image + the question nothing fits: no answer, counted
     counts = {}
     assert list(generate(model, processor, _items(tiny_run / "out"), max_new_tokens=2, max_length=12,
-                         counts=counts)) == [] and counts["too_long"] == 8
+                         counts=counts)) == [] and counts["unanswered"] == {"too_long": 8}
 
 
 def test_generate_cli_summary_out_and_bad_values(tiny_run, tmp_path):

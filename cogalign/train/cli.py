@@ -106,8 +106,12 @@ def generate_cmd(
     rate = counts["answers"] / counts["seconds"] if counts["seconds"] else 0.0
     say(f"records: {counts['records']}  answers: {counts['answers']} ({counts['unfinished']} cut at "
         f"--max-new-tokens {max_new_tokens})  skipped records (image unreadable): {counts['skipped']}")
+    unanswered = counts["unanswered"]
     say(f"prompts over --max-length {counts['max_length']}: {counts['shortened']} shortened "
-        f"({counts['turns_dropped']} earlier turns dropped), {counts['too_long']} not answered (too long with only the question)")
+        f"({counts['turns_dropped']} earlier turns dropped), {unanswered.get('too_long', 0)} not answered "
+        "(too long with only the question)")
+    if set(unanswered) - {"too_long"}:
+        say(f"prompts not answered: {unanswered}")
     say(f"time: {counts['seconds']} s  ({rate:.2f} answers/s, batch size {batch_size})")
     say(f"output: {out}")
 

@@ -7,8 +7,9 @@ Prompts are decoded in batches, left-padded, with the model's own `generate()` (
 float32 a row's answer does not depend on the batch it is in. A prompt longer than `max_length` tokens loses whole
 earlier turns, oldest first (a question with the answers after it); the image moves to the first
 kept question, and the question being answered always stays. `turns_dropped` counts the turns a
-prompt lost; a prompt over `max_length` with only the image and its question is not answered and is
-counted as `too_long`.
+prompt lost. A prompt over `max_length` with only the image and its question is not answered and
+is counted as `too_long`; one that cannot be built (`<image>` marks that do not match the record's
+images) is counted under that reason.
 """
 from __future__ import annotations
 
@@ -66,33 +67,45 @@ class Prompt:
     index: int  # the record's position in shard order
     turn: int
     kind: str
-    ids: Optional[list]  # None: over max_length even with only the image and the question
+    ids: Optional[list]  # None: not answered, for the reason in `problem`
     images: list
     dropped: int  # earlier turns left out to fit max_length
+    problem: Optional[str] = None  # too_long: over max_length with only the image(s) and the question
 
 
-def _ids(enc: Encoder, turns: list[dict], upto: int, with_image: bool) -> list[int]:
+def item_images(item: dict) -> list:
+    """The images a `ShardDataset` item shows the model: none unless a human turn has `<image>`."""
+    images = item.get("images")
+    if images is None:
+        images = [] if item.get("image") is None else [item["image"]]
+    return list(images) if images and has_image_token(item["record"]["conversations"]) else []
+
+
+def _ids(enc: Encoder, turns: list[dict], upto: int, images: list) -> list[int]:
     """Token ids of the prompt for gpt turn `upto`: exactly the prefix training renders before it."""
-    return enc.encode(enc.segments(turns, with_image, upto=upto))["input_ids"]
+    return enc.prompt_ids(turns, upto, images)
 
 
-def fit_prompt(enc: Encoder, turns: list[dict], upto: int, with_image: bool, max_length: int):
-    """(ids, turns dropped) of the prompt for turn `upto` within `max_length` tokens, dropping whole
-    earlier turns (each start is a human turn); (None, upto) when even the question alone is too long.
-    `enc` must allow max_length + 1 tokens, so that an over-long prompt shows by its length."""
+def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int):
+    """(ids, turns dropped, problem) of the prompt for turn `upto` within `max_length` tokens, dropping
+    whole earlier turns (each start is a human turn); the `<image>` marks of the dropped turns move to
+    the first kept one. (None, upto, "too_long") when even the question alone is too long; ValueError
+    (a reason) when the record cannot be prompted at all."""
     starts = [0] + [j for j in range(1, upto) if turns[j].get("from") == "human"]
-    image_before = with_image and has_image_token(turns[:upto])
     for j in starts:
         kept = list(turns[j:upto + 1])
-        if image_before and not has_image_token(kept):
-            kept[0] = {**kept[0], "value": f"{IMAGE}\n{kept[0]['value']}"}
+        moved = sum(t["value"].count(IMAGE) for t in turns[:j] if t.get("from") == "human") if images else 0
+        if moved:
+            kept[0] = {**kept[0], "value": f"{IMAGE}\n" * moved + kept[0]["value"]}
         try:
-            ids = _ids(enc, kept, upto - j, with_image)
-        except ValueError:  # not even the image fits
-            return None, upto
+            ids = _ids(enc, kept, upto - j, images)
+        except ValueError as e:
+            if str(e) == "max_length_below_image":  # not even the image fits
+                break
+            raise
         if len(ids) <= max_length:
-            return ids, j
-    return None, upto
+            return ids, j, None
+    return None, upto, "too_long"
 
 
 def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Prompt]:
@@ -103,20 +116,11 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
             continue
         conv, images = rec["conversations"], item_images(item)
         for i, kind in inserted_turns(rec):
-            ids, dropped = fit_prompt(enc, conv, i, bool(images), max_length)
-            yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped)
-
-
-def item_images(item: dict) -> list:
-    """The images a `ShardDataset` item shows the model: none unless a human turn has `<image>`."""
-    image = item["image"]
-    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-    return images if images and has_image_token(item["record"]["conversations"]) else []
-
-
-def image_inputs(enc: Encoder, images: list) -> dict:
-    """Every tensor the image processor gives (pixel_values, and image_sizes for LLaVA-NeXT)."""
-    return dict(enc.processor.image_processor(images, return_tensors="pt"))
+            try:
+                ids, dropped, problem = fit_prompt(enc, conv, i, images, max_length)
+            except ValueError as e:
+                ids, dropped, problem = None, 0, str(e)
+            yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped, problem)
 
 
 def stop_ids(model, tok) -> list[int]:
@@ -144,7 +148,7 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
     images = [im for p in batch for im in p.images]
     if images:
         dtype = next(model.parameters()).dtype
-        for key, value in image_inputs(enc, images).items():
+        for key, value in enc.pixels(images).items():
             inputs[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -160,7 +164,7 @@ def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) 
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
     conv, images = item["record"]["conversations"], item_images(item)
-    batch = [Prompt(item["record"].get("id"), item["position"], i, "", _ids(enc, conv, i, bool(images)), images, 0)
+    batch = [Prompt(item["record"].get("id"), item["position"], i, "", _ids(enc, conv, i, images), images, 0)
              for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
@@ -169,11 +173,13 @@ def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", m
              max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = DEFAULT_BATCH_SIZE,
              counts: Optional[dict] = None) -> Iterator[dict]:
     """Items are `ShardDataset` items (record + image); yields one prediction per inserted turn that
-    fits `max_length`, in order. `counts` (if given) gets too_long, shortened, turns_dropped."""
+    fits `max_length`, in order. `counts` (if given) gets shortened, turns_dropped, and unanswered
+    {reason: prompts} (too_long: over max_length with only the image and the question)."""
     enc = Encoder(processor, max_length + 1, vq_tokens)
     counts = counts if counts is not None else {}
-    for key in ("too_long", "shortened", "turns_dropped"):
+    for key in ("shortened", "turns_dropped"):
         counts.setdefault(key, 0)
+    counts.setdefault("unanswered", {})
     batch: list[Prompt] = []
 
     def flush():
@@ -184,7 +190,7 @@ def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", m
 
     for p in prompts(enc, items, max_length):
         if p.ids is None:
-            counts["too_long"] += 1
+            counts["unanswered"][p.problem] = counts["unanswered"].get(p.problem, 0) + 1
             continue
         counts["shortened"] += p.dropped > 0
         counts["turns_dropped"] += p.dropped
