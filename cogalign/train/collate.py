@@ -182,17 +182,6 @@ class Encoder:
                 truncated[kind] += 1
         return {"input_ids": ids, "labels": labels, "kinds": kinds, "truncated": truncated}
 
-    def prompt_ids(self, turns: list[dict], upto: int, images: list = ()) -> list[int]:
-        """The generation prompt of gpt turn `upto`: the same tokens training puts before its answer."""
-        return self.encode(self.segments(turns, bool(images), upto=upto))["input_ids"]
-
-    def pixels(self, images: list) -> dict:
-        """`pixel_values` (and `image_sizes` for LLaVA-NeXT) of the images, in order."""
-        if not images:
-            return {}
-        got = self.processor.image_processor(images, return_tensors="pt")
-        return {k: got[k] for k in ("pixel_values", "image_sizes") if k in got}
-
     def decode_answer(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=False)
         text = text.split(self.eos)[0].strip() if self.eos else text.strip()

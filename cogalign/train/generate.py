@@ -83,7 +83,17 @@ def item_images(item: dict) -> list:
 
 def _ids(enc: Encoder, turns: list[dict], upto: int, images: list) -> list[int]:
     """Token ids of the prompt for gpt turn `upto`: exactly the prefix training renders before it."""
-    return enc.prompt_ids(turns, upto, images)
+    if hasattr(enc, "prompt_ids"):
+        return enc.prompt_ids(turns, upto, images)
+    return enc.encode(enc.segments(turns, bool(images), upto=upto))["input_ids"]  # the earlier Encoder
+
+
+def _pixels(enc: Encoder, images: list) -> dict:
+    """pixel_values (and image_sizes for LLaVA-NeXT): what the collator gives the model."""
+    if hasattr(enc, "pixels"):
+        return enc.pixels(images)
+    got = enc.processor.image_processor(images, return_tensors="pt")  # the earlier Encoder
+    return {k: got[k] for k in ("pixel_values", "image_sizes") if k in got}
 
 
 def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int):
@@ -148,7 +158,7 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
     images = [im for p in batch for im in p.images]
     if images:
         dtype = next(model.parameters()).dtype
-        for key, value in enc.pixels(images).items():
+        for key, value in _pixels(enc, images).items():
             inputs[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
