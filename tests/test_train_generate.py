@@ -70,6 +70,24 @@ def test_batched_answers_equal_one_at_a_time(tiny_run):
     assert all(p["kind"] == "px" and p["turns_dropped"] == 0 for p in one)
 
 
+def test_llava_next_batches_with_image_sizes(tiny_run):
+    """LLaVA-NeXT (anyres): every image input of the processor reaches generate(), batched answers
+    equal one-at-a-time ones. Needs the `tiny-next` builder (the LLaVA-NeXT part of issue 13)."""
+    from cogalign.train import model as builders
+    from cogalign.train.generate import generate
+
+    if "tiny-next" not in getattr(builders, "TINY_MODELS", ()):
+        pytest.skip("no tiny-next builder in this tree")
+    model, processor = builders.load("tiny-next", tiny_run / "out", seed=0)
+    model.eval()
+    calls, real = [], model.generate
+    model.generate = lambda **kw: calls.append(sorted(kw)) or real(**kw)
+    one = list(generate(model, processor, _items(tiny_run / "out"), max_new_tokens=4, max_length=4096, batch_size=1))
+    many = list(generate(model, processor, _items(tiny_run / "out"), max_new_tokens=4, max_length=4096, batch_size=4))
+    assert len(one) == 8 and many == one
+    assert all("image_sizes" in kw and "pixel_values" in kw for kw in calls)
+
+
 def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
