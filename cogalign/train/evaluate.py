@@ -102,9 +102,9 @@ def pick(by_turn: dict, allow_duplicates: Optional[str], path: Path, true: dict)
     dups = [(k, v) for k, v in by_turn.items() if len(v) > 1]
     if dups and allow_duplicates not in DUPLICATE_CHOICES:
         (index, turn), lines = dups[0]
-        raise CogalignError(f"{path}: {len(dups)} turns have more than one prediction (e.g. id {true[(index, turn)][0]!r} turn {turn}, record {index}: "
-                            f"lines {', '.join(str(l) for l, _ in lines)}); pass --allow-duplicates first|last "
-                            "to say which one counts")
+        where = f"id {true[(index, turn)][0]!r} turn {turn}, record {index}: lines {', '.join(str(l) for l, _ in lines)}"
+        raise CogalignError(f"{path}: {len(dups)} turns have more than one prediction (e.g. {where}); "
+                            "pass --allow-duplicates first|last to say which one counts")
     at = -1 if allow_duplicates == "last" else 0
     return {k: v[at][1] for k, v in by_turn.items()}, len(dups)
 
