@@ -79,35 +79,73 @@ def train_cmd(
 def generate_cmd(
     model: Path = typer.Option(..., "--model", help="A `cogalign train` output folder (or a LLaVA checkpoint folder)."),
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` whose inserted turns are answered."),
-    out: Path = typer.Option(Path("predictions.jsonl"), "--out", help="Predictions, one JSON line {id, kind, text} per inserted turn."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Answer the first N records only. Default: all."),
+    out: Path = typer.Option(Path("predictions.jsonl"), "--out", help="Predictions, one JSON line {id, index, turn, kind, text, finished, turns_dropped} per inserted turn; an existing file is refused unless --overwrite."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Answer the first N records only (N >= 0). Default: all."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: from cogalign.json."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer generated."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer generated, in tokens (>= 1); a longer one is cut and written with finished=false."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt, in tokens (>= 1): a longer one loses whole earlier turns, oldest first, keeping the image and the question; each cut is counted. Default: the run's training --max-length (cogalign_train.json), else 2048."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (>= 1; left padding, greedy; in float32 the answers equal one-at-a-time ones)."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu, cuda, cuda:1. Default: cuda when available, else cpu."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file. Default: off (refused)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
     """Greedy-decode the answer to every inserted VQ/RGB turn, given the image and the conversation before it."""
-    from cogalign.train.generate import run_generate
+    from cogalign.train.generate import check_out, run_generate
 
     try:
-        counts = run_generate(model, data, out, limit, image_root, max_new_tokens, not no_progress)
+        for name, value, least in (("--limit", limit, 0), ("--max-new-tokens", max_new_tokens, 1),
+                                   ("--max-length", max_length, 1), ("--batch-size", batch_size, 1)):
+            if value is not None and value < least:
+                raise CogalignError(f"{name} {value}: must be {least} or more")
+        check_out(out, overwrite)
+        device = _torch_device(device)
+        counts = run_generate(model, data, out, limit, image_root, max_new_tokens, not no_progress,
+                              batch_size, max_length, overwrite, device)
     except CogalignError as e:
         fail(str(e))
-    say(f"records: {counts['records']}  answers: {counts['answers']}  skipped (image unreadable): {counts['skipped']}")
+    rate = counts["answers"] / counts["seconds"] if counts["seconds"] else 0.0
+    say(f"records: {counts['records']}  answers: {counts['answers']} ({counts['unfinished']} cut at "
+        f"--max-new-tokens {max_new_tokens})  skipped records (image unreadable): {counts['skipped']}")
+    unanswered = counts["unanswered"]
+    say(f"prompts over --max-length {counts['max_length']}: {counts['shortened']} shortened "
+        f"({counts['turns_dropped']} earlier turns dropped), {unanswered.get('too_long', 0)} not answered "
+        "(too long with only the question)")
+    if set(unanswered) - {"too_long"}:
+        say(f"prompts not answered: {unanswered}")
+    say(f"time: {counts['seconds']} s  ({rate:.2f} answers/s, batch size {batch_size})")
     say(f"output: {out}")
+
+
+def _torch_device(name: Optional[str]) -> str:
+    """--device checked before any work: a torch device name this machine has."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise CogalignError(f"--device {name!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CogalignError(f"--device {name}: no CUDA GPU here; use --device cpu")
+    return name
 
 
 def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` with the true answers."),
-    predictions: Path = typer.Option(..., "--predictions", help="JSON lines {id, kind, text}, e.g. from `cogalign generate`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON instead of a table. Default: off."),
+    predictions: Path = typer.Option(..., "--predictions", help="JSON lines {id, index, turn, kind, text}, e.g. from `cogalign generate` (without index: the record with that id; without turn: the id's turns of that kind in order)."),
+    allow_duplicates: Optional[str] = typer.Option(None, "--allow-duplicates", help="first|last: which prediction counts when a turn has several (file order). Default: refuse such a file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON instead of a table (psnr: a number, \"inf\" when perfect, null when n is 0). Default: off."),
 ) -> None:
-    """Score predicted VQ/RGB answers: format validity, VQ index accuracy and length error, RGB exact match, MAE, PSNR."""
-    from cogalign.train.evaluate import score, table
+    """Score predicted VQ/RGB answers: format validity, VQ index accuracy and length error, RGB exact match, MAE, PSNR; missing and duplicate predictions counted apart."""
+    from cogalign.train.evaluate import DUPLICATE_CHOICES, score, table
 
     try:
+        if allow_duplicates is not None and allow_duplicates not in DUPLICATE_CHOICES:
+            raise CogalignError(f"--allow-duplicates {allow_duplicates!r}: choose first or last")
         if not predictions.is_file():
             raise CogalignError(f"{predictions}: no such file (write it with `cogalign generate`)")
-        result = score(data, predictions)
+        result = score(data, predictions, allow_duplicates)
     except CogalignError as e:
         fail(str(e))
     if as_json:
