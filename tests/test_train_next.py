@@ -185,3 +185,30 @@ def test_print_sample_renders_a_record_as_training_does(out):
     assert "ASSISTANT: Red and blue.</s>USER: RGB of " in sample["input_text"]
     res = run_cli("train", "--model", "tiny", "--data", out, "--print-sample", "5", expect=2)
     assert "image_token_in_answer" in res.output
+
+
+def test_hub_parquet_input_images_are_read_from_its_bytes(tmp_path):
+    """A Hub-style parquet input (`image` as {bytes, path}) expanded without --embed-images: the
+    output keeps the path only, and training reads the bytes back from the input."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i, (w, h) in enumerate(SIZES):
+        buf = io.BytesIO()
+        red_quarter(w, h).save(buf, format="PNG")
+        rows.append({"id": f"h{i}", "image": {"bytes": buf.getvalue(), "path": f"nowhere/h{i}.png"},
+                     "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                       {"from": "gpt", "value": "Red and blue."}]})
+    (tmp_path / "hub").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub" / "train.parquet")
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps({"vq": ["VQ of this image?"], "px": ["RGB of this image?"]}))
+    out = tmp_path / "out"
+    run_cli("expand", tmp_path / "hub" / "train.parquet", "--out", out, "--targets", "px", "--px-resolution", "2",
+            "--templates", templates, "--workers", "0", "--no-progress")
+    items = list(ShardDataset(out, shuffle=False))
+    assert [it["skip"] for it in items] == [None] * len(SIZES)
+    assert [it["images"][0].size for it in items] == SIZES

@@ -36,6 +36,19 @@ def record_of_row(row: dict) -> dict:
     return record
 
 
+def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
+    """The image bytes that the run's Hub parquet / save_to_disk input embedded for this record (the
+    output keeps only the path unless --embed-images); None for a LLaVA JSON input or one not found.
+    Reads the input's row group that holds the record: expand with --embed-images to train fast."""
+    from cogalign.inspect.records import _bytes_from_input
+    from cogalign.layout import read_manifest
+
+    try:
+        return _bytes_from_input(record, read_manifest(Path(out)))
+    except CogalignError:
+        return None
+
+
 def shard_files(out: Path) -> list[Path]:
     data = Path(out) / "data"
     files = sorted(data.glob("*.parquet")) or sorted(data.glob("*.jsonl"))
@@ -161,8 +174,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     raise RecordError("image_bad_type", f"image {k} is {type(name).__name__}, expected a path")
                 if k == 0 and embedded:
                     images.append(to_rgb(load_image_bytes(embedded, name)))
-                else:
+                    continue
+                try:
                     images.append(to_rgb(load_image(resolve_image_path(name, self.image_root, self.allow_absolute_paths))))
+                except RecordError as e:  # a Hub parquet / save_to_disk input: its bytes, if it is still there
+                    data = input_image_bytes(self.files[0].parent.parent, record) if k == 0 and e.reason == "image_missing" else None
+                    if data is None:
+                        raise
+                    images.append(to_rgb(load_image_bytes(data, name)))
         except RecordError as e:
             return {"images": [], "image": None, "skip": e.reason, "detail": f"{record.get('id')}: {e}"}
         return {"images": images, "image": images[0] if images else None, "skip": None, "detail": ""}
