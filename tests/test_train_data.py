@@ -96,6 +96,11 @@ def test_labels_only_on_gpt_answers_token_by_token(processor):
     first = ids.index(enc.image_id)
     assert tok.decode(ids[:first]).endswith("questions. USER: ") and tok.decode(ids[first + 16:]).startswith("\nWhat")
     assert row["kinds"].count(2) == len(runs(ids, labels)[1]) and row["kinds"].count(3) == len(runs(ids, labels)[2])
+    # the generation prompt of each answer is the training prefix, token for token (generate's too)
+    starts = [i for i, l in enumerate(labels) if l != IGNORE and labels[i - 1] == IGNORE]
+    for k, start in zip((1, 3, 5), starts):
+        assert enc.prompt_ids(_turns(), k, [_image()]) == ids[:start]
+        assert enc.encode(enc.segments(_turns(), True, upto=k))["input_ids"] == ids[:start]
     # the image expansion matches LlavaProcessor's own
     got = processor(text="x <image> y", images=_image())["input_ids"][0]
     assert list(got).count(enc.image_id) == enc.num_image_tokens

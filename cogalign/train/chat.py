@@ -6,8 +6,9 @@ of the answer to the end of the template's end-of-turn token (`</s>`, `<|im_end|
 `<|eot_id|>` ...); where the template ends an assistant turn without one (llava-hf 1.5), the
 tokenizer's eos is put there and supervised, as LLaVA's preprocess_v1 does. Spans come from the
 template's `{% generation %}` markers where it has them, else from rendering the conversation's
-prefixes (the prompt of turn k with `add_generation_prompt`, then turn k itself): never from
-searching for the answer's text. `upto=k` renders the generation prompt of gpt turn k.
+prefixes (turn k itself after the prompt of turn k): never from searching for the answer's text.
+A span starts where the generation prompt of its turn ends, so the blank between the prompt and
+the answer (`ASSISTANT:` + ` A`) is supervised with it and the prompt is the training prefix. `upto=k` renders the generation prompt of gpt turn k.
 """
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def vicuna(turns: list[dict], eos: str, upto: Optional[int] = None, image: str =
         elif i == upto:
             return Rendered(text + "ASSISTANT:", spans)
         else:
-            text += "ASSISTANT: "
-            start = len(text)
-            text += turn["value"] + eos
+            text += "ASSISTANT:"
+            start = len(text)  # the answer's span starts where the generation prompt ends
+            text += " " + turn["value"] + eos
             spans.append((start, len(text), answer_kind(turn["value"])))
     return Rendered(text, spans)
 
@@ -90,22 +91,22 @@ def template(tok, chat_template: str, turns: list[dict], upto: Optional[int] = N
              image: str = IMAGE) -> Rendered:
     msgs = messages(turns[:upto] if upto is not None else turns, image)
     assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    prompt = upto is not None
-    if _GENERATION.search(chat_template):
-        text, raw = _render(tok, chat_template, msgs, prompt, marks=True)
-        raw = [(s, e) for s, e in raw]
-    else:  # the prefixes: prompt of turn k, then turn k; each must extend the one before
-        text, raw = _render(tok, chat_template, msgs, prompt), []
-        for k in assistants:
-            head = _render(tok, chat_template, msgs[:k], True)
-            whole = _render(tok, chat_template, msgs[:k + 1], False)
-            if not (whole.startswith(head) and text.startswith(whole)):
-                raise CogalignError("the chat template renders a conversation differently from its beginning "
-                                    "(not prefix-stable): add {% generation %} markers around the assistant text")
-            raw.append((len(head), len(whole)))
-    if len(raw) != len(assistants):
-        raise CogalignError(f"the chat template marks {len(raw)} assistant turns of {len(assistants)}: "
-                            "wrap each assistant text in {% generation %} ... {% endgeneration %}")
+    prompt, marked = upto is not None, bool(_GENERATION.search(chat_template))
+    text, marks = _render(tok, chat_template, msgs, prompt, marks=True) if marked else \
+        (_render(tok, chat_template, msgs, prompt), None)
+    raw = []
+    for j, k in enumerate(assistants):
+        # an answer starts where its generation prompt ends, so the prompt is the training prefix
+        head = _render(tok, chat_template, msgs[:k], True)
+        if marked and j < len(marks):
+            start, end = marks[j]
+            raw.append((len(head) if text.startswith(head) and len(head) <= start else start, end))
+            continue
+        whole = _render(tok, chat_template, msgs[:k + 1], False)
+        if not (whole.startswith(head) and text.startswith(whole)):
+            raise CogalignError("the chat template renders a conversation differently from its beginning "
+                                "(not prefix-stable): add {% generation %} markers around the assistant text")
+        raw.append((len(head), len(whole)))
     return close_turns(Rendered(text), raw, [answer_kind(msgs[k]["content"][0]["text"]) for k in assistants],
                        end_of_turn_tokens(tok, image), tok.eos_token or "")
 
