@@ -57,7 +57,7 @@ def image_problem(turns: list[dict], n_images: int, image: str = IMAGE) -> Optio
 def fit_image_processor(processor, resize: str) -> None:
     """Make the processor show the model the image `expand`'s targets describe (its `--resize`):
     stretch or pad (LLaVA's expand2square with the mean colour) to the vision tower's square,
-    never a centre crop (`crop` keeps CLIP's resize + centre crop, which is that mode). LLaVA-NeXT's
+    never a centre crop (but for `crop`, whose targets describe the centre square). LLaVA-NeXT's
     anyres already covers the whole image; only its centre crop is turned off. Saved with the run,
     so `AutoProcessor.from_pretrained(RUN)` preprocesses as training did."""
     from transformers import LlavaImageProcessor
@@ -66,13 +66,12 @@ def fit_image_processor(processor, resize: str) -> None:
     if hasattr(ip, "image_grid_pinpoints"):
         ip.do_center_crop = False
         return
-    if resize == "crop":
-        return
     size, crop = ip.crop_size or ip.size, ip.size
     h = size.height or crop.height or crop.shortest_edge
     w = size.width or crop.width or crop.shortest_edge
+    resize_to = {"shortest_edge": min(h, w)} if resize == "crop" else {"height": h, "width": w}
     processor.image_processor = LlavaImageProcessor(
-        size={"height": h, "width": w}, crop_size={"height": h, "width": w}, do_center_crop=False,
+        size=resize_to, crop_size={"height": h, "width": w}, do_center_crop=resize == "crop",
         do_pad=resize == "pad", image_mean=ip.image_mean, image_std=ip.image_std, resample=ip.resample,
         rescale_factor=ip.rescale_factor, do_normalize=ip.do_normalize, do_rescale=ip.do_rescale)
 
