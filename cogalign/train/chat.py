@@ -37,18 +37,19 @@ class Rendered:
     spans: list = field(default_factory=list)   # (start, end, kind) of each supervised answer + end of turn
 
 
-def split_images(value: str, image: str = IMAGE) -> tuple[int, str]:
+def split_images(value: str) -> tuple[int, str]:
     """LLaVA's preprocess_multimodal: the `<image>` tokens of a human turn go in front of its text."""
-    n = value.count(image)
-    return n, (value.replace(image, "").strip() if n else value)
+    n = value.count(IMAGE)
+    return n, (value.replace(IMAGE, "").strip() if n else value)
 
 
 def vicuna(turns: list[dict], eos: str, upto: Optional[int] = None, image: str = IMAGE) -> Rendered:
-    """LLaVA's conv_vicuna_v1 `get_prompt()`; with `upto`, the prompt ends in `ASSISTANT:`."""
+    """LLaVA's conv_vicuna_v1 `get_prompt()` (`image`: the model's image token); with `upto`, the
+    prompt ends in `ASSISTANT:`."""
     text, spans = VICUNA_SYSTEM + " ", []
     for i, turn in enumerate(turns):
         if turn["from"] == "human":
-            n, value = split_images(turn["value"], image)
+            n, value = split_images(turn["value"])
             text += "USER: " + (image + "\n") * n + value + " "
         elif i == upto:
             return Rendered(text + "ASSISTANT:", spans)
@@ -60,12 +61,12 @@ def vicuna(turns: list[dict], eos: str, upto: Optional[int] = None, image: str =
     return Rendered(text, spans)
 
 
-def messages(turns: list[dict], image: str = IMAGE) -> list[dict]:
+def messages(turns: list[dict]) -> list[dict]:
     """LLaVA turns → chat messages with typed parts (`{"type": "image"}` in front of the text)."""
     out = []
     for turn in turns:
         if turn["from"] == "human":
-            n, value = split_images(turn["value"], image)
+            n, value = split_images(turn["value"])
             out.append({"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": value}]})
         else:
             out.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
@@ -89,7 +90,7 @@ def end_of_turn_tokens(tok, image: str) -> list[str]:
 
 def template(tok, chat_template: str, turns: list[dict], upto: Optional[int] = None,
              image: str = IMAGE) -> Rendered:
-    msgs = messages(turns[:upto] if upto is not None else turns, image)
+    msgs = messages(turns[:upto] if upto is not None else turns)
     assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     prompt, marked = upto is not None, bool(_GENERATION.search(chat_template))
     text, marks = _render(tok, chat_template, msgs, prompt, marks=True) if marked else \
