@@ -27,22 +27,27 @@ def red_quarter(w: int = 96, h: int = 48) -> Image.Image:
     return Image.fromarray(arr)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """Records with images of several shapes, a two-image record, and one with `<image>` in an answer."""
-    root = tmp_path_factory.mktemp("next")
-    (root / "images").mkdir()
+def make_source(root, extras: bool = True):
+    """Records with images of several shapes; with `extras`, a two-image record and one with
+    `<image>` in an answer."""
+    (root / "images").mkdir(parents=True)
     records = []
     for i, (w, h) in enumerate(SIZES):
         red_quarter(w, h).save(root / "images" / f"im{i}.png")
         records.append({"id": f"r{i}", "image": f"images/im{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red and blue."}]})
-    records.append({"id": "two", "image": ["images/im0.png", "images/im1.png"], "conversations": [
-        {"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Alike."}]})
-    records.append({"id": "leak", "image": "images/im1.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "It shows <image> here."}]})
+    if extras:
+        records.append({"id": "two", "image": ["images/im0.png", "images/im1.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Alike."}]})
+        records.append({"id": "leak", "image": "images/im1.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "It shows <image> here."}]})
     (root / "data.json").write_text(json.dumps(records))
     return root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_source(tmp_path_factory.mktemp("next"))
 
 
 def expand(source, out, *extra):
@@ -99,38 +104,38 @@ def unnormalize(pixels, ip) -> np.ndarray:
 
 
 @pytest.mark.parametrize("resize", ["stretch", "pad", "crop"])
-def test_the_model_sees_the_whole_image(source, tmp_path, resize):
+def test_the_model_sees_the_whole_image(tmp_path, resize):
     """A 96×48 image whose left quarter is red: the pixels cover all of it (no centre crop), and
     the processor saved in RUN shows the model the same pixels."""
     from transformers import AutoProcessor
 
-    out = expand(source, tmp_path / "out", "--resize", resize)
+    out = expand(make_source(tmp_path / "src", extras=False), tmp_path / "out", "--resize", resize)
     run = tmp_path / "run"
     run_cli("train", "--model", "tiny", "--data", out, "--out", run, "--max-steps", "1",
-            "--global-batch-size", "6", "--per-device-batch-size", "6", "--no-progress")
-    from cogalign.train.model import resize_mode, shard_texts, tiny_processor, train_tokenizer
-
-    assert resize_mode(out) == resize
-    enc = Encoder(tiny_processor(train_tokenizer(shard_texts(out), 300)), 512, resize=resize_mode(out))
-    pixels = enc.pixels([red_quarter()])["pixel_values"][0]
-    saved = AutoProcessor.from_pretrained(run)
-    assert np.array_equal(saved.image_processor([red_quarter()], return_tensors="pt")["pixel_values"][0].numpy(),
-                          pixels.numpy())
-    img = unnormalize(pixels, enc.processor.image_processor)  # (3, 32, 32)
+            "--global-batch-size", "4", "--per-device-batch-size", "4", "--no-progress")
+    saved = AutoProcessor.from_pretrained(run).image_processor
+    pixels = saved([red_quarter()], return_tensors="pt")["pixel_values"][0]
+    img = unnormalize(pixels, saved)  # (3, 32, 32): what the model sees at inference
     red = (img[0] > 200) & (img[2] < 60)
     blue = (img[2] > 200) & (img[0] < 60)
     cols = red.any(0)
     if resize == "crop":  # expand's `crop` targets describe the centre square: the model sees that square
         assert not red.any() and blue.all()
-        return
-    assert cols[:7].all() and not cols[9:].any()  # the red quarter: 8 of 32 columns
-    assert blue[:, 9:].any(0).all()  # and the blue rest up to the right edge
+    else:
+        assert cols[:7].all() and not cols[9:].any()  # the red quarter: 8 of 32 columns
+        assert blue[:, 9:].any(0).all()  # and the blue rest up to the right edge
     rows = (red | blue).any(1)
     if resize == "stretch":
         assert rows.all()
-    else:  # expand2square: the 96×48 image in the middle half, the mean colour above and below
+    elif resize == "pad":  # expand2square: the 96×48 image in the middle half, the mean colour above and below
         assert rows[9:23].all() and not rows[:7].any() and not rows[25:].any()
         assert tuple(img[:, 0, 16]) == pytest.approx((122, 116, 104), abs=2)
+    # and training saw the same pixels
+    from cogalign.train.model import resize_mode, shard_texts, tiny_processor, train_tokenizer
+
+    assert resize_mode(out) == resize
+    enc = Encoder(tiny_processor(train_tokenizer(shard_texts(out), 300)), 512, resize=resize_mode(out))
+    assert np.array_equal(enc.pixels([red_quarter()])["pixel_values"][0].numpy(), pixels.numpy())
 
 
 def test_embedded_images_are_read_from_the_bytes(source, tmp_path):

@@ -229,3 +229,15 @@ def test_vicuna_v1_matches_llava_preprocess_v1():
     # the generation prompt (`...ASSISTANT:`) is the training prefix
     start = next(i for i, l in enumerate(labels) if l != IGNORE)
     assert enc.prompt_ids(turns, 1, [image()]) == ids[:start]
+
+
+def test_the_earlier_interface_gets_the_same_labels():
+    """`segments()` + `encode()` (what generate used) give the same labels under llava-hf 1.5:
+    the answer `A` and its `</s>`, not the `A` of `ASSISTANT`."""
+    tok = llama_tokenizer()
+    enc = Encoder(processor_for(tok, LLAVA_15), 4096)
+    row = enc.encode(enc.segments(TURNS, True))
+    supervised = [i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
+    assert tok.decode(supervised).split() == ["A</s>", "<vq", "start>5,", "17<vq", "end></s>", "A", "red",
+                                              "cat.", "ASSISTANT:", "no</s>"]
+    assert row["input_ids"][0] == tok.bos_token_id
