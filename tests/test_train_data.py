@@ -72,47 +72,51 @@ def _turns():
             {"from": "human", "value": "RGB please"}, {"from": "gpt", "value": "<rgb start>[[1, 2, 3]]<rgb end>"}]
 
 
-def test_labels_only_on_gpt_answers_token_by_token(processor):
-    enc = Encoder(processor, 4096)
-    tok = processor.tokenizer
-    row = enc.encode(enc.segments(_turns(), with_image=True))
-    ids, labels = row["input_ids"], row["labels"]
-    assert ids.count(enc.image_id) == enc.num_image_tokens == 16
-    # the supervised tokens are exactly: each answer's tokens followed by </s>, in order
-    runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l == IGNORE:
-            if cur:
-                runs.append(cur)
-            cur = []
-        else:
-            assert l == i
-            cur.append(i)
-    runs += [cur] if cur else []
-    answers = [t["value"] for t in _turns() if t["from"] == "gpt"]
-    assert runs == [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
-    masked = tok.decode([i for i, l in zip(ids, labels) if l == IGNORE and i != enc.image_id])
-    assert masked.endswith("questions. USER: \nWhat is it? ASSISTANT: USER: VQ please ASSISTANT: "
-                           "USER: RGB please ASSISTANT: ")
-    first = ids.index(enc.image_id)
-    assert tok.decode(ids[:first]).endswith("questions. USER: ") and tok.decode(ids[first + 16:]).startswith("\nWhat")
-    assert row["kinds"].count(2) == len(runs[1]) and row["kinds"].count(3) == len(runs[2])
-    # the image expansion matches LlavaProcessor's own
+def _image():
     from PIL import Image
 
-    got = processor(text="x <image> y", images=Image.new("RGB", (32, 32)))["input_ids"][0]
+    return Image.new("RGB", (32, 32))
+
+
+def test_labels_only_on_gpt_answers_token_by_token(processor):
+    from cogalign.train.sample import runs
+
+    enc = Encoder(processor, 4096)
+    tok = processor.tokenizer
+    row = enc.encode_record(_turns(), [_image()])
+    ids, labels = row["input_ids"], row["labels"]
+    assert ids.count(enc.image_id) == enc.num_image_tokens == 16
+    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))
+    # the supervised tokens are exactly: each answer (after `ASSISTANT:`) followed by </s>, in order
+    answers = [t["value"] for t in _turns() if t["from"] == "gpt"]
+    assert [tok.decode(r).lstrip() for r in runs(ids, labels)] == [a + "</s>" for a in answers]
+    masked = tok.decode([i for i, l in zip(ids, labels) if l == IGNORE and i != enc.image_id])
+    assert masked.replace("ASSISTANT: ", "ASSISTANT:").endswith(
+        "questions. USER: \nWhat is it? ASSISTANT:USER: VQ please ASSISTANT:USER: RGB please ASSISTANT:")
+    first = ids.index(enc.image_id)
+    assert tok.decode(ids[:first]).endswith("questions. USER: ") and tok.decode(ids[first + 16:]).startswith("\nWhat")
+    assert row["kinds"].count(2) == len(runs(ids, labels)[1]) and row["kinds"].count(3) == len(runs(ids, labels)[2])
+    # the generation prompt of each answer is the training prefix, token for token (generate's too)
+    starts = [i for i, l in enumerate(labels) if l != IGNORE and labels[i - 1] == IGNORE]
+    for k, start in zip((1, 3, 5), starts):
+        assert enc.prompt_ids(_turns(), k, [_image()]) == ids[:start]
+        assert enc.encode(enc.segments(_turns(), True, upto=k))["input_ids"] == ids[:start]
+    # the image expansion matches LlavaProcessor's own
+    got = processor(text="x <image> y", images=_image())["input_ids"][0]
     assert list(got).count(enc.image_id) == enc.num_image_tokens
 
 
 def test_truncation_is_counted_per_kind(processor):
     enc = Encoder(processor, 4096)
-    full = len(enc.encode(enc.segments(_turns(), True))["input_ids"])
-    short = Encoder(processor, full - 3).encode(enc.segments(_turns(), True))
+    full = len(enc.encode_record(_turns(), [_image()])["input_ids"])
+    short = Encoder(processor, full - 3).encode_record(_turns(), [_image()])
     assert len(short["input_ids"]) == full - 3
     assert dict(short["truncated"]) == {"px": 1}
-    ids = enc.encode(enc.segments(_turns(), True))["input_ids"]
-    tiny = Encoder(processor, ids.index(enc.image_id) + 16 + 3).encode(enc.segments(_turns(), True))
+    ids = enc.encode_record(_turns(), [_image()])["input_ids"]
+    tiny = Encoder(processor, ids.index(enc.image_id) + 16 + 3).encode_record(_turns(), [_image()])
     assert dict(tiny["truncated"]) == {"original": 1, "vq": 1, "px": 1}
+    with pytest.raises(ValueError, match="max_length_below_image"):
+        Encoder(processor, ids.index(enc.image_id) + 8).encode_record(_turns(), [_image()])
 
 
 def test_special_vq_tokens_round_trip(processor):
@@ -126,10 +130,11 @@ def test_special_vq_tokens_round_trip(processor):
     assert add_vq_tokens(model, processor, 4096) == 4096
     assert model.get_input_embeddings().weight.shape[0] == before + 4096
     enc = Encoder(processor, 4096, vq_tokens="special")
-    row = enc.encode([(text, "vq")], add_bos=False)
+    row = enc.encode_record([{"from": "human", "value": "VQ?"}, {"from": "gpt", "value": text}], [])
     body = [i for i in row["input_ids"] if processor.tokenizer.convert_ids_to_tokens(i).startswith("<vq_")]
     assert len(body) == 4  # one token per index
-    assert enc.decode_answer(row["input_ids"]) == text
+    answer = [i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
+    assert enc.decode_answer(answer) == text
 
 
 def test_stage_plans_match_table_7(out):

@@ -13,15 +13,16 @@ from cogalign.errors import CogalignError
 
 TRAIN_HELP = """Train a LLaVA-family model on `cogalign expand` output (Table 7 stages).
 
-MODEL is a Hugging Face LLaVA checkpoint (Hub id or local folder) or `tiny`: a small random LLaVA
-with a BPE tokenizer trained on the shards, for CPU smoke runs and tests. Table 7's rates are
+MODEL is a Hugging Face LLaVA / LLaVA-NeXT checkpoint (Hub id or local folder), or `tiny` /
+`tiny-next`: a small random LLaVA-1.5 / LLaVA-NeXT with a BPE tokenizer trained on the shards, for
+CPU smoke runs and tests. Table 7's rates are
 fine-tuning rates for pretrained weights: `tiny` trains from scratch and needs higher ones, e.g.
 `--lr projector=3e-3 --lr vision_tower=3e-3 --lr language_model=3e-3`.
 DDP: `torchrun --nproc-per-node N -m cogalign train ...` (gloo on CPU, nccl on GPUs)."""
 
 
 def train_cmd(
-    model: str = typer.Option(..., "--model", help="LLaVA checkpoint (Hub id or folder) or `tiny`."),
+    model: str = typer.Option(..., "--model", help="LLaVA / LLaVA-NeXT checkpoint (Hub id or folder), `tiny` or `tiny-next`."),
     data: Path = typer.Option(..., "--data", help="Output folder of `cogalign expand` (its data/ shards)."),
     out: Path = typer.Option(Path("run"), "--out", help="Run folder: model (safetensors), processor, train_log.jsonl, train_summary.json, checkpoint-N/ (the 2 newest)."),
     stage: int = typer.Option(3, "--stage", help="Table 7 preset: 1 projector 1e-3, batch 256; 2 + vision 2e-6, batch 64; 3 projector 1e-5, vision 2e-6, LM 1e-5, batch 32."),
@@ -39,6 +40,7 @@ def train_cmd(
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes per rank (0: load in the training process)."),
     save_every: int = typer.Option(0, "--save-every", min=0, help="Also save RUN/checkpoint-N/ every N steps (always saved at the end). Default: 0 (only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint-N/: same data order, same loss curve. Give the same options. Default: off."),
+    print_sample: Optional[int] = typer.Option(None, "--print-sample", min=0, help="Print record N of --data (shard order, not shuffled) as training renders it, as one JSON object {id, input_text, supervised, image_tokens}, and exit without training. Default: off."),
     print_plan: bool = typer.Option(False, "--print-plan", help="Print the plan (groups, rates, batch) as JSON and exit without training. Default: off."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
@@ -61,6 +63,11 @@ def train_cmd(
             add_vq_tokens(net, processor, k)
         if print_plan:
             typer.echo(json.dumps(plan_json(plan, net)))
+            return
+        if print_sample is not None:
+            from cogalign.train.sample import render_sample
+
+            typer.echo(json.dumps(render_sample(data, print_sample, processor, max_length, vq_tokens, image_root)))
             return
         cfg = TrainConfig(data, out, plan, seed, max_length, max_steps, vq_tokens, image_root, workers,
                           save_every=save_every, resume=resume, progress=not no_progress)

@@ -1,11 +1,8 @@
-"""Conversation → tokens, labels and images for a LLaVA model.
+"""Records and their images → a padded batch of tokens, labels, answer kinds and pixels.
 
-A conversation is rendered as segments (text, kind): kind None is masked (system prompt, roles,
-human turns), "image" is the image placeholder (expanded to the processor's image-token count),
-and "original" / "vq" / "px" are supervised gpt answers. Each segment is tokenized on its own, so
-the masking is exact by construction. The model's chat template is used when it has one; else
-LLaVA's vicuna_v1 format (`SYSTEM USER: h ASSISTANT: g</s>USER: ...`), where the answer and its
-`</s>` are supervised, as LLaVA's trainer does.
+`chat.py` renders a conversation (the model's chat template, or LLaVA's vicuna_v1) with the
+character spans of its answers; the Encoder tokenizes it with offsets and supervises the tokens
+that overlap those spans, so the labels are exact under any template.
 """
 from __future__ import annotations
 
@@ -13,22 +10,14 @@ import re
 from collections import Counter
 from typing import Optional
 
-
-from cogalign.render import RGB_START, VQ_END, VQ_START
+from cogalign.render import VQ_END, VQ_START
+from cogalign.train import chat
+from cogalign.train.chat import IMAGE, VICUNA_SYSTEM, answer_kind  # noqa: F401 (re-exported)
 
 IGNORE = -100
 KINDS = ("original", "vq", "px")
 KIND_ID = {"original": 1, "vq": 2, "px": 3}
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-IMAGE = "<image>"
 _VQ_TOKEN = re.compile(r"<vq_(\d+)>")
-
-
-def answer_kind(text: str) -> str:
-    if text.startswith(VQ_START):
-        return "vq"
-    return "px" if text.startswith(RGB_START) else "original"
 
 
 def vq_token_names(k: int) -> list[str]:
@@ -52,140 +41,185 @@ def from_special_vq(text: str) -> str:
     return VQ_START + ", ".join(_VQ_TOKEN.findall(body)) + VQ_END
 
 
-def _human(value: str, with_image: bool) -> tuple[bool, str]:
-    """LLaVA's preprocess_multimodal: strip `<image>` and put one `<image>\\n` in front."""
-    if IMAGE in value:
-        return with_image, value.replace(IMAGE, "").strip()
-    return False, value
-
-
 def has_image_token(turns: list[dict]) -> bool:
     return any(t["from"] == "human" and IMAGE in t["value"] for t in turns)
 
 
-def vicuna_segments(turns: list[dict], with_image: bool, eos: str, upto: Optional[int] = None) -> list:
-    """Segments of a conversation; with `upto` = i (a gpt turn's index), the prompt before turn i."""
-    segs, masked = [], VICUNA_SYSTEM + " "
-    for i, turn in enumerate(turns):
-        if turn["from"] == "human":
-            img, text = _human(turn["value"], with_image)
-            with_image = with_image and not img  # one image, placed at its first <image>
-            if img:
-                segs.append((masked + "USER: ", None))
-                segs.append((IMAGE, "image"))
-                masked = "\n"
-            else:
-                masked += "USER: "
-            masked += text + " ASSISTANT: "
-        else:
-            if i == upto:
-                break
-            segs.append((masked, None))
-            kind = answer_kind(turn["value"])
-            segs += [(turn["value"], kind), (eos, kind)]
-            masked = ""
-    if masked:
-        segs.append((masked, None))
-    return segs
+def image_problem(turns: list[dict], n_images: int, image: str = IMAGE) -> Optional[str]:
+    """Why a record cannot be trained with its images (a skip reason), or None."""
+    if any(t["from"] == "gpt" and image in t["value"] for t in turns):
+        return "image_token_in_answer"
+    if sum(t["value"].count(image) for t in turns if t["from"] == "human") != n_images:
+        return "image_token_mismatch"
+    return None
 
 
-def template_segments(tokenizer, template: str, turns: list[dict], with_image: bool, upto: Optional[int] = None) -> list:
-    """Segments from the model's chat template: each message's text is found in order in the
-    rendered string; an answer's end-of-sequence marker right after it is supervised with it."""
-    messages, contents = [], []
-    for i, turn in enumerate(turns):
-        if i == upto:
-            break
-        if turn["from"] == "human":
-            img, text = _human(turn["value"], with_image)
-            with_image = with_image and not img
-            parts = ([{"type": "image"}] if img else []) + [{"type": "text", "text": text}]
-            messages.append({"role": "user", "content": parts})
-            contents += [(IMAGE, "image")] if img else []
-            contents.append((text, None))
-        else:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
-            contents.append((turn["value"], answer_kind(turn["value"])))
-    rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=upto is not None)
-    segs, pos, eos = [], 0, tokenizer.eos_token or ""
-    for text, kind in contents:
-        at = rendered.find(text, pos)
-        if at < 0 or not text:
-            continue  # the template dropped or rewrote it: it stays in the masked text
-        segs.append((rendered[pos:at], None))
-        segs.append((text, kind if kind else None))
-        pos = at + len(text)
-        if kind not in (None, "image") and eos and rendered.startswith(eos, pos):
-            segs.append((eos, kind))
-            pos += len(eos)
-    segs.append((rendered[pos:], None))
-    return [s for s in segs if s[0]]
+def fit_image_processor(processor, resize: str) -> None:
+    """Make the processor show the model the image `expand`'s targets describe (its `--resize`):
+    stretch or pad (LLaVA's expand2square with the mean colour) to the vision tower's square,
+    never a centre crop (but for `crop`, whose targets describe the centre square). LLaVA-NeXT's
+    anyres already covers the whole image; only its centre crop is turned off. Saved with the run,
+    so `AutoProcessor.from_pretrained(RUN)` preprocesses as training did."""
+    from transformers import LlavaImageProcessor
+
+    ip = processor.image_processor
+    if hasattr(ip, "image_grid_pinpoints"):
+        ip.do_center_crop = False
+        return
+    size, crop = ip.crop_size or ip.size, ip.size
+    h = size.height or crop.height or crop.shortest_edge
+    w = size.width or crop.width or crop.shortest_edge
+    resize_to = {"shortest_edge": min(h, w)} if resize == "crop" else {"height": h, "width": w}
+    processor.image_processor = LlavaImageProcessor(
+        size=resize_to, crop_size={"height": h, "width": w}, do_center_crop=resize == "crop",
+        do_pad=resize == "pad", image_mean=ip.image_mean, image_std=ip.image_std, resample=ip.resample,
+        rescale_factor=ip.rescale_factor, do_normalize=ip.do_normalize, do_rescale=ip.do_rescale)
 
 
 class Encoder:
-    """Segments → (input_ids, labels, kinds) with --max-length truncation counted per answer kind."""
+    """A conversation and its images → (input_ids, labels, kinds), tokenized as one string between
+    the images (as LLaVA's tokenizer_image_token), each image expanded to the processor's count
+    for it; the labels are the tokens that overlap the rendered answer spans (`chat.py`).
+    --max-length cuts the end; the cut answers are counted per kind."""
 
-    def __init__(self, processor, max_length: int = 2048, vq_tokens: str = "text"):
+    def __init__(self, processor, max_length: int = 2048, vq_tokens: str = "text", resize: Optional[str] = None):
         tok = processor.tokenizer
         self.processor, self.tok, self.max_length, self.vq_tokens = processor, tok, max_length, vq_tokens
         self.image_token = getattr(processor, "image_token", IMAGE)
         self.image_id = tok.convert_tokens_to_ids(self.image_token)
         self.template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
         self.eos = tok.eos_token or "</s>"
-        self.num_image_tokens = self._count_image_tokens()
+        if resize:
+            fit_image_processor(processor, resize)
+        self.anyres = hasattr(processor.image_processor, "image_grid_pinpoints")
+        default_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and (default_bos or not self.template) else []
 
-    def _count_image_tokens(self) -> int:
-        from PIL import Image
-
-        size = self.processor.image_processor.crop_size or self.processor.image_processor.size
-        side = size.get("height") or size.get("shortest_edge")
-        got = self.processor(text=self.image_token, images=Image.new("RGB", (side, side)), return_tensors="np")
-        return int((got["input_ids"][0] == self.image_id).sum())
-
-    def segments(self, turns: list[dict], with_image: bool, upto: Optional[int] = None) -> list:
+    # -- text
+    def render(self, turns: list[dict], upto: Optional[int] = None) -> chat.Rendered:
+        if self.vq_tokens == "special":
+            turns = [{**t, "value": to_special_vq(t["value"])} if t["from"] == "gpt" and t["value"].startswith(VQ_START)
+                     else t for t in turns]
         if self.template:
-            return template_segments(self.tok, self.template, turns, with_image, upto)
-        return vicuna_segments(turns, with_image, self.eos, upto)
+            return chat.template(self.tok, self.template, turns, upto, self.image_token)
+        return chat.vicuna(turns, self.eos, upto, self.image_token)
 
-    def _ids(self, text: str, budget: int) -> tuple[list[int], bool]:
-        """Token ids of `text`, at most `budget`; a long text is tokenized by growing prefixes."""
+    def _tokenize(self, text: str, budget: int) -> tuple[list, list, bool]:
+        """(ids, offsets, cut) of `text`, at most `budget` tokens; a long text by growing prefixes."""
+        if budget <= 0:
+            return [], [], bool(text)
         chars = max(64, budget * 8)
         while True:
-            ids = self.tok(text[:chars], add_special_tokens=False)["input_ids"]
-            if len(ids) > budget:
-                return ids[:budget], True
+            got = self.tok(text[:chars], add_special_tokens=False, return_offsets_mapping=True)
+            ids, offs = got["input_ids"], got["offset_mapping"]
             if chars >= len(text):
-                return ids, False
+                return ids[:budget], offs[:budget], len(ids) > budget
+            if len(ids) > budget + 1:  # the last token of a cut string may differ: keep clear of it
+                return ids[:budget], offs[:budget], True
             chars *= 4
 
-    def encode(self, segments: list, add_bos: bool = True) -> dict:
-        ids, labels, kinds, truncated = [], [], [], Counter()
-        if add_bos and self.tok.bos_token_id is not None and not self.template:
-            ids, labels, kinds = [self.tok.bos_token_id], [IGNORE], [0]
-        for text, kind in segments:
-            budget = self.max_length - len(ids)
-            if kind == "image":
-                if budget < self.num_image_tokens:
+    def tokens(self, rendered: chat.Rendered, counts: list[int], limit: Optional[int] = None) -> dict:
+        """Tokens of a rendered conversation; `counts`: image tokens per image, in order."""
+        import numpy as np
+
+        limit = self.max_length if limit is None else limit
+        pieces = rendered.text.split(self.image_token)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError("image_token_mismatch")
+        add_bos = self.bos and not rendered.text.startswith(self.tok.bos_token or "\0")
+        ids, starts, ends = list(self.bos if add_bos else []), [], []
+        starts, ends = [-1] * len(ids), [-1] * len(ids)
+        pos, cut = 0, False
+        for i, piece in enumerate(pieces):
+            got, offs, cut = self._tokenize(piece, limit - len(ids))
+            ids += got
+            starts += [pos + s for s, _ in offs]
+            ends += [pos + e for _, e in offs]
+            pos += len(piece) + len(self.image_token)
+            if i < len(counts):
+                if cut or limit - len(ids) < counts[i]:
                     raise ValueError("max_length_below_image")
-                seg = [self.image_id] * self.num_image_tokens
-                cut = False
-            else:
-                if kind == "vq" and self.vq_tokens == "special" and text.startswith(VQ_START):
-                    text = to_special_vq(text)
-                seg, cut = self._ids(text, budget) if budget > 0 else ([], bool(text))
-            supervised = kind in KIND_ID
-            ids += seg
-            labels += seg if supervised else [IGNORE] * len(seg)
-            kinds += [KIND_ID[kind] if supervised else 0] * len(seg)
-            if cut and supervised and text != self.eos:  # count each answer once, not its end marker
+                ids += [self.image_id] * counts[i]
+                starts += [-1] * counts[i]
+                ends += [-1] * counts[i]
+            if cut:
+                break
+        s, e = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+        kinds = np.zeros(len(ids), dtype=np.int64)
+        truncated, covered = Counter(), int(e.max(initial=-1))
+        for a, b, kind in rendered.spans:
+            kinds[(s >= 0) & (s < b) & (e > a)] = KIND_ID[kind]
+            if cut and b > covered:
                 truncated[kind] += 1
-        return {"input_ids": ids, "labels": labels, "kinds": kinds, "truncated": truncated}
+        labels = np.where(kinds > 0, np.array(ids, dtype=np.int64), IGNORE)
+        return {"input_ids": ids, "labels": labels.tolist(), "kinds": kinds.tolist(), "truncated": truncated}
+
+    # -- images
+    def image_counts(self, images: list) -> list[int]:
+        """Image tokens per image, as the processor expands them (LLaVA-NeXT: by the image's size)."""
+        if not images:
+            return []
+        sizes = [(im.height, im.width) for im in images]
+        try:
+            return [int(n) for n in self.processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
+        except (AttributeError, KeyError, TypeError):
+            return [int((self.processor(text=self.image_token, images=[im], return_tensors="np")["input_ids"][0]
+                         == self.image_id).sum()) for im in images]
+
+    def pixels(self, images: list) -> dict:
+        """`pixel_values` (and `image_sizes` for LLaVA-NeXT) of the images, in order."""
+        if not images:
+            return {}
+        got = self.processor.image_processor(images, return_tensors="pt")
+        return {k: got[k] for k in ("pixel_values", "image_sizes") if k in got}
+
+    # -- records
+    def encode_record(self, turns: list[dict], images: list) -> dict:
+        """The training row of a conversation with its images; ValueError(reason) if it cannot be used."""
+        problem = image_problem(turns, len(images))
+        if problem:
+            raise ValueError(problem)
+        return self.tokens(self.render(turns), self.image_counts(images))
+
+    def prompt_ids(self, turns: list[dict], upto: int, images: list = ()) -> list[int]:
+        """The generation prompt of gpt turn `upto`: the same tokens training puts before its answer."""
+        images = list(images)
+        problem = image_problem(turns[:upto], len(images))
+        if problem:
+            raise ValueError(problem)
+        return self.tokens(self.render(turns, upto), self.image_counts(images), limit=1 << 62)["input_ids"]
+
+    # -- the earlier interface (generate): segments() then encode()
+    def segments(self, turns: list[dict], with_image: bool, upto: Optional[int] = None) -> tuple:
+        return turns, with_image, upto
+
+    def encode(self, segments: tuple, add_bos: bool = True) -> dict:
+        turns, with_image, upto = segments
+        n = sum(t["value"].count(IMAGE) for t in turns if t["from"] == "human") if with_image else 0
+        if not with_image:
+            turns = [{**t, "value": t["value"].replace(IMAGE, "").strip()} if t["from"] == "human" else t for t in turns]
+        if self.anyres and n:
+            raise ValueError("LLaVA-NeXT needs the images: use Encoder.prompt_ids / encode_record")
+        counts = [self.num_image_tokens] * n
+        if upto is not None:
+            return {"input_ids": self.tokens(self.render(turns, upto), counts, limit=1 << 62)["input_ids"]}
+        return self.tokens(self.render(turns), counts)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens of a square image (fixed for LLaVA-1.5)."""
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        side = (ip.crop_size or ip.size).height or ip.size.shortest_edge
+        return self.image_counts([Image.new("RGB", (side, side))])[0]
 
     def decode_answer(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=False)
-        text = text.split(self.eos)[0].strip() if self.eos else text.strip()
-        return from_special_vq(text)
+        ends = chat.end_of_turn_tokens(self.tok, self.image_token) if self.template else [self.eos]
+        for end in ends:
+            text = text.split(end)[0]
+        return from_special_vq(text.strip())
 
 
 def new_stats() -> dict:
@@ -207,11 +241,11 @@ class Collator:
                 continue
             if item.get("skip"):
                 stats["skipped"][item["skip"]] += 1
-                skipped_ids.append(item.get("detail", rec.get("id")))
+                skipped_ids.append(item.get("detail") or rec.get("id"))
                 continue
-            with_image = item["image"] is not None and has_image_token(rec["conversations"])
+            pictures = list(item.get("images") or [])
             try:
-                row = self.enc.encode(self.enc.segments(rec["conversations"], with_image))
+                row = self.enc.encode_record(rec["conversations"], pictures)
             except ValueError as e:
                 stats["skipped"][str(e)] += 1
                 skipped_ids.append(f"{rec.get('id')}: {e}")
@@ -220,11 +254,9 @@ class Collator:
             stats["truncated"].update(row["truncated"])
             stats["truncated_records"] += bool(row["truncated"])
             rows.append(row)
-            if with_image:
-                images.append(item["image"])
+            images += pictures
         batch = pad_rows(rows, self.enc.tok.pad_token_id or 0)
-        if images:
-            batch["pixel_values"] = self.enc.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch.update(self.enc.pixels(images))
         batch["stats"] = stats
         batch["skipped_ids"] = skipped_ids
         batch["positions"] = [it["position"] for it in items]

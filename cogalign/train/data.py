@@ -25,6 +25,30 @@ from cogalign.records import loads_exact
 from cogalign.writer import from_row
 
 
+IMAGE_BYTES = "_cogalign_image_bytes"  # where a record read from an --embed-images shard keeps its image's bytes
+
+
+def record_of_row(row: dict) -> dict:
+    """A parquet row as a LLaVA record; the bytes of an embedded image (`{bytes, path}`) kept under IMAGE_BYTES."""
+    record = from_row(row)
+    if isinstance(row.get("image"), dict) and row["image"].get("bytes"):
+        record[IMAGE_BYTES] = row["image"]["bytes"]
+    return record
+
+
+def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
+    """The image bytes that the run's Hub parquet / save_to_disk input embedded for this record (the
+    output keeps only the path unless --embed-images); None for a LLaVA JSON input or one not found.
+    Reads the input's row group that holds the record: expand with --embed-images to train fast."""
+    from cogalign.inspect.records import _bytes_from_input
+    from cogalign.layout import read_manifest
+
+    try:
+        return _bytes_from_input(record, read_manifest(Path(out)))
+    except CogalignError:
+        return None
+
+
 def shard_files(out: Path) -> list[Path]:
     data = Path(out) / "data"
     files = sorted(data.glob("*.parquet")) or sorted(data.glob("*.jsonl"))
@@ -49,7 +73,7 @@ def read_rows(path: Path, rows: set[int]) -> dict[int, dict]:
             wanted = [r - pos for r in range(pos, pos + batch.num_rows) if r in rows]
             if wanted:
                 for r, row in zip(wanted, batch.take(wanted).to_pylist()):
-                    out[pos + r] = from_row(row)
+                    out[pos + r] = record_of_row(row)
             pos += batch.num_rows
         return out
     with open(path, "rb") as f:
@@ -127,7 +151,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for p in mine:
             shard, row = (int(v) for v in slots[p])
             if shard < 0:
-                yield {"position": p, "record": None, "image": None, "skip": None}
+                yield {"position": p, "record": None, "images": [], "image": None, "skip": None}
                 continue
             if shard != cache_shard:  # slots are grouped by shard: read each shard's rows once
                 need = {int(r) for (s, r), q in zip(slots[mine], mine) if s == shard and q >= p}
@@ -136,12 +160,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
             yield {"position": p, "record": record, **self._image(record)}
 
     def _image(self, record: dict) -> dict:
-        if not self.load_images or not isinstance(record.get("image"), str):
-            return {"image": None, "skip": None}
-        from cogalign.images import load_image, resolve_image_path, to_rgb
+        """{"images": the record's images as PIL RGB (0..n, in order), "skip": reason or None,
+        "detail"}; "image" is the first one (the earlier interface). Embedded bytes are read first
+        (an --embed-images shard), else the file under the image root."""
+        from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_rgb
 
+        names = record.get("image")
+        names = [] if names is None or not self.load_images else names if isinstance(names, list) else [names]
+        images, embedded = [], record.get(IMAGE_BYTES)
         try:
-            path = resolve_image_path(record["image"], self.image_root, self.allow_absolute_paths)
-            return {"image": to_rgb(load_image(path)), "skip": None}
+            for k, name in enumerate(names):
+                if not isinstance(name, str):
+                    raise RecordError("image_bad_type", f"image {k} is {type(name).__name__}, expected a path")
+                if k == 0 and embedded:
+                    images.append(to_rgb(load_image_bytes(embedded, name)))
+                    continue
+                try:
+                    images.append(to_rgb(load_image(resolve_image_path(name, self.image_root, self.allow_absolute_paths))))
+                except RecordError as e:  # a Hub parquet / save_to_disk input: its bytes, if it is still there
+                    data = input_image_bytes(self.files[0].parent.parent, record) if k == 0 and e.reason == "image_missing" else None
+                    if data is None:
+                        raise
+                    images.append(to_rgb(load_image_bytes(data, name)))
         except RecordError as e:
-            return {"image": None, "skip": e.reason, "detail": f"{record.get('id')}: {e}"}
+            return {"images": [], "image": None, "skip": e.reason, "detail": f"{record.get('id')}: {e}"}
+        return {"images": images, "image": images[0] if images else None, "skip": None, "detail": ""}

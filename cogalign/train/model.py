@@ -1,5 +1,6 @@
-"""Load a LLaVA-family model and its processor, or build `tiny`: a small random LLaVA (CLIP-style
-vision tower, projector, Llama-style LM) with a byte-level BPE tokenizer trained on the shards."""
+"""Load a LLaVA-family model and its processor, or build `tiny` / `tiny-next`: a small random
+LLaVA-1.5 / LLaVA-NeXT (anyres tiles) — CLIP-style vision tower, projector, Llama-style LM — with a
+byte-level BPE tokenizer trained on the shards."""
 from __future__ import annotations
 
 import re
@@ -9,6 +10,8 @@ from typing import Iterator, Optional
 from cogalign.errors import CogalignError
 
 TINY_IMAGE, TINY_PATCH = 32, 8
+TINY_GRID = [[32, 64], [64, 32], [64, 64]]  # tiny-next's anyres resolutions
+TINY_MODELS = ("tiny", "tiny-next")
 TINY_VOCAB = 1024
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -57,9 +60,20 @@ def tiny_processor(tokenizer):
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2):
+def tiny_next_processor(tokenizer):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": TINY_IMAGE}, image_grid_pinpoints=TINY_GRID,
+                                              crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE},
+                                              do_center_crop=False)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2, next_: bool = False):
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration)
 
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=TINY_IMAGE, patch_size=TINY_PATCH, projection_dim=64)
@@ -68,21 +82,23 @@ def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2):
                        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    common = dict(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                  vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    if next_:
+        return LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=TINY_GRID, **common))
+    return LlavaForConditionalGeneration(LlavaConfig(**common))
 
 
 def load(model: str, data: Optional[Path] = None, seed: int = 0, tiny_layers: int = 2, tiny_hidden: int = 128):
-    """(model, processor) for a Hub id / local folder (Auto classes), or a fresh `tiny`."""
+    """(model, processor) for a Hub id / local folder (Auto classes), or a fresh `tiny` / `tiny-next`."""
     require_transformers()
-    if model == "tiny":
+    if model in TINY_MODELS:
         if data is None:
-            raise CogalignError("--model tiny trains its tokenizer on the shards: give --data")
-        processor = tiny_processor(train_tokenizer(shard_texts(data)))
-        return tiny_model(processor.tokenizer, seed, tiny_hidden, tiny_layers), processor
+            raise CogalignError(f"--model {model} trains its tokenizer on the shards: give --data")
+        tokenizer = train_tokenizer(shard_texts(data))
+        processor = (tiny_next_processor if model == "tiny-next" else tiny_processor)(tokenizer)
+        return tiny_model(tokenizer, seed, tiny_hidden, tiny_layers, next_=model == "tiny-next"), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -116,3 +132,16 @@ def codebook_size(out: Path) -> Optional[int]:
         return None
     m = re.search(r"(\d+)$", name or "")
     return int(m.group(1)) if m else None
+
+
+def resize_mode(out: Path) -> str:
+    """`expand`'s --resize (stretch, pad, crop) from the output's cogalign.json; stretch if it does not say."""
+    import orjson
+
+    from cogalign.layout import MANIFEST
+
+    try:
+        options = orjson.loads((Path(out) / MANIFEST).read_bytes()).get("options") or {}
+    except (OSError, ValueError):
+        return "stretch"
+    return options.get("resize") or "stretch"

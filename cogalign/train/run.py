@@ -75,7 +75,7 @@ def token_losses(model, batch: dict):
     """Per-token cross-entropy (float32) on the shifted labels, with each token's answer kind."""
     import torch.nn.functional as F
 
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
     logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -152,7 +152,9 @@ def train(cfg: TrainConfig, model, processor) -> dict:
                                     "name": g} for g in groups])
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(plan.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
-    encoder = Encoder(processor, cfg.max_length, cfg.vq_tokens)
+    from cogalign.train.model import resize_mode
+
+    encoder = Encoder(processor, cfg.max_length, cfg.vq_tokens, resize_mode(cfg.data))
     collator = Collator(encoder)
 
     step, stats, skipped_ids = 0, new_stats(), []

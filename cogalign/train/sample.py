@@ -1,0 +1,57 @@
+"""`cogalign train --print-sample N`: record N of the output folder (shard order, not shuffled),
+rendered exactly as training renders it: its input text, each supervised run, its image tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from cogalign.errors import CogalignError
+
+
+def read_record(data: Path, n: int) -> dict:
+    """Record number `n` (0-based) of the folder, shards in order."""
+    from cogalign.train.data import read_rows, shard_files, shard_rows
+
+    files = shard_files(data)
+    counts = [shard_rows(f) for f in files]
+    if not 0 <= n < sum(counts):
+        raise CogalignError(f"--print-sample {n}: {data} holds records 0 to {sum(counts) - 1}")
+    for f, count in zip(files, counts):
+        if n < count:
+            return read_rows(f, {n})[n]
+        n -= count
+    raise AssertionError("unreachable")
+
+
+def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The contiguous runs of supervised tokens, in order."""
+    out, cur = [], []
+    for i, label in zip(ids, labels):
+        if label == -100:
+            if cur:
+                out.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    return out + ([cur] if cur else [])
+
+
+def render_sample(data: Path, n: int, processor, max_length: int = 2048, vq_tokens: str = "text",
+                  image_root: Optional[Path] = None) -> dict:
+    from cogalign.train.collate import Encoder
+    from cogalign.train.data import ShardDataset
+    from cogalign.train.model import resize_mode
+
+    record = read_record(data, n)
+    got = ShardDataset(data, image_root=image_root)._image(record)
+    if got["skip"]:
+        raise CogalignError(f"--print-sample {n}: training skips this record ({got['skip']}: {got['detail']})")
+    enc = Encoder(processor, max_length, vq_tokens, resize_mode(data))
+    try:
+        row = enc.encode_record(record["conversations"], got["images"])
+    except ValueError as e:
+        raise CogalignError(f"--print-sample {n}: training skips record {record.get('id')!r} ({e})") from None
+    ids = row["input_ids"]
+    decode = lambda t: processor.tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731
+    return {"id": record.get("id"), "input_text": decode(ids), "supervised": [decode(r) for r in runs(ids, row["labels"])],
+            "image_tokens": ids.count(enc.image_id)}
