@@ -183,7 +183,7 @@ def test_eval_scores_truth_perfect_and_corruption_lower(out, tmp_path):
     good = json.loads(run_cli("eval", "--data", out, "--predictions", truth, "--json").stdout)
     assert good["vq"]["n"] == good["px"]["n"] == 13
     assert good["vq"]["format_ok"] == good["vq"]["index_accuracy"] == 1.0 and good["vq"]["length_error"] == 0.0
-    assert good["px"]["exact_match"] == 1.0 and good["px"]["mae"] == 0.0 and good["px"]["psnr"] is None
+    assert good["px"]["exact_match"] == 1.0 and good["px"]["mae"] == 0.0 and good["px"]["psnr"] == "inf"
     worse = json.loads(run_cli("eval", "--data", out, "--predictions", bad, "--json").stdout)
     assert worse["unknown_predictions"] == 1
     assert worse["vq"]["index_accuracy"] < 1.0 and worse["px"]["exact_match"] < 1.0

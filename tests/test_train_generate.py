@@ -91,7 +91,7 @@ def test_llava_next_batches_with_image_sizes(tiny_run):
 def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
-    from cogalign.train.generate import _ids, fit_prompt, generate, inserted_turns, item_images
+    from cogalign.train.generate import fit_prompt, generate, inserted_turns, item_images
 
     _, processor = _model(tiny_run / "run")
     max_length = 160
@@ -101,13 +101,13 @@ def test_max_length_drops_earlier_turns_and_keeps_image_and_question(tiny_run):
     for item in ShardDataset(tiny_run / "out", shuffle=False):
         conv, images = item["record"]["conversations"], item_images(item)
         (turn, _), = inserted_turns(item["record"])
-        full = _ids(whole, conv, turn, images)
+        full = whole.prompt_ids(conv, turn, images)
         ids, dropped, problem = fit_prompt(enc, conv, turn, images, max_length)
         assert problem is None and len(images) == 1 and len(ids) <= max_length
         assert dropped % 2 == 0 and (dropped == 0) == (len(full) <= max_length)
         if dropped:  # the prompt of the conversation from the first question kept, with the image moved there
             kept = [{**conv[dropped], "value": "<image>\n" + conv[dropped]["value"]}, *conv[dropped + 1:turn + 1]]
-            assert ids == _ids(whole, kept, turn - dropped, images)
+            assert ids == whole.prompt_ids(kept, turn - dropped, images)
         assert ids.count(image_id) == full.count(image_id) > 0  # the image stays
         question = conv[turn - 1]["value"]
         assert question in processor.tokenizer.decode(ids)[-len(question) - 20:]  # the question ends the prompt

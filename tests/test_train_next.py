@@ -27,6 +27,14 @@ def red_quarter(w: int = 96, h: int = 48) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def leak_item(position: int) -> dict:
+    """A record with `<image>` in a gpt answer, as an item: expand rejects it (image_count_mismatch),
+    but the collator must still skip one that reaches it (an older or hand-edited output)."""
+    record = {"id": "leak", "image": "images/im1.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "It shows <image> here."}]}
+    return {"position": position, "record": record, "images": [red_quarter()], "skip": None}
+
+
 def make_source(root, extras: bool = True):
     """Records with images of several shapes; with `extras`, a two-image record and one with
     `<image>` in an answer."""
@@ -39,8 +47,6 @@ def make_source(root, extras: bool = True):
     if extras:
         records.append({"id": "two", "image": ["images/im0.png", "images/im1.png"], "conversations": [
             {"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Alike."}]})
-        records.append({"id": "leak", "image": "images/im1.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "It shows <image> here."}]})
     (root / "data.json").write_text(json.dumps(records))
     return root
 
@@ -72,6 +78,9 @@ def test_tiny_next_trains_with_image_sizes_and_per_image_counts(out):
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     enc = Encoder(processor, 4096, resize="stretch")
     items = list(ShardDataset(out, shuffle=False))
+    # expand rejects a gpt answer holding <image> (image_count_mismatch); the trainer still skips one
+    # that reaches it (an older or hand-edited output)
+    items.append(leak_item(len(items)))
     batch = Collator(enc)(items)
     assert batch["stats"]["seen"] == 5 and dict(batch["stats"]["skipped"]) == {"image_token_in_answer": 1}
     assert batch["image_sizes"].tolist()[:len(SIZES)] == [[h, w] for w, h in SIZES]
@@ -93,7 +102,7 @@ def test_tiny_next_cli_trains_and_the_run_loads(out, tmp_path):
     run_cli("train", "--model", "tiny-next", "--data", out, "--out", run, "--max-steps", "1",
             "--global-batch-size", "6", "--per-device-batch-size", "6", "--no-progress")
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["seen"] == 5 and summary["skipped_by_reason"] == {"image_token_in_answer": 1}
+    assert summary["seen"] == 5 and not summary["skipped_by_reason"]
     assert type(AutoModelForImageTextToText.from_pretrained(run)).__name__ == "LlavaNextForConditionalGeneration"
     assert AutoProcessor.from_pretrained(run).image_processor.do_center_crop is False
 
@@ -152,13 +161,13 @@ def test_embedded_images_are_read_from_the_bytes(source, tmp_path):
     by_id = {it["record"]["id"]: it for it in items}
     for i, (w, h) in enumerate(SIZES):  # every image decoded from the shard's bytes
         assert by_id[f"r{i}"]["skip"] is None and by_id[f"r{i}"]["images"][0].size == (w, h)
-    # a list `image`: only the first is embedded, the second file is gone: skipped, counted
-    assert by_id["two"]["skip"] == "image_missing" and by_id["two"]["images"] == []
+    # a list `image`: every image is embedded (the `images` column), so both decode with the files gone
+    assert by_id["two"]["skip"] is None and [im.size for im in by_id["two"]["images"]] == [SIZES[0], SIZES[1]]
     from cogalign.train.model import shard_texts, tiny_processor, train_tokenizer
 
     batch = Collator(Encoder(tiny_processor(train_tokenizer(shard_texts(out), 300)), 512))(items)
-    assert batch["stats"]["seen"] == 4 and batch["pixel_values"].shape[0] == 4
-    assert dict(batch["stats"]["skipped"]) == {"image_missing": 1, "image_token_in_answer": 1}
+    assert batch["stats"]["seen"] == 5 and batch["pixel_values"].shape[0] == 6
+    assert not batch["stats"]["skipped"]
     assert isinstance(batch["pixel_values"], torch.Tensor)
 
 
@@ -169,7 +178,7 @@ def test_multi_image_record_and_image_token_in_answer(out):
     enc = Encoder(processor, 4096, resize="stretch")
     items = {it["record"]["id"]: it for it in ShardDataset(out, shuffle=False)}
     assert len(items["two"]["images"]) == 2
-    batch = Collator(enc)([items["two"], items["leak"], items["r0"]])
+    batch = Collator(enc)([items["two"], leak_item(len(items)), items["r0"]])
     assert dict(batch["stats"]["skipped"]) == {"image_token_in_answer": 1} and batch["stats"]["seen"] == 2
     assert batch["pixel_values"].shape[0] == 3
     assert (batch["input_ids"] == enc.image_id).sum(1).tolist() == [32, 16]
@@ -192,7 +201,7 @@ def test_print_sample_renders_a_record_as_training_does(out):
     assert sample["input_text"].startswith("<s>A chat between") and sample["input_text"].count("<image>") == 16
     assert "ASSISTANT: Red and blue.</s>USER: RGB of " in sample["input_text"]
     res = run_cli("train", "--model", "tiny", "--data", out, "--print-sample", "5", expect=2)
-    assert "image_token_in_answer" in res.output
+    assert "holds records 0 to 4" in res.output  # one line naming the range (the leak record is rejected by expand)
 
 
 def test_hub_parquet_input_images_are_read_from_its_bytes(tmp_path):

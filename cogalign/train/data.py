@@ -29,10 +29,13 @@ IMAGE_BYTES = "_cogalign_image_bytes"  # where a record read from an --embed-ima
 
 
 def record_of_row(row: dict) -> dict:
-    """A parquet row as a LLaVA record; the bytes of an embedded image (`{bytes, path}`) kept under IMAGE_BYTES."""
+    """A parquet row as a LLaVA record; the bytes of its embedded images (`{bytes, path}`: the
+    first in `image`, all of a several-image record in `images`) kept under IMAGE_BYTES, one per image."""
     record = from_row(row)
-    if isinstance(row.get("image"), dict) and row["image"].get("bytes"):
-        record[IMAGE_BYTES] = row["image"]["bytes"]
+    if row.get("images"):
+        record[IMAGE_BYTES] = [item.get("bytes") for item in row["images"]]
+    elif isinstance(row.get("image"), dict) and row["image"].get("bytes"):
+        record[IMAGE_BYTES] = [row["image"]["bytes"]]
     return record
 
 
@@ -172,8 +175,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             for k, name in enumerate(names):
                 if not isinstance(name, str):
                     raise RecordError("image_bad_type", f"image {k} is {type(name).__name__}, expected a path")
-                if k == 0 and embedded:
-                    images.append(to_rgb(load_image_bytes(embedded, name)))
+                if embedded and k < len(embedded) and embedded[k]:
+                    images.append(to_rgb(load_image_bytes(embedded[k], name)))
                     continue
                 try:
                     images.append(to_rgb(load_image(resolve_image_path(name, self.image_root, self.allow_absolute_paths))))

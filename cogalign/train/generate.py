@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cogalign.errors import CogalignError
+from cogalign.train.chat import end_of_turn_tokens
 from cogalign.train.collate import IMAGE, Encoder, answer_kind, has_image_token
 
 DEFAULT_BATCH_SIZE = 8
@@ -75,25 +76,8 @@ class Prompt:
 
 def item_images(item: dict) -> list:
     """The images a `ShardDataset` item shows the model: none unless a human turn has `<image>`."""
-    images = item.get("images")
-    if images is None:
-        images = [] if item.get("image") is None else [item["image"]]
+    images = item.get("images") or []
     return list(images) if images and has_image_token(item["record"]["conversations"]) else []
-
-
-def _ids(enc: Encoder, turns: list[dict], upto: int, images: list) -> list[int]:
-    """Token ids of the prompt for gpt turn `upto`: exactly the prefix training renders before it."""
-    if hasattr(enc, "prompt_ids"):
-        return enc.prompt_ids(turns, upto, images)
-    return enc.encode(enc.segments(turns, bool(images), upto=upto))["input_ids"]  # the earlier Encoder
-
-
-def _pixels(enc: Encoder, images: list) -> dict:
-    """pixel_values (and image_sizes for LLaVA-NeXT): what the collator gives the model."""
-    if hasattr(enc, "pixels"):
-        return enc.pixels(images)
-    got = enc.processor.image_processor(images, return_tensors="pt")  # the earlier Encoder
-    return {k: got[k] for k in ("pixel_values", "image_sizes") if k in got}
 
 
 def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int):
@@ -108,7 +92,7 @@ def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_len
         if moved:
             kept[0] = {**kept[0], "value": f"{IMAGE}\n" * moved + kept[0]["value"]}
         try:
-            ids = _ids(enc, kept, upto - j, images)
+            ids = enc.prompt_ids(kept, upto - j, images)
         except ValueError as e:
             if str(e) == "max_length_below_image":  # not even the image fits
                 break
@@ -133,9 +117,12 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
             yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped, problem)
 
 
-def stop_ids(model, tok) -> list[int]:
-    """End-of-sequence ids: the tokenizer's and the model's generation config's (end-of-turn tokens)."""
+def stop_ids(model, enc: Encoder) -> list[int]:
+    """End ids: the tokenizer's eos, the template's end-of-turn tokens and the generation config's."""
+    tok = enc.tok
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if enc.template:
+        ids += tok.convert_tokens_to_ids(end_of_turn_tokens(tok, enc.image_token))
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += extra if isinstance(extra, list) else [] if extra is None else [extra]
     return list(dict.fromkeys(ids))
@@ -146,7 +133,7 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
     import torch
 
     device = next(model.parameters()).device
-    stops = stop_ids(model, enc.tok)
+    stops = stop_ids(model, enc)
     pad = enc.tok.pad_token_id if enc.tok.pad_token_id is not None else (stops or [0])[0]
     width = max(len(p.ids) for p in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -158,7 +145,7 @@ def answer_batch(model, enc: Encoder, batch: list[Prompt], max_new_tokens: int) 
     images = [im for p in batch for im in p.images]
     if images:
         dtype = next(model.parameters()).dtype
-        for key, value in _pixels(enc, images).items():
+        for key, value in enc.pixels(images).items():
             inputs[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -174,7 +161,7 @@ def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) 
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
     conv, images = item["record"]["conversations"], item_images(item)
-    batch = [Prompt(item["record"].get("id"), item["position"], i, "", _ids(enc, conv, i, images), images, 0)
+    batch = [Prompt(item["record"].get("id"), item["position"], i, "", enc.prompt_ids(conv, i, images), images, 0)
              for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
@@ -250,7 +237,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
             counts["records"] += 1
             counts["skipped"] += bool(item.get("skip"))
             yield item
-            bar.advance(expanded=item["image"] is not None)
+            bar.advance(expanded=bool(item["images"]))
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
