@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,6 +160,9 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
             return self.pre_quant
         fn = self.__dict__.get("_compiled_pre_quant")
         if fn is None:
+            # inductor imports cpp_extension, which logs "No CUDA runtime is found" on a CPU
+            # machine with a CUDA_HOME: not news to a user who compiles for the CPU
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             fn = torch.compile(self.pre_quant, dynamic=False)
             self.__dict__["_compiled_pre_quant"] = fn
         return fn
