@@ -271,6 +271,10 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{path}: not a readable torch checkpoint ({msg}); is the file complete?") from None
+    if isinstance(obj, dict) and {"step", "model", "opt", "config"} <= set(obj):
+        raise TokenizerError(
+            f"{path}: the resume state of `cogalign vq train` (step {obj.get('step')}), not a model checkpoint; the "
+            f"trained model is {path.parent / 'model.safetensors'} (with config.yaml), use that folder as it is")
     sd = obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
