@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -100,19 +101,31 @@ def train(
 
 @vq_app.command("info")
 def info(
-    spec: str = typer.Argument("demo", help="A preset name (demo, vqgan-4096) or a taming checkpoint folder/file."),
+    spec: str = typer.Argument("demo", help="A name (demo, vqgan-4096, ...: see `vq list`), hf://OWNER/REPO or a taming checkpoint folder/file."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file: only for sources you trust). Default: off."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text. Default: off."),
 ) -> None:
-    """Name, content hash, codebook size, downsampling factor and parameter count of a tokenizer."""
-    from cogalign.tokenizers import list_presets, load_tokenizer
+    """Name, content hash, codebook size, downsampling factor and parameter counts of a tokenizer.
+
+    parameters_encoder counts what encoding runs (encoder, quant_conv, the quantizer);
+    parameters_decoder the decoder and post_quant_conv when the checkpoint has them."""
+    from cogalign.tokenizers import list_presets
+    from cogalign.tokenizers.checkpoints import decoder_shapes, find_checkpoint, read_state_dict, strip_prefix
+    from cogalign.tokenizers.presets import resolve
+    from cogalign.tokenizers.taming import load_taming
 
     try:
-        tok = load_tokenizer(spec, device="cpu", trust_pickle=trust_pickle)
+        path, name = resolve(spec)
+        tok = load_taming(path, device="cpu", trust_pickle=trust_pickle, name=name)
+        keys = strip_prefix(read_state_dict(find_checkpoint(path)[0], trust_pickle=trust_pickle))
+        shapes = decoder_shapes(tok.params)
+        has_decoder = any(k in keys for k in shapes)
     except CogalignError as e:
         fail(str(e))
     d = tok.describe()
-    d["parameters"] = int(tok.parameter_count()) if hasattr(tok, "parameter_count") else None
+    d["parameters_encoder"] = int(tok.parameter_count())
+    d["parameters_decoder"] = int(sum(math.prod(s) for s in shapes.values())) if has_decoder else None
+    d["parameters_total"] = d["parameters_encoder"] + (d["parameters_decoder"] or 0)
     d["quantizer"] = getattr(tok, "quantizer", None)
     d["checkpoint"] = getattr(tok, "source", None)
     d["config"] = getattr(tok, "config_path", None)
@@ -121,8 +134,11 @@ def info(
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
-    for k in ("name", "content_hash", "codebook_size", "downsample", "parameters", "quantizer", "checkpoint", "config"):
-        typer.echo(f"{k}: {d[k]}")
+    for k in ("name", "content_hash", "codebook_size", "downsample", "parameters_encoder", "parameters_decoder",
+              "parameters_total", "quantizer", "checkpoint", "config"):
+        note = {"parameters_encoder": " (encoder, quant_conv, quantizer: what encoding runs)",
+                "parameters_decoder": " (decoder, post_quant_conv)" if has_decoder else " (no decoder in the checkpoint)"}
+        typer.echo(f"{k}: {d[k]}{note.get(k, '')}")
 
 
 @vq_app.command("convert")

@@ -92,7 +92,7 @@ def test_cli_info_and_eval(trained):
     tok = load_taming(out)
     assert f"content_hash: {tok.content_hash}" in r.output
     assert "codebook_size: 64" in r.output and "downsample: 8" in r.output
-    assert f"parameters: {tok.parameter_count()}" in r.output
+    assert f"parameters_encoder: {tok.parameter_count()}" in r.output
     r = runner.invoke(vq_app, ["info", str(out), "--json"])
     assert json.loads(r.stdout)["name"] == "tiny"
     r = runner.invoke(vq_app, ["eval", str(out), *map(str, TRAIN_IMAGES), "--resolution", "64", "--usage-resolution", "64"])

@@ -99,7 +99,7 @@ def download(spec: str | HubSpec) -> Path:
 
     hs = spec if isinstance(spec, HubSpec) else parse_hub_spec(spec)
     where = f"{hs.subfolder}/" if hs.subfolder else ""
-    patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "configs")]
+    patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "checkpoints", "configs")]
     cache = hub_cache_dir()
     offline = hub_offline()
     try:

@@ -52,7 +52,7 @@ def list_presets() -> dict[str, str]:
 def _has_files(folder: Path) -> bool:
     """Whether the folder holds weights (itself or ckpts/), not only notes or an empty ckpts/."""
     return any(p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES
-               for d in (folder, folder / "ckpts") if d.is_dir() for p in d.iterdir())
+               for d in (folder, folder / "ckpts", folder / "checkpoints") if d.is_dir() for p in d.iterdir())
 
 
 def _configured_repo(name: str) -> str | None:

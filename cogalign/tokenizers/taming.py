@@ -22,7 +22,7 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 
 from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
-from cogalign.tokenizers.checkpoints import (check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
+from cogalign.tokenizers.checkpoints import (apply_attn_type, check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, select_model_keys)
 
 # Positions per lookup chunk are chosen so that chunk x codebook float32 stays near this
@@ -62,7 +62,7 @@ class AttnBlockNoSubnormal(AttnBlock):
 
 
 def _build_encoder(ddconfig: dict) -> nn.Module:
-    enc = Encoder(**ddconfig)
+    enc = apply_attn_type(Encoder(**ddconfig), ddconfig)
     for m in enc.modules():
         if type(m) is AttnBlock:
             m.__class__ = AttnBlockNoSubnormal

@@ -145,7 +145,7 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
         from torchmetrics.functional.image import structural_similarity_index_measure
     except ImportError as e:
         raise TokenizerError(f"vq eval's SSIM needs torchmetrics ({e}); pip install torchmetrics") from None
-    ta, tb = (torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).double() / 255.0 for v in (a, b))
+    ta, tb = (torch.from_numpy(np.array(v)).permute(0, 3, 1, 2).double() / 255.0 for v in (a, b))
     return float(structural_similarity_index_measure(tb, ta, data_range=1.0))
 
 
