@@ -160,7 +160,8 @@ def resize_rgb(arr: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def to_model_input(batch: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1), contiguous NCHW."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().contiguous()
+    batch = np.ascontiguousarray(batch)
+    x = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).permute(0, 3, 1, 2).float().contiguous()
     return x / 127.5 - 1.0
 
 

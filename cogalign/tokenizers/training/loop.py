@@ -153,6 +153,9 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         rngs = saved["rng"]  # one per rank
         torch.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         start, hist = saved["step"], saved["history"]
+        if hist["step"] and hist["step"][-1] % saved["config"].get("log_every", cfg.log_every):
+            for values in hist.values():  # the stopped run's closing line: an uninterrupted run has none there
+                values.pop()
         ema_mse = saved.get("ema_mse")  # the moving train PSNR and the codes seen since the last log line
         if "codes_seen" in saved:
             used = saved["codes_seen"].clone()
@@ -207,13 +210,15 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
             used[idx.flatten().cpu()] = True
             bar.step(f"loss {loss.item():.4f} psnr {psnr:.2f} dB codes {int(used.sum())}/{cfg.codes}")
             done = step + 1
-            if step % cfg.log_every == 0 or done == cfg.steps:
+            on_grid = step % cfg.log_every == 0
+            if on_grid or done == cfg.steps:
                 for k, v in (("step", step), ("loss", round(loss.item(), 5)), ("psnr_db", round(psnr, 3)),
                              ("codes_used", int(used.sum()))):
                     hist[k].append(v)
                 if not bar._tty:
                     log(f"step {step:6d}  {bar.text}  lr {_lr_at(cfg, step):.2e}  {time.perf_counter() - t_start:.0f}s")
-                used.zero_()
+                if on_grid:  # the last line of a run off the grid keeps counting, so a resume goes on as one run
+                    used.zero_()
             if done % cfg.save_every == 0 or done == cfg.steps:
                 rngs = [torch.get_rng_state()] * world
                 if world > 1:  # every rank's RNG (dead-code re-seeding draws from it)
