@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 IMAGES = [EXAMPLE_IMAGES / "chelsea.png", EXAMPLE_IMAGES / "camera.png"]
 TINY = dict(log=None, progress=False, codes=32, ch_mult=(1, 1, 1, 1), batch_size=2, crop=32, kmeans_latents=64)
 SMALL = ["--resolution", "64", "--usage-resolution", "64"]
+REV = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _cli(*args, env=None):
@@ -56,6 +57,44 @@ def test_train_then_push_works_and_the_card_says_what_ran(trained):
     assert "Training data: 2 images" in r.output and "not recorded" not in r.output
     assert "--preset demo`, 3 steps of 2 x 32² crops" in r.output
     assert "LPIPS off" in r.output and "PatchGAN off" in r.output
+
+
+class _Uploads:
+    """HfApi at its boundary: keeps what push commits."""
+
+    def __init__(self):
+        self.ops = []
+
+    def create_repo(self, repo_id, **kw):
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_commit(self, repo_id, operations, **kw):
+        self.ops = list(operations)
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{REV}"})()
+
+
+def test_readme_flow_train_push_then_use_from_the_hub(trained, tmp_path, monkeypatch):
+    """train -> push -> --vq hf://: the pushed files, served from a hand-built cache, are the tokenizer."""
+    from cogalign.tokenizers.hub import push
+
+    api = _Uploads()
+    push(trained, "me/tok", api=api)
+    snap = tmp_path / "hf" / "models--me--tok" / "snapshots" / REV
+    snap.mkdir(parents=True)
+    for op in api.ops:
+        src = op.path_or_fileobj
+        (snap / op.path_in_repo).write_bytes(src if isinstance(src, bytes) else open(src, "rb").read())
+    (tmp_path / "hf" / "models--me--tok" / "refs").mkdir()
+    (tmp_path / "hf" / "models--me--tok" / "refs" / "main").write_text(REV)
+    assert sorted(p.name for p in snap.iterdir()) == ["README.md", "config.yaml", "model.safetensors",
+                                                      "train_metrics.json"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tokenizer_fixtures import photos
+
+    by_hub, by_path = load_tokenizer("hf://me/tok"), load_tokenizer(str(trained))
+    assert by_hub.content_hash == by_path.content_hash and by_hub.name == f"me/tok@{REV}"
+    np.testing.assert_array_equal(by_hub.encode(photos((64, 64))[:2]), by_path.encode(photos((64, 64))[:2]))
 
 
 def test_convert_names_a_train_state_and_never_replaces_a_model(trained, tmp_path):
@@ -165,9 +204,6 @@ def test_train_flags_reach_the_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------- #3, #8, #9: one resolver
-
-REV = "0123456789abcdef0123456789abcdef01234567"
-
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
