@@ -284,6 +284,7 @@ def test_torchrun_two_ranks_keep_one_codebook(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "broadcast_buffers" not in proc.stderr, proc.stderr[-3000:]  # issue 15 #17: no FutureWarning per rank
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2 and r0["equal"] and r1["equal"]
     assert r0["codebook"] == r1["codebook"] and r0["weights"] == r1["weights"]

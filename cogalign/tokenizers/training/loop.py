@@ -167,7 +167,13 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dev.index] if dev.type == "cuda" else None
-        ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
+        # the EMA codebook buffers are kept equal by sync_codebook, not by DDP; torch 2.14 renamed
+        # broadcast_buffers (a FutureWarning per rank) to forward_sync_buffers
+        import inspect
+
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        ddp_model = DDP(model, device_ids=ids, **no_sync)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vq train: preset {cfg.preset}, {len(names)} images, {cfg.codes} codes, f={f}, {n_params:,} parameters, "
         f"steps {start}..{cfg.steps} of {cfg.batch_size}x{cfg.crop}^2 crops x {world} rank(s), lr {cfg.lr:.3g}, "
