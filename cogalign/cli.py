@@ -226,11 +226,10 @@ _mount_subcommands()
 def _full_option_names() -> None:
     """Rich help tables never cut an option name (`--dead-code-thresho…` at 80 columns): every
     column but the help text keeps its width, and a long word in the help text folds."""
-    from rich.table import Table
-    from typer import rich_utils
-
     from rich.columns import Columns
+    from rich.table import Table
     from rich.text import Text
+    from typer import rich_utils
 
     class FullNameTable(Table):
         def add_row(self, *renderables, **kwargs):
@@ -276,7 +275,10 @@ def one_line_warnings():
 def main(argv: list[str] | None = None) -> None:
     """Run the app; usage errors (a missing argument, `--steps abc`) and library warnings come out
     as one line each instead of typer's boxes and tracebacks."""
-    from typer._click import exceptions as click  # typer's own copy of click
+    try:
+        from typer._click import exceptions as click  # typer >= 0.26 carries its own copy of click
+    except ImportError:
+        from click import exceptions as click
 
     with one_line_warnings():
         try:
