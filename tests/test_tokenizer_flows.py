@@ -387,3 +387,25 @@ def test_gumbel_layout_under_checkpoints_folder(tmp_path, monkeypatch):
         load_tokenizer("taming-openimages-gumbel-f8")
     tok = load_taming(folder)
     assert tok.quantizer == "gumbel" and tok.codebook_size == 8192
+
+
+def test_raw_pickle_refusal_is_the_only_line(tmp_path, capsys):
+    """#17: torch's "Detected pickle protocol 4" UserWarning no longer comes before the refusal."""
+    import os
+    import pickle
+
+    from cogalign.cli import main
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("echo HACKED",))
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    with open(folder / "model.pth", "wb") as fh:
+        pickle.dump({"x": Hostile()}, fh, protocol=4)
+    (folder / "config.yaml").write_text(taming_yaml())
+    with pytest.raises(SystemExit) as exc:
+        main(["vq", "info", str(folder)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--trust-pickle" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,9 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         except (SafetensorError, OSError, ValueError) as exc:
             raise TokenizerError(f"{path}: cannot read this safetensors file ({exc}); is it complete?") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": noise before our own one-line verdict
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError:
         if not trust_pickle:
             raise pickle_refusal(path) from None
