@@ -167,13 +167,14 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dev.index] if dev.type == "cuda" else None
-        # the EMA codebook buffers are kept equal by sync_codebook, not by DDP; torch 2.14 renamed
-        # broadcast_buffers (a FutureWarning per rank) to forward_sync_buffers
-        import inspect
+        # The EMA codebook buffers are kept equal by sync_codebook, not by DDP. torch 2.14 deprecates
+        # broadcast_buffers (a FutureWarning per rank), but its successor forward_sync_buffers=False
+        # still syncs buffers at init, which the warning itself says to avoid for such buffers.
+        import warnings
 
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})
-        ddp_model = DDP(model, device_ids=ids, **no_sync)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vq train: preset {cfg.preset}, {len(names)} images, {cfg.codes} codes, f={f}, {n_params:,} parameters, "
         f"steps {start}..{cfg.steps} of {cfg.batch_size}x{cfg.crop}^2 crops x {world} rank(s), lr {cfg.lr:.3g}, "
