@@ -1,6 +1,7 @@
 """The `cogalign` command line: a thin typer layer over the library."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -228,9 +229,80 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
-def main() -> None:
+def _full_option_names() -> None:
+    """Rich help tables never cut an option name (`--dead-code-thresho…` at 80 columns): every
+    column but the help text keeps its width, and a long word in the help text folds."""
+    from rich.columns import Columns
+    from rich.table import Table
+    from rich.text import Text
+    from typer import rich_utils
+
+    class FullNameTable(Table):
+        def add_row(self, *renderables, **kwargs):
+            help_ = renderables[-1] if renderables else None
+            for part in getattr(help_, "renderables", [help_]):
+                if isinstance(part, Text):
+                    part.overflow = "fold"
+            super().add_row(*renderables, **kwargs)
+            if not isinstance(help_, Columns):
+                return  # not an options table
+            for col in self.columns[:-2]:  # the names; the type column and the help wrap
+                col.no_wrap = True
+
+    rich_utils.Table = FullNameTable
+
+
+_full_option_names()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Library warnings (torch's pickle and DDP notices, ...) as one `warning:` line each, once
+    per message, instead of a file path, a source line and a multi-line text."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(message)
+        if text not in seen:
+            seen.add(text)
+            typer.echo(f"warning: {text[:300]}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the app; usage errors (a missing argument, `--steps abc`) and library warnings come out
+    as one line each instead of typer's boxes and tracebacks."""
     try:
-        app()
-    except CogalignError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        from typer._click import exceptions as click  # typer >= 0.26 carries its own copy of click
+    except ImportError:
+        from click import exceptions as click
+
+    with one_line_warnings():
+        try:
+            rc = app(args=argv, prog_name="cogalign", standalone_mode=False)
+        except click.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "cogalign"
+            typer.echo(f"error: {where}: {_one_line(e.format_message())} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        except CogalignError as e:
+            typer.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -53,6 +54,9 @@ def train(
     disc_start: Optional[int] = typer.Option(None, "--disc-start", help=f"Step at which the discriminator starts {_PRESET}."),
     perceptual_weight: Optional[float] = typer.Option(None, "--perceptual-weight", help=f"LPIPS weight; 0 turns it off {_PRESET}."),
     lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS. Default: $COGALIGN_LPIPS_VGG, else torchvision's cache; without them the run goes on without LPIPS."),
+    commitment_weight: float = typer.Option(0.25, "--commitment-weight", help="Weight of the commitment loss (the encoder pulled towards its codes), as taming's beta. Default: 0.25."),
+    codebook_weight: float = typer.Option(1.0, "--codebook-weight", help="Weight of the quantizer's loss in the total, as taming's codebook_weight. Default: 1.0."),
+    ema_decay: float = typer.Option(0.99, "--ema-decay", help="Decay of the EMA codebook updates, between 0 and 1. Default: 0.99."),
     dead_code_threshold: Optional[float] = typer.Option(None, "--dead-code-threshold", help="Re-seed codes whose EMA use per step falls below this. Default: min(2, 0.05 x latents per step / codes)."),
     kmeans_latents: Optional[int] = typer.Option(None, "--kmeans-latents", help="Encoder outputs used for the k-means codebook init. Default: 2 x codes."),
     decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Storage type of decoder.* and post_quant_conv.* (float32, float16, bfloat16); the encoder path is always float32."),
@@ -80,10 +84,12 @@ def train(
             disc_start=disc_start, perceptual_weight=perceptual_weight, lr=lr, steps=steps, batch_size=batch_size,
             crop=crop, seed=seed, threads=threads, dead_code_threshold=dead_code_threshold,
             decoder_dtype=decoder_dtype, kmeans_latents=kmeans_latents, device=device, bf16=bf16, workers=workers, save_every=save_every,
-            lpips_vgg=str(lpips_vgg) if lpips_vgg else None)
+            lpips_vgg=str(lpips_vgg) if lpips_vgg else None, commitment_weight=commitment_weight,
+            codebook_weight=codebook_weight, ema_decay=ema_decay)
         if evaluate_after and metrics["rank"] == 0:
             ev = evaluate(out, images, max_images=64, image_root=image_root)
             ev.pop("psnr_db_per_image", None)
+            ev.pop("code_histogram", None)
             say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
                 f"{ev['codes_used']}/{ev['codebook_size']} ({100 * ev['codebook_usage']:.1f}%) at "
                 f"{ev['usage_resolution']}px on {ev['images']} images")
@@ -91,23 +97,47 @@ def train(
             write_metrics(out, metrics)
     except CogalignError as e:
         fail(str(e))
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for rank 0's eval, then shut gloo down cleanly (a process that exits
+    with the group alive was seen to abort with "terminate called without an active exception")."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @vq_app.command("info")
 def info(
-    spec: str = typer.Argument("demo", help="A preset name (demo, vqgan-4096) or a taming checkpoint folder/file."),
+    spec: str = typer.Argument("demo", help="A name (demo, vqgan-4096, ...: see `vq list`), hf://OWNER/REPO or a taming checkpoint folder/file."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file: only for sources you trust). Default: off."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text. Default: off."),
 ) -> None:
-    """Name, content hash, codebook size, downsampling factor and parameter count of a tokenizer."""
-    from cogalign.tokenizers import list_presets, load_tokenizer
+    """Name, content hash, codebook size, downsampling factor and parameter counts of a tokenizer.
+
+    parameters_encoder counts what encoding runs (encoder, quant_conv, the quantizer);
+    parameters_decoder the decoder and post_quant_conv when the checkpoint has them."""
+    from cogalign.tokenizers import list_presets
+    from cogalign.tokenizers.checkpoints import decoder_shapes, find_checkpoint, read_state_dict, strip_prefix
+    from cogalign.tokenizers.presets import resolve
+    from cogalign.tokenizers.taming import load_taming
 
     try:
-        tok = load_tokenizer(spec, device="cpu", trust_pickle=trust_pickle)
+        path, name = resolve(spec)
+        tok = load_taming(path, device="cpu", trust_pickle=trust_pickle, name=name)
+        keys = strip_prefix(read_state_dict(find_checkpoint(path)[0], trust_pickle=trust_pickle))
+        shapes = decoder_shapes(tok.params)
+        has_decoder = any(k in keys for k in shapes)
     except CogalignError as e:
         fail(str(e))
     d = tok.describe()
-    d["parameters"] = int(tok.parameter_count()) if hasattr(tok, "parameter_count") else None
+    d["parameters_encoder"] = int(tok.parameter_count())
+    d["parameters_decoder"] = int(sum(math.prod(s) for s in shapes.values())) if has_decoder else None
+    d["parameters_total"] = d["parameters_encoder"] + (d["parameters_decoder"] or 0)
     d["quantizer"] = getattr(tok, "quantizer", None)
     d["checkpoint"] = getattr(tok, "source", None)
     d["config"] = getattr(tok, "config_path", None)
@@ -116,8 +146,11 @@ def info(
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
-    for k in ("name", "content_hash", "codebook_size", "downsample", "parameters", "quantizer", "checkpoint", "config"):
-        typer.echo(f"{k}: {d[k]}")
+    for k in ("name", "content_hash", "codebook_size", "downsample", "parameters_encoder", "parameters_decoder",
+              "parameters_total", "quantizer", "checkpoint", "config"):
+        note = {"parameters_encoder": " (encoder, quant_conv, quantizer: what encoding runs)",
+                "parameters_decoder": " (decoder, post_quant_conv)" if has_decoder else " (no decoder in the checkpoint)"}
+        typer.echo(f"{k}: {d[k]}{note.get(k, '')}")
 
 
 @vq_app.command("convert")
@@ -143,8 +176,13 @@ def convert(
 
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must end in .safetensors")
-    if out.exists() and not force:
-        fail(f"{out}: exists; pass --force to overwrite")
+    if out.exists():
+        if not force:
+            fail(f"{out}: exists; pass --force to overwrite")
+        producer = _safetensors_producer(out)
+        if producer != "cogalign vq convert":
+            fail(f"{out}: exists and was not written by `vq convert` ({producer or 'unknown producer'}); "
+                 "--force never replaces a model it did not write: choose another OUT")
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]
         params, target = read_config(cfg_path)
@@ -174,33 +212,66 @@ def convert(
         say("decoder: none in this checkpoint (encoder only: it encodes, but vq eval cannot report PSNR)")
 
 
+def _safetensors_producer(path: Path) -> Optional[str]:
+    """The `producer` a cogalign safetensors file records (vq convert; vq train keeps it in `cogalign`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return None
+    if "producer" in meta:
+        return meta["producer"]
+    try:
+        return json.loads(meta.get("cogalign", "{}")).get("producer")
+    except ValueError:
+        return None
+
+
 @vq_app.command("eval")
 def eval_(
-    spec: str = typer.Argument(..., help="A preset name (demo, vqgan-4096) or a taming checkpoint folder/file."),
+    spec: str = typer.Argument(..., help="A name (demo, vqgan-4096, ...: see `vq list`), hf://OWNER/REPO\\[@REVISION]\\[/SUBFOLDER], or a taming checkpoint folder/file."),
     images: List[Path] = typer.Argument(..., help="Images: files, folders (searched recursively), or LLaVA inputs (.json, .jsonl, .parquet)."),
-    resolution: int = typer.Option(256, "--resolution", help="Images are stretched to this square size for the PSNR (a multiple of f)."),
-    usage_resolution: int = typer.Option(672, "--usage-resolution", help="Images are stretched to this square size and encoded whole for the codebook usage."),
+    resolution: int = typer.Option(256, "--resolution", help="Images are stretched to this square size for PSNR, SSIM and LPIPS (a multiple of f)."),
+    usage_resolution: int = typer.Option(672, "--usage-resolution", help="Images are stretched to this square size and encoded whole for the codebook use."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images. Default: all."),
+    lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS. Default: $COGALIGN_LPIPS_VGG, else torchvision's cache; without them LPIPS is left out."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file). Default: off."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR, keyed by each image's path) instead of text. Default: off."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR keyed by each image's path, and the codebook histogram) instead of text. Default: off."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal."),
 ) -> None:
-    """Reconstruction PSNR (needs the decoder in the checkpoint) and codebook usage on images."""
-    from cogalign.tokenizers.presets import list_presets, resolve
+    """Reconstruction PSNR, SSIM and LPIPS (need the decoder in the checkpoint) and codebook use
+    (codes used, dead codes, perplexity, entropy) on images, streamed one at a time.
+
+    rFID is not reported: it needs Inception weights, which cogalign never downloads."""
+    from cogalign.tokenizers.presets import resolve
     from cogalign.tokenizers.training import evaluate
 
     try:
-        # a preset's folder (or Hub download), with its own error if it is not installed
-        path = resolve(spec)[0] if spec in list_presets() else Path(spec)
+        path, name = resolve(spec)  # the resolver of every command: names, hf:// specs, paths
         res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle,
-                       image_root=image_root)
+                       image_root=image_root, name=name, max_images=max_images, progress=not no_progress,
+                       lpips_vgg=lpips_vgg)
     except CogalignError as e:
         fail(str(e))
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return
-    psnr = "n/a (no decoder in the checkpoint)" if res["psnr_db"] is None else f"{res['psnr_db']:.2f} dB"
+
+    def fmt(v, spec=".2f", unit=""):
+        return "n/a (no decoder in the checkpoint)" if v is None and res["psnr_db"] is None else \
+            "n/a" if v is None else f"{v:{spec}}{unit}"
+
     typer.echo(f"tokenizer: {res['tokenizer']} ({res['content_hash']})")
-    typer.echo(f"images: {res['images']}")
-    typer.echo(f"psnr at {res['resolution']}px: {psnr}")
+    typer.echo(f"images: {res['images']}" + (f" ({len(res['images_undecodable'])} undecodable, skipped)"
+                                             if res["images_undecodable"] else ""))
+    typer.echo(f"psnr at {res['resolution']}px: {fmt(res['psnr_db'], '.2f', ' dB')}")
+    typer.echo(f"ssim at {res['resolution']}px: {fmt(res['ssim'], '.4f')}")
+    typer.echo(f"lpips at {res['resolution']}px: {fmt(res['lpips'], '.4f')}")
     typer.echo(f"codebook usage at {res['usage_resolution']}px: {res['codes_used']}/{res['codebook_size']} "
-               f"({100 * res['codebook_usage']:.1f}%)")
+               f"({100 * res['codebook_usage']:.1f}%), dead codes {res['dead_codes']}, perplexity "
+               f"{res['perplexity']:.1f}, entropy {res['entropy_bits']:.2f} of {res['max_entropy_bits']:.2f} bits")
+    for note in res["notes"]:
+        say(note)

@@ -56,6 +56,8 @@ def push(
         fail(str(e))
     say(f"{'would upload' if dry_run else 'uploaded'} to {plan['repo_id']} ({'private' if private else 'public'}): "
         f"{', '.join(plan['files'])} ({plan['bytes']} bytes)")
+    if plan["left_out"]:
+        say(f"left out: {', '.join(plan['left_out'])} (`vq train`'s resume state, not part of the model)")
     if dry_run:
         typer.echo(plan["card"])
     else:

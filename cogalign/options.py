@@ -145,5 +145,6 @@ class ExpandOptions:
         """Hash of every output-shaping option (the tokenizer by content hash, not by path)."""
         d = self.to_dict()
         d.pop("vq")  # a path may move; the content hash is what matters
+        d.pop("tokenizer_name")  # hf://alice/tok and its folder on disk: the same hash is the same tokenizer
         d.pop("templates")
         return hashlib.sha256(orjson.dumps(d, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

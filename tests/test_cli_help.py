@@ -46,3 +46,49 @@ def test_options_say_their_default(path):
         shown = p.show_default and p.default is not None and not p.is_flag
         said = "default" in (p.help or "").lower() or "give --id or --index" in (p.help or "").lower()
         assert p.help and (shown or said), f"{' '.join(path)} {p.opts[0]}: {p.help!r} does not say its default"
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=" ".join)
+def test_every_option_name_is_readable_in_full_at_80_columns(path):
+    """issue 15 #18: `--dead-code-thresho…`, `--allow-absolute-pa…` were cut at 80 columns."""
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output[-2000:]
+    assert "…" not in result.output
+    for p in COMMANDS[path].params:
+        for name in [*p.opts, *p.secondary_opts]:
+            if name.startswith("--"):
+                assert name in result.output, f"{' '.join(path)}: {name} is not shown in full"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["vq", "convert", "."], ["'ckpt'", "directory", "cogalign vq convert --help"]),
+    (["vq", "recon", "."], ["'image'", "directory"]),
+    (["show", "no-such-dir-here"], ["does not exist"]),
+    (["vq", "train", "x", "--out", "y", "--steps", "abc"], ["--steps", "integer"]),
+    (["vq", "train", "x"], ["Missing option '--out'"]),
+    (["vq", "no-such-command"], ["No such command"]),
+])
+def test_usage_errors_are_one_line(argv, words, capsys):
+    """issue 15 #17: typer's boxed usage errors become one `error:` line, exit status 2."""
+    from cogalign.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err
+
+
+def test_library_warnings_are_one_line_each(capsys):
+    """issue 15 #17: torch's multi-line UserWarning/FutureWarning text becomes one line, once."""
+    import warnings
+
+    from cogalign.cli import one_line_warnings
+
+    with one_line_warnings():
+        for _ in range(2):
+            warnings.warn("The `broadcast_buffers` argument\nis deprecated.\n  more", FutureWarning)
+    err = capsys.readouterr().err
+    assert err == "warning: The `broadcast_buffers` argument is deprecated. more\n"

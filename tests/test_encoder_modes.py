@@ -124,3 +124,17 @@ def test_expand_fp16_on_the_cpu_is_one_line(tmp_path):
     result = run_cli("expand", EXAMPLES, "--out", tmp_path / "p", *FAST, "--precision", "fp64", expect=2)
     assert "--precision 'fp64': choose from fp32, bf16, fp16" in result.output
     assert issubclass(TokenizerError, CogalignError)
+
+
+def test_compile_hides_the_no_cuda_runtime_notice(monkeypatch):
+    """issue 15 #17: inductor imports torch.utils.cpp_extension, whose logger says "No CUDA runtime
+    is found" on a CPU machine with a CUDA_HOME; --compile is not about CUDA, so that line is gone."""
+    import logging
+
+    tok = load_tokenizer("demo")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr("torch.compile", lambda fn, **kw: fn)  # what matters happens before compiling
+    tok.set_encoder_mode("fp32", compile=True)
+    tok._encoder_fn()
+    assert not logger.isEnabledFor(logging.WARNING)

@@ -69,7 +69,7 @@ def test_offline_cache_gives_the_same_indices_as_the_path(offline, demo_files):
     by_path = load_tokenizer(str(DEMO_DIR))
     by_hub = load_tokenizer("hf://acme/vqgan-demo")
     assert by_hub.content_hash == by_path.content_hash  # the hash of the weights, not of a path
-    assert by_hub.name == "acme/vqgan-demo"
+    assert by_hub.name == f"acme/vqgan-demo@{REV}"  # issue 15 #8: the commit main resolved to is recorded
     np.testing.assert_array_equal(by_hub.encode(images), by_path.encode(images))
     # a pinned revision and a subfolder resolve through the same cache
     sd = make_random_taming_state(TINY_PARAMS, seed=3)
@@ -110,13 +110,14 @@ def test_vqgan_4096_from_home_env_or_config(offline, demo_files, tmp_path, monke
     home.mkdir(exist_ok=True)
     (home / "config.yaml").write_text("tokenizers:\n  vqgan-4096: hf://team/vqgan-4096\n")
     assert load_tokenizer("vqgan-4096").content_hash == tok.content_hash
-    # the local folder comes first
-    sd = make_random_taming_state(TINY_PARAMS, seed=5)
+    # the local folder comes first (a tokenizer of vqgan-4096's geometry: 4096 codes, f=8, dim 4)
+    params = dict(TINY_PARAMS, n_embed=4096)
+    sd = make_random_taming_state(params, seed=5)
     local = home / "tokenizers" / "vqgan-4096"
     local.mkdir(parents=True)
     save_file(sd, str(local / "model.safetensors"))
-    (local / "config.yaml").write_text(taming_yaml())
-    assert load_tokenizer("vqgan-4096").codebook_size == TINY_PARAMS["n_embed"]
+    (local / "config.yaml").write_text(taming_yaml(params))
+    assert load_tokenizer("vqgan-4096").content_hash not in (tok.content_hash, "")
 
 
 def test_vqgan_4096_missing_names_both_ways(offline, tmp_path):
@@ -182,10 +183,10 @@ def test_push_uploads_one_commit_through_hfapi(tmp_path):
 def test_push_refuses_pickles_and_broken_folders(tmp_path):
     d = _tokenizer_folder(tmp_path)
     torch.save({"state_dict": {}}, d / "last.ckpt")
-    with pytest.raises(TokenizerError, match="never uploaded.*cogalign vq convert"):
+    with pytest.raises(TokenizerError, match="never uploaded.*already has its safetensors.*move the pickle out"):
         push(d, "acme/x", dry_run=True, api=FakeApi())
     result = run_cli("vq", "push", d, "--repo", "acme/x", "--dry-run", expect=2)
-    assert "vq convert" in result.output and "Traceback" not in result.output
+    assert "move the pickle out" in result.output and "Traceback" not in result.output
     (d / "last.ckpt").unlink()
     (d / "config.yaml").write_text(taming_yaml())  # a yaml that does not fit the weights
     with pytest.raises(TokenizerError, match="do not match"):

@@ -217,10 +217,27 @@ def test_gallery_in_headless_chromium(out, tmp_path):
 
 
 def test_gallery_skips_records_it_cannot_draw(out, tmp_path):
+    """issue 15 #19: every record skipped is an error naming the reasons, not an empty page and exit 0."""
     dest = tmp_path / "g"
-    result = run_cli("gallery", out, "--out", dest, "--n", "3", "--image-root", tmp_path, "--no-progress")
-    assert "records shown: 0  skipped: 3" in result.output
-    assert "Not shown" in (dest / "index.html").read_text()
+    result = run_cli("gallery", out, "--out", dest, "--n", "3", "--image-root", tmp_path, "--no-progress", expect=2)
+    assert result.output.startswith("error: none of the 3 sampled records could be drawn (image_missing: 3)")
+    assert result.output.count("\n") == 1
+    assert "Not shown" in (dest / "index.html").read_text()  # the page lists them all the same
+
+
+def test_show_through_a_folder_of_links_out_of_the_root(out, tmp_path):
+    """issue 15 #16: --image-root of symlinks that lead out of it: no advice to pass a flag show and
+    gallery do not have, and no claim that the image changed."""
+    links = tmp_path / "links"
+    (links / "images").mkdir(parents=True)
+    for p in (EXAMPLES.parent / "images").iterdir():
+        (links / "images" / p.name).symlink_to(p.resolve())
+    for cmd in (["show", out, "--index", "0", "--out", tmp_path / "x.png"],
+                ["gallery", out, "--out", tmp_path / "g", "--n", "1", "--no-progress"]):
+        result = run_cli(*cmd, "--image-root", links, expect=2)
+        msg = result.output
+        assert "--allow-absolute-paths to" not in msg and "changed" not in msg, msg
+        assert "outside the image root" in msg and "pass --image-root with the folder that really holds the images" in msg
 
 
 def test_gallery_is_deterministic(out, tmp_path):

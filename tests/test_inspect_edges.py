@@ -63,9 +63,9 @@ def test_out_paths_that_cannot_be_written_are_one_line_errors(run, tmp_path):
 def test_moved_images_name_the_record_and_the_fix(run, tmp_path):
     res = run_cli("show", run, "--id", "coffee", "--out", tmp_path / "x.png", "--image-root", tmp_path, expect=2)
     _one_line_error(res, "record 'coffee'", "image_missing", "--image-root")
-    res = run_cli("gallery", run, "--out", tmp_path / "g", "--image-root", tmp_path, "--no-progress")
-    assert "records shown: 0  skipped: 2" in res.output
-    assert "skipped record 'chelsea': image_missing" in res.output and "--image-root" in res.output
+    res = run_cli("gallery", run, "--out", tmp_path / "g", "--image-root", tmp_path, "--no-progress", expect=2)
+    _one_line_error(res, "none of the 2 sampled records could be drawn (image_missing: 2)",
+                    "first: record 'chelsea': image_missing", "--image-root")
 
 
 def test_show_draws_embedded_images_without_the_files(tmp_path):
@@ -132,7 +132,11 @@ def test_push_names_a_nested_pickle_by_its_path(tmp_path):
     (folder / "ckpts" / "last.ckpt").write_bytes(b"\x80\x04N.")
     with pytest.raises(TokenizerError) as ei:
         push_plan(folder, "me/tok")
-    assert f"cogalign vq convert {folder / 'ckpts' / 'last.ckpt'} " in str(ei.value)
+    assert "(ckpts/last.ckpt)" in str(ei.value) and "move the pickle out" in str(ei.value)
+    (folder / "model.safetensors").unlink()  # no weights beside it: convert it, to a new file
+    with pytest.raises(TokenizerError) as ei:
+        push_plan(folder, "me/tok")
+    assert f"cogalign vq convert {folder / 'ckpts' / 'last.ckpt'} {folder / 'ckpts' / 'last.safetensors'}" in str(ei.value)
 
 
 @pytest.mark.parametrize("repo", ["bad name/x", "-me/tok", "me/tok!"])

@@ -329,12 +329,29 @@ def test_presets_and_missing_paths(tmp_path, monkeypatch):
     assert issubclass(TokenizerError, CogalignError)
 
 
-def test_vqgan_4096_preset_loads_from_cogalign_home(tmp_path, monkeypatch, state):
+def test_vqgan_4096_preset_loads_from_cogalign_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
-    _st_dir(home / "tokenizers", "vqgan-4096", state)
+    params = dict(TINY_PARAMS, n_embed=4096)
+    _st_dir(home / "tokenizers", "vqgan-4096", make_random_taming_state(params), taming_yaml(params))
     monkeypatch.setenv("COGALIGN_HOME", str(home))
     tok = load_tokenizer("vqgan-4096")
-    assert tok.name == "vqgan-4096" and tok.codebook_size == 512
+    assert tok.name == "vqgan-4096" and tok.codebook_size == 4096
+
+
+def test_catalog_names_refuse_another_tokenizer_installed_under_them(tmp_path, monkeypatch, state):
+    """issue 15 #7: a 512-code model under ldm-vq-f8's (or vqgan-4096's) name is refused, naming the mismatch."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("COGALIGN_HOME", str(home))
+    for name, words in (("ldm-vq-f8", ["codes 512 (catalog: 16384)"]),
+                        ("vqgan-4096", ["codes 512 (catalog: 4096)"]),
+                        ("ldm-vq-f4", ["codes 512 (catalog: 8192)", "f 8 (catalog: 4)", "embed_dim 4 (catalog: 3)"])):
+        _st_dir(home / "tokenizers", name, state)
+        with pytest.raises(TokenizerError) as ei:
+            load_tokenizer(name)
+        msg = str(ei.value)
+        assert f"installed as {name}" in msg and "--vq " in msg
+        for w in words:
+            assert w in msg
 
 
 @pytest.fixture(scope="module")

@@ -29,3 +29,5 @@ rank = torch.distributed.get_rank()
     "weights": digest([v for k, v in sorted(model.state_dict().items()) if not k.startswith("vq.")]),
     "equal": codebooks_equal_across_ranks(model), "world": m["world_size"],
     "codes_used": m["history"]["codes_used"]}))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a clean gloo shutdown: exiting with it alive aborted rank 0 at times

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,12 @@ figure{margin:0;width:%dpx}figure img{width:%dpx;height:%dpx;object-fit:contain;
 figcaption{font-size:12px;color:#444}.q{font-size:12px;color:#555;margin:6px 0;word-break:break-word}
 .summary{display:flex;flex-wrap:wrap;gap:40px;align-items:flex-start}.summary h2{margin-top:8px}
 """ % ((FIGURE,) * 3)
+
+
+def _reason(message: str) -> str:
+    """The reason code in a skipped record's message (image_missing, ...), else its first words."""
+    m = re.search(r"\b(image_[a-z_]+|no decoder|passed through)\b", message)
+    return m.group(1) if m else " ".join(message.split()[:4])
 
 
 def sample_records(out: Path, n: int) -> list[dict]:
@@ -116,6 +123,10 @@ with nearest-neighbour sampling.</p>
 </body></html>
 """
     (dest / "index.html").write_text(page, encoding="utf-8")
+    if skipped and not blocks:  # an empty page is not a gallery: say why, and fail
+        why = Counter(_reason(m) for _, m in skipped)
+        raise CogalignError(f"none of the {len(skipped)} sampled records could be drawn "
+                            f"({', '.join(f'{k}: {v}' for k, v in why.most_common())}); first: {skipped[0][1]}")
     return {"shown": len(blocks), "skipped": len(skipped), "images": images, "path": dest / "index.html",
             "skipped_records": skipped}
 

@@ -165,10 +165,24 @@ def working_image(record: dict, manifest: dict, resolution: tuple[int, int], ima
                     raise
                 image = load_image_bytes(data, str(record["image"]), max_pixels)
     except RecordError as e:
-        fix = ("pass --image-root with the folder the image paths are relative to now"
-               if e.reason == "image_missing" else "the image changed since the run; restore the file the run read")
-        raise CogalignError(f"{e} (image root {root}); {fix}") from None
+        raise CogalignError(_image_error(e, root, bool(opts.get("allow_absolute_paths", False)))) from None
     return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))
+
+
+def _image_error(e, root: Path, run_allowed_absolute: bool) -> str:
+    """One line for an image that `show`/`gallery` cannot read, with the fix these commands offer
+    (they have --image-root, not expand's --allow-absolute-paths)."""
+    import re
+
+    if e.reason == "image_missing":
+        return f"{e} (image root {root}); pass --image-root with the folder the image paths are relative to now"
+    if e.reason in ("image_path_escapes_root", "image_path_absolute"):
+        detail = re.sub(r" \(pass --allow-absolute-paths[^)]*\)", "", str(e))
+        how = "with --allow-absolute-paths" if run_allowed_absolute else "without --allow-absolute-paths"
+        return (f"{detail}; the run read images only under its image root ({how}), and so do show and gallery: "
+                "pass --image-root with the folder that really holds the images (not a folder of links out of it)")
+    return (f"{e} (image root {root}); the run decoded this record's image, so the file found there now is another "
+            "one: pass --image-root with the folder the run read, or restore the file")
 
 
 def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:

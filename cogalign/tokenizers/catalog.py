@@ -40,6 +40,16 @@ KNOWN: tuple[Known, ...] = (
           f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f8/config.yaml)", "latent-diffusion model zoo"),
     Known("ldm-vq-f8-n256", 256, 8, 4, "url", _LDM + "vq-f8-n256.zip",
           f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f8-n256/config.yaml)", "latent-diffusion model zoo"),
+    Known("ldm-vq-f4-noattn", 8192, 4, 3, "url", "https://heibox.uni-heidelberg.de/f/9c6681f64bb94338a069/?dl=1",
+          f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f4-noattn/config.yaml, attn_type none)",
+          "latent-diffusion model zoo, 'f=4, VQ (Z=8192, d=3), no attention'"),
+    Known("ldm-vq-f16", 16384, 16, 8, "url", "https://heibox.uni-heidelberg.de/f/0e42b04e2e904890a9b6/?dl=1",
+          f"model.ckpt (in the zip), config.yaml ({_LDM_CFG}vq-f16/config.yaml)",
+          "latent-diffusion model zoo, 'f=16, VQ (Z=16384, d=8)'"),
+    Known("taming-openimages-gumbel-f8", 8192, 8, 256, "url", _TAMING + "2e5662443a6b4307b470/",
+          "checkpoints/last.ckpt, configs/model.yaml",
+          "taming-transformers README, 'VQGAN OpenImages (f=8), 8192, GumbelQuantization' (vqgan_gumbel_f8); "
+          "indices are the argmax of quantize.proj"),
     Known("boris-vqgan-f16-16384", 16384, 16, 256, "hub", "boris/vqgan_f16_16384", "model.ckpt, config.yaml",
           "taming f16-16384 fine-tuned on CC3M + YFCC100M (dalle-mini); a Lightning pickle: "
           "`vq convert --trust-pickle` it or pass --trust-pickle"),

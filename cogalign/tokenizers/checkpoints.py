@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from cogalign.tokenizers.base import TokenizerError
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".safetensors")
 YAML_SUFFIXES = (".yaml", ".yml")
+CHECKPOINT_FOLDERS = ("ckpts", "checkpoints")  # taming's log folders: ckpts/ (published), checkpoints/ (training logs)
 # The model keys the encoder path uses; everything else in a checkpoint is ignored.
 KEPT_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
 # quantize.* entries that some taming variants store but that do not affect the indices:
@@ -26,6 +28,21 @@ IGNORED_QUANTIZE_KEYS = frozenset({
     "quantize.used",
 })
 DDCONFIG_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "z_channels", "resolution")
+# latent-diffusion's ddconfig `attn_type`: "vanilla" is taming's AttnBlock; "none" (vq-f4-noattn)
+# puts nn.Identity where the attention blocks were, so those weights are absent.
+ATTN_TYPES = ("vanilla", "none")
+
+
+def apply_attn_type(net: torch.nn.Module, ddconfig: dict) -> torch.nn.Module:
+    """taming's Encoder/Decoder ignore `attn_type` (it lands in **ignore_kwargs) and always build
+    mid.attn_1: with attn_type none, replace every attention block by nn.Identity, as
+    latent-diffusion's make_attn does."""
+    if ddconfig.get("attn_type", "vanilla") != "none":
+        return net
+    net.mid.attn_1 = torch.nn.Identity()
+    for level in list(getattr(net, "down", [])) + list(getattr(net, "up", [])):
+        level.attn = torch.nn.ModuleList(torch.nn.Identity() for _ in level.attn)
+    return net
 
 def hash_state_dict(sd: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of each tensor in sorted name order; hex[:16]."""
@@ -112,6 +129,10 @@ def normalize_params(params: dict, source: str = "config") -> dict:
         out["n_embed"] = int(params["n_embed"])
     except (TypeError, ValueError) as exc:
         raise TokenizerError(f"{source}: a ddconfig/params value is not a number ({exc})") from None
+    attn = dd.get("attn_type", "vanilla")
+    if attn not in ATTN_TYPES:
+        raise TokenizerError(f"{source}: ddconfig.attn_type={attn!r} is not supported (only {', '.join(ATTN_TYPES)}: "
+                             "latent-diffusion's plain attention, or none as in vq-f4-noattn)")
     if dd["ch"] % 32:
         raise TokenizerError(f"{source}: ddconfig.ch={dd['ch']} must be a multiple of 32 (taming uses GroupNorm with 32 groups)")
     out["ddconfig"] = dd
@@ -171,17 +192,18 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """Resolve a tokenizer path to (checkpoint, yaml).
 
     `path` is a folder holding exactly one checkpoint (*.ckpt, *.pth, *.safetensors; also
-    searched under ckpts/) and its model yaml (also under configs/), or a checkpoint file
+    searched under ckpts/ or checkpoints/) and its model yaml (also under configs/), or a checkpoint file
     with its yaml beside it (same stem, config.yaml, or the only yaml there; also ../configs/).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise TokenizerError(f"{path}: no such file or folder")
     if path.is_dir():
-        ckpts = _list(path, CHECKPOINT_SUFFIXES) + _list(path / "ckpts", CHECKPOINT_SUFFIXES)
+        ckpts = [p for sub in ("", *CHECKPOINT_FOLDERS) for p in _list(path / sub, CHECKPOINT_SUFFIXES)]
         if not ckpts:
             raise TokenizerError(
-                f"{path}: no checkpoint found (looked for *.ckpt, *.pth, *.safetensors in {path} and {path / 'ckpts'})")
+                f"{path}: no checkpoint found (looked for *.ckpt, *.pth, *.safetensors in {path}, "
+                f"{path / 'ckpts'} and {path / 'checkpoints'})")
         if len(ckpts) > 1:
             names = ", ".join(str(p) for p in ckpts)
             raise TokenizerError(
@@ -198,7 +220,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     folder = path.parent
     yamls = _list(folder, YAML_SUFFIXES)
     where = f"looked for *.yaml in {folder}"
-    if not yamls and folder.name == "ckpts":
+    if not yamls and folder.name in CHECKPOINT_FOLDERS:
         yamls = _list(folder.parent / "configs", YAML_SUFFIXES)
         where += f" and {folder.parent / 'configs'}"
     return path, _pick_yaml(path, yamls, where)
@@ -254,7 +276,9 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         except (SafetensorError, OSError, ValueError) as exc:
             raise TokenizerError(f"{path}: cannot read this safetensors file ({exc}); is it complete?") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": noise before our own one-line verdict
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError:
         if not trust_pickle:
             raise pickle_refusal(path) from None
@@ -271,6 +295,10 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{path}: not a readable torch checkpoint ({msg}); is the file complete?") from None
+    if isinstance(obj, dict) and {"step", "model", "opt", "config"} <= set(obj):
+        raise TokenizerError(
+            f"{path}: the resume state of `cogalign vq train` (step {obj.get('step')}), not a model checkpoint; the "
+            f"trained model is {path.parent / 'model.safetensors'} (with config.yaml), use that folder as it is")
     sd = obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
@@ -311,7 +339,7 @@ def decoder_shapes(params: dict) -> dict[str, tuple[int, ...]]:
     params = normalize_params(params)
     dd = params["ddconfig"]
     with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
-        dec = Decoder(**dd)
+        dec = apply_attn_type(Decoder(**dd), dd)
         pqc = torch.nn.Conv2d(params["embed_dim"], dd["z_channels"], 1)
     shapes = {"decoder." + k: tuple(v.shape) for k, v in dec.state_dict().items()}
     shapes.update({"post_quant_conv." + k: tuple(v.shape) for k, v in pqc.state_dict().items()})

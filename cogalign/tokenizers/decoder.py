@@ -15,7 +15,7 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import Decoder
 
 from cogalign.tokenizers.base import TokenizerError
-from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, find_checkpoint, hash_state_dict, normalize_params,
+from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, apply_attn_type, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, strip_prefix)
 
 
@@ -32,7 +32,7 @@ class VQDecoder(nn.Module):
         self.embed_dim = int(params["embed_dim"])
         self.downsample = 2 ** (len(dd["ch_mult"]) - 1)
         with contextlib.redirect_stdout(io.StringIO()):  # taming prints the z shape
-            self.decoder = Decoder(**dd)
+            self.decoder = apply_attn_type(Decoder(**dd), dd)
         self.post_quant_conv = nn.Conv2d(self.embed_dim, int(dd["z_channels"]), 1)
         self.quantize = nn.Module()
         self.quantize.embedding = nn.Embedding(self.codebook_size, self.embed_dim)

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from cogalign.tokenizers.base import TokenizerError
 
@@ -15,6 +16,8 @@ PREFIX = "hf://"
 WEIGHT_PATTERNS = ("*.safetensors", "*.ckpt", "*.pth", "*.yaml", "*.yml")
 PUSHED = ("*.safetensors", "*.yaml", "*.yml", "train_metrics.json")
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".pkl")
+# `vq train`'s resume state (optimizers, RNG): part of the run, not of the model; never uploaded.
+RESUME_STATES = ("train_state.pt", "train_state.pt.tmp")
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class HubSpec:
     subfolder: str = ""
 
     def __str__(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
+        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
         sub = f"/{self.subfolder}" if self.subfolder else ""
         return f"{PREFIX}{self.repo_id}{rev}{sub}"
 
@@ -34,17 +37,34 @@ def is_hub_spec(spec: str) -> bool:
 
 
 def parse_hub_spec(spec: str) -> HubSpec:
-    """`hf://OWNER/REPO[@REVISION][/SUBFOLDER]` (a bare `OWNER/REPO` is accepted too)."""
+    """`hf://OWNER/REPO[@REVISION][/SUBFOLDER]` (a bare `OWNER/REPO` is accepted too). A revision
+    holding `/` is written URL-encoded: `@refs%2Fpr%2F1` is the revision `refs/pr/1`."""
     rest = spec[len(PREFIX):] if is_hub_spec(spec) else spec
     parts = [p for p in rest.strip("/").split("/")]
     if len(parts) < 2 or not parts[0] or not parts[1] or any(not p or p in (".", "..") for p in parts):
         raise TokenizerError(f"{spec}: not a Hub tokenizer; write hf://OWNER/REPO, hf://OWNER/REPO@REVISION "
-                             "or hf://OWNER/REPO/SUBFOLDER")
+                             "(a revision with '/' URL-encoded: @refs%2Fpr%2F1) or hf://OWNER/REPO/SUBFOLDER")
     repo, _, revision = parts[1].partition("@")
     if not repo or (_ and not revision):
         raise TokenizerError(f"{spec}: empty repo name or revision; write hf://OWNER/REPO@REVISION")
     check_repo_id(f"{parts[0]}/{repo}", spec)
-    return HubSpec(f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:]))
+    return HubSpec(f"{parts[0]}/{repo}", unquote(revision) or None, "/".join(parts[2:]))
+
+
+def snapshot_commit(path: str | Path) -> str | None:
+    """The commit sha of the Hub cache snapshot that holds `path` (…/snapshots/<sha>/…)."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 1):
+        if parts[i] == "snapshots" and i + 1 < len(parts):
+            return parts[i + 1]
+    return None
+
+
+def resolved_name(hs: HubSpec, path: str | Path) -> str:
+    """The name a Hub tokenizer is recorded under: OWNER/REPO@COMMIT[/SUBFOLDER], the commit
+    the revision (or the default branch) resolved to."""
+    sha = snapshot_commit(path)
+    return str(HubSpec(hs.repo_id, sha or hs.revision, hs.subfolder)).removeprefix(PREFIX)
 
 
 def check_repo_id(repo_id: str, what: str) -> None:
@@ -79,7 +99,7 @@ def download(spec: str | HubSpec) -> Path:
 
     hs = spec if isinstance(spec, HubSpec) else parse_hub_spec(spec)
     where = f"{hs.subfolder}/" if hs.subfolder else ""
-    patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "configs")]
+    patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "checkpoints", "configs")]
     cache = hub_cache_dir()
     offline = hub_offline()
     try:
@@ -125,6 +145,24 @@ def _yaml_params(folder: Path) -> dict:
     return params
 
 
+def losses_line(metrics: dict) -> str:
+    """Which losses a `vq train` run actually ran, from its train_metrics.json."""
+    lpips = metrics.get("lpips")
+    gan = metrics.get("gan_steps")
+    if not metrics.get("disc_weight"):
+        gan_text = "off"
+    elif gan is None:  # written before gan_steps was recorded
+        gan_text = f"weight {metrics['disc_weight']} from step {metrics.get('disc_start')}"
+    elif gan:
+        gan_text = f"on for {gan} steps (from step {metrics.get('disc_start')})"
+    else:
+        gan_text = f"off (the run ended before --disc-start {metrics.get('disc_start')})"
+    parts = ["L1", f"LPIPS {'on' if lpips else 'off'}", f"PatchGAN {gan_text}", "commitment"]
+    if metrics.get("mse_weight"):
+        parts.insert(1, "MSE")
+    return ", ".join(parts)
+
+
 def model_card(folder: Path, repo_id: str, params: dict, metrics: dict | None) -> str:
     """README.md for a tokenizer repo: architecture, codebook size, f, training data, PSNR (when known)."""
     dd = params["ddconfig"]
@@ -134,8 +172,14 @@ def model_card(folder: Path, repo_id: str, params: dict, metrics: dict | None) -
     images = metrics.get("images")
     if isinstance(images, list):
         data = f"{len(images)} images" + (f" (e.g. {', '.join(Path(str(p)).name for p in images[:3])})" if images else "")
+    elif isinstance(images, int):
+        data = f"{images} images"
     else:
         data = metrics.get("data") or "not recorded (no train_metrics.json in the folder)"
+    training = ""
+    if metrics:
+        training = (f"\n- Training: `cogalign vq train --preset {metrics.get('preset')}`, {metrics.get('steps')} steps of "
+                    f"{metrics.get('batch_size')} x {metrics.get('crop')}² crops; losses: {losses_line(metrics)}")
     psnr = ev.get("psnr_db")
     psnr_line = (f"{psnr:.2f} dB at {ev.get('resolution')} px on {ev.get('images')} training images "
                  "(`cogalign vq eval`)") if isinstance(psnr, (int, float)) else "not measured"
@@ -158,7 +202,7 @@ for `cogalign expand --vq hf://{repo_id}`.
   level {dd['num_res_blocks']}, z_channels {dd['z_channels']}, attention at feature sizes {dd['attn_resolutions'] or 'none (no attention)'}
 - Codebook: {params['n_embed']} codes of dimension {params['embed_dim']}
 - Downsampling factor f: {f} (one index per {f}x{f} pixels)
-- Training data: {data}
+- Training data: {data}{training}
 - Reconstruction PSNR: {psnr_line}{usage_line}
 
 Files: `config.yaml` (the taming model config) and the weights as safetensors (no pickle).
@@ -180,13 +224,17 @@ def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
     check_repo_id(repo_id, "--repo")
     if not folder.is_dir():
         raise TokenizerError(f"{folder}: not a folder; pass the tokenizer folder (safetensors + config.yaml)")
-    pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                     if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in RESUME_STATES)
     weights = sorted(folder.glob("*.safetensors"))
     if pickles:
         first = folder / pickles[0]
+        target = "" if weights else f" {first.with_suffix('.safetensors')}"
+        hint = (f"convert it with `cogalign vq convert {first}{target} --trust-pickle` (only if you trust it), then "
+                if not weights else "the folder already has its safetensors weights: ")
         raise TokenizerError(
-            f"{folder}: holds a pickle checkpoint ({', '.join(pickles)}), which is never uploaded; convert it with "
-            f"`cogalign vq convert {first} {folder / 'model.safetensors'}` and move the pickle out of the folder")
+            f"{folder}: holds a pickle checkpoint ({', '.join(pickles)}), which is never uploaded; "
+            f"{hint}move the pickle out of the folder")
     if len(weights) != 1:
         raise TokenizerError(f"{folder}: needs exactly one .safetensors file, found {len(weights)}; "
                              "train with `cogalign vq train` or convert with `cogalign vq convert`")
@@ -208,7 +256,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     """Create (or reuse) the model repo and upload the files and README.md in one commit."""
     repo_id = repo_id.removeprefix(PREFIX)
     files, card = push_plan(folder, repo_id)
+    left_out = sorted(n for n in RESUME_STATES if (Path(folder).expanduser() / n).is_file())
     plan = {"repo_id": repo_id, "private": private, "files": [p.name for p in files] + ["README.md"],
+            "left_out": left_out,
             "bytes": sum(p.stat().st_size for p in files) + len(card.encode()), "card": card}
     if dry_run:
         return plan

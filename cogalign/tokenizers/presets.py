@@ -52,7 +52,7 @@ def list_presets() -> dict[str, str]:
 def _has_files(folder: Path) -> bool:
     """Whether the folder holds weights (itself or ckpts/), not only notes or an empty ckpts/."""
     return any(p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES
-               for d in (folder, folder / "ckpts") if d.is_dir() for p in d.iterdir())
+               for d in (folder, folder / "ckpts", folder / "checkpoints") if d.is_dir() for p in d.iterdir())
 
 
 def _configured_repo(name: str) -> str | None:
@@ -86,9 +86,12 @@ def resolve(spec: str) -> tuple[Path, str]:
         return DEMO_DIR, "demo-f8-4096"
     if hub.is_hub_spec(spec):
         hs = hub.parse_hub_spec(spec)
-        return hub.download(hs), str(hs).removeprefix(hub.PREFIX)
+        path = hub.download(hs)
+        return path, hub.resolved_name(hs, path)
     if spec in BY_NAME:
-        return _resolve_known(BY_NAME[spec])
+        path, name = _resolve_known(BY_NAME[spec])
+        check_installed(BY_NAME[spec], path)
+        return path, name
     path = Path(spec).expanduser()
     if not path.exists():
         raise TokenizerError(
@@ -108,11 +111,27 @@ def _resolve_known(k: Known) -> tuple[Path, str]:
         raise TokenizerError(
             f"{k.name} is not installed: looked in {folder} and found no Hub repo in ${VQGAN_4096_ENV} or in "
             f"{config_file()} (tokenizers: {{{k.name}: OWNER/NAME}}); either train it with "
-            f"`cogalign vq train IMAGES --out {folder} --codes {k.codes}`, or set {VQGAN_4096_ENV}=OWNER/NAME "
+            f"`cogalign vq train IMAGES --out {folder} --preset {k.name}`, or set {VQGAN_4096_ENV}=OWNER/NAME "
             "to a Hub repo that holds it (or pass --vq PATH to a checkpoint folder, or --vq hf://OWNER/NAME)")
     raise TokenizerError(
         f"{k.name} is not installed (looked in {folder}): download {k.source} (files: {k.files}), "
         f"put the checkpoint and its yaml in {folder}, then use --vq {k.name}")
+
+
+def check_installed(k: Known, path: Path) -> None:
+    """What is installed under a catalog name must be that tokenizer: codebook size, factor and
+    code dimension as the catalog says (read from its yaml, before any weights)."""
+    from cogalign.tokenizers.checkpoints import find_checkpoint, normalize_params, read_config
+
+    _, cfg = find_checkpoint(path)
+    params = normalize_params(read_config(cfg)[0], source=str(cfg))
+    got = {"codes": params["n_embed"], "f": 2 ** (len(params["ddconfig"]["ch_mult"]) - 1), "embed_dim": params["embed_dim"]}
+    want = {"codes": k.codes, "f": k.f, "embed_dim": k.embed_dim}
+    diff = [f"{key} {got[key]} (catalog: {want[key]})" for key in want if got[key] != want[key]]
+    if diff:
+        raise TokenizerError(
+            f"{path}: installed as {k.name}, but its config {cfg} describes another tokenizer: {', '.join(diff)}; "
+            f"put {k.name}'s own files there (see `cogalign vq list`), or pass this one by its path (--vq {path})")
 
 
 def is_local(k: Known) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 
 from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
-from cogalign.tokenizers.checkpoints import (check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
+from cogalign.tokenizers.checkpoints import (apply_attn_type, check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, select_model_keys)
 
 # Positions per lookup chunk are chosen so that chunk x codebook float32 stays near this
@@ -61,7 +62,7 @@ class AttnBlockNoSubnormal(AttnBlock):
 
 
 def _build_encoder(ddconfig: dict) -> nn.Module:
-    enc = Encoder(**ddconfig)
+    enc = apply_attn_type(Encoder(**ddconfig), ddconfig)
     for m in enc.modules():
         if type(m) is AttnBlock:
             m.__class__ = AttnBlockNoSubnormal
@@ -159,6 +160,9 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
             return self.pre_quant
         fn = self.__dict__.get("_compiled_pre_quant")
         if fn is None:
+            # inductor imports cpp_extension, which logs "No CUDA runtime is found" on a CPU
+            # machine with a CUDA_HOME: not news to a user who compiles for the CPU
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             fn = torch.compile(self.pre_quant, dynamic=False)
             self.__dict__["_compiled_pre_quant"] = fn
         return fn

@@ -38,6 +38,7 @@ class TrainConfig:
     commitment_weight: float = 0.25
     kmeans_latents: int | None = None  # latents for the k-means codebook init; None: 2 x codes
     codebook_weight: float = 1.0
+    ema_decay: float = 0.99  # the EMA codebook's decay (vector-quantize-pytorch `decay`)
     decoder_dtype: str = "float32"
     device: str = "cpu"
     bf16: bool = True  # autocast on CUDA
@@ -78,14 +79,16 @@ class TrainConfig:
             raise TokenizerError(f"--lr {self.lr}: must be a positive number, e.g. 1e-4")
         for name, v in (("--disc-weight", self.disc_weight), ("--perceptual-weight", self.perceptual_weight),
                         ("--disc-start", self.disc_start), ("--workers", self.workers),
-                        ("--commitment-weight", self.commitment_weight)):
-            if v < 0:
-                raise TokenizerError(f"{name} {v}: must be 0 or more")
+                        ("--commitment-weight", self.commitment_weight), ("--codebook-weight", self.codebook_weight)):
+            if not (v >= 0 and math.isfinite(v)):  # NaN fails every comparison: `v < 0` let it through
+                raise TokenizerError(f"{name} {v}: must be a finite number, 0 or more")
+        if not (0 < self.ema_decay < 1):
+            raise TokenizerError(f"--ema-decay {self.ema_decay}: must be between 0 and 1 (exclusive), e.g. 0.99")
         if self.kmeans_latents is not None and self.kmeans_latents < 1:
             raise TokenizerError(f"--kmeans-latents {self.kmeans_latents}: must be at least 1")
         if self.seed < 0:
             raise TokenizerError(f"--seed {self.seed}: must be 0 or more")
-        if self.dead_code_threshold is not None and self.dead_code_threshold < 0:
+        if self.dead_code_threshold is not None and not (self.dead_code_threshold >= 0 and math.isfinite(self.dead_code_threshold)):
             raise TokenizerError(f"--dead-code-threshold {self.dead_code_threshold}: must be 0 or more")
         if self.decoder_dtype not in DECODER_DTYPES:
             raise TokenizerError(f"--decoder-dtype {self.decoder_dtype!r}: choose from {', '.join(DECODER_DTYPES)}")
@@ -99,11 +102,34 @@ class TrainConfig:
         if self.disc_weight > 0 and self.crop < need:
             raise TokenizerError(f"--crop {self.crop}: the PatchGAN discriminator of this preset needs crops of at least {need} px (or --disc-weight 0)")
         check_device(self.device)
+        check_batch_memory(self)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
         return d
+
+
+def batch_bytes(cfg: "TrainConfig") -> int:
+    """A floor on one step's memory: the float32 input batch and the encoder's first feature map
+    (the real peak, with every level, the decoder and gradients, is several times more)."""
+    return cfg.batch_size * cfg.crop * cfg.crop * (3 + cfg.ch) * 4
+
+
+def check_batch_memory(cfg: "TrainConfig") -> None:
+    """Refuse, before any allocation, a batch whose first feature map alone exceeds this machine's memory."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    need = batch_bytes(cfg)
+    if need > total:
+        fit = max(1, total // max(1, need // cfg.batch_size) // 4)
+        raise TokenizerError(f"--batch-size {cfg.batch_size} with --crop {cfg.crop}: one step needs more than "
+                             f"{need / 2**30:.0f} GiB, this machine has {total / 2**30:.0f} GiB; use a batch size of "
+                             f"at most about {fit} per rank (and more ranks or steps)")
 
 
 def check_device(device: str) -> None:

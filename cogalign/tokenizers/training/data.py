@@ -160,7 +160,8 @@ def resize_rgb(arr: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def to_model_input(batch: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1), contiguous NCHW."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().contiguous()
+    batch = np.ascontiguousarray(batch)
+    x = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).permute(0, 3, 1, 2).float().contiguous()
     return x / 127.5 - 1.0
 
 
@@ -194,25 +195,28 @@ class CropBatches(torch.utils.data.Dataset):
         return self._view(i, -1)
 
     def _view(self, i: int, size: int) -> np.ndarray:
-        """Image i at `size` (0: its own size, upscaled to the crop if smaller; -1: as decoded), cached."""
+        """Image i at `size` (0: its own size, upscaled to the crop if smaller; -1: as decoded), or
+        the next decodable one."""
         for k in range(len(self.refs)):
             j = (i + k) % len(self.refs)
             if self.refs[j].name in self.bad:
                 continue
-            if (j, size) in self._cache:
-                self._cache.move_to_end((j, size))
-                return self._cache[(j, size)]
             try:
-                arr = self.image(j) if size >= 0 else load_rgb(self.refs[j])
+                return self._load(j, size)
             except TokenizerError as e:
                 self.bad[self.refs[j].name] = str(e)
-                continue
-            arr = self.resized(arr, size) if size >= 0 else arr
-            self._cache[(j, size)] = arr
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return arr
         raise TokenizerError(f"none of the {len(self.refs)} images could be decoded; first: {next(iter(self.bad.values()))}")
+
+    def _load(self, j: int, size: int) -> np.ndarray:
+        """Image j at `size`, cached; a TokenizerError when it cannot be decoded."""
+        if (j, size) in self._cache:
+            self._cache.move_to_end((j, size))
+            return self._cache[(j, size)]
+        arr = self.resized(self._load(j, -1), size) if size >= 0 else load_rgb(self.refs[j])
+        self._cache[(j, size)] = arr
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return arr
 
     def resized(self, arr: np.ndarray, size: int) -> np.ndarray:
         h, w = arr.shape[:2]

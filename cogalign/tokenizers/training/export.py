@@ -14,7 +14,7 @@ import yaml
 from cogalign.images import psnr_db
 from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.decoder import load_decoder
-from cogalign.tokenizers.training.data import collect_images, load_rgb, resize_rgb
+from cogalign.tokenizers.training.data import collect_images, load_rgb, resize_rgb, to_model_input
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.yaml", "train_metrics.json"
 
@@ -69,43 +69,98 @@ def decoder_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resolution: int = 256,
              usage_resolution: int = 672, trust_pickle: bool = False, max_images: int | None = None,
-             image_root: str | Path | None = None) -> dict:
-    """Reconstruction PSNR (images stretched to resolution², bicubic; encode -> nearest code
-    -> post_quant_conv -> Decoder; mean of per-image PSNR over uint8 pixels) and codebook
-    usage (distinct codes / codebook size when every image is encoded whole at
-    usage_resolution²). Per-image PSNR is keyed by the image's path as found."""
+             image_root: str | Path | None = None, name: str | None = None, progress: bool = False,
+             lpips_vgg: str | Path | None = None) -> dict:
+    """Reconstruction quality and codebook use, one image at a time (never all in memory).
+
+    Quality (images stretched to resolution², bicubic; encode -> nearest code -> post_quant_conv
+    -> Decoder): mean per-image PSNR over uint8 pixels, SSIM (Gaussian window 11, sigma 1.5,
+    torchmetrics), and LPIPS (VGG) when VGG16 weights are found. Codebook use (every image encoded
+    whole at usage_resolution²): codes used, dead codes, perplexity, entropy, the histogram.
+    rFID is not computed: it needs Inception weights, which cogalign never downloads.
+    Per-image PSNR is keyed by the image's path as found; undecodable images are counted and named."""
+    from cogalign.progress import Progress
     from cogalign.tokenizers.checkpoints import find_checkpoint, read_state_dict
     from cogalign.tokenizers.taming import load_taming
 
-    for name, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
+    for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v < 1:
-            raise TokenizerError(f"{name} {v}: must be a positive multiple of the tokenizer's downsampling factor")
-    tok = load_taming(tokenizer_dir, device="cpu", trust_pickle=trust_pickle)
+            raise TokenizerError(f"{flag} {v}: must be a positive multiple of the tokenizer's downsampling factor")
+    if max_images is not None and max_images < 1:
+        raise TokenizerError(f"--max-images {max_images}: must be at least 1")
+    tok = load_taming(tokenizer_dir, device="cpu", trust_pickle=trust_pickle, name=name)
     f = tok.downsample
-    for name, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
+    for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v % f:
-            raise TokenizerError(f"{name} {v}: must be a multiple of f={f}, e.g. {max(f, v // f * f)}")
+            raise TokenizerError(f"{flag} {v}: must be a multiple of f={f}, e.g. {max(f, v // f * f)}")
     ckpt, _ = find_checkpoint(tokenizer_dir)
-    dec = decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle))
-    refs = collect_images(image_paths, image_root).refs[:max_images]
-    images = [load_rgb(r) for r in refs]
-    res = {"tokenizer": tok.name, "content_hash": tok.content_hash, "images": len(images),
-           "resolution": resolution, "usage_resolution": usage_resolution}
-    with torch.inference_mode():
-        if dec and tok.quantizer == "vq":
-            rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle)  # refuses weights that do not fit
-            per = {}
-            for r, arr in zip(refs, images):
-                x = resize_rgb(arr, resolution, resolution)[None]
-                per[r.name] = psnr_db(x, rec_model.decode(tok.encode(x)))
-            res["psnr_db"] = float(np.mean(list(per.values())))
-            res["psnr_db_per_image"] = {k: round(v, 2) for k, v in per.items()}
+    has_decoder = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle))) and tok.quantizer == "vq"
+    rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle) if has_decoder else None
+    lpips_model, notes = None, ["rfid: not computed (needs Inception weights, which cogalign never downloads)"]
+    if rec_model is not None:
+        from cogalign.tokenizers.training.losses import find_vgg_weights, load_lpips
+
+        vgg = find_vgg_weights(lpips_vgg)
+        if vgg is None:
+            notes.append("lpips: not computed (no VGG16 weights: give --lpips-vgg PATH or $COGALIGN_LPIPS_VGG)")
         else:
-            res["psnr_db"] = None  # no decoder in the checkpoint
-        used: set[int] = set()
-        for arr in images:
-            used.update(np.unique(tok.encode(resize_rgb(arr, usage_resolution, usage_resolution)[None])).tolist())
-    res["codes_used"] = len(used)
-    res["codebook_size"] = tok.codebook_size
-    res["codebook_usage"] = len(used) / tok.codebook_size
+            lpips_model = load_lpips(vgg)
+        try:
+            import torchmetrics  # noqa: F401
+        except ImportError:
+            notes.append("ssim: not computed (needs torchmetrics: pip install \"cogalign[vqgan]\")")
+    ssim_on = rec_model is not None and not any(n.startswith("ssim") for n in notes)
+    refs = collect_images(image_paths, image_root).refs[:max_images]
+    counts = np.zeros(tok.codebook_size, dtype=np.int64)
+    psnr, ssim, lp, bad = {}, [], [], {}
+    with torch.inference_mode(), Progress(len(refs), progress, label="images") as bar:
+        for r in refs:
+            try:
+                arr = load_rgb(r)
+            except TokenizerError as e:
+                bad[r.name] = str(e)
+                bar.advance()
+                continue
+            if rec_model is not None:
+                x = resize_rgb(arr, resolution, resolution)[None]
+                rec = rec_model.decode(tok.encode(x))
+                psnr[r.name] = psnr_db(x, rec)
+                if ssim_on:
+                    ssim.append(_ssim(x, rec))
+                if lpips_model is not None:
+                    lp.append(float(lpips_model(to_model_input(x), to_model_input(rec)).mean()))
+            idx = tok.encode(resize_rgb(arr, usage_resolution, usage_resolution)[None])
+            counts += np.bincount(idx.ravel(), minlength=tok.codebook_size)
+            bar.advance(True)
+    if len(bad) == len(refs):
+        raise TokenizerError(f"none of the {len(refs)} images could be decoded; first: {next(iter(bad.values()))}")
+    res = {"tokenizer": tok.name, "content_hash": tok.content_hash, "images": len(refs) - len(bad),
+           "images_undecodable": bad, "resolution": resolution, "usage_resolution": usage_resolution,
+           "psnr_db": float(np.mean(list(psnr.values()))) if psnr else None,  # None: no decoder in the checkpoint
+           "ssim": float(np.mean(ssim)) if ssim else None,
+           "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes}
+    if psnr:
+        res["psnr_db_per_image"] = {k: round(v, 2) for k, v in psnr.items()}
+    res.update(codebook_stats(counts))
     return res
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two (1, H, W, 3) uint8 images (torchmetrics: Gaussian window 11, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    ta, tb = (torch.from_numpy(np.array(v)).permute(0, 3, 1, 2).double() / 255.0 for v in (a, b))
+    return float(structural_similarity_index_measure(tb, ta, data_range=1.0))
+
+
+def codebook_stats(counts: np.ndarray) -> dict:
+    """Codebook use from per-code counts: used and dead codes, perplexity exp(H), entropy H in bits
+    (its maximum is log2(codebook size)), and the histogram itself."""
+    total = int(counts.sum())
+    p = counts[counts > 0] / max(total, 1)
+    entropy = float(-(p * np.log2(p)).sum()) if total else 0.0
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "codebook_size": int(counts.size), "codebook_usage": used / counts.size,
+            "dead_codes": int(counts.size - used), "perplexity": float(2 ** entropy), "entropy_bits": entropy,
+            "max_entropy_bits": float(np.log2(counts.size)), "indices_counted": total,
+            "code_histogram": counts.tolist()}

@@ -116,21 +116,22 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         log(f"vq train: {sum(images.skipped.values())} records gave no image "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(images.skipped.items()))})")
     batches = CropBatches(images.refs, cfg.crop, cfg.batch_size, cfg.seed, rank)
+    batches.image(0)  # one decodable image, before the model is built (else one line naming the first failure)
     f = cfg.downsample
     threshold = cfg.dead_code_threshold
     if threshold is None:
         threshold = min(2.0, 0.05 * cfg.batch_size * (cfg.crop // f) ** 2 / cfg.codes)
     dd = make_ddconfig(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn_resolutions)
-    model = VQAutoencoder(dd, cfg.codes, cfg.embed_dim, dead_code_threshold=threshold,
+    model = VQAutoencoder(dd, cfg.codes, cfg.embed_dim, decay=cfg.ema_decay, dead_code_threshold=threshold,
                           commitment_weight=cfg.commitment_weight).to(dev)
-    lpips = None
+    lpips, vgg = None, None
     if cfg.perceptual_weight > 0:
         vgg = find_vgg_weights(cfg.lpips_vgg)
-        if vgg is None:
-            log("vq train: no LPIPS: VGG16 weights not found (give --lpips-vgg PATH or $COGALIGN_LPIPS_VGG, "
-                "torchvision's vgg16-397923af.pth); training on without the perceptual loss")
-        else:
+        if vgg is not None:
             lpips = load_lpips(vgg).to(dev)
+    skipped = losses_skipped(cfg, lpips is not None)
+    for line in skipped:
+        log(f"vq train: NOTE: {line}")
     loss_fn = VQGANLoss(cfg.disc_weight, cfg.perceptual_weight, PRESETS[cfg.preset].mse_weight, PRESETS[cfg.preset].disc_layers,
                         cfg.disc_start, cfg.codebook_weight, lpips).to(dev)
     disc = loss_fn.discriminator
@@ -140,8 +141,10 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas) if disc is not None else None
     digest = st.images_digest(names)
     start, hist = 0, {"step": [], "loss": [], "psnr_db": [], "codes_used": []}
+    ema_mse, used = None, torch.zeros(cfg.codes, dtype=torch.bool)
+    loss_id = st.loss_identity(cfg, vgg if lpips is not None else None)
     if resume:
-        saved = st.load_state(out, cfg.as_dict(), digest)
+        saved = st.load_state(out, cfg.as_dict(), digest, loss_id)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         if disc is not None:
@@ -150,6 +153,12 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         rngs = saved["rng"]  # one per rank
         torch.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         start, hist = saved["step"], saved["history"]
+        if hist["step"] and hist["step"][-1] % saved["config"].get("log_every", cfg.log_every):
+            for values in hist.values():  # the stopped run's closing line: an uninterrupted run has none there
+                values.pop()
+        ema_mse = saved.get("ema_mse")  # the moving train PSNR and the codes seen since the last log line
+        if "codes_seen" in saved:
+            used = saved["codes_seen"].clone()
     else:
         model.train()
         _kmeans_init(model, batches, dev, world, cfg.kmeans_latents)
@@ -158,18 +167,24 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dev.index] if dev.type == "cuda" else None
-        ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
+        # The EMA codebook buffers are kept equal by sync_codebook, not by DDP. torch 2.14 deprecates
+        # broadcast_buffers (a FutureWarning per rank), but its successor forward_sync_buffers=False
+        # still syncs buffers at init, which the warning itself says to avoid for such buffers.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vq train: preset {cfg.preset}, {len(names)} images, {cfg.codes} codes, f={f}, {n_params:,} parameters, "
         f"steps {start}..{cfg.steps} of {cfg.batch_size}x{cfg.crop}^2 crops x {world} rank(s), lr {cfg.lr:.3g}, "
-        f"GAN {'from step ' + str(cfg.disc_start) if disc is not None else 'off'}, "
+        f"GAN {'from step ' + str(cfg.disc_start) if disc is not None and cfg.disc_start < cfg.steps else 'off'}, "
         f"LPIPS {'on' if lpips is not None else 'off'}, device {dev}")
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                                          sampler=range(start, cfg.steps))
     autocast = dev.type == "cuda" and cfg.bf16
     clip = 1.0 if PRESETS[cfg.preset].mse_weight > 0 else None  # the demo recipe clips; taming does not
     model.train()
-    ema_mse, used = None, torch.zeros(cfg.codes, dtype=torch.bool)
     t_loop = time.perf_counter()
     with StepProgress(cfg.steps, start, progress and work.is_main) as bar:
         for step, crops in enumerate(loader, start):
@@ -202,13 +217,15 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
             used[idx.flatten().cpu()] = True
             bar.step(f"loss {loss.item():.4f} psnr {psnr:.2f} dB codes {int(used.sum())}/{cfg.codes}")
             done = step + 1
-            if step % cfg.log_every == 0 or done == cfg.steps:
+            on_grid = step % cfg.log_every == 0
+            if on_grid or done == cfg.steps:
                 for k, v in (("step", step), ("loss", round(loss.item(), 5)), ("psnr_db", round(psnr, 3)),
                              ("codes_used", int(used.sum()))):
                     hist[k].append(v)
                 if not bar._tty:
                     log(f"step {step:6d}  {bar.text}  lr {_lr_at(cfg, step):.2e}  {time.perf_counter() - t_start:.0f}s")
-                used.zero_()
+                if on_grid:  # the last line of a run off the grid keeps counting, so a resume goes on as one run
+                    used.zero_()
             if done % cfg.save_every == 0 or done == cfg.steps:
                 rngs = [torch.get_rng_state()] * world
                 if world > 1:  # every rank's RNG (dead-code re-seeding draws from it)
@@ -218,7 +235,8 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
                         "step": done, "config": cfg.as_dict(), "images_digest": digest, "images": len(names),
                         "model": model.state_dict(), "opt": opt.state_dict(), "rng": rngs,
                         "disc": disc.state_dict() if disc is not None else {},
-                        "opt_d": opt_d.state_dict() if disc is not None else {}, "history": hist})
+                        "opt_d": opt_d.state_dict() if disc is not None else {}, "history": hist,
+                        "loss_identity": loss_id, "ema_mse": ema_mse, "codes_seen": used.clone()})
     if batches.bad:
         log(f"vq train: {len(batches.bad)} images could not be decoded and were skipped, e.g. {next(iter(batches.bad.values()))}")
     model.eval()
@@ -226,6 +244,10 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
     metrics = {**cfg.as_dict(), "images": len(names), "images_skipped": dict(images.skipped),
                "images_undecodable": sorted(batches.bad), "downsample": f, "dead_code_threshold": threshold,
                "world_size": world, "rank": rank, "parameters": n_params, "lpips": lpips is not None,
+               "lpips_vgg_sha256": loss_id["lpips_vgg_sha256"], "mse_weight": PRESETS[cfg.preset].mse_weight,
+               "disc_layers": PRESETS[cfg.preset].disc_layers,
+               "gan_steps": max(0, cfg.steps - cfg.disc_start) if disc is not None else 0,
+               "losses_skipped": skipped,
                "train_seconds": round(seconds, 1), "steps_this_run": cfg.steps - start,
                "seconds_per_step": round((time.perf_counter() - t_loop) / max(1, cfg.steps - start), 3),
                "final_train_psnr_db": 10 * math.log10(4.0 / max(ema_mse or 1e-12, 1e-12)),
@@ -239,6 +261,19 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
             f"({cfg.steps - start} steps in {seconds:.0f}s, train PSNR ~{metrics['final_train_psnr_db']:.2f} dB)")
     metrics["model"] = model
     return metrics
+
+
+def losses_skipped(cfg: TrainConfig, lpips_on: bool) -> list[str]:
+    """The losses this run's settings name but will not run, each in one plain sentence."""
+    out = []
+    if cfg.perceptual_weight > 0 and not lpips_on:
+        out.append(f"no LPIPS: --perceptual-weight is {cfg.perceptual_weight} (preset {cfg.preset}) but no VGG16 weights "
+                   "were found (give --lpips-vgg PATH or $COGALIGN_LPIPS_VGG, torchvision's vgg16-397923af.pth); "
+                   "this run trains without the perceptual loss")
+    if cfg.disc_weight > 0 and cfg.disc_start >= cfg.steps:
+        out.append(f"no GAN: the discriminator starts at step {cfg.disc_start} (--disc-start) but the run stops at "
+                   f"step {cfg.steps} (--steps); raise --steps or lower --disc-start to train it")
+    return out
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

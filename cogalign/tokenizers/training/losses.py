@@ -10,6 +10,7 @@ is taming's: |grad nll| / (|grad g| + 1e-4) on the decoder's last layer, clamped
 [0, 1e4], times disc_weight."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,6 +38,22 @@ def find_vgg_weights(path: str | Path | None = None) -> Path | None:
     return cached if cached.is_file() else None
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip torch.nn.init's random fills while LPIPS is built: its VGG16 trunk is then read from
+    the file and its heads from the lpips package, and drawing ~138M random numbers for a
+    torchvision vgg16 (classifier included, then dropped) took ~4.5 s."""
+    names = ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "constant_", "xavier_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def load_lpips(vgg_weights: Path) -> nn.Module:
     """The `lpips` package's VGG LPIPS (its shipped linear heads), with the VGG16 trunk
     read from a local torchvision state dict instead of downloaded. Frozen, eval mode."""
@@ -49,7 +66,7 @@ def load_lpips(vgg_weights: Path) -> nn.Module:
         raise TokenizerError(f"{vgg_weights}: not torchvision's VGG16 state dict (no features.* keys)")
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_random_init():
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     trunk = model.net  # slices of torchvision's vgg16().features, each layer named by its index there

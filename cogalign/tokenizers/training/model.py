@@ -40,11 +40,13 @@ PRESETS: dict[str, Preset] = {
                    attn_resolutions=(), codes=4096, disc_weight=0.0, perceptual_weight=0.0,
                    mse_weight=1.0, lr=1e-3, betas=(0.9, 0.99), warmup=100,
                    notes="small f8, L1 + MSE + commitment, no GAN"),
-    # latent-diffusion vq-f8 (models/first_stage_models/vq-f8) with 4096 codes, trained
-    # with taming's VQLPIPSWithDiscriminator settings of the LDM vq configs.
+    # latent-diffusion vq-f8 with 4096 codes: architecture and loss as in CompVis/latent-diffusion
+    # models/first_stage_models/vq-f8/config.yaml (lossconfig VQLPIPSWithDiscriminator:
+    # disc_conditional false, disc_in_channels 3, disc_num_layers 2, disc_start 1,
+    # disc_weight 0.6, codebook_weight 1.0; base_learning_rate 4.5e-6).
     "vqgan-4096": Preset(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, z_channels=4, embed_dim=4,
-                         attn_resolutions=(32,), codes=4096, disc_weight=0.75, perceptual_weight=1.0,
-                         mse_weight=0.0, disc_layers=2, disc_start=50001,
+                         attn_resolutions=(32,), codes=4096, disc_weight=0.6, perceptual_weight=1.0,
+                         mse_weight=0.0, disc_layers=2, disc_start=1,
                          notes="latent-diffusion vq-f8, L1 + LPIPS + PatchGAN hinge + commitment"),
     # taming ImageNet f16-16384 shape and loss settings.
     "vqgan-f16-16384": Preset(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256,

@@ -59,7 +59,26 @@ def save_state(out: Path, state: dict) -> None:
     tmp.replace(out / STATE_FILE)
 
 
-def load_state(out: Path, config: dict, digest: str) -> dict:
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def loss_identity(cfg, vgg: Path | None) -> dict:
+    """What shapes the loss beyond the settings: whether LPIPS runs, and on which VGG16 weights
+    (by content, so the same file elsewhere is the same loss)."""
+    return {"lpips": vgg is not None, "lpips_vgg_sha256": file_sha256(vgg) if vgg is not None else None}
+
+
+def _lpips_text(ident: dict) -> str:
+    sha = ident.get("lpips_vgg_sha256")
+    return f"on (VGG16 file sha256 {sha[:12]}…)" if ident.get("lpips") else "off"
+
+
+def load_state(out: Path, config: dict, digest: str, loss_id: dict | None = None) -> dict:
     """The saved state, after checking that it was made with the same settings and images."""
     path = out / STATE_FILE
     try:
@@ -71,6 +90,11 @@ def load_state(out: Path, config: dict, digest: str) -> dict:
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} then, {config[k]!r} now" for k in diff)
         raise TokenizerError(f"--resume: {out} was trained with other settings ({shown}); use the same ones")
+    saved_id = state.get("loss_identity")
+    if loss_id is not None and saved_id is not None and saved_id != loss_id:
+        raise TokenizerError(
+            f"--resume: {out} was trained with LPIPS {_lpips_text(saved_id)}, now it would be {_lpips_text(loss_id)}; "
+            "a resume must keep the loss: give the same --lpips-vgg (or $COGALIGN_LPIPS_VGG) file")
     if state.get("images_digest") != digest:
         raise TokenizerError(f"--resume: {out} was trained on other images ({state.get('images')} then); "
                              "give the same images in the same order")
