@@ -79,7 +79,8 @@ def make_random_taming(out_dir: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from cogalign.tokenizers.taming import TamingVQTokenizer
-    from cogalign.tokenizers.train import make_ddconfig, taming_config
+    from cogalign.tokenizers.training.export import taming_config
+    from cogalign.tokenizers.training.model import make_ddconfig
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file() and (out_dir / "config.yaml").is_file():

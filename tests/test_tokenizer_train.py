@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cogalign.cli_vq import vq_app
 from cogalign.tokenizers import load_taming, load_tokenizer
-from cogalign.tokenizers.train import evaluate, export_taming, to_model_input, train_vq
+from cogalign.tokenizers.training import evaluate, export_taming, to_model_input, train_vq
 from tokenizer_fixtures import (
     EXAMPLE_IMAGES, TINY_PARAMS, lightning_checkpoint, make_random_taming_state, photos, taming_yaml)
 
