@@ -77,7 +77,7 @@ def training_kwargs(*, out: Path, plan, seed: int, max_steps: Optional[int], epo
         lr_scheduler_type="cosine", warmup_steps=plan.warmup_ratio, weight_decay=plan.weight_decay,
         remove_unused_columns=False, average_tokens_across_devices=True, save_strategy="steps",
         logging_strategy="steps", disable_tqdm=True, ddp_find_unused_parameters=False,
-        eval_strategy="steps" if has_eval else "no", dataloader_pin_memory=_has_gpu(),
+        eval_strategy="steps" if has_eval else "no", dataloader_pin_memory=_has_gpu(), use_cpu=not _has_gpu(),
     )
     kw.update({k: v for k, v in options.items() if v is not None})
     if not has_eval:

@@ -205,6 +205,19 @@ class CogalignTrainer(Trainer):
                  "skipped_ids": self.skipped_ids[:1000], "sums": self.sums.tolist()}
         (ckpt / RANK_STATE.format(self.args.process_index)).write_text(json.dumps(state))
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The weights of a checkpoint saved by save_pretrained. The Trainer loads its state dict as it
+        is stored, but transformers 5 stores LLaVA under the original key names (language_model.model.*)
+        and only from_pretrained maps them back; so load through from_pretrained and copy."""
+        from transformers import PreTrainedModel
+
+        target = model if model is not None else self.model
+        plain = isinstance(target, PreTrainedModel) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if not plain or not (Path(resume_from_checkpoint) / "config.json").exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(loaded.state_dict())
+
     def load_rank_state(self, ckpt: Path) -> None:
         path = Path(ckpt) / RANK_STATE.format(self.args.process_index)
         state = json.loads(path.read_text())
