@@ -31,6 +31,11 @@ def field_names() -> dict:
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+def checkpointing_field() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    return "activation_checkpointing" if "activation_checkpointing" in field_names() else "gradient_checkpointing"
+
+
 def parse_trainer_args(pairs: Optional[list[str]], config: Optional[Path]) -> dict:
     """The config file's mapping, then each KEY=VALUE, checked against TrainingArguments' fields."""
     out, from_config = {}, set()

@@ -78,7 +78,9 @@ def train_cmd(
     print_plan: bool = typer.Option(False, "--print-plan", help="Print the plan (groups, rates, batch) as JSON and exit without training. Default: off."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
-    from cogalign.train.args import parse_trainer_args
+    from cogalign.hub.output import check_complete
+    from cogalign.train.args import checkpointing_field, parse_trainer_args
+    from cogalign.train.runfolder import check as check_out
     from cogalign.train.model import add_vq_tokens, codebook_size, load
     from cogalign.train.run import TrainConfig, train
     from cogalign.train.stages import make_plan, plan_json
@@ -105,9 +107,10 @@ def train_cmd(
             raise CogalignError("--merge-lora merges a LoRA adapter: give --lora-r too")
         if deepspeed is not None and not deepspeed.is_file():
             raise CogalignError(f"--deepspeed {deepspeed}: no such file (a DeepSpeed config JSON)")
-        if out.exists() and not out.is_dir():
-            raise CogalignError(f"--out {out} is a file: give a folder (new, empty, or an earlier `cogalign train` run)")
         extra = parse_trainer_args(trainer_arg, trainer_config)
+        check_complete(data)
+        if not print_plan:
+            check_out(out, resume, overwrite)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = make_plan(stage, world, lr, global_batch_size, per_device_batch_size, epochs, modules)
         net, processor = load(model, data, seed)
@@ -127,7 +130,7 @@ def train_cmd(
             typer.echo(json.dumps(plan_json(plan, net)))
             return
         options = {"max_grad_norm": max_grad_norm, "bf16": bf16 or None, "fp16": fp16 or None, "tf32": tf32,
-                   "report_to": [r.strip() for r in report_to.split(",")], "gradient_checkpointing": gradient_checkpointing or None,
+                   "report_to": [r.strip() for r in report_to.split(",")], checkpointing_field(): gradient_checkpointing or None,
                    "deepspeed": str(deepspeed) if deepspeed else None, "fsdp": fsdp, "disable_tqdm": no_progress}
         lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target": lora_target} if lora_r else None
         cfg = TrainConfig(data, out, plan, seed, max_length, max_steps, vq_tokens, image_root, workers,

@@ -116,7 +116,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
 
         model = add_lora(model, plan, **cfg.lora)
     group_params(model, plan)  # requires_grad from the plan before the Trainer wraps the model
-    if args.gradient_checkpointing:
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
     trainer = CogalignTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                               data_collator=Collator(Encoder(processor, cfg.max_length, cfg.vq_tokens)),

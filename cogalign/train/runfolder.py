@@ -43,8 +43,9 @@ def pin_differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
-    """Check RUN against the options; with --overwrite delete the earlier run's files. Writes the manifest."""
+def check(out: Path, resume: bool, overwrite: bool):
+    """Refuse a --out that is not ours to write (read-only; before any model is built). Returns the
+    earlier run's manifest, if any."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CogalignError(f"--out {out} is a file: give a folder (new, empty, or an earlier `cogalign train` run)")
@@ -55,19 +56,27 @@ def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
                             "give a new or empty folder")
     if resume and overwrite:
         raise CogalignError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    if resume and (manifest is None or not checkpoints(out)):
+        raise CogalignError(f"--resume: no checkpoint-N folder in {out} (start without --resume)")
+    if not resume and not overwrite and manifest is not None and entries != [RUN_MANIFEST]:
+        what = checkpoints(out)[-1].name if checkpoints(out) else entries[0]
+        raise CogalignError(f"--out {out} holds an earlier run ({what}): continue it with --resume, "
+                            "or replace it with --overwrite")
+    return manifest
+
+
+def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
+    """`check`, then: a resume must pin the same options; --overwrite deletes the earlier run's files;
+    a new run writes its manifest."""
+    out = Path(out)
+    manifest = check(out, resume, overwrite)
     if resume:
-        if manifest is None or not checkpoints(out):
-            raise CogalignError(f"--resume: no checkpoint-N folder in {out} (start without --resume)")
         changed = pin_differences(manifest.get("pinned", {}), pinned)
         if changed:
             raise CogalignError(f"--resume: options differ from the run in {out}: {'; '.join(changed)}; "
                                 "give the same options (only --max-steps may grow), or start anew with --overwrite")
         return
-    if manifest is not None and entries != [RUN_MANIFEST]:
-        if not overwrite:
-            what = checkpoints(out)[-1].name if checkpoints(out) else entries[0]
-            raise CogalignError(f"--out {out} holds an earlier run ({what}): continue it with --resume, "
-                                "or replace it with --overwrite")
+    if manifest is not None:
         delete_run(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, {"tool": TOOL, "pinned": pinned, "files": list(RUN_FILES)})

@@ -88,7 +88,7 @@ def make_plan(stage: int, world_size: int = 1, lr: Optional[list[str]] = None, g
         except ValueError:
             raise CogalignError(f"--lr {name}={value}: the rate must be a number (e.g. 1e-4) or 'frozen'") from None
         if not math.isfinite(lrs[name]) or not lrs[name] > 0:
-            raise CogalignError(f"--lr {name}={value}: the rate must be above 0 (use {name}=frozen to freeze)")
+            raise CogalignError(f"--lr {name}={value}: the rate must be a finite number above 0 (use {name}=frozen to freeze)")
     patterns = dict(DEFAULT_PATTERNS)
     for name, value in parse_assignments(modules, "modules").items():
         try:
