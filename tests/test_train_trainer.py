@@ -195,12 +195,12 @@ def test_rerun_needs_resume_or_overwrite_and_resume_pins_options(quads, tmp_path
 
 
 # ---- defect 12, 13
-def test_incomplete_output_is_refused(quads, tmp_path):
+def test_incomplete_output_is_refused(vq_out, tmp_path):
+    """One of 4 shards deleted: the old loop trained on the other 3 without a word."""
     broken = tmp_path / "broken"
-    shutil.copytree(quads, broken)
-    for shard in (broken / "data").glob("*"):
-        shard.unlink()
-    _one_line_error(_cli("--data", broken, "--out", tmp_path / "run"), "not complete")
+    shutil.copytree(vq_out, broken)
+    sorted((broken / "data").glob("*.parquet"))[1].unlink()
+    _one_line_error(_cli("--data", broken, "--out", tmp_path / "run"), "1 of 4 shards are not complete")
     assert not (tmp_path / "run").exists()
 
 

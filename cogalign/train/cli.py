@@ -51,7 +51,7 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the data order (all records shuffled per epoch), the held-out split, the tiny model and the Trainer."),
     group_by_modality_length: bool = typer.Option(False, "--group-by-modality-length", help="LLaVA's sampler: each batch of ranks × per-device records holds one modality (image or text-only), longest first. Default: off (a plain global shuffle)."),
     val_size: Optional[float] = typer.Option(None, "--val-size", help="Hold out N records (N >= 1) or this fraction (< 1) of the output, drawn by --seed; their loss per answer kind is reported every --eval-steps. Default: none."),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate the held-out split every N steps (needs --val-size). Default: the logging steps."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate the held-out split every N steps (needs --val-size). Default: --save-steps."),
     logging_steps: int = typer.Option(1, "--logging-steps", help="Write train_log.jsonl (and report) every N steps."),
     save_steps: int = typer.Option(500, "--save-steps", "--save-every", help="Save RUN/checkpoint-N/ every N steps (and at the end)."),
     save_total_limit: Optional[int] = typer.Option(2, "--save-total-limit", help="Keep this many newest checkpoints (0: keep all)."),
@@ -136,7 +136,7 @@ def train_cmd(
         cfg = TrainConfig(data, out, plan, seed, max_length, max_steps, vq_tokens, image_root, workers,
                           log_every=logging_steps, save_every=save_steps,
                           save_total_limit=save_total_limit or None, resume=resume, overwrite=overwrite,
-                          progress=not no_progress, val_size=val_size, eval_steps=eval_steps or logging_steps,
+                          progress=not no_progress, val_size=val_size, eval_steps=eval_steps or save_steps,
                           group_by_modality_length=group_by_modality_length, lora=lora, merge_lora=merge_lora,
                           model_name=model, options=options, extra=extra)
         summary = train(cfg, net, processor)
