@@ -128,7 +128,10 @@ def train(cfg: TrainConfig, model, processor) -> dict:
         hf_logging.disable_progress_bar()
     resume_from = None
     if cfg.resume:
-        resume_from = checkpoints(out)[-1]
+        done = [c for c in checkpoints(out) if (c / "rank0_cogalign_state.json").exists()]  # saved to the end
+        if not done:
+            raise CogalignError(f"--resume: no complete checkpoint-N folder in {out} (start anew with --overwrite)")
+        resume_from = done[-1]
         if not (resume_from / f"rank{args.process_index}_cogalign_state.json").exists():
             raise CogalignError(f"--resume: {resume_from} was saved with another number of ranks "
                                 "(run with the same torchrun size)")
@@ -143,7 +146,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     stats, ids = trainer.total_stats()
-    summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 1))
+    summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
     if stats["seen"] == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
         raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "

@@ -108,10 +108,10 @@ class CogalignTrainer(Trainer):
         self._count(inputs)
         loss_sum, part = self.token_losses(model, inputs)
         self.sums += part
-        if num_items_in_batch is None:  # not through training_step: this batch's mean
-            num_items_in_batch = max(float(part[len(KINDS):].sum()), 1.0)
-        loss = loss_sum / num_items_in_batch
-        if self.args.average_tokens_across_devices:
+        n = num_items_in_batch if num_items_in_batch is not None else float(part[len(KINDS):].sum())
+        n = n.clamp(min=1) if torch.is_tensor(n) else max(n, 1.0)  # a step whose records were all skipped
+        loss = loss_sum / n
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages: N × local / global tokens
         loss = loss + self._anchor(model)
         return (loss, None) if return_outputs else loss
