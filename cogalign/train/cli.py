@@ -143,7 +143,7 @@ def train_cmd(
     except CogalignError as e:
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
-        say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']} s")
+        say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s")
         say(f"records seen: {summary['seen']}  skipped: {summary['skipped']} {summary['skipped_by_reason'] or ''}")
         t = summary["truncated_answers"]
         say(f"truncated at --max-length {max_length}: {summary['truncated_records']} records "
