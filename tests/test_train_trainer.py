@@ -255,9 +255,10 @@ def test_trainer_arguments_arrive(tmp_path):
     assert kw["gradient_accumulation_steps"] == 4 and kw["per_device_train_batch_size"] == 2 and kw["seed"] == 5
     assert kw["warmup_steps"] == 0.1 and kw["adam_beta2"] == 0.95 and kw["logging_first_step"] is True
     assert kw["max_grad_norm"] == 0.5 and kw["average_tokens_across_devices"] and kw["lr_scheduler_type"] == "cosine"
-    kw.pop("deepspeed"), kw.pop("fsdp"), kw.pop("bf16")  # DeepSpeed and FSDP need GPUs (benchmarks/gpu_check.sh)
+    kw.pop("deepspeed")  # TrainingArguments needs the deepspeed package (GPU only: benchmarks/gpu_check.sh)
     args = build_training_args(kw)
     assert args.adam_beta2 == 0.95 and getattr(args, checkpointing_field()) and args.save_total_limit == 3
+    assert args.fsdp and args.bf16 and args.max_grad_norm == 0.5 and args.report_to == ["tensorboard"]
 
 
 def test_gradient_checkpointing_tensorboard_and_eval_per_kind(quads, tmp_path):
@@ -296,3 +297,32 @@ def test_lora_trains_the_adapter_and_merges(quads, tmp_path):
     assert any("multi_modal_projector" in k for k in weights)  # the projector is saved with it
     merged = AutoModelForImageTextToText.from_pretrained(run)
     assert merged.config.model_type == "llava" and not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_cli_options_reach_training_arguments(quads, tmp_path, monkeypatch):
+    """Each Trainer option of the CLI, caught where our code builds TrainingArguments (DeepSpeed
+    itself cannot be built on these CPUs)."""
+    import cogalign.train.args as train_args
+    from cogalign.errors import CogalignError
+
+    seen = {}
+
+    def capture(kwargs):
+        seen.update(kwargs)
+        raise CogalignError("captured")
+
+    monkeypatch.setattr(train_args, "build_training_args", capture)
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    _one_line_error(_cli("--data", quads, "--out", tmp_path / "run", "--deepspeed", ds, "--fsdp", "full_shard auto_wrap",
+                         "--gradient-checkpointing", "--bf16", "--tf32", "--max-grad-norm", "0.3", "--save-steps", "7",
+                         "--save-total-limit", "4", "--report-to", "tensorboard", "--logging-steps", "3", "--seed", "9",
+                         "--dataloader-num-workers", "2", "--val-size", "2", "--eval-steps", "5",
+                         "--trainer-arg", "adam_beta2=0.9"), "captured")
+    from cogalign.train.args import checkpointing_field
+
+    want = {"deepspeed": str(ds), "fsdp": "full_shard auto_wrap", checkpointing_field(): True, "bf16": True,
+            "tf32": True, "max_grad_norm": 0.3, "save_steps": 7, "save_total_limit": 4, "report_to": ["tensorboard"],
+            "logging_steps": 3, "seed": 9, "dataloader_num_workers": 2, "eval_steps": 5, "eval_strategy": "steps",
+            "adam_beta2": 0.9}
+    assert {k: seen.get(k) for k in want} == want
