@@ -151,6 +151,19 @@ def test_sampler_shuffles_across_shards_once_per_epoch_over_ranks(vq_out):
     assert ds[orders[0][0]]["record"]["id"] == ShardDataset(vq_out, load_images=False).record(orders[0][0])["id"]
 
 
+def test_dataset_reads_any_row_of_parquet_and_jsonl_shards(vq_out, tmp_path):
+    from cogalign.train.data import ShardDataset
+
+    jsonl = tmp_path / "jsonl"
+    run_cli("expand", EXAMPLES, "--out", jsonl, "--shard-size", "4", "--workers", "0", "--format", "jsonl", *FAST)
+    pq_ds = ShardDataset(vq_out, load_images=False, cache=tmp_path / "cache")
+    js_ds = ShardDataset(jsonl, load_images=False)
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 4
+    for i in (13, 0, 7, 4, 3):  # out of order: random access
+        assert pq_ds[i]["record"] == js_ds[i]["record"] == list(js_ds)[i]["record"]
+    assert pq_ds[-1]["record"] is None  # a padding slot
+
+
 def test_group_by_modality_length_keeps_each_batch_one_modality():
     from cogalign.train.data import PAD, EpochSampler
 
@@ -175,7 +188,7 @@ def test_out_that_is_a_file_or_holds_user_files_is_refused(quads, tmp_path):
     assert (user / "config.json").read_text() == '{"mine": 1}'
 
 
-def test_rerun_needs_resume_or_overwrite_and_resume_pins_options(quads, tmp_path):
+def test_rerun_needs_resume_or_overwrite_and_resume_pins_options(quads, vq_out, tmp_path):
     run = tmp_path / "run"
     base = ["--data", quads, "--max-steps", "2", "--global-batch-size", "2", "--per-device-batch-size", "1",
             "--max-length", "256", "--save-steps", "1", *sum((["--lr", x] for x in TINY_LR), [])]
@@ -187,6 +200,8 @@ def test_rerun_needs_resume_or_overwrite_and_resume_pins_options(quads, tmp_path
     line = _one_line_error(_cli(*base, "--out", run, "--resume", "--global-batch-size", "4", "--lr", "projector=1e-3"),
                            "--resume", "global_batch_size", "lr")
     assert "2 → 4" in line
+    other = [a if a != quads else vq_out for a in base]
+    _one_line_error(_cli(*other, "--out", run, "--resume"), "--resume", "data", "data_fingerprint")
     _cli(*base, "--out", run, "--resume", "--max-steps", "3", expect=0)  # a longer run may continue
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 3
     _cli(*base, "--out", run, "--overwrite", expect=0)
