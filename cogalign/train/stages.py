@@ -142,7 +142,7 @@ def new_token_params(model, plan: Plan) -> list:
         mask[plan.new_token_start:] = 1
         w.requires_grad_(True)
         if not getattr(w, "_cogalign_row_mask", False):
-            w.register_hook(lambda g, m=mask: g * m.to(g.dtype))
+            w.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
             w._cogalign_row_mask = True
         out.append(w)
     return out
