@@ -64,7 +64,7 @@ class CogalignTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # our compute_loss divides by num_items_in_batch itself
         self.loss_is_scaled_for_ga = True
         self.stats, self.skipped_ids = new_stats(), []
-        self.sums = torch.zeros(2 * len(KINDS), dtype=torch.float64)  # loss sums, tokens per kind since the last log
+        self.sums = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)  # since the last log
         self._anchors = None
 
     # ---- data
@@ -88,8 +88,8 @@ class CogalignTrainer(Trainer):
         return sum((p.reshape(-1)[:1].sum() for p in self._anchors), torch.zeros((), device=self.args.device)) * 0.0
 
     def token_losses(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the token losses, a tensor [loss sum per kind..., tokens per kind...])."""
-        part = torch.zeros(2 * len(KINDS), dtype=torch.float64)
+        """(sum of the token losses, [loss sum per kind..., tokens per kind...]) on the device, no sync."""
+        part = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)
         if inputs["input_ids"].shape[0] == 0:  # every slot of this micro-batch was padding or skipped
             return torch.zeros((), device=self.args.device), part
         out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
@@ -97,11 +97,9 @@ class CogalignTrainer(Trainer):
         keep = labels != -100
         logits = out.logits[:, :-1][keep].float()  # only the supervised positions in float32
         loss = F.cross_entropy(logits, labels[keep], reduction="none")
-        kinds = kinds[keep]
-        for j, k in enumerate(KINDS):
-            sel = kinds == KIND_ID[k]
-            part[j] = float(loss.detach()[sel].sum())
-            part[len(KINDS) + j] = float(sel.sum())
+        ids = torch.tensor([KIND_ID[k] for k in KINDS], device=kinds.device)
+        onehot = (kinds[keep][:, None] == ids[None, :]).to(torch.float64)
+        part = torch.cat([(loss.detach().to(torch.float64)[:, None] * onehot).sum(0), onehot.sum(0)])
         return loss.sum(), part
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -157,7 +155,7 @@ class CogalignTrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log: every rank is here (the Trainer gathered tr_loss)
-            sums = _all_reduce(self.sums.clone().to(self.args.device)).cpu()
+            sums = _all_reduce(self.sums.clone()).cpu()
             self.sums.zero_()
             total, per_kind, tokens = self._kind_values(sums)
             lrs = self.group_lrs()
@@ -178,13 +176,13 @@ class CogalignTrainer(Trainer):
         model = self.model_wrapped
         was_training = model.training
         model.eval()
-        sums = torch.zeros(2 * len(KINDS), dtype=torch.float64)
+        sums = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)
         with torch.no_grad():
             for batch in loader:
                 batch.pop("stats", None), batch.pop("skipped_ids", None), batch.pop("positions", None)
                 sums += self.token_losses(model, self._prepare_inputs(batch))[1]
         model.train(was_training)
-        total, per_kind, tokens = self._kind_values(_all_reduce(sums.clone().to(self.args.device)).cpu())
+        total, per_kind, tokens = self._kind_values(_all_reduce(sums).cpu())
         metrics = {f"{metric_key_prefix}_loss": total,
                    **{f"{metric_key_prefix}_loss_{k}": v for k, v in per_kind.items() if v is not None},
                    **{f"{metric_key_prefix}_tokens_{k}": v for k, v in tokens.items()}}
@@ -224,7 +222,7 @@ class CogalignTrainer(Trainer):
         self.stats = {**state["stats"], "skipped": Counter(state["stats"]["skipped"]),
                       "truncated": Counter(state["stats"]["truncated"])}
         self.skipped_ids = state["skipped_ids"]
-        self.sums = torch.tensor(state["sums"], dtype=torch.float64)
+        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.args.device)
 
     def total_stats(self) -> tuple[dict, list]:
         """Counts and skipped examples of all ranks together."""
