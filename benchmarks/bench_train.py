@@ -97,7 +97,8 @@ def child(a) -> dict:
     before = torch.cuda.memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.mode == "cogalign":
         summary = train(TrainConfig(data, out, plan, max_length=a.max_length, max_steps=a.steps, progress=False,
-                                    log_every=a.steps, save_every=10 ** 6, options=options), net, processor)
+                                    log_every=a.steps, save_every=10 ** 6, workers=a.workers, options=options),
+                        net, processor)
         seconds = summary["seconds"]
     else:
         from transformers import Trainer, TrainingArguments
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -142,13 +144,14 @@ def main() -> None:
         a.records, a.steps, a.hidden, a.layers, a.repeats = 16, 4, 64, 1, 1
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), a.records)
-        runs = [("cogalign train", "cogalign", False), ("plain Trainer, same batches", "plain", False),
-                ("cogalign train + gradient checkpointing", "cogalign", True)]
+        runs = [("cogalign train", "cogalign", False, 0), ("plain Trainer, same batches", "plain", False, 0),
+                ("cogalign train, 1 DataLoader worker", "cogalign", False, 1),
+                ("cogalign train + gradient checkpointing", "cogalign", True, 0)]
         results = {}
         for r in range(a.repeats):  # interleaved, so a busy spell on the machine hits every configuration
-            for name, mode, ckpt in runs:
+            for name, mode, ckpt, workers in runs:
                 cmd = [sys.executable, __file__, "--child", "1", "--mode", mode, "--data", str(data),
-                       "--out", f"{tmp}/{mode}-{int(ckpt)}-{r}", "--steps", str(a.steps), "--batch", str(a.batch),
+                       "--out", f"{tmp}/{mode}-{int(ckpt)}-{workers}-{r}", "--workers", str(workers), "--steps", str(a.steps), "--batch", str(a.batch),
                        "--hidden", str(a.hidden), "--layers", str(a.layers), "--max-length", str(a.max_length),
                        "--threads", str(a.threads), "--device", a.device] + (["--checkpointing"] if ckpt else [])
                 env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
