@@ -247,6 +247,12 @@ def test_bad_numbers_are_one_line(quads, tmp_path, args, words):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_a_missing_tracker_is_one_line(quads, tmp_path):
+    _one_line_error(_cli("--data", quads, "--out", tmp_path / "run", "--report-to", "wandb"), "pip install wandb")
+    assert not (tmp_path / "run").exists()
+
+
 def test_modules_pattern_matching_nothing_is_an_error(quads):
     _one_line_error(_cli("--data", quads, "--modules", "vision_tower=nomatch", "--print-plan"),
                     "vision_tower", "nomatch", "matches no parameter")

@@ -1,6 +1,7 @@
 """`cogalign train`, `cogalign generate`, `cogalign eval`: thin typer commands over cogalign.train."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -107,6 +108,10 @@ def train_cmd(
             raise CogalignError("--merge-lora merges a LoRA adapter: give --lora-r too")
         if deepspeed is not None and not deepspeed.is_file():
             raise CogalignError(f"--deepspeed {deepspeed}: no such file (a DeepSpeed config JSON)")
+        for target in report_to.split(","):
+            needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(target.strip(), ())
+            if needs and not any(importlib.util.find_spec(m) for m in needs):
+                raise CogalignError(f"--report-to {target.strip()}: `pip install {needs[0]}` first (or --report-to none)")
         extra = parse_trainer_args(trainer_arg, trainer_config)
         check_complete(data)
         if not print_plan:
@@ -119,7 +124,10 @@ def train_cmd(
 
             net = net.to(getattr(torch, torch_dtype))
         if attn_implementation:
-            net.set_attn_implementation(attn_implementation)
+            try:
+                net.set_attn_implementation(attn_implementation)
+            except (ValueError, ImportError) as e:
+                raise CogalignError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
         if vq_tokens == "special":
             k = vq_codebook_size or codebook_size(data)
             if not k:
