@@ -241,6 +241,9 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     (["--val-size", "0"], ["--val-size"]),
     (["--trainer-arg", "not_a_field=1"], ["not_a_field", "TrainingArguments"]),
     (["--trainer-arg", "learning_rate=1"], ["learning_rate", "--lr"]),
+    (["--trainer-config", "no_such_file.yaml"], ["--trainer-config", "no such file"]),
+    (["--eval-steps", "5"], ["--eval-steps", "--val-size"]),
+    (["--merge-lora"], ["--merge-lora", "--lora-r"]),
 ])
 def test_bad_numbers_are_one_line(quads, tmp_path, args, words):
     _one_line_error(_cli("--data", quads, "--out", tmp_path / "run", *args), *words)
