@@ -6,6 +6,8 @@
 # It writes $OUT/bench_gpu.md (OUT defaults to /tmp/gpu_out when unset).
 #   bash benchmarks/gpu_check.sh --smoke    # every step on the CPU, tiny sizes (under a minute)
 # Env: BENCH_ARGS (bench_expand.py), PRECISION_ARGS (bench_precision.py, e.g. --compile), TRAIN_DEMO=1.
+# `cogalign train` (bf16 + gradient checkpointing + ZeRO-2) runs when transformers, accelerate, peft and
+# deepspeed are importable (their wheels in .whl/); otherwise it says it was skipped.
 #
 # The GPU machine has torch, pillow, pyarrow, numpy, rich, typer, pyyaml, safetensors and psutil,
 # but not orjson, ijson or taming-transformers: their cp312 wheels come from .whl/. cogalign
@@ -78,6 +80,39 @@ ones = np.concatenate([tok.encode(crops[i:i + 1]) for i in range(len(crops))])
 odd = np.concatenate([tok.encode(crops[i:i + 5]) for i in range(0, len(crops), 5)])
 print(f"{device}, {len(crops)} regions: batch {len(crops)} vs 1: {(whole == ones).mean():.6f}, vs 5: {(whole == odd).mean():.6f} equal")
 EOF2
+
+echo "== cogalign train: bf16 + gradient checkpointing + ZeRO-2 on one GPU, tiny model"
+# Needs transformers, accelerate, tokenizers, peft (+ deepspeed on the GPU) importable: carry their wheels in .whl/.
+if python3 -c "import transformers, accelerate, peft" 2>/dev/null; then
+  TD=$(mktemp -d)
+  python3 -m cogalign expand examples/llava_mini.json --out "$TD/data" --vq-resolution 64 --px-resolution 16 \
+    --workers 0 --no-progress 2>&1 | tail -1
+  TRAIN_ARGS="--model tiny --data $TD/data --max-steps 8 --global-batch-size 4 --per-device-batch-size 2
+    --max-length 512 --lr projector=3e-3 --lr vision_tower=3e-3 --lr language_model=3e-3 --no-progress
+    --bf16 --gradient-checkpointing"
+  if [ "$SMOKE" = 1 ]; then
+    echo "smoke: bf16 + gradient checkpointing on the CPU, no DeepSpeed"
+    timeout 300 python3 -m cogalign train $TRAIN_ARGS --out "$TD/run" 2>&1 | tail -4
+  elif python3 -c "import deepspeed" 2>/dev/null; then
+    cat > "$TD/zero2.json" <<'EOF3'
+{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
+ "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+EOF3
+    timeout 420 python3 -m torch.distributed.run --nproc-per-node 1 --standalone -m cogalign train $TRAIN_ARGS \
+      --deepspeed "$TD/zero2.json" --out "$TD/run" 2>&1 | tail -4 | tee -a "$OUT/bench_gpu.md"
+  else
+    echo "deepspeed is not importable: ZeRO-2 skipped (carry its wheel in .whl/)" | tee -a "$OUT/bench_gpu.md"
+    timeout 300 python3 -m cogalign train $TRAIN_ARGS --out "$TD/run" 2>&1 | tail -4 | tee -a "$OUT/bench_gpu.md"
+  fi
+  if ! python3 -c "import json; s = json.load(open('$TD/run/train_summary.json')); print('train_summary:', s['steps'], 'steps,', s['seen'], 'records')" >> "$OUT/bench_gpu.md"; then
+    echo "cogalign train failed" | tee -a "$OUT/bench_gpu.md"; status=1
+  fi
+  tail -1 "$OUT/bench_gpu.md"
+  [ "$SMOKE" = 1 ] || timeout 300 python3 benchmarks/bench_train.py --device cuda --repeats 1 | tee -a "$OUT/bench_gpu.md"
+  rm -rf "$TD"
+else
+  echo "transformers/accelerate/peft not importable: cogalign train checks skipped" | tee -a "$OUT/bench_gpu.md"
+fi
 
 if [ "${TRAIN_DEMO:-0}" = 1 ]; then
   echo "== demo tokenizer trained on the GPU"

@@ -64,13 +64,19 @@ def test_two_gloo_ranks_match_one_rank(quads, tmp_path):
 
 
 def test_resume_continues_the_curve(quads, tmp_path):
+    """kill -9 at the start of step 5 (checkpoint-3 complete, the log written up to step 4), then
+    --resume: the same curve as the run that was never interrupted."""
     args = ["--data", quads, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "2",
-            "--max-steps", "6", "--max-length", "128", "--save-every", "3"]
+            "--max-steps", "6", "--max-length", "128", "--save-steps", "3", "--no-progress"]
+    _train(*args, "--out", tmp_path / "full")
+    full = _curve(tmp_path / "full")
     run = tmp_path / "run"
-    _train(*args, "--out", run)
-    full = _curve(run)
-    # as if the run had died after step 3: drop the newer checkpoint, resume from checkpoint-3
-    shutil.rmtree(run / "checkpoint-6")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": "5"}
+    wrapper = Path(__file__).with_name("train_kill_wrapper.py")
+    killed = subprocess.run([sys.executable, str(wrapper), "train", "--model", "tiny", *map(str, args), "--out", str(run)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len(_curve(run)) == 4 and not (run / "model.safetensors").exists()
     _train(*args, "--out", run, "--resume")
     resumed = _curve(run)
     assert len(resumed) == 6 and resumed[:3] == full[:3]

@@ -1,21 +1,24 @@
-"""An IterableDataset over an `expand` output folder: exact rank × worker split, deterministic
-shuffle by (seed, epoch), resumable mid-epoch, images read from the image root.
+"""A map-style dataset over an `expand` output folder, and the sampler that orders it.
 
-Order. Shards are shuffled, then the rows inside each shard (block shuffle, so a rank reads one
-shard at a time). Position i of that epoch sequence belongs to rank i % world. Each rank's list is
-padded with empty slots to the same length, so every rank runs the same number of steps. A rank's
-list is cut into blocks of `batch_size`; DataLoader worker w takes blocks w, w + W, ..., and since
-the DataLoader takes batches from its workers round robin, the batches come out in list order.
-`start` skips the first `start` items of the rank's list (a mid-epoch resume).
+`ShardDataset[i]` is record i of the folder (shards in order); `-1` is a padding slot. Parquet
+shards are read through an uncompressed Arrow IPC copy under the run folder (memory-mapped: any
+row in O(1), as `datasets` does), JSON-lines shards through an index of line offsets.
+
+`EpochSampler` shuffles all records at once by (seed, epoch), optionally grouped by modality and
+length as LLaVA's `group_by_modality_length`, and pads the epoch with -1 slots to a multiple of
+per-device batch × ranks, so accelerate's batch sharding hands every record to exactly one rank
+once per epoch and no rank loops back. The Trainer's own resume skips the batches already done.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.utils.data
 
@@ -24,7 +27,7 @@ from cogalign.layout import MANIFEST
 from cogalign.records import loads_exact
 from cogalign.writer import from_row
 
-
+PAD = -1
 IMAGE_BYTES = "_cogalign_image_bytes"  # where a record read from an --embed-images shard keeps its image's bytes
 
 
@@ -67,25 +70,6 @@ def shard_rows(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def read_rows(path: Path, rows: set[int]) -> dict[int, dict]:
-    """The records at `rows` (0-based) of one shard, as LLaVA dicts."""
-    out = {}
-    if path.suffix == ".parquet":
-        pos = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            wanted = [r - pos for r in range(pos, pos + batch.num_rows) if r in rows]
-            if wanted:
-                for r, row in zip(wanted, batch.take(wanted).to_pylist()):
-                    out[pos + r] = record_of_row(row)
-            pos += batch.num_rows
-        return out
-    with open(path, "rb") as f:
-        for i, line in enumerate(l for l in f if l.strip()):
-            if i in rows:
-                out[i] = loads_exact(line)
-    return out
-
-
 def default_image_root(out: Path) -> Path:
     """The folder the shards were made from: the input file's folder, as `cogalign.json` records it."""
     manifest = Path(out) / MANIFEST
@@ -98,69 +82,95 @@ def default_image_root(out: Path) -> Path:
     raise CogalignError(f"the input folder {src.parent} recorded in {manifest} is not here: pass --image-root")
 
 
-def epoch_order(counts: list[int], seed: int, epoch: int) -> np.ndarray:
-    """(N, 2) array of (shard, row): shards in a shuffled order, rows shuffled inside each shard."""
-    rng = np.random.default_rng([seed, epoch])
-    parts = []
-    for s in rng.permutation(len(counts)):
-        rows = rng.permutation(counts[s])
-        parts.append(np.stack([np.full(len(rows), s), rows], axis=1))
-    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+def arrow_copy(shard: Path, cache: Path) -> Path:
+    """An uncompressed Arrow IPC copy of a parquet shard (written once; memory-mapped by readers)."""
+    target = cache / (shard.stem + ".arrow")
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    pf = pq.ParquetFile(shard)
+    tmp = target.with_suffix(f".arrow.{os.getpid()}.tmp")  # ranks may write the same copy at once
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
+        for batch in pf.iter_batches(batch_size=1024):
+            writer.write_batch(batch)
+    tmp.replace(target)
+    return target
 
 
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Yields one item per slot of this rank's list: {"position", "record", "image", "skip"}.
+class _ShardReader:
+    """Row access into one shard: an Arrow table (memory-mapped) or a JSON-lines offset index."""
 
-    `record` is None for a padding slot; `skip` names why a record cannot be used (its image is
-    missing or corrupt), so the collator counts it instead of swapping in another sample."""
+    def __init__(self, path: Path, cache: Optional[Path]):
+        self.path, self.cache, self._table, self._offsets = path, cache, None, None
 
-    def __init__(self, out: Path, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1,
-                 batch_size: int = 1, start: int = 0, image_root: Optional[Path] = None,
-                 load_images: bool = True, allow_absolute_paths: bool = False, shuffle: bool = True):
+    def __getitem__(self, row: int) -> dict:
+        if self.path.suffix == ".parquet":
+            if self._table is None:
+                src = arrow_copy(self.path, self.cache) if self.cache else None
+                self._table = (pa.ipc.open_file(pa.memory_map(str(src))).read_all() if src
+                               else pq.read_table(self.path))
+            return record_of_row(self._table.slice(row, 1).to_pylist()[0])
+        if self._offsets is None:
+            self._offsets, pos = [], 0
+            with open(self.path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        self._offsets.append(pos)
+                    pos += len(line)
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[row])
+            return loads_exact(f.readline())
+
+    def __getstate__(self):  # DataLoader workers open their own maps
+        return {**self.__dict__, "_table": None}
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Item i: {"position": i, "record": dict | None, "images": [PIL images], "skip": reason | None}.
+
+    `indices` selects records (global positions in shard order; default all): the train or the
+    held-out split. Item -1 is a padding slot (record None). `skip` names why a record cannot be
+    used (its image is missing or corrupt), so the collator counts it instead of swapping in another
+    sample. Iterating the dataset reads every selected record in shard order."""
+
+    def __init__(self, out: Path, image_root: Optional[Path] = None, load_images: bool = True,
+                 allow_absolute_paths: bool = False, indices: Optional[np.ndarray] = None,
+                 cache: Optional[Path] = None, shuffle: bool = False):
         self.files = shard_files(out)
         self.counts = [shard_rows(f) for f in self.files]
-        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
-        self.batch_size, self.start, self.load_images = batch_size, start, load_images
-        self.allow_absolute_paths, self.shuffle = allow_absolute_paths, shuffle
+        self.starts = np.cumsum([0] + self.counts)
+        self.load_images, self.allow_absolute_paths = load_images, allow_absolute_paths
         self.image_root = Path(image_root) if image_root else (default_image_root(out) if load_images else None)
+        self.indices = np.arange(self.num_records) if indices is None else np.asarray(indices, dtype=np.int64)
+        if cache:  # before any DataLoader worker starts
+            for f in self.files:
+                if f.suffix == ".parquet":
+                    arrow_copy(f, Path(cache))
+        self.readers = [_ShardReader(f, Path(cache) if cache else None) for f in self.files]
 
     @property
     def num_records(self) -> int:
-        return sum(self.counts)
+        return int(sum(self.counts))
 
-    def rank_length(self) -> int:
-        """Slots per rank in one epoch (padded, the same on every rank)."""
-        return math.ceil(self.num_records / self.world)
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    def rank_list(self) -> np.ndarray:
-        """This rank's (shard, row) slots for the epoch; (-1, -1) is padding."""
-        order = epoch_order(self.counts, self.seed, self.epoch) if self.shuffle else np.array(
-            [(s, r) for s, n in enumerate(self.counts) for r in range(n)], dtype=np.int64).reshape(-1, 2)
-        order = order[self.rank::self.world]
-        pad = self.rank_length() - len(order)
-        return np.concatenate([order, np.full((pad, 2), -1)]) if pad else order
+    def record(self, position: int) -> dict:
+        """Record at a global position (shard order)."""
+        shard = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return self.readers[shard][int(position - self.starts[shard])]
 
-    def positions(self) -> list[int]:
-        """Slot positions this DataLoader worker yields, in order."""
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        n = self.rank_length()
-        return [p for p in range(self.start, n) if ((p - self.start) // self.batch_size) % nw == wid]
+    def __getitem__(self, i: int) -> dict:
+        if i == PAD:
+            return {"position": PAD, "record": None, "image": None, "images": [], "skip": None}
+        position = int(self.indices[i])
+        record = self.record(position)
+        return {"position": position, "record": record, **self._image(record)}
 
     def __iter__(self) -> Iterator[dict]:
-        slots = self.rank_list()
-        mine = self.positions()
-        cache_shard, cache = -1, {}
-        for p in mine:
-            shard, row = (int(v) for v in slots[p])
-            if shard < 0:
-                yield {"position": p, "record": None, "images": [], "image": None, "skip": None}
-                continue
-            if shard != cache_shard:  # slots are grouped by shard: read each shard's rows once
-                need = {int(r) for (s, r), q in zip(slots[mine], mine) if s == shard and q >= p}
-                cache_shard, cache = shard, read_rows(self.files[shard], need)
-            record = cache.pop(row)
-            yield {"position": p, "record": record, **self._image(record)}
+        for position in sorted(self.indices.tolist()):  # shard order
+            record = self.record(position)
+            yield {"position": position, "record": record, **self._image(record)}
 
     def _image(self, record: dict) -> dict:
         """{"images": the record's images as PIL RGB (0..n, in order), "skip": reason or None,
@@ -188,3 +198,54 @@ class ShardDataset(torch.utils.data.IterableDataset):
         except RecordError as e:
             return {"images": [], "image": None, "skip": e.reason, "detail": f"{record.get('id')}: {e}"}
         return {"images": images, "image": images[0] if images else None, "skip": None, "detail": ""}
+
+
+def modality_lengths(ds: ShardDataset) -> np.ndarray:
+    """Per item: the characters of its conversation, negative for a text-only record (LLaVA's sign)."""
+    out = np.zeros(len(ds), dtype=np.int64)
+    for k, pos in enumerate(ds.indices):
+        rec = ds.record(int(pos))
+        n = sum(len(str(t.get("value", ""))) for t in rec.get("conversations") or []) + 1
+        out[k] = n if rec.get("image") else -n
+    return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """All items in a random order by (seed, epoch), padded with -1 to a multiple of `multiple`.
+
+    With `lengths` (from `modality_lengths`): LLaVA's modality-length grouping. Each megabatch of
+    `megabatch` items holds one modality and is sorted longest first; the megabatches are shuffled."""
+
+    def __init__(self, n: int, seed: int, multiple: int, lengths: Optional[np.ndarray] = None,
+                 megabatch: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.multiple, self.lengths, self.megabatch = n, seed, multiple, lengths, megabatch
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.multiple) * self.multiple if self.n else 0
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if not self.shuffle:
+            return np.arange(self.n)
+        if self.lengths is None:
+            return rng.permutation(self.n)
+        chunks, rest = [], []
+        for mask in (self.lengths > 0, self.lengths < 0):
+            idx = rng.permutation(np.flatnonzero(mask))
+            full = len(idx) - len(idx) % self.megabatch
+            for s in range(0, full, self.megabatch):
+                mb = idx[s:s + self.megabatch]
+                chunks.append(mb[np.argsort(-np.abs(self.lengths[mb]), kind="stable")])
+            rest.append(idx[full:])
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        tail = np.concatenate(rest)
+        return np.concatenate(chunks + [tail]) if chunks else tail
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order().tolist()
+        yield from order + [PAD] * (len(self) - len(order))

@@ -8,21 +8,6 @@ from typing import Optional
 from cogalign.errors import CogalignError
 
 
-def read_record(data: Path, n: int) -> dict:
-    """Record number `n` (0-based) of the folder, shards in order."""
-    from cogalign.train.data import read_rows, shard_files, shard_rows
-
-    files = shard_files(data)
-    counts = [shard_rows(f) for f in files]
-    if not 0 <= n < sum(counts):
-        raise CogalignError(f"--print-sample {n}: {data} holds records 0 to {sum(counts) - 1}")
-    for f, count in zip(files, counts):
-        if n < count:
-            return read_rows(f, {n})[n]
-        n -= count
-    raise AssertionError("unreachable")
-
-
 def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The contiguous runs of supervised tokens, in order."""
     out, cur = [], []
@@ -42,8 +27,11 @@ def render_sample(data: Path, n: int, processor, max_length: int = 2048, vq_toke
     from cogalign.train.data import ShardDataset
     from cogalign.train.model import resize_mode
 
-    record = read_record(data, n)
-    got = ShardDataset(data, image_root=image_root)._image(record)
+    ds = ShardDataset(data, image_root=image_root)
+    if not 0 <= n < ds.num_records:
+        raise CogalignError(f"--print-sample {n}: {data} holds records 0 to {ds.num_records - 1}")
+    record = ds.record(n)
+    got = ds._image(record)
     if got["skip"]:
         raise CogalignError(f"--print-sample {n}: training skips this record ({got['skip']}: {got['detail']})")
     enc = Encoder(processor, max_length, vq_tokens, resize_mode(data))

@@ -5,6 +5,7 @@ is the vision tower; its LLM is the language model with `lm_head`. One epoch, co
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,7 +15,7 @@ from cogalign.errors import CogalignError
 GROUPS = ("projector", "vision_tower", "language_model")
 # Parameter-name patterns (re.search) for transformers' LlavaForConditionalGeneration.
 DEFAULT_PATTERNS = {
-    "projector": r"(^|\.)multi_modal_projector\.",
+    "projector": r"(^|\.)multi_modal_projector\.|(^|\.)image_newline$",
     "vision_tower": r"(^|\.)vision_tower\.",
     "language_model": r"(^|\.)language_model\.|(^|\.)lm_head\.",
 }
@@ -39,6 +40,16 @@ class Plan:
     warmup_ratio: float = WARMUP_RATIO
     weight_decay: float = WEIGHT_DECAY
     patterns: dict = field(default_factory=lambda: dict(DEFAULT_PATTERNS))
+    custom: tuple = ()  # groups whose pattern the user gave (--modules): an empty match is an error
+    new_token_start: Optional[int] = None  # first row of --vq-tokens special's new embedding rows
+    lora: bool = False  # the LM and projector parameters peft marked trainable are the ones trained
+
+    @property
+    def new_token_lr(self) -> Optional[float]:
+        """New token rows train in every stage: with the LM when it trains, else at the projector's rate."""
+        if self.new_token_start is None:
+            return None
+        return self.lrs["language_model"] or self.lrs["projector"] or self.lrs["vision_tower"]
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -76,8 +87,8 @@ def make_plan(stage: int, world_size: int = 1, lr: Optional[list[str]] = None, g
             lrs[name] = float(value)
         except ValueError:
             raise CogalignError(f"--lr {name}={value}: the rate must be a number (e.g. 1e-4) or 'frozen'") from None
-        if not lrs[name] > 0:
-            raise CogalignError(f"--lr {name}={value}: the rate must be above 0 (use {name}=frozen to freeze)")
+        if not math.isfinite(lrs[name]) or not lrs[name] > 0:
+            raise CogalignError(f"--lr {name}={value}: the rate must be a finite number above 0 (use {name}=frozen to freeze)")
     patterns = dict(DEFAULT_PATTERNS)
     for name, value in parse_assignments(modules, "modules").items():
         try:
@@ -87,32 +98,69 @@ def make_plan(stage: int, world_size: int = 1, lr: Optional[list[str]] = None, g
         patterns[name] = value
     g = global_batch_size or batch
     per_device = per_device_batch_size or max(1, min(8, g // world_size))
-    plan = Plan(stage, lrs, g, per_device, world_size, epochs, patterns=patterns)
+    plan = Plan(stage, lrs, g, per_device, world_size, epochs, patterns=patterns,
+                custom=tuple(parse_assignments(modules, "modules")))
     plan.gradient_accumulation_steps  # raises when the sizes do not divide
     return plan
 
 
 def group_params(model, plan: Plan) -> dict[str, list]:
-    """Parameters per group (first matching pattern wins); requires_grad set from the plan."""
+    """Parameters per group (first matching pattern wins); requires_grad set from the plan. A group
+    that matches nothing is an error when it trains or its pattern came from --modules. With new
+    token rows (--vq-tokens special) and the LM frozen, the embedding and lm_head matrices train with
+    a gradient mask that keeps every old row fixed: group "new_token_rows"."""
     out = {g: [] for g in GROUPS}
     for name, p in model.named_parameters():
         group = next((g for g in GROUPS if re.search(plan.patterns[g], name)), None)
         trainable = group is not None and plan.lrs.get(group) is not None
+        if plan.lora and group in ("projector", "language_model"):
+            trainable = trainable and p.requires_grad  # peft's choice: LoRA matrices, the projector's copy
         p.requires_grad_(trainable)
-        if group:
+        if group and (trainable or not plan.lora):
             out[group].append(p)
+    for g in GROUPS:
+        if not out[g] and (g in plan.custom or plan.lrs.get(g) is not None):
+            how = f"--modules {g}={plan.patterns[g]!r}" if g in plan.custom else f"the {g} pattern {plan.patterns[g]!r}"
+            raise CogalignError(f"{how} matches no parameter of the model: give a regular expression that "
+                                f"matches its parameter names (--modules {g}=REGEX)")
+    out["new_token_rows"] = new_token_params(model, plan) if plan.lrs["language_model"] is None or plan.lora else []
+    return out
+
+
+def new_token_params(model, plan: Plan) -> list:
+    """The input and output embedding matrices, trainable on rows >= plan.new_token_start only."""
+    if plan.new_token_start is None:
+        return []
+    import torch
+
+    out = []
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = getattr(emb, "weight", None)
+        if w is None or any(w is q for q in out):
+            continue
+        mask = torch.zeros((w.shape[0],) + (1,) * (w.dim() - 1), dtype=w.dtype, device=w.device)
+        mask[plan.new_token_start:] = 1
+        w.requires_grad_(True)
+        if not getattr(w, "_cogalign_row_mask", False):
+            w.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
+            w._cogalign_row_mask = True
+        out.append(w)
     return out
 
 
 def plan_json(plan: Plan, model) -> dict:
     params = group_params(model, plan)
+    groups = [{"name": g, "lr": plan.lrs[g],
+               "trainable_params": sum(p.numel() for p in params[g]) if plan.lrs[g] is not None else 0}
+              for g in GROUPS]
+    if params["new_token_rows"]:
+        groups.append({"name": "new_token_rows", "lr": plan.new_token_lr, "trainable_params": sum(
+            (p.shape[0] - plan.new_token_start) * p[0].numel() for p in params["new_token_rows"])})
     return {
         "stage": plan.stage,
         "global_batch_size": plan.global_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "warmup_ratio": plan.warmup_ratio,
         "weight_decay": plan.weight_decay,
-        "groups": [{"name": g, "lr": plan.lrs[g],
-                    "trainable_params": sum(p.numel() for p in params[g]) if plan.lrs[g] is not None else 0}
-                   for g in GROUPS],
+        "groups": groups,
     }

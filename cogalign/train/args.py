@@ -1,0 +1,107 @@
+"""`cogalign train`'s options → `transformers.TrainingArguments`.
+
+Our options fill the Trainer's fields under their usual names; `--trainer-config FILE` (YAML or
+JSON mapping) and then `--trainer-arg KEY=VALUE` (repeatable, VALUE read as YAML: 10, 1e-4, true,
+[a, b]) set any other field and win over the options. Fields that the stage plan or another option
+owns are refused, naming that option.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from cogalign.errors import CogalignError
+
+# TrainingArguments fields that our own options set: KEY -> the option to use instead
+OWNED = {
+    "output_dir": "--out", "per_device_train_batch_size": "--per-device-batch-size",
+    "per_device_eval_batch_size": "--per-device-batch-size", "gradient_accumulation_steps": "--global-batch-size",
+    "num_train_epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr GROUP=VALUE",
+    "remove_unused_columns": "(always off: the collator needs every key)", "resume_from_checkpoint": "--resume",
+    "overwrite_output_dir": "--overwrite",
+}
+
+
+def field_names() -> dict:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def checkpointing_field() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    return "activation_checkpointing" if "activation_checkpointing" in field_names() else "gradient_checkpointing"
+
+
+def parse_trainer_args(pairs: Optional[list[str]], config: Optional[Path]) -> dict:
+    """The config file's mapping, then each KEY=VALUE, checked against TrainingArguments' fields."""
+    out, from_config = {}, set()
+    if config is not None:
+        if not Path(config).is_file():
+            raise CogalignError(f"--trainer-config {config}: no such file (a YAML or JSON mapping of TrainingArguments fields)")
+        try:
+            loaded = yaml.safe_load(Path(config).read_text())  # JSON is YAML too
+        except yaml.YAMLError as e:
+            raise CogalignError(f"--trainer-config {config}: not YAML/JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise CogalignError(f"--trainer-config {config}: expected a mapping of TrainingArguments fields")
+        out.update({str(k): v for k, v in loaded.items()})
+        from_config = set(out)
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CogalignError(f"--trainer-arg {pair!r}: expected KEY=VALUE, e.g. --trainer-arg warmup_steps=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    fields = field_names()
+    for key in out:
+        where = f"--trainer-config {config}: {key}" if key in from_config else f"--trainer-arg {key}"
+        if key not in fields:
+            close = [f for f in fields if key.replace("-", "_") == f]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise CogalignError(f"{where}: not a TrainingArguments field{hint}; see "
+                                "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments")
+        if key in OWNED:
+            raise CogalignError(f"{where}: set by cogalign train; use {OWNED[key]}")
+    return out
+
+
+def training_kwargs(*, out: Path, plan, seed: int, max_steps: Optional[int], epochs: float, options: dict,
+                    extra: dict, has_eval: bool) -> dict:
+    """The keyword arguments of TrainingArguments for this run (tests check what arrives here)."""
+    kw = dict(
+        output_dir=str(out), per_device_train_batch_size=plan.per_device_batch_size,
+        per_device_eval_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        num_train_epochs=epochs, max_steps=max_steps or -1, seed=seed,
+        lr_scheduler_type="cosine", warmup_steps=plan.warmup_ratio, weight_decay=plan.weight_decay,
+        remove_unused_columns=False, average_tokens_across_devices=True, save_strategy="steps",
+        logging_strategy="steps", disable_tqdm=True, ddp_find_unused_parameters=False,
+        eval_strategy="steps" if has_eval else "no", dataloader_pin_memory=_has_gpu(), use_cpu=not _has_gpu(),
+    )
+    kw.update({k: v for k, v in options.items() if v is not None})
+    if not has_eval:
+        kw.pop("eval_steps", None)
+    kw.update(extra)
+    return kw
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_training_args(kwargs: dict):
+    from transformers import TrainingArguments
+
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CogalignError(f"the Trainer refused the arguments: {first}") from None

@@ -1,0 +1,106 @@
+"""What `cogalign train --out RUN` may touch.
+
+RUN is a new or empty folder, or an earlier `cogalign train` run: RUN/cogalign_run.json names the
+tool, the options that shape the run (pinned) and the files the run wrote. A folder with files of
+someone else, or a file, is refused before anything is built. An earlier run is continued only with
+`--resume` (pinned options unchanged, `--max-steps` may grow) or replaced with `--overwrite`, which
+deletes only what the manifest lists and the run's own checkpoint-N/ folders.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cogalign.errors import CogalignError
+
+RUN_MANIFEST = "cogalign_run.json"
+TOOL = "cogalign train"
+# names a run writes besides the model files that save_pretrained lists at the end
+RUN_FILES = ["train_log.jsonl", "eval_log.jsonl", "train_summary.json", "cogalign_train.json", "cache", "runs",
+             "adapter"]
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The Trainer's checkpoint-N folders, oldest first."""
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def read_run_manifest(out: Path):
+    path = Path(out) / RUN_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool") == TOOL else None
+
+
+def pin_differences(old: dict, new: dict) -> list[str]:
+    return [f"{k} ({json.dumps(old.get(k))} → {json.dumps(new.get(k))})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check(out: Path, resume: bool, overwrite: bool):
+    """Refuse a --out that is not ours to write (read-only; before any model is built). Returns the
+    earlier run's manifest, if any."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CogalignError(f"--out {out} is a file: give a folder (new, empty, or an earlier `cogalign train` run)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    manifest = read_run_manifest(out)
+    if entries and manifest is None:
+        raise CogalignError(f"--out {out} holds files that `cogalign train` did not write ({entries[0]}, ...): "
+                            "give a new or empty folder")
+    if resume and overwrite:
+        raise CogalignError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    if resume and (manifest is None or not checkpoints(out)):
+        raise CogalignError(f"--resume: no checkpoint-N folder in {out} (start without --resume)")
+    if not resume and not overwrite and manifest is not None and entries != [RUN_MANIFEST]:
+        what = checkpoints(out)[-1].name if checkpoints(out) else entries[0]
+        raise CogalignError(f"--out {out} holds an earlier run ({what}): continue it with --resume, "
+                            "or replace it with --overwrite")
+    return manifest
+
+
+def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
+    """`check`, then: a resume must pin the same options; --overwrite deletes the earlier run's files;
+    a new run writes its manifest."""
+    out = Path(out)
+    manifest = check(out, resume, overwrite)
+    if resume:
+        changed = pin_differences(manifest.get("pinned", {}), pinned)
+        if changed:
+            raise CogalignError(f"--resume: options differ from the run in {out}: {'; '.join(changed)}; "
+                                "give the same options (only --max-steps may grow), or start anew with --overwrite")
+        return
+    if manifest is not None:
+        delete_run(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, {"tool": TOOL, "pinned": pinned, "files": list(RUN_FILES)})
+
+
+def delete_run(out: Path, manifest: dict) -> None:
+    """Delete what the earlier run wrote (its manifest's list and its checkpoints), nothing else."""
+    names = set(manifest.get("files", [])) | set(RUN_FILES)
+    for p in [*(out / n for n in sorted(names)), *checkpoints(out)]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    tmp = Path(out) / (RUN_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(Path(out) / RUN_MANIFEST)
+
+
+def record_files(out: Path, before: set) -> None:
+    """Add the top-level entries the run wrote (present now, absent when it started) to the manifest."""
+    manifest = read_run_manifest(out) or {"tool": TOOL, "files": []}
+    new = {p.name for p in Path(out).iterdir()} - before - {RUN_MANIFEST}
+    manifest["files"] = sorted(set(manifest.get("files", [])) | new)
+    write_manifest(out, manifest)
