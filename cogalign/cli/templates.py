@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from cogalign.cli_util import fail
+from cogalign.cli.util import fail
 from cogalign.errors import CogalignError
 from cogalign.options import MAX_SEED, OptionError, parse_resolution
 from cogalign.regions import check_regions, parse_regions, sample_region
