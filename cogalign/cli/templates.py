@@ -10,7 +10,8 @@ import typer
 
 from cogalign.cli.util import fail
 from cogalign.errors import CogalignError
-from cogalign.options import MAX_SEED, OptionError, parse_resolution
+from cogalign.options import MAX_SEED, parse_resolution
+from cogalign.errors import OptionError
 from cogalign.regions import check_regions, parse_regions, sample_region
 from cogalign.templates import KINDS, TemplateSampler
 
