@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from cogalign.options import OptionError
+from cogalign.errors import OptionError
 
 
 @dataclass(frozen=True)

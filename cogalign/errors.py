@@ -18,3 +18,7 @@ class RecordError(CogalignError):
 
 class InputError(CogalignError):
     """The input file as a whole cannot be read (not found, not JSON, truncated array...)."""
+
+
+class OptionError(CogalignError, ValueError):
+    """An option value is invalid; the message names the option and the fix."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from cogalign.errors import CogalignError
+from cogalign.errors import CogalignError, OptionError
 
 TARGET_KINDS = ("vq", "px")
 RESIZE_MODES = ("stretch", "pad", "crop")
@@ -23,9 +23,6 @@ VQ_PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit
 MAX_SEED = 2**63 - 1  # recorded in every record's provenance as a 64-bit integer
 
-
-class OptionError(CogalignError, ValueError):
-    """An option value is invalid; the message names the option and the fix."""
 
 
 def parse_resolution(value: str | int | tuple[int, int], option: str = "resolution") -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cogalign.options import OptionError
+from cogalign.errors import OptionError
 
 QUARTERS = ("upper-left", "upper-right", "lower-left", "lower-right")
 HALVES = ("left", "right", "upper", "lower")

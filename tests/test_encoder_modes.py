@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cogalign.errors import CogalignError
-from cogalign.options import ExpandOptions, OptionError
+from cogalign.options import ExpandOptions
+from cogalign.errors import OptionError
 from cogalign.render import parse_vq
 from cogalign.tokenizers import TokenizerError, load_tokenizer
 from cogalign.writer import read_shard

@@ -25,7 +25,8 @@ from cogalign.images import (
     to_rgb,
     to_working,
 )
-from cogalign.options import RESAMPLE_FILTERS, OptionError
+from cogalign.options import RESAMPLE_FILTERS
+from cogalign.errors import OptionError
 from cogalign.records import REJECT_REASONS, check_record, iter_records
 
 from corpus import BOMB_SIZE, constant_png_bytes, image_root, make_bad_corpus, mode_images, noise_rgb

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from cogalign.options import MAX_SEED, ExpandOptions, OptionError
+from cogalign.options import MAX_SEED, ExpandOptions
+from cogalign.errors import OptionError
 from cogalign.regions import QUARTERS
 from tests.helpers import EXAMPLES, run_module
 

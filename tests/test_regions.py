@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cogalign.options import OptionError, parse_resolution
+from cogalign.options import parse_resolution
+from cogalign.errors import OptionError
 from cogalign.regions import (HALVES, MIN_CELLS, QUARTERS, REGION_NAMES, Region, check_regions, parse_regions,
                               region_box, sample_region)
 

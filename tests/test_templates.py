@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
-from cogalign.cli_templates import templates_app
+from cogalign.cli.templates import templates_app
 from cogalign.errors import CogalignError
 from cogalign.regions import REGION_NAMES, Region, region_box
 from cogalign.templates import KINDS, Prompt, TemplateSampler, load_templates, shipped_templates_dir

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cogalign.cli_vq import vq_app
+from cogalign.cli.vq import vq_app
 from cogalign.tokenizers import load_taming, load_tokenizer
 from cogalign.tokenizers.training import evaluate, export_taming, to_model_input, train_vq
 from tokenizer_fixtures import (

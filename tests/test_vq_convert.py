@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cogalign.cli_vq import vq_app
+from cogalign.cli.vq import vq_app
 from tokenizer_fixtures import TINY_PARAMS, lightning_checkpoint, make_random_taming_state, taming_yaml
 
 

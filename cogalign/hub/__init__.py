@@ -4,5 +4,4 @@
 - `publish.py` `cogalign publish`: upload data/, the card and report.json to the Hugging Face Hub
 - `export.py`  `cogalign export`: LLaVA JSON/JSONL, LLaMA-Factory sharegpt, TRL messages, each checked per record
 - `stats.py`   `cogalign stats`: characters and tokens per turn kind, share of records over a max length
-- `cli.py`     the typer commands, a thin layer over the above
 """

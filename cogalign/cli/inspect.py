@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cogalign.cli_util import check_not_run_file, check_out_parent, check_png_out, fail, save_png, say
+from cogalign.cli.util import check_not_run_file, check_out_parent, check_png_out, fail, save_png, say
 from cogalign.errors import CogalignError
 
 OutArg = typer.Argument(..., help="Output folder of `cogalign expand`.", exists=True, file_okay=False)

@@ -8,7 +8,7 @@ from typing import Optional
 import orjson
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli.util import fail, say
 from cogalign.errors import CogalignError
 
 Out = typer.Argument(..., help="Output folder of a finished `cogalign expand` run (merged: report.json present).")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli.util import fail, say
 from cogalign.errors import CogalignError
 from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions
 
@@ -211,12 +211,12 @@ def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> 
 
 
 def _mount_subcommands() -> None:
-    from cogalign.cli_templates import templates_app
-    from cogalign.cli_vq import vq_app
-    from cogalign import cli_vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
-    from cogalign.hub.cli import mount as mount_hub
-    from cogalign.inspect.cli import gallery, show
-    from cogalign.train.cli import register as register_train
+    from cogalign.cli.templates import templates_app
+    from cogalign.cli.vq import vq_app
+    from cogalign.cli import vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
+    from cogalign.cli.hub import mount as mount_hub
+    from cogalign.cli.inspect import gallery, show
+    from cogalign.cli.train import register as register_train
 
     app.add_typer(templates_app, name="templates", help="List, show and sample the prompt templates.")
     app.add_typer(vq_app, name="vq", help="Train, inspect, evaluate and convert VQ tokenizers.")

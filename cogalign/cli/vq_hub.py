@@ -1,5 +1,5 @@
 """`cogalign vq list|push|recon`: known tokenizers, publishing to the Hub, a reconstruction.
-Registered on `vq_app` (cli_vq.py) by cli._mount_subcommands."""
+Registered on `vq_app` (cli/vq.py) by cli/main.py's _mount_subcommands."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from cogalign.cli_util import check_png_out, fail, save_png, say
-from cogalign.cli_vq import vq_app
+from cogalign.cli.util import check_png_out, fail, save_png, say
+from cogalign.cli.vq import vq_app
 from cogalign.errors import CogalignError, RecordError
 
 

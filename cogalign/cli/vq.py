@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli.util import fail, say
 from cogalign.errors import CogalignError
 
 vq_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from cogalign.cli_util import fail, say
+from cogalign.cli.util import fail, say
 from cogalign.errors import CogalignError
 
 TRAIN_HELP = """Train a LLaVA-family model on `cogalign expand` output (Table 7 stages) with transformers' Trainer.

@@ -8,9 +8,10 @@ from typing import Optional
 import numpy as np
 import typer
 
-from cogalign.cli_util import fail
+from cogalign.cli.util import fail
 from cogalign.errors import CogalignError
-from cogalign.options import MAX_SEED, OptionError, parse_resolution
+from cogalign.options import MAX_SEED, parse_resolution
+from cogalign.errors import OptionError
 from cogalign.regions import check_regions, parse_regions, sample_region
 from cogalign.templates import KINDS, TemplateSampler
 
