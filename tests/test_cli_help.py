@@ -85,7 +85,7 @@ def test_library_warnings_are_one_line_each(capsys):
     """issue 15 #17: torch's multi-line UserWarning/FutureWarning text becomes one line, once."""
     import warnings
 
-    from cogalign.cli import one_line_warnings
+    from cogalign.cli.main import one_line_warnings
 
     with one_line_warnings():
         for _ in range(2):
