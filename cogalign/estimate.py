@@ -9,6 +9,9 @@ from cogalign.regions import region_box
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
 TURN_OVERHEAD = 400  # prompt, hint and provenance per turn, in characters
+DEFAULT_MEMORY_BUDGET = 512 * 1000 ** 2  # `expand --memory-budget`: bytes between the stages
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+          "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
 
 def mean_digits(upper: int) -> float:
@@ -96,3 +99,28 @@ def _empty_parquet_bytes() -> int:
         path = Path(tmp) / "data" / "empty.parquet"
         path.parent.mkdir()
         return ParquetShardWriter(path).close()
+
+
+def parse_size(text: str) -> int:
+    """`512MB`, `1GB`, `300MiB`, `1000000` -> bytes; ValueError for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?i?[bB]?)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 512MB, 1GB or 300MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def vq_crop_bytes(options) -> int:
+    """The largest VQ crop one record sends to the encoder (the whole working image at most)."""
+    if "vq" not in options.targets:
+        return 0
+    h, w = options.vq_resolution
+    return h * w * 3

@@ -176,10 +176,14 @@ class ParquetShardWriter:
             self._writer.write_table(rows_to_table(self._rows, self.schema))
         self._rows, self._bytes = [], 0
 
-    def close(self) -> int:
+    def close_partial(self) -> Path:
+        """Finish the file under `.partial/` (the caller publishes it with `_publish`)."""
         self._flush()
         self._writer.close()
-        return _publish(self.tmp, self.path)
+        return self.tmp
+
+    def close(self) -> int:
+        return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
         try:
@@ -198,11 +202,14 @@ class JsonlShardWriter:
         self._file.write(dumps(record) + b"\n")
         self.records += 1
 
-    def close(self) -> int:
+    def close_partial(self) -> Path:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        return _publish(self.tmp, self.path)
+        return self.tmp
+
+    def close(self) -> int:
+        return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
         self._file.close()
