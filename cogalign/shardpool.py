@@ -153,12 +153,10 @@ def _receive(conn, inbox: queue.Queue) -> None:
 
 def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> None:
     from cogalign.worker import ShardRun
-    from multiprocessing import resource_tracker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    arena = SharedMemory(arena_name)
-    resource_tracker.unregister(arena._name, "shared_memory")  # the main process owns (and unlinks) it
+    arena = SharedMemory(arena_name)  # the main process owns and unlinks it (one resource tracker for both)
     current = np.ndarray((1,), np.int64, arena.buf, 0)
     inbox: queue.Queue = queue.Queue()
     backlog: deque = deque()
