@@ -91,6 +91,8 @@ def expand(
     allow_absolute_paths: bool = AllowAbs,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print how many records would be expanded and the estimated output size, then stop. Default: off."),
     llm_tokenizer: Optional[Path] = typer.Option(None, "--llm-tokenizer", help="With --dry-run: a Hugging Face tokenizer.json (or its folder); the new turns of a few real records are built and their token counts printed. Needs `pip install tokenizers`. Default: none."),
+    memory_budget: str = typer.Option("512MB", "--memory-budget", help="Bytes for the queues and buffers between the stages (records kept for redo, records awaiting VQ indices, shared-memory crops), e.g. 512MB, 2GB; never changes the output. Default: 512MB."),
+    ignore_disk_space: bool = typer.Option(False, "--ignore-disk-space", help="Start even when the estimated output is larger than the free space at --out. Default: off (refused before any work)."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Expand every image record with one VQ pair and one RGB pair (Tables 4-6 of the paper)."""
@@ -107,7 +109,8 @@ def expand(
                            embed_images, precision, channels_last, compile_)
         runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
-                          slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
+                          slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle,
+                          memory_budget=_memory_budget(memory_budget), ignore_disk_space=ignore_disk_space)
         if dry_run:
             from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
 
@@ -140,6 +143,18 @@ def expand(
                                      warnings=result.warnings)
     for line in lines:
         say(line)
+
+
+def _memory_budget(text: str) -> int:
+    from cogalign.estimate import parse_size
+
+    try:
+        budget = parse_size(text)
+    except ValueError as e:
+        fail(f"--memory-budget {text}: {e}", 2)
+    if budget < 16 * 1000 ** 2:
+        fail(f"--memory-budget {text}: at least 16MB, e.g. 512MB", 2)
+    return budget
 
 
 @app.command()

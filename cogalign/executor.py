@@ -10,6 +10,8 @@ shards (rename, then the stats marker). The output depends only on the input and
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from cogalign import distributed, estimate, report
+from cogalign import distributed, estimate, report, validate
 from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
 from cogalign.identity import input_identity
@@ -112,6 +114,10 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
                 "input_identity": input_identity(input_path, digest.hexdigest()),
                 "records": n_records, "shard_size": shard_size, "num_shards": layout.num_shards,
                 "format": options.format, "owns": layout_mod.owned_files(str(input_path), layout)}
+    mine = [s for s in range(layout.num_shards) if work.owns(s)]
+    planned = [s for s in mine if runtime.overwrite or not layout.is_complete(s)]
+    _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, work,
+                n_records, sum(min(shard_size, n_records - s * shard_size) for s in planned))
     if work.is_main:  # the first rank decides for its launch; the others check once it has
         layout_mod.prepare(out_dir, manifest, overwrite=runtime.overwrite, sliced=work.num_slices > 1,
                            mine=work.slice_owns)
@@ -119,7 +125,6 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     if not work.is_main:
         layout_mod.check(out_dir, manifest)
     layout.make_dirs()
-    mine = [s for s in range(layout.num_shards) if work.owns(s)]
     todo = [s for s in mine if not layout.is_complete(s)]
     result = RunResult(out_dir, shards_skipped=len(mine) - len(todo), is_main=work.is_main)
     ctx = WorkerContext(options, image_root, tokenizer.downsample if tokenizer else 1, sampler)
@@ -140,6 +145,30 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
         except FileNotFoundError:  # another slice's --overwrite is redoing its shards: it reports when done
             pass
     return result
+
+
+def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, work, n_records,
+                n_planned) -> None:
+    """The start-up line (records, estimated size and time, free space); refuse a run that cannot fit."""
+    size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
+    share = n_planned / max(n_records, 1)
+    need, seconds = int(size * share), seconds * share
+    where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if work.is_main:
+        print(f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "
+              f"about {_duration(seconds)} with {runtime.workers} workers; {estimate.human_bytes(free)} free at "
+              f"{where}", file=sys.stderr, flush=True)
+    if need > free and not runtime.ignore_disk_space:
+        raise CogalignError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
+                            f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
+                            "or --targets vq, free some space, or pass --ignore-disk-space")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
