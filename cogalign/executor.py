@@ -151,6 +151,7 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
                 n_planned) -> None:
     """The start-up line (records, estimated size and time, free space); refuse a run that cannot fit."""
     size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
+    _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
     share = n_planned / max(n_records, 1)
     need, seconds = int(size * share), seconds * share
     where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
@@ -163,6 +164,18 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
         raise CogalignError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
                             f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
                             "or --targets vq, free some space, or pass --ignore-disk-space")
+
+
+def _release_freed_memory() -> None:
+    """Hand memory Python has freed back to the system (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _duration(seconds: float) -> str:

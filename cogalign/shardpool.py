@@ -233,7 +233,7 @@ class ShardPool:
         self.ctx, self.workers, self.tokenizer, self.batch_size = ctx, workers, tokenizer, batch_size
         self.shard_path, self.on_done, self.on_progress = shard_path, on_done, on_progress
         self.input_budget = budget // 8
-        self.window_bytes = max(budget // (4 * workers), 1 << 20)
+        self.window_bytes = max(budget // (8 * workers), 1 << 20)
         self.arena_bytes = HEADER + _align(max(self.window_bytes, 4 * max_crop_bytes, 1 << 20))
         self.slots: list[Slot] = []
         self.shards: dict[int, ShardInput] = {}
