@@ -11,6 +11,7 @@ that kills a worker twice is rejected as `worker_crashed`.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
@@ -136,6 +137,15 @@ class ShmEncoder:
         return grids
 
 
+def return_large_blocks() -> None:
+    """Serve every allocation of 1 MB or more (RGB text, row groups, encoder activations) from its own
+    mapping, given back when freed: glibc's moving threshold otherwise keeps hundreds of MB."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
@@ -156,6 +166,7 @@ def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> N
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    return_large_blocks()
     arena = SharedMemory(arena_name)  # the main process owns and unlinks it (one resource tracker for both)
     current = np.ndarray((1,), np.int64, arena.buf, 0)
     inbox: queue.Queue = queue.Queue()
@@ -232,8 +243,8 @@ class ShardPool:
                  on_done, on_progress, max_crop_bytes: int = 0):
         self.ctx, self.workers, self.tokenizer, self.batch_size = ctx, workers, tokenizer, batch_size
         self.shard_path, self.on_done, self.on_progress = shard_path, on_done, on_progress
-        self.input_budget = budget // 8
-        self.window_bytes = max(budget // (8 * workers), 1 << 20)
+        self.input_budget = budget // 16
+        self.window_bytes = max(budget // (16 * workers), 1 << 20)
         self.arena_bytes = HEADER + _align(max(self.window_bytes, 4 * max_crop_bytes, 1 << 20))
         self.slots: list[Slot] = []
         self.shards: dict[int, ShardInput] = {}
@@ -250,6 +261,7 @@ class ShardPool:
     # -- processes
     def __enter__(self) -> "ShardPool":
         refuse_while_spawning()
+        return_large_blocks()
         self.slots = [self._start(i) for i in range(self.workers)]
         return self
 

@@ -189,12 +189,13 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
 
 
 def startup_estimate(input_path: str | Path, options: ExpandOptions, tokenizer, sampler,
-                     image_root: str | Path | None, workers: int) -> tuple[int, float, dict]:
+                     image_root: str | Path | None, workers: int, samples: int = 3) -> tuple[int, float, dict]:
     """What `expand` prints before it starts: the `--dry-run` estimate of the output bytes and
     of the run's seconds (a worker's and the encoder's time per sampled record; the slower
-    of the workers together and the encoder sets the pace)."""
+    of the workers together and the encoder sets the pace). Fewer samples than --dry-run's 8:
+    at the paper's settings each holds megabytes of text in the main process."""
     timings: dict = {}
-    facts = dry_run(input_path, options, tokenizer, sampler, image_root, timings=timings)
+    facts = dry_run(input_path, options, tokenizer, sampler, image_root, samples=samples, timings=timings)
     worker, encoder = timings.get("worker", 0.0), timings.get("encoder", 0.0)
     per_record = worker + encoder if workers == 0 else max(worker / workers, encoder)
     return facts["estimated_output_bytes"], facts["would_expand"] * per_record, facts

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from cogalign.records import loads_exact
 
-ROW_GROUP_BYTES = 16 * 1024 * 1024  # the Hub asks for ~100 MB or less; a writer needs ~8x this while it flushes one
+ROW_GROUP_BYTES = 8 * 1024 * 1024  # the Hub asks for ~100 MB or less; a writer needs ~10x this while it flushes one
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
 SCHEMA = pa.schema([
     ("id", pa.string()),
