@@ -114,7 +114,7 @@ def _strings(values: list) -> pa.Array:
     offsets = np.zeros(len(data) + 1, np.int64)
     np.cumsum([len(d) for d in data], out=offsets[1:])
     if offsets[-1] >= 2**31:
-        return pa.array(values, pa.large_string()).cast(pa.string())  # unreachable with 64 MB row groups
+        return pa.array(values, pa.large_string()).cast(pa.string())  # unreachable with 8 MB row groups
     return pa.Array.from_buffers(pa.string(), len(data),
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))])
 

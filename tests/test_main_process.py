@@ -88,3 +88,25 @@ def test_a_record_that_kills_its_shard_worker_twice_is_rejected(tmp_path):
     got = [r for shard in sorted((tmp_path / "out" / "data").iterdir()) for r in read_shard(shard)]
     want = [r for shard in sorted((tmp_path / "ref" / "data").iterdir()) for r in read_shard(shard)]
     assert got == [r for r in want if (r.get("cogalign") or {}).get("index") != 2]
+
+
+def test_a_budget_below_one_shard_still_finishes_with_the_same_bytes(tmp_path):
+    """The reader waits for shards to be published once the budget is spent, never for ever."""
+    options = ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16))
+    expand(EXAMPLES, tmp_path / "a", options, Runtime(workers=0, progress=False, shard_size=3))
+    expand(EXAMPLES, tmp_path / "b", options, Runtime(workers=2, progress=False, shard_size=3, memory_budget=1))
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+
+
+def test_shared_memory_ring_frees_in_order_and_wraps():
+    from cogalign.shardpool import Ring
+
+    ring = Ring(100)
+    assert [ring.alloc(t, 40) for t in range(3)] == [0, 40, None]  # 80 used, 20 left at the end
+    ring.free(1)  # out of order: held until ticket 0 is freed too
+    assert ring.alloc(2, 30) is None
+    ring.free(0)
+    assert ring.alloc(2, 30) == 0  # everything was freed: starts over
+    assert ring.alloc(3, 50) == 30 and ring.alloc(4, 30) is None
+    ring.free(2)
+    assert ring.alloc(4, 25) == 0  # wraps around in front of ticket 3
