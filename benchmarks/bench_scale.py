@@ -53,16 +53,20 @@ def child(args) -> None:
     from cogalign.executor import Runtime, expand
     from cogalign.options import ExpandOptions
 
+    import dataclasses
+
     options = ExpandOptions(targets=args.targets, vq=args.vq)
-    runtime = Runtime(workers=int(args.workers), progress=False, overwrite=True, memory_budget=args.memory_budget,
-                      batch_size=args.batch_size)
+    knobs = {"workers": int(args.workers), "progress": False, "overwrite": True, "batch_size": args.batch_size,
+             "memory_budget": args.memory_budget}
+    fields = {f.name for f in dataclasses.fields(Runtime)}  # --repo: an older cogalign may lack some
+    runtime = Runtime(**{k: v for k, v in knobs.items() if k in fields})
     cpu0, kids0, wall0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = expand(args.input, args.out, options, runtime, image_root=EXAMPLES)
     wall = time.perf_counter() - wall0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"main_cpu": time.process_time() - cpu0, "wall": wall,
                       "worker_cpu": kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime,
-                      "expanded": result.counts["expand"], "received": result.main_received_bytes}))
+                      "expanded": result.counts["expand"], "received": getattr(result, "main_received_bytes", -1)}))
 
 
 def anonymous_bytes(pid: int) -> int:
@@ -110,12 +114,12 @@ class TreeMemory:
         self._thread.join()
 
 
-def measure(args, input_path: Path, targets: str, workers: int) -> dict:
+def measure(args, input_path: Path, targets: str, workers: int, repo: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as out:
         cmd = [sys.executable, __file__, "--child", "--input", str(input_path), "--out", out, "--targets", targets,
                "--workers", str(workers), "--vq", args.vq, "--memory-budget", str(args.memory_budget),
                "--batch-size", str(args.batch_size)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         with TreeMemory(proc.pid, args.interval) as memory:
             stdout, stderr = proc.communicate()
@@ -123,6 +127,22 @@ def measure(args, input_path: Path, targets: str, workers: int) -> dict:
             raise SystemExit(f"expand failed ({proc.returncode}): {stderr[-2000:]}")
         facts = json.loads(stdout.strip().splitlines()[-1])
         return {**facts, "uss": memory.uss, "pss": memory.pss, "anon": memory.anon}
+
+
+def row_for(args, repo: Path, big: Path, base: Path, targets: str, workers: int) -> list:
+    a = measure(args, big, targets, workers, repo)
+    n = a["expanded"]
+    row = [f"--targets {targets}" + ("" if repo == REPO else f" ({repo})"), workers, n]
+    if args.memory_only:
+        row += ["", "", f"{n / a['wall']:.1f}"]
+    else:
+        b = measure(args, base, targets, workers, repo)
+        d = n - b["expanded"]
+        row += [f"{(a['main_cpu'] - b['main_cpu']) / d * 1000:.2f}",
+                f"{(a['worker_cpu'] - b['worker_cpu']) / d * 1000:.1f}",
+                f"{d / (a['wall'] - b['wall']):.1f}"]
+    return row + [f"{a['received'] / n / 1000:.2f}" if a["received"] >= 0 else "n/a", f"{a['anon'] / 2**20:.0f}",
+                  f"{a['uss'] / 2**20:.0f}", f"{a['wall']:.1f}"]
 
 
 def main(argv=None) -> int:
@@ -139,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-budget", type=int, default=512 * 1000 ** 2)
     p.add_argument("--memory-only", action="store_true", help="skip the base run (memory and wall only)")
     p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--repos", default=str(REPO),
+                   help="cogalign checkouts the children import, comma-separated (e.g. the code before, then this one)")
     p.add_argument("--tmp", default=None, help="where inputs and outputs go (default: the system's temp folder)")
     args = p.parse_args(argv)
     if args.child:
@@ -150,23 +172,11 @@ def main(argv=None) -> int:
     data.mkdir(exist_ok=True)
     big, base = make_input(data, args.records), make_input(data, args.base_records)
     rows = []
-    for targets in args.targets.split(";"):
-        for workers in [int(w) for w in args.workers.split(",")]:
-            a = measure(args, big, targets, workers)
-            n = a["expanded"]
-            row = [f"--targets {targets}", workers, n]
-            if args.memory_only:
-                row += ["", "", f"{n / a['wall']:.1f}"]
-            else:
-                b = measure(args, base, targets, workers)
-                d = n - b["expanded"]
-                row += [f"{(a['main_cpu'] - b['main_cpu']) / d * 1000:.2f}",
-                        f"{(a['worker_cpu'] - b['worker_cpu']) / d * 1000:.1f}",
-                        f"{d / (a['wall'] - b['wall']):.1f}"]
-            row += [f"{a['received'] / n / 1000:.2f}", f"{a['anon'] / 2**20:.0f}", f"{a['uss'] / 2**20:.0f}",
-                    f"{a['wall']:.1f}"]
-            rows.append(row)
-            print(" | ".join(map(str, row)), file=sys.stderr, flush=True)
+    for repo in [Path(r) for r in args.repos.split(",")]:
+        for targets in args.targets.split(";"):
+            for workers in [int(w) for w in args.workers.split(",")]:
+                rows.append(row_for(args, repo, big, base, targets, workers))
+                print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     print(f"{args.records} image records (base run: {args.base_records}), 672 px, quarter regions, "
           f"tokenizer {args.vq}, batch {args.batch_size}, --memory-budget {args.memory_budget / 1e6:.0f}MB\n")
     print(md_table(["targets", "workers", "records", "main-process CPU ms / record",
