@@ -30,9 +30,9 @@ from cogalign import writer as writer_mod
 from cogalign.pool import refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
-from cogalign.shardpool import ShardPool, return_large_blocks
+from cogalign.shardpool import ShardPool
 from cogalign.templates import TemplateSampler
-from cogalign.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext
+from cogalign.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
 from cogalign.writer import dumps, write_atomic
 
 
@@ -150,7 +150,6 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
 def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, work, n_records,
                 n_planned) -> None:
     """The start-up line (records, estimated size and time, free space); refuse a run that cannot fit."""
-    return_large_blocks()
     size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
     _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
     share = n_planned / max(n_records, 1)
@@ -168,15 +167,10 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
 
 
 def _release_freed_memory() -> None:
-    """Hand memory Python has freed back to the system (glibc keeps it otherwise)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_memory()
 
 
 def _duration(seconds: float) -> str:
