@@ -55,22 +55,28 @@ def auto_shard_size(options, tokenizer=None) -> int:
 
 def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     """Mean bytes one of these records takes in a `fmt` shard, measured by writing them
-    (parquet: zstd-compressed, less the fixed size of an empty shard)."""
-    from cogalign.writer import ParquetShardWriter, dumps
+    (parquet: zstd-compressed, less the fixed size of an empty shard). Written with pyarrow
+    directly, not through a shard writer: an estimate is no record written."""
+    import pyarrow.parquet as pq
+
+    from cogalign.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, rows_to_table, to_row
 
     if not records:
         return 0.0
     if fmt != "parquet":
         return sum(len(dumps(r)) + 1 for r in records) / len(records)
+    schema = EMBEDDED_SCHEMA if images is not None else SCHEMA
+    rows = [to_row(r) for r in records]
+    for row, record, data in zip(rows, records, images or [None] * len(rows)):
+        row["image_bytes"] = data
+        if data is not None and row["image"] is None:  # a list of images: the first one is embedded
+            row["image"] = record["image"][0]
     with tempfile.TemporaryDirectory() as tmp:
         sizes = []
-        for rows in (records, []):
-            path = Path(tmp) / "data" / f"sample-{len(rows)}.parquet"
-            path.parent.mkdir(exist_ok=True)
-            writer = ParquetShardWriter(path, embed_images=images is not None)
-            for record, data in zip(rows, images or [None] * len(rows)):
-                writer.write(record, data)
-            sizes.append(writer.close())
+        for table in (rows_to_table(rows, schema), schema.empty_table()):
+            path = Path(tmp) / f"sample-{table.num_rows}.parquet"
+            pq.write_table(table, path, compression="zstd")
+            sizes.append(path.stat().st_size)
     return max(0.0, (sizes[0] - sizes[1]) / len(records))
 
 
@@ -93,12 +99,14 @@ def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int,
 
 
 def _empty_parquet_bytes() -> int:
-    from cogalign.writer import ParquetShardWriter
+    import pyarrow.parquet as pq
+
+    from cogalign.writer import SCHEMA
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data" / "empty.parquet"
-        path.parent.mkdir()
-        return ParquetShardWriter(path).close()
+        path = Path(tmp) / "empty.parquet"
+        pq.write_table(SCHEMA.empty_table(), path, compression="zstd")
+        return path.stat().st_size
 
 
 def parse_size(text: str) -> int:

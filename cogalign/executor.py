@@ -116,14 +116,16 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
                 "format": options.format, "owns": layout_mod.owned_files(str(input_path), layout)}
     mine = [s for s in range(layout.num_shards) if work.owns(s)]
     planned = [s for s in mine if runtime.overwrite or not layout.is_complete(s)]
-    _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, work,
-                n_records, sum(min(shard_size, n_records - s * shard_size) for s in planned))
+    startup = _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime,
+                          n_records, sum(min(shard_size, n_records - s * shard_size) for s in planned))
     if work.is_main:  # the first rank decides for its launch; the others check once it has
         layout_mod.prepare(out_dir, manifest, overwrite=runtime.overwrite, sliced=work.num_slices > 1,
                            mine=work.slice_owns)
     distributed.barrier()
     if not work.is_main:
         layout_mod.check(out_dir, manifest)
+    else:
+        print(startup, file=sys.stderr, flush=True)
     layout.make_dirs()
     todo = [s for s in mine if not layout.is_complete(s)]
     result = RunResult(out_dir, shards_skipped=len(mine) - len(todo), is_main=work.is_main)
@@ -147,23 +149,21 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     return result
 
 
-def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, work, n_records,
-                n_planned) -> None:
-    """The start-up line (records, estimated size and time, free space); refuse a run that cannot fit."""
+def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, n_records,
+                n_planned) -> str:
+    """Refuse a run that cannot fit; return the start-up line (records, estimated size and time, free space)."""
     size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
     _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
     share = n_planned / max(n_records, 1)
     need, seconds = int(size * share), seconds * share
     where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     free = shutil.disk_usage(where).free
-    if work.is_main:
-        print(f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "
-              f"about {_duration(seconds)} with {runtime.workers} workers; {estimate.human_bytes(free)} free at "
-              f"{where}", file=sys.stderr, flush=True)
     if need > free and not runtime.ignore_disk_space:
         raise CogalignError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
                             f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
                             "or --targets vq, free some space, or pass --ignore-disk-space")
+    return (f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "
+            f"about {_duration(seconds)} with {runtime.workers} workers; {estimate.human_bytes(free)} free at {where}")
 
 
 def _release_freed_memory() -> None:
