@@ -55,7 +55,7 @@ def child(args) -> None:
 
     import dataclasses
 
-    options = ExpandOptions(targets=args.targets, vq=args.vq)
+    options = ExpandOptions(targets=args.targets, vq=args.vq, regions=args.regions)
     knobs = {"workers": int(args.workers), "progress": False, "overwrite": True, "batch_size": args.batch_size,
              "memory_budget": args.memory_budget}
     fields = {f.name for f in dataclasses.fields(Runtime)}  # --repo: an older cogalign may lack some
@@ -118,7 +118,7 @@ def measure(args, input_path: Path, targets: str, workers: int, repo: Path) -> d
     with tempfile.TemporaryDirectory(dir=args.tmp) as out:
         cmd = [sys.executable, __file__, "--child", "--input", str(input_path), "--out", out, "--targets", targets,
                "--workers", str(workers), "--vq", args.vq, "--memory-budget", str(args.memory_budget),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--regions", args.regions]
         env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         with TreeMemory(proc.pid, args.interval) as memory:
@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2", help="worker counts to compare, comma-separated")
     p.add_argument("--targets", default="px;vq,px", help="target sets to measure, separated by ;")
     p.add_argument("--vq", default="demo")
+    p.add_argument("--regions", default="quarters", help="--regions of expand (full: 7 MB RGB answers)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--memory-budget", type=int, default=512 * 1000 ** 2)
     p.add_argument("--memory-only", action="store_true", help="skip the base run (memory and wall only)")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             for workers in [int(w) for w in args.workers.split(",")]:
                 rows.append(row_for(args, repo, big, base, targets, workers))
                 print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
-    print(f"{args.records} image records (base run: {args.base_records}), 672 px, quarter regions, "
+    print(f"{args.records} image records (base run: {args.base_records}), 672 px, --regions {args.regions}, "
           f"tokenizer {args.vq}, batch {args.batch_size}, --memory-budget {args.memory_budget / 1e6:.0f}MB\n")
     print(md_table(["targets", "workers", "records", "main-process CPU ms / record",
                     "worker CPU ms / record (all workers)", "records/s (marginal)",
