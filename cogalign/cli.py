@@ -55,7 +55,7 @@ def _check_out_dir(out: Path) -> None:
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
-Workers = typer.Option(None, "--workers", min=0, max=1024, help="Decoding worker processes (0 to 1024); 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+Workers = typer.Option(None, "--workers", min=0, max=1024, help="Worker processes (0 to 1024): expand's each own whole shards (decode, RGB text, splice, write), validate's decode; 0 does it all in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
 
