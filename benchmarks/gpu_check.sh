@@ -53,7 +53,7 @@ else
   DEFAULT_BENCH="--records 2000 --workers $(( $(nproc) - 1 )) --batch-size 64"
   DEFAULT_PRECISION="--device cuda --regions 256"
 fi
-echo "== bench_expand on $DEVICE (with the CPU-vs-GPU index agreement)"
+echo "== bench_expand on $DEVICE (whole call vs the naive loop, pipeline efficiency)"
 timeout 420 python3 benchmarks/bench_expand.py --device "$DEVICE" ${BENCH_ARGS:-$DEFAULT_BENCH} \
   | tee "$OUT/bench_gpu.md"
 status=${PIPESTATUS[0]}
