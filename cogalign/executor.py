@@ -211,7 +211,7 @@ def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, r
 def _run_in_process(mine, layout, shard_size, todo, ctx, tokenizer, runtime, publish, bar) -> None:
     """`--workers 0`: the same shard runs, one after another, with the tokenizer in this process."""
     encoder = LocalEncoder(tokenizer, runtime.batch_size)
-    window = max(runtime.memory_budget // 4, 1 << 20)
+    window = max(runtime.memory_budget // 16, 1 << 20)  # as one shard worker's
     run = None
     try:
         for index, record in mine:
