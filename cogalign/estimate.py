@@ -9,6 +9,9 @@ from cogalign.regions import region_box
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
 TURN_OVERHEAD = 400  # prompt, hint and provenance per turn, in characters
+DEFAULT_MEMORY_BUDGET = 512 * 1000 ** 2  # `expand --memory-budget`: bytes between the stages
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+          "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
 
 def mean_digits(upper: int) -> float:
@@ -99,22 +102,28 @@ def _records(pairs):
 
 def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     """Mean bytes one of these records takes in a `fmt` shard, measured by writing them
-    (parquet: zstd-compressed, less the fixed size of an empty shard)."""
-    from cogalign.writer import ParquetShardWriter, dumps
+    (parquet: zstd-compressed, less the fixed size of an empty shard). Written with pyarrow
+    directly, not through a shard writer: an estimate is no record written."""
+    import pyarrow.parquet as pq
+
+    from cogalign.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, rows_to_table, to_row
 
     if not records:
         return 0.0
     if fmt != "parquet":
         return sum(len(dumps(r)) + 1 for r in records) / len(records)
+    schema = EMBEDDED_SCHEMA if images is not None else SCHEMA
+    rows = [to_row(r) for r in records]
+    for row, record, data in zip(rows, records, images or [None] * len(rows)):
+        row["image_bytes"] = data
+        if data is not None and row["image"] is None:  # a list of images: the first one is embedded
+            row["image"] = record["image"][0]
     with tempfile.TemporaryDirectory() as tmp:
         sizes = []
-        for rows in (records, []):
-            path = Path(tmp) / "data" / f"sample-{len(rows)}.parquet"
-            path.parent.mkdir(exist_ok=True)
-            writer = ParquetShardWriter(path, embed_images=images is not None)
-            for record, data in zip(rows, images or [None] * len(rows)):
-                writer.write(record, data)
-            sizes.append(writer.close())
+        for table in (rows_to_table(rows, schema), schema.empty_table()):
+            path = Path(tmp) / f"sample-{table.num_rows}.parquet"
+            pq.write_table(table, path, compression="zstd")
+            sizes.append(path.stat().st_size)
     return max(0.0, (sizes[0] - sizes[1]) / len(records))
 
 
@@ -137,9 +146,36 @@ def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int,
 
 
 def _empty_parquet_bytes() -> int:
-    from cogalign.writer import ParquetShardWriter
+    import pyarrow.parquet as pq
+
+    from cogalign.writer import SCHEMA
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data" / "empty.parquet"
-        path.parent.mkdir()
-        return ParquetShardWriter(path).close()
+        path = Path(tmp) / "empty.parquet"
+        pq.write_table(SCHEMA.empty_table(), path, compression="zstd")
+        return path.stat().st_size
+
+
+def parse_size(text: str) -> int:
+    """`512MB`, `1GB`, `300MiB`, `1000000` -> bytes; ValueError for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?i?[bB]?)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 512MB, 1GB or 300MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def vq_crop_bytes(options) -> int:
+    """The largest VQ crop one record sends to the encoder (the whole working image at most)."""
+    if "vq" not in options.targets:
+        return 0
+    h, w = options.vq_resolution
+    return h * w * 3

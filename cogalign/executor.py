@@ -1,36 +1,39 @@
 """Run `expand` over a whole input: shards, resume, ranks, and overlapped stages.
 
-Records stream in input order. Worker processes prepare them (decode, crop,
-RGB text); the main process batches the VQ inputs through the tokenizer and
-finishes each record; one writer thread writes and publishes the shards. The
-output depends only on the input and `ExpandOptions`, never on batch size,
-worker count, ranks or interruptions.
+Records stream in input order. Each shard is one worker process's whole job
+(shardpool.py): decode, crop, RGB text, templates, splicing and writing under
+`.partial/`. The main process reads the input, batches every worker's VQ crops
+through the tokenizer (crops and indices in shared memory) and publishes finished
+shards (rename, then the stats marker). The output depends only on the input and
+`ExpandOptions`, never on batch size, worker count, ranks or interruptions.
 """
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import orjson
 
-from cogalign import distributed, estimate, report
+from cogalign import distributed, estimate, report, validate
 from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
 from cogalign.identity import input_identity
 from cogalign.inputs import image_root as resolve_image_root, resolve_input
 from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool, refuse_while_spawning
+from cogalign import writer as writer_mod
+from cogalign.pool import refuse_while_spawning
 from cogalign.progress import Progress
 from cogalign.records import count_records, iter_records
+from cogalign.shardpool import ShardPool
 from cogalign.templates import TemplateSampler
-from cogalign.worker import EXPAND, PASS, Prepared, WorkerContext, finish
-from cogalign.writer import dumps, open_shard, write_atomic
+from cogalign.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
+from cogalign.writer import dumps, write_atomic
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Runtime:
     slice_index: int = 0
     progress: bool = True
     trust_pickle: bool = False
+    memory_budget: int = estimate.DEFAULT_MEMORY_BUDGET  # bytes for the queues and buffers between stages
+    ignore_disk_space: bool = False
 
 
 @dataclass
@@ -59,6 +64,8 @@ class RunResult:
     finalized: bool = False
     is_main: bool = True  # the first rank of a torchrun launch: the one that reports
     report: dict | None = None
+    main_received_bytes: int = 0  # what the shard workers sent this process (crops travel in shared memory)
+    worker_restarts: int = 0
 
 
 def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
@@ -107,14 +114,19 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
                 "input_identity": input_identity(input_path, digest.hexdigest()),
                 "records": n_records, "shard_size": shard_size, "num_shards": layout.num_shards,
                 "format": options.format, "owns": layout_mod.owned_files(str(input_path), layout)}
+    mine = [s for s in range(layout.num_shards) if work.owns(s)]
+    planned = [s for s in mine if runtime.overwrite or not layout.is_complete(s)]
+    startup = _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime,
+                          n_records, sum(min(shard_size, n_records - s * shard_size) for s in planned))
     if work.is_main:  # the first rank decides for its launch; the others check once it has
         layout_mod.prepare(out_dir, manifest, overwrite=runtime.overwrite, sliced=work.num_slices > 1,
                            mine=work.slice_owns)
     distributed.barrier()
     if not work.is_main:
         layout_mod.check(out_dir, manifest)
+    else:
+        print(startup, file=sys.stderr, flush=True)
     layout.make_dirs()
-    mine = [s for s in range(layout.num_shards) if work.owns(s)]
     todo = [s for s in mine if not layout.is_complete(s)]
     result = RunResult(out_dir, shards_skipped=len(mine) - len(todo), is_main=work.is_main)
     ctx = WorkerContext(options, image_root, tokenizer.downsample if tokenizer else 1, sampler)
@@ -137,190 +149,109 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     return result
 
 
+def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, n_records,
+                n_planned) -> str:
+    """Refuse a run that cannot fit; return the start-up line (records, estimated size and time, free space)."""
+    size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
+    _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
+    share = n_planned / max(n_records, 1)
+    need, seconds = int(size * share), seconds * share
+    where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free and not runtime.ignore_disk_space:
+        raise CogalignError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
+                            f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
+                            "or --targets vq, free some space, or pass --ignore-disk-space")
+    return (f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "
+            f"about {_duration(seconds)} with {runtime.workers} workers; {estimate.human_bytes(free)} free at {where}")
+
+
+def _release_freed_memory() -> None:
+    import gc
+
+    gc.collect()
+    trim_memory()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
-    sink = ShardSink(layout, ctx.options.format, result, embed_images=ctx.options.embed_images)
-    batcher = EncodeBatcher(tokenizer, runtime.batch_size)
     mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo,  # skipped ones never come
                         seed=ctx.options.seed)
+
+    def publish(shard: int, tmp: Path, stats: dict, rejects: list[str], ids: list, seconds: float) -> None:
+        _publish_shard(layout, shard, tmp, stats, rejects, ids, seconds)
+        result.counts.update({EXPAND: stats["expanded"], PASS: stats["passed"], REJECT: stats["rejected"]})
+        result.reasons.update(stats["reject_reasons"])
+        result.warnings.update(stats["warnings"])
+
     try:
-        # Keep two tokenizer batches of records in flight so the encoder never waits on decoding.
-        with PreparePool(ctx, runtime.workers, window=max(3 * runtime.workers, runtime.batch_size // 2)) as pool:
-            for prepared in pool.map(mine):
-                batcher.add(prepared)
-                for done, grids in batcher.drain():
-                    sink.add(done.index // shard_size, done, grids, ctx)
-                    bar.advance(expanded=done.outcome == EXPAND)
-            for done, grids in batcher.drain(final=True):
-                sink.add(done.index // shard_size, done, grids, ctx)
-                bar.advance(expanded=done.outcome == EXPAND)
-        for shard in sorted(todo - sink.opened):  # no records (an empty input): an empty shard all the same
-            sink.open_empty(shard)
-        sink.close()
+        if runtime.workers == 0:
+            _run_in_process(mine, layout, shard_size, set(todo), ctx, tokenizer, runtime, publish, bar)
+        else:
+            crop = estimate.vq_crop_bytes(ctx.options) if tokenizer is not None else 0
+            with ShardPool(ctx, runtime.workers, tokenizer, runtime.batch_size, runtime.memory_budget,
+                           layout.shard_path, publish, bar.add, max_crop_bytes=crop) as pool:
+                pool.run(mine, shard_size, set(todo))
+            result.main_received_bytes = pool.received
+            result.worker_restarts = pool.restarts
     except OSError as e:  # disk full, permissions: the finished shards stay valid
-        sink.abort()
+        _remove_partials(layout, todo)
         raise CogalignError(f"writing {layout.root}: {e}; completed shards are kept, "
                             "fix the cause and rerun the same command to resume") from e
     except BaseException:
-        sink.abort()
+        _remove_partials(layout, todo)
         raise
 
 
-class EncodeBatcher:
-    """Groups VQ inputs by shape into batches; hands records back in input order."""
-
-    def __init__(self, tokenizer, batch_size: int, max_pending: int = 4096):
-        self.tokenizer, self.batch_size, self.max_pending = tokenizer, batch_size, max_pending
-        self.pending: deque[list] = deque()  # [prepared, grids, grids missing, inputs] in input order
-        self.groups: dict[tuple, list] = {}
-
-    def add(self, prepared: Prepared) -> None:
-        inputs, prepared.vq_inputs = prepared.vq_inputs, []  # the batcher holds them now
-        entry = [prepared, [None] * len(inputs), len(inputs), inputs]
-        self.pending.append(entry)
-        for slot, array in enumerate(inputs):
-            group = self.groups.setdefault(array.shape, [])
-            group.append((entry, slot))
-            if len(group) >= self.batch_size:
-                self._encode(array.shape)
-
-    def _encode(self, shape) -> None:
-        group = self.groups.pop(shape)
-        grids = self.tokenizer.encode(np.stack([entry[3][slot] for entry, slot in group]))
-        for (entry, slot), grid in zip(group, grids):
-            entry[1][slot] = grid
-            entry[3][slot] = None
-            entry[2] -= 1
-
-    def drain(self, final: bool = False):
-        if final or len(self.pending) > self.max_pending:
-            for shape in list(self.groups):
-                self._encode(shape)
-        while self.pending and self.pending[0][2] == 0:
-            prepared, grids, _, _ = self.pending.popleft()
-            yield prepared, grids
+def _run_in_process(mine, layout, shard_size, todo, ctx, tokenizer, runtime, publish, bar) -> None:
+    """`--workers 0`: the same shard runs, one after another, with the tokenizer in this process."""
+    encoder = LocalEncoder(tokenizer, runtime.batch_size)
+    window = max(runtime.memory_budget // 16, 1 << 20)  # as one shard worker's
+    run = None
+    try:
+        for index, record in mine:
+            shard = index // shard_size
+            if run is not None and run.shard != shard:
+                _close_run(run, publish, bar)
+                run = None
+            if run is None:
+                todo.discard(shard)
+                run = ShardRun(shard, layout.shard_path(shard), ctx, encoder, window)
+            run.add(index, record)
+            bar.add(*run.take_progress())
+        if run is not None:
+            _close_run(run, publish, bar)
+            run = None
+        for shard in sorted(todo):  # no records (an empty input): an empty shard all the same
+            run = ShardRun(shard, layout.shard_path(shard), ctx, encoder, window)
+            _close_run(run, publish, bar)
+            run = None
+    finally:
+        if run is not None:
+            run.abort()
 
 
-class ShardSink:
-    """Routes finished records to their shard's writer. Each shard is written and published by
-    a thread of its own, up to `parallel` shards at once: compressing one shard overlaps the
-    next (the writer, not the GPU, bounds throughput at the paper's 1.8 MB of text a record)."""
-
-    def __init__(self, layout: Layout, fmt: str, result: RunResult, parallel: int = 4, max_pending: int = 128,
-                 embed_images: bool = False):
-        self.layout, self.fmt, self.result, self.embed_images = layout, fmt, result, embed_images
-        self.parallel, self.max_pending = parallel, max_pending
-        self.live: deque[tuple[ThreadPoolExecutor, object]] = deque()  # (thread, last op) per shard
-        self.unpublished: dict[int, object] = {}  # shard -> writer, until its publish has run
-        self.futures: deque = deque()
-        self.shard: int | None = None
-        self.opened: set[int] = set()
-        self.thread: ThreadPoolExecutor | None = None
-        self.writer = None
-        self.stats: dict = {}
-        self.rejects: list[str] = []
-        self.ids: list = []
-        self.error: BaseException | None = None
-
-    def add(self, shard: int, prepared: Prepared, grids, ctx: WorkerContext) -> None:
-        if shard != self.shard:
-            self._close_shard()
-            self._open_shard(shard)
-        self.stats["input"] += 1
-        self.ids.append(prepared.record_id)
-        outcome = prepared.outcome
-        self.stats[{EXPAND: "expanded", PASS: "passed"}.get(outcome, "rejected")] += 1
-        self.result.counts[outcome] += 1
-        if prepared.converted:
-            self.stats["converted"][prepared.converted] += 1
-        if prepared.warning:
-            self.stats["warnings"][prepared.warning] += 1
-            self.result.warnings[prepared.warning] += 1
-        if outcome == EXPAND:
-            self._submit(self.writer.write, finish(prepared, grids, ctx), prepared.image_bytes)
-        elif outcome == PASS:
-            self.stats["pass_reasons"][prepared.reason] += 1
-            self._submit(self.writer.write, prepared.record)
-        else:
-            self.stats["reject_reasons"][prepared.reason] += 1
-            self.result.reasons[prepared.reason] += 1
-            line = dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
-                                 "detail": prepared.detail})
-            self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
-
-    def open_empty(self, shard: int) -> None:
-        self._close_shard()
-        self._open_shard(shard)
-
-    def _open_shard(self, shard: int) -> None:
-        self.opened.add(shard)
-        self.shard, self.started = shard, time.perf_counter()
-        self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
-                      "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter(),
-                      "converted": Counter()}
-        self.rejects, self.ids = [], []
-        while len(self.live) >= self.parallel:
-            thread, last = self.live.popleft()
-            last.result()
-            thread.shutdown()
-        if self.error is not None:
-            raise self.error
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"cogalign-writer-{shard}")
-        self.writer = self.thread.submit(open_shard, self.layout.shard_path(shard), self.fmt,
-                                         self.embed_images).result()
-        self.unpublished[shard] = self.writer
-
-    def _submit(self, fn, *args) -> None:
-        while self.futures and self.futures[0].done():
-            self.futures.popleft().result()  # surfaces a write error (disk full...) here
-        if len(self.futures) > self.max_pending:
-            self.futures.popleft().result()
-        self.futures.append(self.thread.submit(self._guarded, fn, *args))
-
-    def _guarded(self, fn, *args) -> None:
-        """In a writer thread: after one failure nothing more is written, above all no shard is published."""
-        if self.error is not None:
-            return
-        try:
-            fn(*args)
-        except BaseException as e:
-            self.error = e
-            raise
-
-    def _close_shard(self) -> None:
-        if self.shard is None:
-            return
-        self._submit(self._publish, self.shard, self.writer, self.stats, self.rejects, self.ids,
-                     time.perf_counter() - self.started)
-        self.live.append((self.thread, self.futures[-1]))
-        self.shard = None
-
-    def _publish(self, shard: int, writer, *stats) -> None:
-        _publish_shard(self.layout, shard, writer, *stats)
-        del self.unpublished[shard]
-
-    def close(self) -> None:
-        self._close_shard()
-        while self.futures:
-            self.futures.popleft().result()
-        for thread, _ in self.live:
-            thread.shutdown()
-
-    def abort(self) -> None:
-        """Leave no partial shard behind; completed shards stay published."""
-        for f in self.futures:
-            f.cancel()
-        for thread in [t for t, _ in self.live] + ([self.thread] if self.shard is not None else []):
-            thread.shutdown(wait=True)
-        for writer in self.unpublished.values():
-            try:
-                writer.abort()
-            except Exception:  # best effort: the error that got us here is the one to report
-                pass
+def _close_run(run: ShardRun, publish, bar) -> None:
+    tmp, stats, rejects, ids, seconds = run.close()
+    bar.add(*run.take_progress())
+    publish(run.shard, tmp, stats, rejects, ids, seconds)
 
 
-def _publish_shard(layout: Layout, shard: int, writer, stats: dict, rejects: list[str], ids: list,
+def _remove_partials(layout: Layout, shards) -> None:
+    """Leave no partial shard behind (the workers are gone); completed shards stay published."""
+    for shard in shards:
+        layout.partial_path(shard).unlink(missing_ok=True)
+
+
+def _publish_shard(layout: Layout, shard: int, tmp: Path, stats: dict, rejects: list[str], ids: list,
                    seconds: float) -> None:
-    stats["bytes"] = writer.close()
+    """Rename the finished file into data/, then write the shard's stats (its completion marker)."""
+    stats["bytes"] = writer_mod._publish(tmp, layout.shard_path(shard))
     stats["seconds"] = round(seconds, 3)
     write_atomic(layout.rejects_path(shard), "".join(line + "\n" for line in rejects).encode())
     write_atomic(layout.ids_path(shard), dumps(ids))

@@ -15,7 +15,7 @@ LOG_EVERY_S = 30.0
 class Progress:
     def __init__(self, total: int, enabled: bool = True, label: str = "records"):
         self.total, self.enabled, self.label = total, enabled and total > 0, label
-        self.done = self.images = 0
+        self.done = self.images = self._shown = 0
         self.started = self._logged = time.perf_counter()
         self._bar = None
         self._tty = sys.stderr.isatty() or os.environ.get("COGALIGN_PROGRESS") == "bar"
@@ -35,12 +35,19 @@ class Progress:
         return f"{self.done / elapsed:.1f} rec/s {self.images / elapsed:.1f} img/s"
 
     def advance(self, expanded: bool = False) -> None:
-        self.done += 1
+        self.add(1, int(expanded))
+
+    def add(self, done: int, expanded: int = 0) -> None:
+        """`done` more records, `expanded` of them with an image."""
+        if not done:
+            return
+        self.done += done
         self.images += expanded
         if not self.enabled:
             return
         if self._bar is not None:
-            if self.done % 8 == 0 or self.done == self.total:
+            if self.done - self._shown >= 8 or self.done == self.total:
+                self._shown = self.done
                 self._bar.update(self._task, completed=self.done, rates=self.rates())
         elif time.perf_counter() - self._logged >= LOG_EVERY_S:
             self._logged = time.perf_counter()

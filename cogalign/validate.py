@@ -82,9 +82,11 @@ def open_output(path: str | Path, option: str):
 
 
 def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,
-            image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8) -> dict:
+            image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8,
+            timings: dict | None = None) -> dict:
     """Counts from the record checks alone, the new turns of a few real records (built and
-    measured, see `sample_turns`) and from both the size of what expand would write."""
+    measured, see `sample_turns`) and from both the size of what expand would write.
+    `timings`, if given, gets the seconds per sampled record spent in a worker and in the encoder."""
     from cogalign.templates import TemplateSampler
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
@@ -104,7 +106,7 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
         if action == "pass" and len(passed) < 64:
             passed.append(record)
     facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
-                                tokenizer, image_root, llm_tokenizer, samples, keep=True)
+                               tokenizer, image_root, llm_tokenizer, samples, keep=True, timings=timings)
     shard_size = estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     n = sum(counts.values())
     if built["expanded"] or not counts["expand"]:
@@ -136,7 +138,7 @@ def load_llm_tokenizer(path: str | Path):
 
 
 def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokenizer, image_root: str | Path | None,
-                 llm_tokenizer=None, samples: int = 8, keep: bool = False):
+                 llm_tokenizer=None, samples: int = 8, keep: bool = False, timings: dict | None = None):
     """Build the new turns of the first `samples` expandable records for real and measure them:
     characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
     With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
@@ -146,16 +148,22 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
     built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}
+    clock = Counter()
     for index, record in iter_records(input_path, seed=options.seed):
         if done >= samples:
             break
+        started = time.perf_counter()
         prepared = prepare(index, record, ctx)
         if prepared.outcome != EXPAND:
             continue
+        encoding = time.perf_counter()
         grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
         record = prepared.record  # in LLaVA's turns
         original = {id(t) for t in record["conversations"]}
+        finishing = time.perf_counter()
         finished = finish(prepared, grids, ctx)
+        clock["worker"] += time.perf_counter() - finishing + encoding - started
+        clock["encoder"] += finishing - encoding
         if keep:
             built["expanded"].append(finished)
             built["expanded_input"].append(record)
@@ -169,6 +177,8 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
             sizes[kind].append((len(text), tokens))
         done += 1
     out = {"sampled_records": done}
+    if timings is not None:
+        timings.update({k: v / max(done, 1) for k, v in clock.items()})
     for kind, values in sizes.items():
         if values:
             out[f"{kind}_turn_chars_mean"] = round(sum(c for c, _ in values) / len(values))
@@ -176,3 +186,16 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
                 out[f"{kind}_turn_tokens_mean"] = round(sum(t for _, t in values) / len(values))
                 out[f"{kind}_turn_tokens_max"] = max(t for _, t in values)
     return (out, built) if keep else out
+
+
+def startup_estimate(input_path: str | Path, options: ExpandOptions, tokenizer, sampler,
+                     image_root: str | Path | None, workers: int, samples: int = 3) -> tuple[int, float, dict]:
+    """What `expand` prints before it starts: the `--dry-run` estimate of the output bytes and
+    of the run's seconds (a worker's and the encoder's time per sampled record; the slower
+    of the workers together and the encoder sets the pace). Fewer samples than --dry-run's 8:
+    at the paper's settings each holds megabytes of text in the main process."""
+    timings: dict = {}
+    facts = dry_run(input_path, options, tokenizer, sampler, image_root, samples=samples, timings=timings)
+    worker, encoder = timings.get("worker", 0.0), timings.get("encoder", 0.0)
+    per_record = worker + encoder if workers == 0 else max(worker / workers, encoder)
+    return facts["estimated_output_bytes"], facts["would_expand"] * per_record, facts

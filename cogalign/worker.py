@@ -1,13 +1,18 @@
-"""Per-record work, split where the tokenizer sits.
+"""Per-record and per-shard work, split where the tokenizer sits.
 
-`prepare` runs in a worker process (no torch): check the record, plan its turns,
-decode and resize the image, cut the regions, render the RGB text.
-`finish` runs in the main process once the VQ indices are known: render the VQ
-text, fill the templates, splice the pairs, attach provenance.
+`prepare` (check the record, plan its turns, decode and resize the image, cut the
+regions, render the RGB text) and `finish` (render the VQ text once the indices are
+known, fill the templates, splice the pairs, attach provenance) run in a worker
+process (no torch); `ShardRun` drives both over one shard's records in order and
+writes the shard under `.partial/`. Only the VQ crops leave the worker, through an
+`encoder` (in-process: `LocalEncoder`; in a worker: shared memory, see shardpool.py).
 """
 from __future__ import annotations
 
+import ctypes
+import time
 import traceback
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from cogalign.regions import Region
 from cogalign.render import px_text, vq_text
 from cogalign.splice import make_pair, splice_pairs
 from cogalign.templates import TemplateSampler
+from cogalign.writer import ROW_GROUP_BYTES, dumps, open_shard
 
 EXPAND, PASS, REJECT = "expand", "pass", "reject"
 
@@ -167,3 +173,145 @@ def _turn_meta(plan: TurnPlan, resolution: tuple[int, int]) -> dict:
     return {"kind": plan.kind, "region": region.name, "box": list(region.box),
             "template_id": plan.template_id, "position": plan.position,
             "resolution": list(resolution)}
+
+
+def trim_memory() -> None:
+    """Give the memory Python has freed back to the system: glibc keeps megabyte-sized blocks
+    (RGB text, row groups) otherwise. ~1 ms; called once per row group, not per record."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class LocalEncoder:
+    """Batches VQ crops by shape through the tokenizer in this process (`--workers 0`)."""
+
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.groups: dict[tuple, list] = {}  # shape -> [(ticket, slot)]
+        self.tickets: dict[int, list] = {}  # ticket -> [inputs, grids, missing]
+        self.next = 0
+
+    def submit(self, inputs: list[np.ndarray]) -> int:
+        ticket, self.next = self.next, self.next + 1
+        self.tickets[ticket] = [list(inputs), [None] * len(inputs), len(inputs)]
+        for slot, array in enumerate(inputs):
+            group = self.groups.setdefault(array.shape, [])
+            group.append((ticket, slot))
+            if len(group) >= self.batch_size:
+                self._encode(array.shape)
+        return ticket
+
+    def _encode(self, shape) -> None:
+        group = self.groups.pop(shape)
+        grids = self.tokenizer.encode(np.stack([self.tickets[t][0][slot] for t, slot in group]))
+        for (t, slot), grid in zip(group, grids):
+            entry = self.tickets[t]
+            entry[0][slot], entry[1][slot] = None, grid
+            entry[2] -= 1
+
+    def ready(self, ticket: int) -> bool:
+        return self.tickets[ticket][2] == 0
+
+    def result(self, ticket: int) -> list[np.ndarray]:
+        if not self.ready(ticket):
+            for shape in list(self.groups):
+                self._encode(shape)
+        return self.tickets.pop(ticket)[1]
+
+
+class ShardRun:
+    """One shard's records in input order: prepared, encoded, finished and written under
+    `.partial/`. Records wait for their indices in a window of at most `window_bytes`
+    (RGB text and crops). `crashed` holds records rejected for killing a worker twice."""
+
+    def __init__(self, shard: int, path: Path, ctx: WorkerContext, encoder, window_bytes: int,
+                 crashed: frozenset = frozenset()):
+        self.shard, self.ctx, self.encoder, self.window_bytes, self.crashed = shard, ctx, encoder, window_bytes, crashed
+        self.started = time.perf_counter()
+        self.writer = open_shard(path, ctx.options.format, ctx.options.embed_images)
+        self.stats = {"shard": shard, "input": 0, "expanded": 0, "passed": 0, "rejected": 0,
+                      "pass_reasons": Counter(), "reject_reasons": Counter(), "warnings": Counter(),
+                      "converted": Counter()}
+        self.rejects: list[str] = []
+        self.ids: list = []
+        self.pending: deque = deque()  # (prepared, ticket or None, bytes), input order
+        self.pending_bytes = 0
+        self.done = self.expanded = 0  # records written, since the last `take_progress`
+        self.written = 0  # bytes of text handed to the writer, to give memory back once per row group
+        self.current = -1  # the record being worked on (a worker crash is blamed on it)
+
+    def add(self, index: int, record: object) -> None:
+        self.current = index
+        if index in self.crashed:
+            prepared = Prepared(index, record, REJECT, "worker_crashed",
+                                "the worker process died on this record twice (out of memory or a decoder crash)")
+        else:
+            prepared = prepare(index, record, self.ctx)
+        ticket = None
+        if prepared.outcome == EXPAND and prepared.vq_inputs:
+            ticket = self.encoder.submit(prepared.vq_inputs)
+        size = sum(map(len, prepared.px_texts)) + sum(a.nbytes for a in prepared.vq_inputs) + len(prepared.image_bytes or b"")
+        prepared.vq_inputs = []
+        self.pending.append((prepared, ticket, size))
+        self.pending_bytes += size
+        self.drain()
+
+    def drain(self, final: bool = False) -> None:
+        """Finish and write the records at the head whose indices are back (all of them if `final`,
+        enough to fall under the window if it is full)."""
+        while self.pending:
+            prepared, ticket, size = self.pending[0]
+            must = final or self.pending_bytes > self.window_bytes
+            if ticket is not None and not must and not self.encoder.ready(ticket):
+                return
+            self.pending.popleft()
+            self.pending_bytes -= size
+            grids = self.encoder.result(ticket) if ticket is not None else []
+            self._write(prepared, grids)
+
+    def _write(self, prepared: Prepared, grids) -> None:
+        self.current = prepared.index
+        stats = self.stats
+        stats["input"] += 1
+        self.ids.append(prepared.record_id)
+        outcome = prepared.outcome
+        stats[{EXPAND: "expanded", PASS: "passed"}.get(outcome, "rejected")] += 1
+        if prepared.converted:
+            stats["converted"][prepared.converted] += 1
+        if prepared.warning:
+            stats["warnings"][prepared.warning] += 1
+        if outcome == EXPAND:
+            record = finish(prepared, grids, self.ctx)
+            self.writer.write(record, prepared.image_bytes)
+            before, self.written = self.written, self.written + sum(map(len, prepared.px_texts))
+            if before // ROW_GROUP_BYTES != self.written // ROW_GROUP_BYTES:
+                trim_memory()
+        elif outcome == PASS:
+            stats["pass_reasons"][prepared.reason] += 1
+            self.writer.write(prepared.record)
+        else:
+            stats["reject_reasons"][prepared.reason] += 1
+            line = dumps({"index": prepared.index, "id": prepared.record_id, "reason": prepared.reason,
+                          "detail": prepared.detail})
+            self.rejects.append(line.decode())  # a str: orjson's bytes keep kilobytes of slack each
+        self.done += 1
+        self.expanded += outcome == EXPAND
+        self.current = -1
+
+    def take_progress(self) -> tuple[int, int]:
+        out, (self.done, self.expanded) = (self.done, self.expanded), (0, 0)
+        return out
+
+    def close(self) -> tuple[Path, dict, list[str], list, float]:
+        """Write what is pending and close the file under `.partial/` (the main process publishes it)."""
+        self.drain(final=True)
+        tmp = self.writer.close_partial()
+        return tmp, self.stats, self.rejects, self.ids, time.perf_counter() - self.started
+
+    def abort(self) -> None:
+        try:
+            self.writer.abort()
+        except Exception:  # best effort: the error that got us here is the one to report
+            pass

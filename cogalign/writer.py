@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cogalign.records import loads_exact
 
 ARROW_BYTES_KEY = "cogalign.arrow_bytes"  # parquet footer key: the shard's records in Arrow, in bytes
-ROW_GROUP_BYTES = 64 * 1024 * 1024  # the Hub asks for row groups of ~100 MB or less
+ROW_GROUP_BYTES = 8 * 1024 * 1024  # the Hub asks for ~100 MB or less; a writer needs ~10x this while it flushes one
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -137,7 +137,7 @@ def _strings(values: list) -> pa.Array:
     offsets = np.zeros(len(data) + 1, np.int64)
     np.cumsum([len(d) for d in data], out=offsets[1:])
     if offsets[-1] >= 2**31:
-        return pa.array(values, pa.large_string()).cast(pa.string())  # unreachable with 64 MB row groups
+        return pa.array(values, pa.large_string()).cast(pa.string())  # unreachable with 8 MB row groups
     return pa.Array.from_buffers(pa.string(), len(data),
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))])
 
@@ -214,11 +214,15 @@ class ParquetShardWriter:
             self._writer.write_table(table)
         self._rows, self._bytes = [], 0
 
-    def close(self) -> int:
+    def close_partial(self) -> Path:
+        """Finish the file under `.partial/` (the caller publishes it with `_publish`)."""
         self._flush()
         self._writer.add_key_value_metadata({ARROW_BYTES_KEY: str(self.arrow_bytes)})
         self._writer.close()
-        return _publish(self.tmp, self.path)
+        return self.tmp
+
+    def close(self) -> int:
+        return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
         try:
@@ -237,11 +241,14 @@ class JsonlShardWriter:
         self._file.write(dumps(record) + b"\n")
         self.records += 1
 
-    def close(self) -> int:
+    def close_partial(self) -> Path:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        return _publish(self.tmp, self.path)
+        return self.tmp
+
+    def close(self) -> int:
+        return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
         self._file.close()

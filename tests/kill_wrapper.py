@@ -3,13 +3,16 @@
 KILL_AT=publish:N   before the N-th shard is renamed into place (its file is fully written)
 KILL_AT=marker:N    after the N-th shard is published, before its stats marker
 KILL_AT=write:N     in the middle of a shard, at the N-th record written
+
+With `--workers N` a shard worker writes the records: spawn re-imports this script in it
+(as `__mp_main__`), where the same patch kills the main process (the run) instead.
 """
 import os
 import signal
 import sys
 
 
-def install() -> None:
+def install(target=os.getpid) -> None:
     import cogalign.executor as executor
     import cogalign.writer as writer
 
@@ -19,7 +22,7 @@ def install() -> None:
     def tick() -> None:
         count[0] += 1
         if count[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(target(), signal.SIGKILL)
 
     if where == "publish":
         original = writer._publish
@@ -41,6 +44,9 @@ def install() -> None:
                 _orig(self, record, image_bytes)
             cls.write = write
 
+
+if __name__ == "__mp_main__" and os.environ.get("KILL_AT", "").startswith("write:"):
+    install(target=os.getppid)  # a shard worker: kill -9 the run it works for
 
 if __name__ == "__main__":
     install()

@@ -56,7 +56,7 @@ def _check_out_dir(out: Path) -> None:
 ImageRoot = typer.Option(None, "--image-root", help="Folder that `image` paths are relative to. Default: the input file's folder (the input folder for a folder input).")
 MaxPixels = typer.Option(DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help="Reject images with more pixels than this (decompression-bomb guard).")
 AllowAbs = typer.Option(False, "--allow-absolute-paths", help="Accept absolute `image` paths and symlinks out of the root. Default: off (only paths under --image-root are opened).")
-Workers = typer.Option(None, "--workers", min=0, max=1024, help="Decoding worker processes (0 to 1024); 0 decodes in the main process. Default: CPU cores - 1 (max 16).")
+Workers = typer.Option(None, "--workers", min=0, max=1024, help="Worker processes (0 to 1024): expand's each own whole shards (decode, RGB text, splice, write), validate's decode; 0 does it all in the main process. Default: CPU cores - 1 (max 16).")
 NoProgress = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal.")
 
 
@@ -95,6 +95,8 @@ def expand(
     allow_absolute_paths: bool = AllowAbs,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print how many records would be expanded and the estimated output size, then stop. Default: off."),
     llm_tokenizer: Optional[Path] = typer.Option(None, "--llm-tokenizer", help="With --dry-run: a Hugging Face tokenizer.json (or its folder); the new turns of a few real records are built and their token counts printed. Needs `pip install tokenizers`. Default: none."),
+    memory_budget: str = typer.Option("512MB", "--memory-budget", help="Bytes for the queues and buffers between the stages (records kept for redo, records awaiting VQ indices, shared-memory crops), e.g. 512MB, 2GB; never changes the output. Default: 512MB."),
+    ignore_disk_space: bool = typer.Option(False, "--ignore-disk-space", help="Start even when the estimated output is larger than the free space at --out. Default: off (refused before any work)."),
     no_progress: bool = NoProgress,
 ) -> None:
     """Expand every image record with one VQ pair and one RGB pair (Tables 4-6 of the paper)."""
@@ -114,7 +116,8 @@ def expand(
                            embed_images, precision, channels_last, compile_)
         runtime = Runtime(batch_size=batch_size, workers=_default_workers() if workers is None else workers,
                           device=device, shard_size=shard_size, overwrite=overwrite, num_slices=num_shards,
-                          slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle)
+                          slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle,
+                          memory_budget=_memory_budget(memory_budget), ignore_disk_space=ignore_disk_space)
         if dry_run:
             from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
 
@@ -147,6 +150,18 @@ def expand(
                                      warnings=result.warnings)
     for line in lines:
         say(line)
+
+
+def _memory_budget(text: str) -> int:
+    from cogalign.estimate import parse_size
+
+    try:
+        budget = parse_size(text)
+    except ValueError as e:
+        fail(f"--memory-budget {text}: {e}", 2)
+    if budget < 16 * 1000 ** 2:
+        fail(f"--memory-budget {text}: at least 16MB, e.g. 512MB", 2)
+    return budget
 
 
 @app.command()

@@ -1,0 +1,112 @@
+"""`expand` at scale: the main process only batches VQ crops (RGB answers never reach it), shard
+workers survive crashes, the memory budget never shapes the output, a run that cannot fit is refused."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+from cogalign.executor import Runtime, expand
+from cogalign.options import ExpandOptions
+from cogalign.writer import read_shard
+from helpers import EXAMPLES, FAST, data_digest, run_cli
+
+RECORDS = json.loads(EXAMPLES.read_text())
+
+
+def test_main_process_never_receives_an_rgb_answer(tmp_path):
+    """At 672 px each RGB answer is ~1.8 MB; what crosses to the main process stays a few kB a record."""
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(RECORDS[:3]))
+    options = ExpandOptions(vq_resolution=(64, 64), px_resolution=(672, 672))
+    result = expand(source, tmp_path / "out", options, Runtime(workers=1, progress=False), image_root=EXAMPLES.parent)
+    answers = [t["value"] for r in read_shard(next((tmp_path / "out" / "data").iterdir()))
+               for t in r["conversations"] if t["value"].startswith("<rgb start>")]
+    assert len(answers) == 3 and min(map(len, answers)) > 1_500_000
+    assert result.counts["expand"] == 3
+    assert 0 < result.main_received_bytes < 3 * 20_000, result.main_received_bytes
+
+
+def test_memory_budget_never_changes_the_bytes(tmp_path):
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "a", *FAST, "--workers", "0", "--shard-size", "4")
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "b", *FAST, "--workers", "2", "--shard-size", "4",
+            "--batch-size", "3", "--memory-budget", "16MB")
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+    bad = run_cli("expand", EXAMPLES, "--out", tmp_path / "c", *FAST, "--memory-budget", "lots", expect=2)
+    assert "--memory-budget lots" in bad.output and not (tmp_path / "c").exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out"
+    result = run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", expect=2)
+    line = result.output.strip().splitlines()[-1]
+    assert "needs about" in line and "only 1.0 kB is free" in line, line
+    assert "--px-resolution" in line and "--targets" in line and "--ignore-disk-space" in line
+    assert not out.exists()
+    ok = run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--ignore-disk-space")
+    start = next(line for line in ok.output.splitlines() if line.startswith("expand: "))
+    assert "14 of 14 records" in start and "estimated output" in start and "about" in start
+
+
+CRASHING = """
+import os, sys
+import cogalign.worker as worker
+
+if __name__ == "__mp_main__":  # in each shard worker: record 2 kills its process, every time
+    original = worker.prepare
+    worker.prepare = lambda index, record, ctx: os._exit(3) if index == 2 else original(index, record, ctx)
+
+if __name__ == "__main__":
+    from cogalign.executor import Runtime, expand
+    from cogalign.options import ExpandOptions
+    result = expand({examples!r}, sys.argv[1], ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
+                    Runtime(workers=1, progress=False, shard_size=4))
+    print(result.worker_restarts, dict(result.counts))
+"""
+
+
+def test_a_record_that_kills_its_shard_worker_twice_is_rejected(tmp_path):
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING.format(examples=str(EXAMPLES)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == "2"  # the crash, then the same record again
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["input"] == 14 and report["reject_reasons"] == {"worker_crashed": 1}
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rejects] == [2]
+    # the records around it are written as a run without the crash writes them
+    run_cli("expand", EXAMPLES, "--out", tmp_path / "ref", *FAST, "--workers", "0", "--shard-size", "4")
+    got = [r for shard in sorted((tmp_path / "out" / "data").iterdir()) for r in read_shard(shard)]
+    want = [r for shard in sorted((tmp_path / "ref" / "data").iterdir()) for r in read_shard(shard)]
+    assert got == [r for r in want if (r.get("cogalign") or {}).get("index") != 2]
+
+
+def test_a_budget_below_one_shard_still_finishes_with_the_same_bytes(tmp_path):
+    """The reader waits for shards to be published once the budget is spent, never for ever."""
+    options = ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16))
+    expand(EXAMPLES, tmp_path / "a", options, Runtime(workers=0, progress=False, shard_size=3))
+    expand(EXAMPLES, tmp_path / "b", options, Runtime(workers=2, progress=False, shard_size=3, memory_budget=1))
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+
+
+def test_shared_memory_ring_frees_in_order_and_wraps():
+    from cogalign.shardpool import Ring
+
+    ring = Ring(100)
+    assert [ring.alloc(t, 40) for t in range(3)] == [0, 40, None]  # 80 used, 20 left at the end
+    ring.free(1)  # out of order: held until ticket 0 is freed too
+    assert ring.alloc(2, 30) is None
+    ring.free(0)
+    assert ring.alloc(2, 30) == 0  # everything was freed: starts over
+    assert ring.alloc(3, 50) == 30 and ring.alloc(4, 30) is None
+    ring.free(2)
+    assert ring.alloc(4, 25) == 0  # wraps around in front of ticket 3
