@@ -106,18 +106,14 @@ def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     directly, not through a shard writer: an estimate is no record written."""
     import pyarrow.parquet as pq
 
-    from cogalign.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, rows_to_table, to_row
+    from cogalign.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, embed, rows_to_table, to_row
 
     if not records:
         return 0.0
     if fmt != "parquet":
         return sum(len(dumps(r)) + 1 for r in records) / len(records)
     schema = EMBEDDED_SCHEMA if images is not None else SCHEMA
-    rows = [to_row(r) for r in records]
-    for row, record, data in zip(rows, records, images or [None] * len(rows)):
-        row["image_bytes"] = data
-        if data is not None and row["image"] is None:  # a list of images: the first one is embedded
-            row["image"] = record["image"][0]
+    rows = [embed(to_row(r), r, data) for r, data in zip(records, images or [None] * len(records))]
     with tempfile.TemporaryDirectory() as tmp:
         sizes = []
         for table in (rows_to_table(rows, schema), schema.empty_table()):

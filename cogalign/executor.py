@@ -117,7 +117,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     mine = [s for s in range(layout.num_shards) if work.owns(s)]
     planned = [s for s in mine if runtime.overwrite or not layout.is_complete(s)]
     startup = _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime,
-                          n_records, sum(min(shard_size, n_records - s * shard_size) for s in planned))
+                          n_records, set(planned), shard_size)
     if work.is_main:  # the first rank decides for its launch; the others check once it has
         layout_mod.prepare(out_dir, manifest, overwrite=runtime.overwrite, sliced=work.num_slices > 1,
                            mine=work.slice_owns)
@@ -149,13 +149,16 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     return result
 
 
-def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, n_records,
-                n_planned) -> str:
-    """Refuse a run that cannot fit; return the start-up line (records, estimated size and time, free space)."""
-    size, seconds, _ = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root, runtime.workers)
+def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, runtime, n_records: int,
+                planned: set, shard_size: int) -> str:
+    """Refuse a run that cannot fit; return the start-up line (records, estimated size and time, free space).
+    The estimate reads only the planned shards' records (a slice or rank downloads nothing else)."""
+    if not planned:
+        return f"expand: all {n_records} records of this run are done"
+    need, seconds, facts = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root,
+                                                     runtime.workers, skip=lambda i: i // shard_size not in planned)
     _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
-    share = n_planned / max(n_records, 1)
-    need, seconds = int(size * share), seconds * share
+    n_planned = facts["records"]
     where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     free = shutil.disk_usage(where).free
     if need > free and not runtime.ignore_disk_space:

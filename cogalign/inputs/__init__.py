@@ -78,8 +78,9 @@ def default_image_root(path) -> Path:
 def image_root(input_path, given=None) -> Path:
     """`--image-root` if given (it must be a folder: a typo would reject every record as missing),
     else `default_image_root(input_path)`."""
-    if given is None or str(given) == "":
-        return default_image_root(input_path)
+    default = default_image_root(input_path)
+    if given is None or str(given) == "" or Path(given) == default:  # a Hub snapshot folder appears as files download
+        return default
     root = Path(given)
     if not root.is_dir():
         raise InputError(f"--image-root {root}: {'a file' if root.exists() else 'no such folder'}; give the folder "
