@@ -44,6 +44,13 @@ def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     return decoder
 
 
+def _outside_run(dest: Path, out: Path) -> None:
+    """Refuse an --out inside the expand output folder: files there would be taken for part of the
+    dataset (`publish --include-all` uploads them; `reset` leaves them)."""
+    if dest.resolve().is_relative_to(out.resolve()):
+        fail(f"--out {dest}: is inside the output folder {out}; write it outside, e.g. {out.name}-inspect/")
+
+
 def show(
     out: Path = OutArg,
     record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id` (the first record with it). Give --id or --index."),
@@ -61,6 +68,7 @@ def show(
     from cogalign.inspect.records import find_record, load_manifest
 
     check_png_out(dest, overwrite)
+    _outside_run(dest, out)
     try:
         manifest = load_manifest(out)
         record = find_record(out, record_id, index)
@@ -98,6 +106,7 @@ def gallery(
     if dest.exists() and not dest.is_dir():
         fail(f"--out {dest}: exists and is not a folder")
     check_out_parent(dest)
+    _outside_run(dest, out)
     page = dest / "index.html"
     if page.is_file() and "<title>cogalign gallery:" not in page.read_text(encoding="utf-8", errors="replace")[:2000]:
         fail(f"--out {dest}: holds an index.html that is not a cogalign gallery; choose an empty or new folder")
