@@ -242,3 +242,21 @@ def test_auto_shard_size_counts_embedded_image_bytes(tmp_path):
     plain = run_cli("expand", src, "--out", tmp_path / "plain", *FAST, "--workers", "0")
     assert plain.exit_code == 0
     assert json.loads((tmp_path / "plain" / "cogalign.json").read_text())["shard_size"] > shard_size
+
+
+def test_export_overwrite_never_writes_into_an_image_folder_it_did_not_make(tmp_path):
+    """--overwrite replaced a user's own <stem>-images/00000000-0.png with the output's bytes."""
+    src, rows = hub_input(tmp_path / "hub")
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--embed-images")
+    media = tmp_path / "media"
+    (media / "a-images").mkdir(parents=True)
+    (media / "a-images" / "00000000-0.png").write_text("my photo")
+    args = ("export", out, "--to", "llava-json", "--out", tmp_path / "a.json", "--image-folder", media, "--no-progress")
+    one_line_error(run_cli(*args, "--overwrite", expect=2), "a-images", "not made by cogalign export")
+    assert (media / "a-images" / "00000000-0.png").read_text() == "my photo"
+    assert not (tmp_path / "a.json").exists()
+    shutil.rmtree(media / "a-images")
+    run_cli(*args)
+    run_cli(*args, "--overwrite")  # its own folder: replaced on request
+    assert len(json.loads((tmp_path / "a.json").read_text())) == len(rows)

@@ -250,8 +250,11 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
 
 
 class ImageFiles:
-    """Images that exist only as bytes in the output, written as files under `<image_folder>/<stem>-images/`
-    (a folder export creates; an existing one is replaced into only with --overwrite)."""
+    """Images that exist only as bytes in the output, written as files under `<image_folder>/<stem>-images/`:
+    a folder export creates and marks (`.cogalign-export`); an existing one is written into only when it
+    carries that mark and --overwrite is given, so no file of someone else's is ever replaced."""
+
+    MARK = ".cogalign-export"
 
     def __init__(self, image_folder: Path, stem: str, overwrite: bool):
         self.folder = image_folder / f"{stem}-images"
@@ -259,10 +262,15 @@ class ImageFiles:
         self.written = 0
 
     def write(self, index: int, k: int, name: str, data: bytes) -> str:
+        if self.existed and not (self.folder / self.MARK).is_file():
+            raise CogalignError(f"{self.folder}: exists and was not made by cogalign export, which would write the "
+                                "output's embedded images there; remove or rename that folder, or name --out otherwise")
         if self.existed and not self.overwrite:
             raise CogalignError(f"{self.folder}: exists, and export would write the output's embedded images "
                                 "there; pass --overwrite, or remove that folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.existed and not self.written:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / self.MARK).write_text("images written by `cogalign export`; rerun with --overwrite replaces them\n")
         path = self.folder / f"{index:08d}-{k}{_extension(name, data)}"
         write_atomic(path, data)
         self.written += 1
