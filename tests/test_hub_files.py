@@ -260,3 +260,26 @@ def test_export_overwrite_never_writes_into_an_image_folder_it_did_not_make(tmp_
     run_cli(*args)
     run_cli(*args, "--overwrite")  # its own folder: replaced on request
     assert len(json.loads((tmp_path / "a.json").read_text())) == len(rows)
+
+
+def test_a_system_prompt_reaches_llama_factory_and_trl(tmp_path):
+    """The `system` key a chat record's system turn became was written, but LLaMA-Factory's entry did not map
+    it and the messages export left it outside `messages`: both trainers trained without it."""
+    src = tmp_path / "in"
+    shutil.copytree(IMAGES, src / "images")
+    rows = [{"id": "s", "messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                                     {"role": "assistant", "content": "A cat."}], "images": ["images/chelsea.png"]},
+            {"id": "n", "conversations": GOOD, "image": "images/coffee.png"}]
+    (src / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run_cli("expand", src / "chat.jsonl", "--out", out, *FAST, "--workers", "0", "--format", "jsonl")
+    run_cli("export", out, "--to", "sharegpt", "--out", tmp_path / "sg.json", "--no-progress")
+    entry = json.loads((tmp_path / "dataset_info.json").read_text())["sg"]
+    assert entry["columns"]["system"] == "system"
+    assert [r.get("system") for r in json.loads((tmp_path / "sg.json").read_text())] == ["Be brief.", None]
+    run_cli("export", out, "--to", "messages", "--out", tmp_path / "m.jsonl", "--no-progress")
+    first, second = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert first["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert "system" not in first and second["messages"][0]["role"] == "user"
+    assert to_llava(first)[0]["system"] == "Be brief."  # a re-import gives the same record back

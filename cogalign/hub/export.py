@@ -65,6 +65,7 @@ class ExportResult:
     reasons: Counter = field(default_factory=Counter)
     dataset_info: Path | None = None
     images_written: int = 0
+    system: bool = False  # a written record holds a `system` prompt
 
 
 def check_record(record: dict) -> list[str]:
@@ -136,6 +137,9 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
     conv = [{"from": t["from"], "value": t["value"]} for t in record["conversations"]]
     head = {"id": record["id"]} if "id" in record else {}
     own = {"id", "image", "conversations"} | ({"images", "messages"} if fmt in ("sharegpt", "messages") else set())
+    system = record.get("system") if isinstance(record.get("system"), str) and record["system"].strip() else None
+    if fmt == "messages" and system is not None:  # TRL applies the chat template to `messages` alone
+        own.add("system")
     rest = {k: v for k, v in record.items() if k not in own} if keep_keys else {}
     if fmt in ("llava-json", "llava-jsonl"):
         if not images:
@@ -145,7 +149,8 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
     if fmt == "sharegpt":
         return {**head, "conversations": conv, "images": images, **rest}
     if fmt == "messages":
-        return {**head, "messages": [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
+        lead = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
+        return {**head, "messages": lead + [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
                 "images": images, **rest}
     raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
 
@@ -333,6 +338,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                 else:
                     writer.write(convert(record, fmt, paths, written, keep_keys))
                     result.written += 1
+                    result.system = result.system or isinstance(record.get("system"), str)
                 bar.advance()
     except BaseException:
         writer.abort()
@@ -342,7 +348,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     bad.close()
     result.images_written = files.written if files else 0
     if fmt == "sharegpt":
-        result.dataset_info = register_sharegpt(dest)
+        result.dataset_info = register_sharegpt(dest, result.system)
     return result
 
 
@@ -373,9 +379,10 @@ def read_dataset_info(dest: Path) -> dict:
     return info
 
 
-def _entry(dest: Path) -> dict:
-    return {"file_name": dest.name, "formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images"},
-            "tags": dict(SHAREGPT_TAGS), MARKER: True}
+def _entry(dest: Path, system: bool = False) -> dict:
+    """The entry; with `system`, the `system` column is mapped (LLaMA-Factory ignores it otherwise)."""
+    columns = {"messages": "conversations", "images": "images"} | ({"system": "system"} if system else {})
+    return {"file_name": dest.name, "formatting": "sharegpt", "columns": columns, "tags": dict(SHAREGPT_TAGS), MARKER: True}
 
 
 def check_entry(dest: Path) -> dict:
@@ -390,10 +397,10 @@ def check_entry(dest: Path) -> dict:
     return info
 
 
-def register_sharegpt(dest: Path) -> Path:
+def register_sharegpt(dest: Path, system: bool = False) -> Path:
     """Add (or replace its own) entry for this file in the `dataset_info.json` beside it; other entries are kept."""
     info_path = dest.parent / "dataset_info.json"
     info = check_entry(dest)
-    info[dest.stem] = _entry(dest)
+    info[dest.stem] = _entry(dest, system)
     write_atomic(info_path, orjson.dumps(info, option=orjson.OPT_INDENT_2))
     return info_path
