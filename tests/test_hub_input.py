@@ -248,3 +248,15 @@ def test_show_rereads_the_split_and_commit_the_run_read(tmp_path, offline, via_h
     manifest = json.loads((tmp_path / "o" / "cogalign.json").read_text())
     first = outputs(tmp_path / "o")[0]
     assert _bytes_from_input(first, manifest) == (IMAGES.parent / records12()[9]["image"]).read_bytes()
+
+
+def test_the_card_names_the_hub_source_its_commit_and_the_split_read(tmp_path, offline):
+    """The card said `from llava-mini` for `--split test` of a Hub repo, under `split: train`: neither the
+    commit nor that the rows are the source's test split was stated."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    run_cli("expand", f"hf://datasets/{REPO}", "--split", "test", "--out", tmp_path / "hub", *FAST, "--workers", "0")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert f"from `hf://datasets/{REPO}@{SHA[:12]}` (config default, split test; here its `train` split)" in card
+    run_cli("expand", files, "--out", tmp_path / "local", *FAST, "--workers", "0")
+    assert "from `repo` (config default, split train)\n" in (tmp_path / "local" / "README.md").read_text()
