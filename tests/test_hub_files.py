@@ -285,7 +285,7 @@ def test_a_system_prompt_reaches_llama_factory_and_trl(tmp_path):
     assert to_llava(first)[0]["system"] == "Be brief."  # a re-import gives the same record back
 
 
-def test_export_overwrite_never_replaces_a_file_that_is_not_json(run, tmp_path):
+def test_export_overwrite_never_replaces_a_binary_file(run, tmp_path):
     """`--rejects images/brick.png --overwrite` emptied the run's own image (an empty rejects list)."""
     src, out = run
     photo = src.parent / "images" / "brick.png"
@@ -296,7 +296,7 @@ def test_export_overwrite_never_replaces_a_file_that_is_not_json(run, tmp_path):
             dest.write_bytes(before)  # an image saved under a .json name
         args = ["--out", tmp_path / "y.json", "--rejects", photo] if option == "--rejects" else ["--out", dest]
         one_line_error(run_cli("export", out, "--to", "llava-json", *args, "--overwrite", "--no-progress", expect=2),
-                       option, "not JSON")
+                       option, "binary file")
         assert dest.read_bytes() == before
     run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress")
     run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress", "--overwrite")

@@ -250,18 +250,24 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
         if path.exists() and not overwrite:
             raise CogalignError(f"{option} {path}: exists; export replaces a file only with --overwrite, "
                                 "or choose another name")
-        if path.exists() and not _json_text(path):
-            raise CogalignError(f"{option} {path}: exists and is not JSON, so no export wrote it (an image? "
-                                "another file?); export never replaces it, --overwrite or not: choose another name")
+        if path.exists() and not _text(path):
+            raise CogalignError(f"{option} {path}: exists and is a binary file (an image?), so no export "
+                                "wrote it; export never replaces it, --overwrite or not: choose another name")
     if rejects.resolve() == dest.resolve():
         raise CogalignError(f"--rejects {rejects}: the same file as --out; choose another")
 
 
-def _json_text(path: Path) -> bool:
-    """Could export have written this file: empty, or text starting as JSON (an array or JSON lines)?"""
+def _text(path: Path) -> bool:
+    """Could export have written this file: UTF-8 text without NUL bytes (export writes JSON; an image,
+    an archive or any other binary file is never one of its)?"""
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    return not head or head[:1] in (b"[", b"{")
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the block
+            return False
+    return b"\0" not in head
 
 
 class ImageFiles:
