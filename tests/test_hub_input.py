@@ -260,3 +260,15 @@ def test_the_card_names_the_hub_source_its_commit_and_the_split_read(tmp_path, o
     assert f"from `hf://datasets/{REPO}@{SHA[:12]}` (config default, split test; here its `train` split)" in card
     run_cli("expand", files, "--out", tmp_path / "local", *FAST, "--workers", "0")
     assert "from `repo` (config default, split train)\n" in (tmp_path / "local" / "README.md").read_text()
+
+
+def test_validate_reads_hub_datasets_and_splits_as_expand_does(tmp_path, offline):
+    """`validate hf://datasets/...` failed with "path ... does not exist", and validate had no --split:
+    the test split of a folder could not be checked before an expand of it."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    for source in (f"hf://datasets/{REPO}", files):
+        out = run_cli("validate", source, "--split", "test", "--workers", "0", "--no-progress").output
+        assert "records: 3  would expand: 3" in out, out
+    out = run_cli("validate", f"hf://datasets/{REPO}", "--split", "dev", "--no-progress", expect=2).output.strip()
+    assert out.startswith("error:") and len(out.splitlines()) == 1 and "no split 'dev'" in out, out
