@@ -272,3 +272,12 @@ def test_validate_reads_hub_datasets_and_splits_as_expand_does(tmp_path, offline
         assert "records: 3  would expand: 3" in out, out
     out = run_cli("validate", f"hf://datasets/{REPO}", "--split", "dev", "--no-progress", expect=2).output.strip()
     assert out.startswith("error:") and len(out.splitlines()) == 1 and "no split 'dev'" in out, out
+
+
+@pytest.mark.parametrize("command", [["export", "--to", "llava-json", "--out", "x.json"], ["stats"],
+                                     ["publish", "--repo", "a/b", "--dry-run"]])
+def test_a_hub_dataset_given_to_an_output_command_says_to_expand_it_first(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_cli(command[0], f"hf://datasets/{REPO}", *command[1:], expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and f"hf://datasets/{REPO}: a Hub dataset" in out, out
+    assert f"cogalign expand hf://datasets/{REPO}" in out
