@@ -114,3 +114,12 @@ def test_px_only_run_has_no_demo_warning(tmp_path):
     out = tmp_path / "o"
     run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--targets", "px")
     assert "not for training a model" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("given", ["cc by", "x\ny: 1", "CC-BY-4.0", ""])
+def test_a_license_that_is_no_hub_id_is_refused_in_one_line(output, given):
+    """`--license "x\\ny: 1"` went into the card's YAML as it was: a `y` key of its own; `cc by` is no id."""
+    result = run_cli("publish", output, "--repo", "me/x", "--dry-run", "--license", given, expect=2)
+    text = result.output.strip()
+    assert text.startswith("error: --license") and len(text.splitlines()) == 1, text
+    assert header(pub.plan_publish(output, "me/x", license="openrail++").card.decode())["license"] == "openrail++"

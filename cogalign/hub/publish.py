@@ -60,6 +60,9 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
 
 
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's ids: cc-by-4.0, apache-2.0, gpl-3.0+, other
+
+
 def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
                  include_all: bool = False, card: str | None = None, license: str | None = None) -> PublishPlan:
     """What would be uploaded where; refuses an incomplete output or a bad repository name."""
@@ -68,6 +71,9 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
                             "e.g. my-org/llava-cogalign")
     if revision is not None and not revision.strip():
         raise CogalignError("--revision is empty; give a branch name or leave it out for main")
+    if license is not None and not _LICENSE.fullmatch(license):
+        raise CogalignError(f"--license {license!r}: expected a Hub license id (lowercase letters, digits, '.', '-'), "
+                            "e.g. cc-by-4.0, apache-2.0, mit, other")
     layout = check_complete(out)
     root = layout.root
     if include_all:
