@@ -4,6 +4,7 @@ somewhere, and images a run must not lose (several per record, embedded bytes)."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -300,3 +301,23 @@ def test_export_overwrite_never_replaces_a_binary_file(run, tmp_path):
         assert dest.read_bytes() == before
     run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress")
     run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress", "--overwrite")
+
+
+def test_export_paths_that_cannot_be_written_are_one_line_and_leave_nothing(run, tmp_path):
+    """A --out or --rejects under a file, or in a folder that cannot be written, was a traceback, and a
+    failed --rejects left --out's temporary file behind."""
+    _, out = run
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for args, needle in ((["--out", a_file / "x.json"], "--out"),
+                         (["--out", tmp_path / "q.json", "--rejects", a_file / "r.jsonl"], "--rejects")):
+        one_line_error(run_cli("export", out, "--to", "llava-json", *args, "--no-progress", expect=2), needle, "is a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anyway
+            one_line_error(run_cli("export", out, "--to", "llava-json", "--out", locked / "x.json", expect=2), "cannot write")
+    finally:
+        locked.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "locked"]

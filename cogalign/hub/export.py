@@ -334,10 +334,14 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     if not root.is_dir() and not (embedded and image_folder):
         raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
                             "pass --image-root, the --image-root that `expand` used")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     paths = ImagePaths(root, image_folder)
     files = ImageFiles(Path(image_folder), dest.stem, overwrite) if image_folder else None
-    writer, bad = _Writer(dest, is_array(dest)), _Writer(result.rejects_path, False)
+    writer = _open_writer(dest, is_array(dest), "--out")
+    try:
+        bad = _open_writer(result.rejects_path, False, "--rejects")
+    except CogalignError:
+        writer.abort()
+        raise
     try:
         with Progress(count_records(out), progress, label="export") as bar:
             for index, (record, data) in enumerate(iter_layout(layout, with_bytes=True)):
@@ -356,16 +360,33 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                     result.written += 1
                     result.system = result.system or isinstance(record.get("system"), str)
                 bar.advance()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
         bad.abort()
+        if isinstance(e, OSError):  # a full disk, a folder that went away: one line, nothing half-written
+            raise CogalignError(f"--out {dest}: cannot write ({e.strerror or e}); nothing was written") from None
         raise
-    writer.close()
-    bad.close()
+    try:
+        writer.close()
+        bad.close()
+    except OSError as e:
+        raise CogalignError(f"--out {dest}: cannot write ({e.strerror or e})") from None
     result.images_written = files.written if files else 0
     if fmt == "sharegpt":
         result.dataset_info = register_sharegpt(dest, result.system)
     return result
+
+
+def _open_writer(path: Path, array: bool, option: str) -> _Writer:
+    """A writer for `path`, its folder made; an --out/--rejects that cannot be written is one line."""
+    above = next((q for q in path.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CogalignError(f"{option} {path}: {above} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _Writer(path, array)
+    except OSError as e:
+        raise CogalignError(f"{option} {path}: cannot write there ({e.strerror or e}); choose another path") from None
 
 
 def _place_images(record: dict, data: list | None, index: int, paths: ImagePaths, files: ImageFiles | None):
