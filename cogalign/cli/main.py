@@ -129,6 +129,10 @@ def expand(
         result = run_expand(input, out, options, runtime, image_root)
     except CogalignError as e:
         fail(str(e))
+    except OSError as e:  # --out cannot be made or written (a read-only or special file system, a full disk)
+        if not e.filename or not Path(os.path.abspath(e.filename)).is_relative_to(Path(os.path.abspath(out))):
+            raise
+        fail(f"--out {out}: cannot write {e.filename} ({e.strerror or e}); choose another --out")
     except KeyboardInterrupt:
         fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
     if not result.is_main:
