@@ -281,3 +281,18 @@ def test_a_hub_dataset_given_to_an_output_command_says_to_expand_it_first(comman
     out = run_cli(command[0], f"hf://datasets/{REPO}", *command[1:], expect=2).output.strip()
     assert len(out.splitlines()) == 1 and f"hf://datasets/{REPO}: a Hub dataset" in out, out
     assert f"cogalign expand hf://datasets/{REPO}" in out
+
+
+def test_offline_a_split_missing_some_of_its_shards_in_the_cache_is_refused(tmp_path, offline):
+    """Offline, a cache holding 1 of the 2 train files read 5 of the 9 train records without a word."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    snapshot = offline / ("datasets--" + REPO.replace("/", "--")) / "snapshots" / SHA
+    (snapshot / "data" / "train-00001-of-00002.parquet").unlink()
+    out = run_cli("expand", f"hf://datasets/{REPO}", "--out", tmp_path / "o", *FAST, expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and "1 of the 2 files of split 'train'" in out, out
+    assert "train-00001-of-00002.parquet is missing" in out and not (tmp_path / "o").exists()
+    one = f"hf://datasets/{REPO}/data/train-00000-of-00002.parquet"  # the file that is there, named
+    assert "records: 5  would expand" in run_cli("validate", one, "--workers", "0", "--no-progress").output
+    assert "records: 3  would expand" in run_cli("validate", f"hf://datasets/{REPO}", "--split", "test",
+                                                 "--workers", "0", "--no-progress").output
