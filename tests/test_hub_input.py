@@ -290,9 +290,16 @@ def test_offline_a_split_missing_some_of_its_shards_in_the_cache_is_refused(tmp_
     snapshot = offline / ("datasets--" + REPO.replace("/", "--")) / "snapshots" / SHA
     (snapshot / "data" / "train-00001-of-00002.parquet").unlink()
     out = run_cli("expand", f"hf://datasets/{REPO}", "--out", tmp_path / "o", *FAST, expect=2).output.strip()
-    assert len(out.splitlines()) == 1 and "1 of the 2 files of split 'train'" in out, out
+    assert len(out.splitlines()) == 1 and "1 of the 2 files of split 'train' are here" in out, out
     assert "train-00001-of-00002.parquet is missing" in out and not (tmp_path / "o").exists()
     one = f"hf://datasets/{REPO}/data/train-00000-of-00002.parquet"  # the file that is there, named
     assert "records: 5  would expand" in run_cli("validate", one, "--workers", "0", "--no-progress").output
     assert "records: 3  would expand" in run_cli("validate", f"hf://datasets/{REPO}", "--split", "test",
                                                  "--workers", "0", "--no-progress").output
+
+
+def test_a_local_folder_missing_one_of_its_shards_is_refused(tmp_path):
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    (files / "data" / "train-00000-of-00002.parquet").unlink()
+    out = run_cli("validate", files, "--no-progress", expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and "train-00000-of-00002.parquet is missing" in out, out

@@ -193,28 +193,9 @@ def _card(ds: DatasetSpec, commit: str, files: dict[str, int]) -> dict | None:
         raise InputError(f"{ds}: its README.md card has no readable YAML ({' '.join(str(exc).split())[:160]})") from None
 
 
-_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})(\.[^/]*)$")  # datasets' shard names: train-00000-of-00002.parquet
-
-
-def _check_complete_shards(ds: DatasetSpec, names: list[str], split: str, cache: Path) -> None:
-    """Offline, the cache holds only the files once downloaded: refuse a split whose shard names
-    (`-00000-of-00002`) say that some of its files are not there, instead of reading part of it."""
-    groups: dict[tuple, set[int]] = {}
-    for name in names:
-        m = _SHARD.match(name)
-        if m:
-            groups.setdefault((m.group(1), int(m.group(3)), m.group(4)), set()).add(int(m.group(2)))
-    for (stem, total, ext), have in groups.items():
-        if len(have) < total:
-            missing = next(i for i in range(total) if i not in have)
-            raise InputError(f"{ds}: the cache holds {len(have)} of the {total} files of split {split!r} "
-                             f"({stem}-{missing:05d}-of-{total:05d}{ext} is missing); {_offline_hint(cache)}, "
-                             "or name the files you have with /PATH")
-
-
 def resolve(spec: str, config: str | None, split: str | None):
     """The `DatasetInput` of one config and split of a Hub dataset, at a pinned commit."""
-    from cogalign.inputs.splits import DatasetInput, choose
+    from cogalign.inputs.splits import DatasetInput, choose, missing_shards
 
     ds = parse(spec)
     cache, offline, endpoint = _env()
@@ -233,8 +214,8 @@ def resolve(spec: str, config: str | None, split: str | None):
         card = None if ds.path else _card(ds, commit, files)
         config, split, chosen = choose(below, card, config, split, str(ds))
         names = [prefix + n for n in chosen]
-        if offline:
-            _check_complete_shards(ds, names, split, cache)
+        if offline:  # the cache holds only the files once downloaded
+            missing_shards(names, split, str(ds), f"{_offline_hint(cache)}, or name the files you have with /PATH")
     snapshot = repo_folder(cache, ds.repo_id) / "snapshots" / commit
     return DatasetInput(label=str(ds), config=config, split=split,
                         files=tuple(HubFile(ds.repo_id, commit, n, files[n]) for n in names),
