@@ -53,7 +53,7 @@ def local_folder(folder: Path, config: str | None = None, split: str | None = No
     except Exception as exc:  # yaml's errors, undecodable text
         raise InputError(f"{card}: the card's YAML is not readable ({' '.join(str(exc).split())[:160]})") from None
     config, split, chosen = choose(names, meta, config, split, str(folder))
-    missing_shards(chosen, split, str(folder), "copy the missing files in, or pass the parquet files you have one by one")
+    missing_shards(chosen, split, str(folder), "copy the missing files in, or give the files you have as the input (one file, or a YAML mixture of them)")
     return DatasetInput(str(folder), config, split, tuple(folder / n for n in chosen), folder)
 
 
