@@ -321,3 +321,18 @@ def test_export_paths_that_cannot_be_written_are_one_line_and_leave_nothing(run,
     finally:
         locked.chmod(0o700)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "locked"]
+
+
+def test_export_writes_no_rejects_or_images_inside_the_run_folder(tmp_path):
+    """`--rejects OUT/data/r.jsonl` and `--image-folder OUT/data` wrote files among the shards."""
+    src, _ = hub_input(tmp_path / "hub")
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--embed-images")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    base = ("export", out, "--to", "llava-json", "--no-progress")
+    one_line_error(run_cli(*base, "--out", tmp_path / "a.json", "--rejects", out / "data" / "r.jsonl", expect=2),
+                   "--rejects", "outside the output folder")
+    one_line_error(run_cli(*base, "--out", tmp_path / "b.json", "--image-folder", out / "data", expect=2),
+                   "--image-folder", "inside the output folder")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert not list(tmp_path.glob("*.json"))

@@ -234,9 +234,10 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
                             f"extension); name it {dest.with_suffix(EXTENSIONS[fmt][0]).name}"
                             + (", or use --to llava-jsonl" if fmt == "llava-json" else
                                ", or use --to llava-json" if fmt == "llava-jsonl" else ""))
-    if dest.resolve().is_relative_to(out.resolve()):
-        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
-                            "(files there would be taken for part of the dataset)")
+    for path, option in ((dest, "--out"), (rejects, "--rejects")):
+        if path.resolve().is_relative_to(out.resolve()):
+            raise CogalignError(f"{option} {path}: give a file path outside the output folder {out} "
+                                "(files there would be taken for part of the dataset)")
     manifest = read_manifest(out)
     for path, option in ((dest, "--out"), (rejects, "--rejects")):
         if path.name == "dataset_info.json":
@@ -336,6 +337,9 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                             "pass --image-root, the --image-root that `expand` used")
     paths = ImagePaths(root, image_folder)
     files = ImageFiles(Path(image_folder), dest.stem, overwrite) if image_folder else None
+    if files is not None and embedded and files.folder.resolve().is_relative_to(out.resolve()):
+        raise CogalignError(f"--image-folder {image_folder}: export would write the output's images into "
+                            f"{files.folder}, inside the output folder {out}; give a folder outside it")
     writer = _open_writer(dest, is_array(dest), "--out")
     try:
         bad = _open_writer(result.rejects_path, False, "--rejects")
