@@ -123,3 +123,18 @@ def test_a_license_that_is_no_hub_id_is_refused_in_one_line(output, given):
     text = result.output.strip()
     assert text.startswith("error: --license") and len(text.splitlines()) == 1, text
     assert header(pub.plan_publish(output, "me/x", license="openrail++").card.decode())["license"] == "openrail++"
+
+
+def test_an_output_that_kept_no_record_is_not_published(tmp_path, monkeypatch):
+    """A run whose every record was rejected (here: images not found) went up as an empty shard, and the
+    upload deleted the repo's earlier data/ shards."""
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"id": f"r{i}", "image": f"gone{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]} for i in range(2)]))
+    run_cli("expand", src, "--out", tmp_path / "o", *FAST, "--workers", "0")
+    result = run_cli("publish", tmp_path / "o", "--repo", "me/x", "--dry-run", expect=2)
+    text = result.output.strip()
+    assert text.startswith("error:") and len(text.splitlines()) == 1 and "2 rejected: image_missing (2)" in text, text
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with pytest.raises(Exception, match="no record to publish"):
+        pub.publish(pub.plan_publish(tmp_path / "o", "me/x"), api=_api())

@@ -76,6 +76,7 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
                             "e.g. cc-by-4.0, apache-2.0, mit, other")
     layout = check_complete(out)
     root = layout.root
+    _check_not_empty(root)
     if include_all:
         paths = [p for p in sorted(root.rglob("*")) if p.is_file()
                  and not any(part in _NEVER for part in p.relative_to(root).parts) and not p.name.endswith(".tmp")]
@@ -86,6 +87,18 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
     if text is not None:
         files = [(path, len(text) if path == CARD else size) for path, size in files]
     return PublishPlan(root, repo_id, revision, private, _endpoint(), tuple(files), text, local, tuple(notes))
+
+
+def _check_not_empty(root: Path) -> None:
+    """Refuse an output that kept no record: publishing it would replace the repo's shards with an empty one."""
+    from cogalign.records import loads_exact
+    from cogalign.report import top_reasons
+
+    report = loads_exact((root / "report.json").read_bytes())
+    if report.get("expanded", 0) + report.get("passed", 0) == 0:
+        raise CogalignError(f"{root}: no record to publish ({report.get('input', 0)} read, {report.get('rejected', 0)} "
+                            f"rejected: {top_reasons(report.get('reject_reasons', {}))}); fix the input or the options, "
+                            "rerun expand, then publish (an empty upload would delete the repo's data/ shards)")
 
 
 def _card(root: Path, choice: str | None, license: str | None) -> tuple[bytes | None, bool, list[str]]:
