@@ -55,7 +55,7 @@ def show(
     out: Path = OutArg,
     record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id` (the first record with it). Give --id or --index."),
     index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based). Give --id or --index."),
-    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write. An existing file is replaced only with --overwrite; the run's input and images never."),
+    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write, outside OUT. An existing file is replaced only with --overwrite; the run's input and images never."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
     trust_pickle: bool = TrustOpt,
@@ -88,7 +88,7 @@ def show(
 
 def gallery(
     out: Path = OutArg,
-    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; an earlier gallery there is replaced, any other index.html is refused)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/, outside OUT (created; an earlier gallery there is replaced; another index.html, or img/recNNN_K.png files it did not write, are refused)."),
     n: int = typer.Option(24, "--n", min=1, help="Records to show, spread evenly over the output."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
