@@ -284,6 +284,8 @@ def test_a_system_prompt_reaches_llama_factory_and_trl(tmp_path):
     assert first["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
     assert "system" not in first and second["messages"][0]["role"] == "user"
     assert to_llava(first)[0]["system"] == "Be brief."  # a re-import gives the same record back
+    run_cli("export", out, "--to", "sharegpt", "--out", tmp_path / "sg.json", "--no-progress", "--overwrite", "--drop-keys")
+    assert [r.get("system") for r in json.loads((tmp_path / "sg.json").read_text())] == ["Be brief.", None]
 
 
 def test_export_overwrite_never_replaces_a_binary_file(run, tmp_path):

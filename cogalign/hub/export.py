@@ -138,8 +138,8 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
     head = {"id": record["id"]} if "id" in record else {}
     own = {"id", "image", "conversations"} | ({"images", "messages"} if fmt in ("sharegpt", "messages") else set())
     system = record.get("system") if isinstance(record.get("system"), str) and record["system"].strip() else None
-    if fmt == "messages" and system is not None:  # TRL applies the chat template to `messages` alone
-        own.add("system")
+    if fmt in ("messages", "sharegpt") and system is not None:  # a key of the format's own (sharegpt's `system`
+        own.add("system")  # column; TRL reads `messages` alone): kept with --drop-keys too
     rest = {k: v for k, v in record.items() if k not in own} if keep_keys else {}
     if fmt in ("llava-json", "llava-jsonl"):
         if not images:
@@ -147,7 +147,7 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
         image = images if isinstance(record.get("image"), list) else images[0]
         return {**head, "image": image, "conversations": conv, **rest}
     if fmt == "sharegpt":
-        return {**head, "conversations": conv, "images": images, **rest}
+        return {**head, "conversations": conv, "images": images, **({"system": system} if system else {}), **rest}
     if fmt == "messages":
         lead = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
         return {**head, "messages": lead + [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
