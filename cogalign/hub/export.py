@@ -362,7 +362,7 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                 else:
                     writer.write(convert(record, fmt, paths, written, keep_keys))
                     result.written += 1
-                    result.system = result.system or isinstance(record.get("system"), str)
+                    result.system = result.system or bool(isinstance(record.get("system"), str) and record["system"].strip())
                 bar.advance()
     except BaseException as e:
         writer.abort()
