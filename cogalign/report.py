@@ -110,6 +110,21 @@ def source_dataset(manifest: dict) -> str | None:
     return repo if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None
 
 
+def source_label(manifest: dict) -> str:
+    """The input as the card names it: a Hub dataset at its commit (with its PATH), a local input by its
+    file or folder name; then the config and split read (the output's one split is `train` whichever it was)."""
+    identity = manifest.get("input_identity") if isinstance(manifest.get("input_identity"), dict) else {}
+    name = Path(str(manifest["input"])).name
+    if str(manifest["input"]).startswith("hf://datasets/") and isinstance(identity.get("commit"), str):
+        from cogalign.inputs.hub import DatasetSpec, parse
+
+        spec = parse(str(manifest["input"]))
+        name = str(DatasetSpec(spec.repo_id, identity["commit"][:12], spec.path))
+    parts = [f"{k} {identity[k]}" for k in ("config", "split") if isinstance(identity.get(k), str) and identity[k]]
+    moved = identity.get("split") not in (None, "", "train")  # the output names its split `train`
+    return f"`{name}`" + (f" ({', '.join(parts)}{'; here its `train` split' if moved else ''})" if parts else "")
+
+
 def card_note(out_dir: str | Path) -> str:
     """Lines for the summary: image paths that point nowhere, and the card when it could not go to README.md."""
     lines = [dangling_note(Path(out_dir))]
@@ -260,7 +275,7 @@ dataset_info:
 ---
 # LLaVA data with cognition-alignment turns
 {warning}
-Made with cogalign {manifest['cogalign_version']} from `{Path(str(manifest['input'])).name}`
+Made with cogalign {manifest['cogalign_version']} from {source_label(manifest)}
 ({manifest['records']} records): {report['expanded']} expanded with
 {' and '.join(opts['targets'])} turns, {report['passed']} passed through unchanged,
 {report['rejected']} rejected (reasons: {reasons}).

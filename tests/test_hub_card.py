@@ -114,3 +114,27 @@ def test_px_only_run_has_no_demo_warning(tmp_path):
     out = tmp_path / "o"
     run_cli("expand", EXAMPLES, "--out", out, *FAST, "--workers", "0", "--targets", "px")
     assert "not for training a model" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("given", ["cc by", "x\ny: 1", "CC-BY-4.0", ""])
+def test_a_license_that_is_no_hub_id_is_refused_in_one_line(output, given):
+    """`--license "x\\ny: 1"` went into the card's YAML as it was: a `y` key of its own; `cc by` is no id."""
+    result = run_cli("publish", output, "--repo", "me/x", "--dry-run", "--license", given, expect=2)
+    text = result.output.strip()
+    assert text.startswith("error: --license") and len(text.splitlines()) == 1, text
+    assert header(pub.plan_publish(output, "me/x", license="openrail++").card.decode())["license"] == "openrail++"
+
+
+def test_an_output_that_kept_no_record_is_not_published(tmp_path, monkeypatch):
+    """A run whose every record was rejected (here: images not found) went up as an empty shard, and the
+    upload deleted the repo's earlier data/ shards."""
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"id": f"r{i}", "image": f"gone{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]} for i in range(2)]))
+    run_cli("expand", src, "--out", tmp_path / "o", *FAST, "--workers", "0")
+    result = run_cli("publish", tmp_path / "o", "--repo", "me/x", "--dry-run", expect=2)
+    text = result.output.strip()
+    assert text.startswith("error:") and len(text.splitlines()) == 1 and "2 rejected: image_missing (2)" in text, text
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with pytest.raises(Exception, match="no record to publish"):
+        pub.publish(pub.plan_publish(tmp_path / "o", "me/x"), api=_api())

@@ -4,6 +4,7 @@ somewhere, and images a run must not lose (several per record, embedded bytes)."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -242,3 +243,98 @@ def test_auto_shard_size_counts_embedded_image_bytes(tmp_path):
     plain = run_cli("expand", src, "--out", tmp_path / "plain", *FAST, "--workers", "0")
     assert plain.exit_code == 0
     assert json.loads((tmp_path / "plain" / "cogalign.json").read_text())["shard_size"] > shard_size
+
+
+def test_export_overwrite_never_writes_into_an_image_folder_it_did_not_make(tmp_path):
+    """--overwrite replaced a user's own <stem>-images/00000000-0.png with the output's bytes."""
+    src, rows = hub_input(tmp_path / "hub")
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--embed-images")
+    media = tmp_path / "media"
+    (media / "a-images").mkdir(parents=True)
+    (media / "a-images" / "00000000-0.png").write_text("my photo")
+    args = ("export", out, "--to", "llava-json", "--out", tmp_path / "a.json", "--image-folder", media, "--no-progress")
+    one_line_error(run_cli(*args, "--overwrite", expect=2), "a-images", "not made by cogalign export")
+    assert (media / "a-images" / "00000000-0.png").read_text() == "my photo"
+    assert not (tmp_path / "a.json").exists()
+    shutil.rmtree(media / "a-images")
+    run_cli(*args)
+    run_cli(*args, "--overwrite")  # its own folder: replaced on request
+    assert len(json.loads((tmp_path / "a.json").read_text())) == len(rows)
+
+
+def test_a_system_prompt_reaches_llama_factory_and_trl(tmp_path):
+    """The `system` key a chat record's system turn became was written, but LLaMA-Factory's entry did not map
+    it and the messages export left it outside `messages`: both trainers trained without it."""
+    src = tmp_path / "in"
+    shutil.copytree(IMAGES, src / "images")
+    rows = [{"id": "s", "messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                                     {"role": "assistant", "content": "A cat."}], "images": ["images/chelsea.png"]},
+            {"id": "n", "conversations": GOOD, "image": "images/coffee.png"}]
+    (src / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run_cli("expand", src / "chat.jsonl", "--out", out, *FAST, "--workers", "0", "--format", "jsonl")
+    run_cli("export", out, "--to", "sharegpt", "--out", tmp_path / "sg.json", "--no-progress")
+    entry = json.loads((tmp_path / "dataset_info.json").read_text())["sg"]
+    assert entry["columns"]["system"] == "system"
+    assert [r.get("system") for r in json.loads((tmp_path / "sg.json").read_text())] == ["Be brief.", None]
+    run_cli("export", out, "--to", "messages", "--out", tmp_path / "m.jsonl", "--no-progress")
+    first, second = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert first["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert "system" not in first and second["messages"][0]["role"] == "user"
+    assert to_llava(first)[0]["system"] == "Be brief."  # a re-import gives the same record back
+    run_cli("export", out, "--to", "sharegpt", "--out", tmp_path / "sg.json", "--no-progress", "--overwrite", "--drop-keys")
+    assert [r.get("system") for r in json.loads((tmp_path / "sg.json").read_text())] == ["Be brief.", None]
+
+
+def test_export_overwrite_never_replaces_a_binary_file(run, tmp_path):
+    """`--rejects images/brick.png --overwrite` emptied the run's own image (an empty rejects list)."""
+    src, out = run
+    photo = src.parent / "images" / "brick.png"
+    before = photo.read_bytes()
+    for option in ("--rejects", "--out"):
+        dest = photo if option == "--rejects" else tmp_path / "x.json"
+        if option == "--out":
+            dest.write_bytes(before)  # an image saved under a .json name
+        args = ["--out", tmp_path / "y.json", "--rejects", photo] if option == "--rejects" else ["--out", dest]
+        one_line_error(run_cli("export", out, "--to", "llava-json", *args, "--overwrite", "--no-progress", expect=2),
+                       option, "binary file")
+        assert dest.read_bytes() == before
+    run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress")
+    run_cli("export", out, "--to", "llava-json", "--out", tmp_path / "z.json", "--no-progress", "--overwrite")
+
+
+def test_export_paths_that_cannot_be_written_are_one_line_and_leave_nothing(run, tmp_path):
+    """A --out or --rejects under a file, or in a folder that cannot be written, was a traceback, and a
+    failed --rejects left --out's temporary file behind."""
+    _, out = run
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for args, needle in ((["--out", a_file / "x.json"], "--out"),
+                         (["--out", tmp_path / "q.json", "--rejects", a_file / "r.jsonl"], "--rejects")):
+        one_line_error(run_cli("export", out, "--to", "llava-json", *args, "--no-progress", expect=2), needle, "is a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anyway
+            one_line_error(run_cli("export", out, "--to", "llava-json", "--out", locked / "x.json", expect=2), "cannot write")
+    finally:
+        locked.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "locked"]
+
+
+def test_export_writes_no_rejects_or_images_inside_the_run_folder(tmp_path):
+    """`--rejects OUT/data/r.jsonl` and `--image-folder OUT/data` wrote files among the shards."""
+    src, _ = hub_input(tmp_path / "hub")
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, *FAST, "--workers", "0", "--embed-images")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    base = ("export", out, "--to", "llava-json", "--no-progress")
+    one_line_error(run_cli(*base, "--out", tmp_path / "a.json", "--rejects", out / "data" / "r.jsonl", expect=2),
+                   "--rejects", "outside the output folder")
+    one_line_error(run_cli(*base, "--out", tmp_path / "b.json", "--image-folder", out / "data", expect=2),
+                   "--image-folder", "inside the output folder")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert not list(tmp_path.glob("*.json"))

@@ -249,3 +249,58 @@ def test_show_rereads_the_split_and_commit_the_run_read(tmp_path, offline, via_h
     manifest = json.loads((tmp_path / "o" / "cogalign.json").read_text())
     first = outputs(tmp_path / "o")[0]
     assert _bytes_from_input(first, manifest) == (IMAGES.parent / records12()[9]["image"]).read_bytes()
+
+
+def test_the_card_names_the_hub_source_its_commit_and_the_split_read(tmp_path, offline):
+    """The card said `from llava-mini` for `--split test` of a Hub repo, under `split: train`: neither the
+    commit nor that the rows are the source's test split was stated."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    run_cli("expand", f"hf://datasets/{REPO}", "--split", "test", "--out", tmp_path / "hub", *FAST, "--workers", "0")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert f"from `hf://datasets/{REPO}@{SHA[:12]}` (config default, split test; here its `train` split)" in card
+    run_cli("expand", files, "--out", tmp_path / "local", *FAST, "--workers", "0")
+    assert "from `repo` (config default, split train)\n" in (tmp_path / "local" / "README.md").read_text()
+
+
+def test_validate_reads_hub_datasets_and_splits_as_expand_does(tmp_path, offline):
+    """`validate hf://datasets/...` failed with "path ... does not exist", and validate had no --split:
+    the test split of a folder could not be checked before an expand of it."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    for source in (f"hf://datasets/{REPO}", files):
+        out = run_cli("validate", source, "--split", "test", "--workers", "0", "--no-progress").output
+        assert "records: 3  would expand: 3" in out, out
+    out = run_cli("validate", f"hf://datasets/{REPO}", "--split", "dev", "--no-progress", expect=2).output.strip()
+    assert out.startswith("error:") and len(out.splitlines()) == 1 and "no split 'dev'" in out, out
+
+
+@pytest.mark.parametrize("command", [["export", "--to", "llava-json", "--out", "x.json"], ["stats"],
+                                     ["publish", "--repo", "a/b", "--dry-run"]])
+def test_a_hub_dataset_given_to_an_output_command_says_to_expand_it_first(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_cli(command[0], f"hf://datasets/{REPO}", *command[1:], expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and f"hf://datasets/{REPO}: a Hub dataset" in out, out
+    assert f"cogalign expand hf://datasets/{REPO}" in out
+
+
+def test_offline_a_split_missing_some_of_its_shards_in_the_cache_is_refused(tmp_path, offline):
+    """Offline, a cache holding 1 of the 2 train files read 5 of the 9 train records without a word."""
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    hand_built_cache(offline, files)
+    snapshot = offline / ("datasets--" + REPO.replace("/", "--")) / "snapshots" / SHA
+    (snapshot / "data" / "train-00001-of-00002.parquet").unlink()
+    out = run_cli("expand", f"hf://datasets/{REPO}", "--out", tmp_path / "o", *FAST, expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and "1 of the 2 files of split 'train' are here" in out, out
+    assert "train-00001-of-00002.parquet is missing" in out and not (tmp_path / "o").exists()
+    one = f"hf://datasets/{REPO}/data/train-00000-of-00002.parquet"  # the file that is there, named
+    assert "records: 5  would expand" in run_cli("validate", one, "--workers", "0", "--no-progress").output
+    assert "records: 3  would expand" in run_cli("validate", f"hf://datasets/{REPO}", "--split", "test",
+                                                 "--workers", "0", "--no-progress").output
+
+
+def test_a_local_folder_missing_one_of_its_shards_is_refused(tmp_path):
+    files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
+    (files / "data" / "train-00000-of-00002.parquet").unlink()
+    out = run_cli("validate", files, "--no-progress", expect=2).output.strip()
+    assert len(out.splitlines()) == 1 and "train-00000-of-00002.parquet is missing" in out, out

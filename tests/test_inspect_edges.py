@@ -212,3 +212,25 @@ def test_gallery_does_not_overwrite_someone_elses_index_html(run, tmp_path):
     assert "my homepage" in (site / "index.html").read_text()
     run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")
     run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")  # its own page is replaced
+
+
+def test_gallery_never_deletes_or_replaces_pngs_it_did_not_write(run, tmp_path):
+    site = tmp_path / "site"
+    (site / "img").mkdir(parents=True)
+    (site / "img" / "recipe.png").write_text("my recipe")  # rec*.png, not a panel name
+    run_cli("gallery", run, "--out", site, "--n", "1", "--no-progress")
+    assert (site / "img" / "recipe.png").read_text() == "my recipe"
+    mine = tmp_path / "mine"
+    (mine / "img").mkdir(parents=True)
+    (mine / "img" / "rec000_0.png").write_text("my photo")
+    _one_line_error(run_cli("gallery", run, "--out", mine, "--n", "1", "--no-progress", expect=2),
+                    "rec000_0.png", "did not write")
+    assert (mine / "img" / "rec000_0.png").read_text() == "my photo"
+    run_cli("gallery", run, "--out", site, "--n", "1", "--no-progress")  # its own panels are replaced
+
+
+def test_show_and_gallery_refuse_an_out_inside_the_run_folder(run, tmp_path):
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    _one_line_error(run_cli("gallery", run, "--out", run, "--n", "1", "--no-progress", expect=2), "inside the output folder")
+    _one_line_error(run_cli("show", run, "--index", "0", "--out", run / "data" / "x.png", expect=2), "inside the output folder")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -1,5 +1,6 @@
 """Output-path options of validate and expand: a missing folder is made, an impossible path is one line."""
 import json
+import os
 
 import pytest
 
@@ -60,3 +61,11 @@ def test_a_missing_image_root_is_refused_not_every_record(tmp_path, command):
 def test_a_huge_shard_size_is_refused(tmp_path):
     result = run_cli("expand", EXAMPLES, "--out", tmp_path / "o", *FAST, "--shard-size", str(10**23), expect=2)
     assert "--shard-size" in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, where no folder can be made")
+def test_an_out_that_cannot_be_made_is_one_line(tmp_path):
+    """`expand --out /proc/x` (writable by os.access for root, yet no folder can be made there) was a traceback."""
+    result = run_cli("expand", EXAMPLES, "--out", "/proc/cogalign-out", *FAST, "--workers", "0", expect=2)
+    text = result.output.strip()
+    assert text.startswith("error: --out /proc/cogalign-out") and len(text.splitlines()) == 1, text

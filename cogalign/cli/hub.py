@@ -57,7 +57,7 @@ def export(
     image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Folder the trainer joins image paths to (LLaVA --image_folder, LLaMA-Factory media_dir); paths are written relative to it, and images the output holds only as bytes (--embed-images) are written into <folder>/<--out name>-images/. Default: paths unchanged (relative to --image-root)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the output's image paths are relative to. Default: the folder of the input `expand` read."),
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Where records that break a rule are listed with their reasons. Default: <--out>.rejects.jsonl."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --rejects file (never the run's input). Default: off (refused)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --rejects file and the images an earlier export wrote into <--image-folder>/<name>-images/ (never the run's input, a binary file such as an image, nor a folder export did not make). Default: off (refused)."),
     drop_keys: bool = typer.Option(False, "--drop-keys", help="Write only the format's own keys. Default: off (other keys, e.g. data_source and the `cogalign` provenance, are kept; LLaVA, LLaMA-Factory and TRL ignore them)."),
     no_progress: bool = NoProgress,
 ) -> None:

@@ -44,11 +44,18 @@ def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     return decoder
 
 
+def _outside_run(dest: Path, out: Path) -> None:
+    """Refuse an --out inside the expand output folder: files there would be taken for part of the
+    dataset (`publish --include-all` uploads them; `reset` leaves them)."""
+    if dest.resolve().is_relative_to(out.resolve()):
+        fail(f"--out {dest}: is inside the output folder {out}; write it outside, e.g. {out.name}-inspect/")
+
+
 def show(
     out: Path = OutArg,
     record_id: Optional[str] = typer.Option(None, "--id", help="The record's `id` (the first record with it). Give --id or --index."),
     index: Optional[int] = typer.Option(None, "--index", min=0, help="The record's position in the input file (0-based). Give --id or --index."),
-    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write. An existing file is replaced only with --overwrite; the run's input and images never."),
+    dest: Path = typer.Option(..., "--out", "-o", help="PNG file to write, outside OUT. An existing file is replaced only with --overwrite; the run's input and images never."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
     trust_pickle: bool = TrustOpt,
@@ -61,6 +68,7 @@ def show(
     from cogalign.inspect.records import find_record, load_manifest
 
     check_png_out(dest, overwrite)
+    _outside_run(dest, out)
     try:
         manifest = load_manifest(out)
         record = find_record(out, record_id, index)
@@ -80,7 +88,7 @@ def show(
 
 def gallery(
     out: Path = OutArg,
-    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/ (created; an earlier gallery there is replaced, any other index.html is refused)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and img/, outside OUT (created; an earlier gallery there is replaced; another index.html, or img/recNNN_K.png files it did not write, are refused)."),
     n: int = typer.Option(24, "--n", min=1, help="Records to show, spread evenly over the output."),
     vq: Optional[str] = VqOpt,
     image_root: Optional[Path] = RootOpt,
@@ -98,6 +106,7 @@ def gallery(
     if dest.exists() and not dest.is_dir():
         fail(f"--out {dest}: exists and is not a folder")
     check_out_parent(dest)
+    _outside_run(dest, out)
     page = dest / "index.html"
     if page.is_file() and "<title>cogalign gallery:" not in page.read_text(encoding="utf-8", errors="replace")[:2000]:
         fail(f"--out {dest}: holds an index.html that is not a cogalign gallery; choose an empty or new folder")

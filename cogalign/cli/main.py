@@ -132,6 +132,10 @@ def expand(
         result = run_expand(input, out, options, runtime, image_root)
     except CogalignError as e:
         fail(str(e))
+    except OSError as e:  # --out cannot be made or written (a read-only or special file system, a full disk)
+        if not e.filename or not Path(os.path.abspath(e.filename)).is_relative_to(Path(os.path.abspath(out))):
+            raise
+        fail(f"--out {out}: cannot write {e.filename} ({e.strerror or e}); choose another --out")
     except KeyboardInterrupt:
         fail(f"interrupted; completed shards in {out} are kept: rerun the same command to resume", 130)
     if not result.is_main:
@@ -166,7 +170,9 @@ def _memory_budget(text: str) -> int:
 
 @app.command()
 def validate(
-    input: Path = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture.", exists=True),
+    input: str = typer.Argument(..., help="LLaVA JSON array or JSONL file; parquet file or folder (Hub layout, embedded images); datasets save_to_disk folder; LLaVA-NeXT YAML mixture; a Hub dataset hf://datasets/OWNER/NAME\\[@REVISION]\\[/PATH] (docs/hub-input.md)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Parquet folder or hf://datasets input: the config (the card's `configs`). Default: the card's default config, else the only one."),
+    split: Optional[str] = typer.Option(None, "--split", help="Parquet folder, save_to_disk DatasetDict or hf://datasets input: the split, by the Hub's file-name rules (data/train-*, *test*...). Default: train, else the only split."),
     image_root: Optional[Path] = ImageRoot,
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here (its folder is made if missing). Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
@@ -180,6 +186,9 @@ def validate(
     from cogalign.validate import validate as run_validate
 
     try:
+        from cogalign.inputs import resolve_input
+
+        input = resolve_input(input, config, split)  # as expand reads it: one config and split, or the path
         options = ExpandOptions(max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths, seed=seed)
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)

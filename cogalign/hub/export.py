@@ -65,6 +65,7 @@ class ExportResult:
     reasons: Counter = field(default_factory=Counter)
     dataset_info: Path | None = None
     images_written: int = 0
+    system: bool = False  # a written record holds a `system` prompt
 
 
 def check_record(record: dict) -> list[str]:
@@ -136,6 +137,9 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
     conv = [{"from": t["from"], "value": t["value"]} for t in record["conversations"]]
     head = {"id": record["id"]} if "id" in record else {}
     own = {"id", "image", "conversations"} | ({"images", "messages"} if fmt in ("sharegpt", "messages") else set())
+    system = record.get("system") if isinstance(record.get("system"), str) and record["system"].strip() else None
+    if fmt in ("messages", "sharegpt") and system is not None:  # a key of the format's own (sharegpt's `system`
+        own.add("system")  # column; TRL reads `messages` alone): kept with --drop-keys too
     rest = {k: v for k, v in record.items() if k not in own} if keep_keys else {}
     if fmt in ("llava-json", "llava-jsonl"):
         if not images:
@@ -143,9 +147,10 @@ def convert(record: dict, fmt: str, paths: ImagePaths, image_paths: list[str] | 
         image = images if isinstance(record.get("image"), list) else images[0]
         return {**head, "image": image, "conversations": conv, **rest}
     if fmt == "sharegpt":
-        return {**head, "conversations": conv, "images": images, **rest}
+        return {**head, "conversations": conv, "images": images, **({"system": system} if system else {}), **rest}
     if fmt == "messages":
-        return {**head, "messages": [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
+        lead = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
+        return {**head, "messages": lead + [{"role": ROLES[t["from"]], "content": _parts(t["value"])} for t in conv],
                 "images": images, **rest}
     raise CogalignError(f"--to {fmt!r}: unknown format; choose from {', '.join(FORMATS)}")
 
@@ -229,9 +234,10 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
                             f"extension); name it {dest.with_suffix(EXTENSIONS[fmt][0]).name}"
                             + (", or use --to llava-jsonl" if fmt == "llava-json" else
                                ", or use --to llava-json" if fmt == "llava-jsonl" else ""))
-    if dest.resolve().is_relative_to(out.resolve()):
-        raise CogalignError(f"--out {dest}: give a file path outside the output folder {out} "
-                            "(files there would be taken for part of the dataset)")
+    for path, option in ((dest, "--out"), (rejects, "--rejects")):
+        if path.resolve().is_relative_to(out.resolve()):
+            raise CogalignError(f"{option} {path}: give a file path outside the output folder {out} "
+                                "(files there would be taken for part of the dataset)")
     manifest = read_manifest(out)
     for path, option in ((dest, "--out"), (rejects, "--rejects")):
         if path.name == "dataset_info.json":
@@ -245,13 +251,32 @@ def check_dest(out: Path, fmt: str, dest: Path, rejects: Path, overwrite: bool) 
         if path.exists() and not overwrite:
             raise CogalignError(f"{option} {path}: exists; export replaces a file only with --overwrite, "
                                 "or choose another name")
+        if path.exists() and not _text(path):
+            raise CogalignError(f"{option} {path}: exists and is a binary file (an image?), so no export "
+                                "wrote it; export never replaces it, --overwrite or not: choose another name")
     if rejects.resolve() == dest.resolve():
         raise CogalignError(f"--rejects {rejects}: the same file as --out; choose another")
 
 
+def _text(path: Path) -> bool:
+    """Could export have written this file: UTF-8 text without NUL bytes (export writes JSON; an image,
+    an archive or any other binary file is never one of its)?"""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the block
+            return False
+    return b"\0" not in head
+
+
 class ImageFiles:
-    """Images that exist only as bytes in the output, written as files under `<image_folder>/<stem>-images/`
-    (a folder export creates; an existing one is replaced into only with --overwrite)."""
+    """Images that exist only as bytes in the output, written as files under `<image_folder>/<stem>-images/`:
+    a folder export creates and marks (`.cogalign-export`); an existing one is written into only when it
+    carries that mark and --overwrite is given, so no file of someone else's is ever replaced."""
+
+    MARK = ".cogalign-export"
 
     def __init__(self, image_folder: Path, stem: str, overwrite: bool):
         self.folder = image_folder / f"{stem}-images"
@@ -259,10 +284,15 @@ class ImageFiles:
         self.written = 0
 
     def write(self, index: int, k: int, name: str, data: bytes) -> str:
+        if self.existed and not (self.folder / self.MARK).is_file():
+            raise CogalignError(f"{self.folder}: exists and was not made by cogalign export, which would write the "
+                                "output's embedded images there; remove or rename that folder, or name --out otherwise")
         if self.existed and not self.overwrite:
             raise CogalignError(f"{self.folder}: exists, and export would write the output's embedded images "
                                 "there; pass --overwrite, or remove that folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.existed and not self.written:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / self.MARK).write_text("images written by `cogalign export`; rerun with --overwrite replaces them\n")
         path = self.folder / f"{index:08d}-{k}{_extension(name, data)}"
         write_atomic(path, data)
         self.written += 1
@@ -305,10 +335,17 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
     if not root.is_dir() and not (embedded and image_folder):
         raise CogalignError(f"image root {root} (where the output's image paths start) is not a folder here; "
                             "pass --image-root, the --image-root that `expand` used")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     paths = ImagePaths(root, image_folder)
     files = ImageFiles(Path(image_folder), dest.stem, overwrite) if image_folder else None
-    writer, bad = _Writer(dest, is_array(dest)), _Writer(result.rejects_path, False)
+    if files is not None and embedded and files.folder.resolve().is_relative_to(out.resolve()):
+        raise CogalignError(f"--image-folder {image_folder}: export would write the output's images into "
+                            f"{files.folder}, inside the output folder {out}; give a folder outside it")
+    writer = _open_writer(dest, is_array(dest), "--out")
+    try:
+        bad = _open_writer(result.rejects_path, False, "--rejects")
+    except CogalignError:
+        writer.abort()
+        raise
     try:
         with Progress(count_records(out), progress, label="export") as bar:
             for index, (record, data) in enumerate(iter_layout(layout, with_bytes=True)):
@@ -325,17 +362,35 @@ def export(out: str | Path, fmt: str, dest: str | Path, image_root: str | Path |
                 else:
                     writer.write(convert(record, fmt, paths, written, keep_keys))
                     result.written += 1
+                    result.system = result.system or bool(isinstance(record.get("system"), str) and record["system"].strip())
                 bar.advance()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
         bad.abort()
+        if isinstance(e, OSError):  # a full disk, a folder that went away: one line, nothing half-written
+            raise CogalignError(f"--out {dest}: cannot write ({e.strerror or e}); nothing was written") from None
         raise
-    writer.close()
-    bad.close()
+    try:
+        writer.close()
+        bad.close()
+    except OSError as e:
+        raise CogalignError(f"--out {dest}: cannot write ({e.strerror or e})") from None
     result.images_written = files.written if files else 0
     if fmt == "sharegpt":
-        result.dataset_info = register_sharegpt(dest)
+        result.dataset_info = register_sharegpt(dest, result.system)
     return result
+
+
+def _open_writer(path: Path, array: bool, option: str) -> _Writer:
+    """A writer for `path`, its folder made; an --out/--rejects that cannot be written is one line."""
+    above = next((q for q in path.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CogalignError(f"{option} {path}: {above} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _Writer(path, array)
+    except OSError as e:
+        raise CogalignError(f"{option} {path}: cannot write there ({e.strerror or e}); choose another path") from None
 
 
 def _place_images(record: dict, data: list | None, index: int, paths: ImagePaths, files: ImageFiles | None):
@@ -365,9 +420,10 @@ def read_dataset_info(dest: Path) -> dict:
     return info
 
 
-def _entry(dest: Path) -> dict:
-    return {"file_name": dest.name, "formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images"},
-            "tags": dict(SHAREGPT_TAGS), MARKER: True}
+def _entry(dest: Path, system: bool = False) -> dict:
+    """The entry; with `system`, the `system` column is mapped (LLaMA-Factory ignores it otherwise)."""
+    columns = {"messages": "conversations", "images": "images"} | ({"system": "system"} if system else {})
+    return {"file_name": dest.name, "formatting": "sharegpt", "columns": columns, "tags": dict(SHAREGPT_TAGS), MARKER: True}
 
 
 def check_entry(dest: Path) -> dict:
@@ -382,10 +438,10 @@ def check_entry(dest: Path) -> dict:
     return info
 
 
-def register_sharegpt(dest: Path) -> Path:
+def register_sharegpt(dest: Path, system: bool = False) -> Path:
     """Add (or replace its own) entry for this file in the `dataset_info.json` beside it; other entries are kept."""
     info_path = dest.parent / "dataset_info.json"
     info = check_entry(dest)
-    info[dest.stem] = _entry(dest)
+    info[dest.stem] = _entry(dest, system)
     write_atomic(info_path, orjson.dumps(info, option=orjson.OPT_INDENT_2))
     return info_path

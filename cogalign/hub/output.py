@@ -18,6 +18,10 @@ from cogalign.writer import from_row, read_shard
 
 def check_complete(out: str | Path) -> Layout:
     """The folder's layout, or CogalignError naming what is missing and the command that completes it."""
+    if str(out).startswith("hf:/") and not Path(out).is_dir():  # Path() made hf:// into hf:/
+        hub = "hf://" + str(out)[4:].lstrip("/")
+        raise CogalignError(f"{hub}: a Hub dataset, not an output folder; run `cogalign expand {hub} --out OUT` "
+                            "and give OUT (export, stats and publish read expand's output, with its cogalign.json)")
     out = Path(out)
     if not out.is_dir():
         raise CogalignError(f"{out}: no such output folder; give the --out folder of `cogalign expand`")

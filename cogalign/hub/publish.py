@@ -60,6 +60,9 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
 
 
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's ids: cc-by-4.0, apache-2.0, gpl-3.0+, other
+
+
 def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
                  include_all: bool = False, card: str | None = None, license: str | None = None) -> PublishPlan:
     """What would be uploaded where; refuses an incomplete output or a bad repository name."""
@@ -68,8 +71,12 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
                             "e.g. my-org/llava-cogalign")
     if revision is not None and not revision.strip():
         raise CogalignError("--revision is empty; give a branch name or leave it out for main")
+    if license is not None and not _LICENSE.fullmatch(license):
+        raise CogalignError(f"--license {license!r}: expected a Hub license id (lowercase letters, digits, '.', '-'), "
+                            "e.g. cc-by-4.0, apache-2.0, mit, other")
     layout = check_complete(out)
     root = layout.root
+    _check_not_empty(root)
     if include_all:
         paths = [p for p in sorted(root.rglob("*")) if p.is_file()
                  and not any(part in _NEVER for part in p.relative_to(root).parts) and not p.name.endswith(".tmp")]
@@ -80,6 +87,18 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
     if text is not None:
         files = [(path, len(text) if path == CARD else size) for path, size in files]
     return PublishPlan(root, repo_id, revision, private, _endpoint(), tuple(files), text, local, tuple(notes))
+
+
+def _check_not_empty(root: Path) -> None:
+    """Refuse an output that kept no record: publishing it would replace the repo's shards with an empty one."""
+    from cogalign.records import loads_exact
+    from cogalign.report import top_reasons
+
+    report = loads_exact((root / "report.json").read_bytes())
+    if report.get("expanded", 0) + report.get("passed", 0) == 0:
+        raise CogalignError(f"{root}: no record to publish ({report.get('input', 0)} read, {report.get('rejected', 0)} "
+                            f"rejected: {top_reasons(report.get('reject_reasons', {}))}); fix the input or the options, "
+                            "rerun expand, then publish (an empty upload would delete the repo's data/ shards)")
 
 
 def _card(root: Path, choice: str | None, license: str | None) -> tuple[bytes | None, bool, list[str]]:

@@ -195,7 +195,7 @@ def _card(ds: DatasetSpec, commit: str, files: dict[str, int]) -> dict | None:
 
 def resolve(spec: str, config: str | None, split: str | None):
     """The `DatasetInput` of one config and split of a Hub dataset, at a pinned commit."""
-    from cogalign.inputs.splits import DatasetInput, choose
+    from cogalign.inputs.splits import DatasetInput, choose, missing_shards
 
     ds = parse(spec)
     cache, offline, endpoint = _env()
@@ -214,6 +214,8 @@ def resolve(spec: str, config: str | None, split: str | None):
         card = None if ds.path else _card(ds, commit, files)
         config, split, chosen = choose(below, card, config, split, str(ds))
         names = [prefix + n for n in chosen]
+        if offline:  # the cache holds only the files once downloaded
+            missing_shards(names, split, str(ds), f"{_offline_hint(cache)}, or name the files you have with /PATH")
     snapshot = repo_folder(cache, ds.repo_id) / "snapshots" / commit
     return DatasetInput(label=str(ds), config=config, split=split,
                         files=tuple(HubFile(ds.repo_id, commit, n, files[n]) for n in names),

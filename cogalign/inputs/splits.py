@@ -53,6 +53,7 @@ def local_folder(folder: Path, config: str | None = None, split: str | None = No
     except Exception as exc:  # yaml's errors, undecodable text
         raise InputError(f"{card}: the card's YAML is not readable ({' '.join(str(exc).split())[:160]})") from None
     config, split, chosen = choose(names, meta, config, split, str(folder))
+    missing_shards(chosen, split, str(folder), "copy the missing files in, or give the files you have as the input (one file, or a YAML mixture of them)")
     return DatasetInput(str(folder), config, split, tuple(folder / n for n in chosen), folder)
 
 
@@ -157,6 +158,24 @@ def choose(files: list[str], card: dict | None, config: str | None, split: str |
                              f"{', ...' if len(stray) > 1 else ''}) belong{'s' * (len(stray) == 1)} to no split of {', '.join(patterns)}; "
                              "name the split with --split, or move the other files out")
     return name, chosen_split, chosen
+
+
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})(\.[^/]*)$")  # datasets' shard names: train-00000-of-00002.parquet
+
+
+def missing_shards(names: list[str], split: str, where: str, fix: str) -> None:
+    """Refuse a split whose shard names (`-00000-of-00002`) say that some of its files are not there,
+    instead of reading part of it."""
+    groups: dict[tuple, set[int]] = {}
+    for name in names:
+        m = _SHARD.match(name)
+        if m:
+            groups.setdefault((m.group(1), int(m.group(3)), m.group(4)), set()).add(int(m.group(2)))
+    for (stem, total, ext), have in groups.items():
+        if len(have) < total:
+            missing = next(i for i in range(total) if i not in have)
+            raise InputError(f"{where}: {len(have)} of the {total} files of split {split!r} are here "
+                             f"({stem}-{missing:05d}-of-{total:05d}{ext} is missing); {fix}")
 
 
 def fnmatch_glob(pattern: str, path: str) -> bool:

@@ -10,11 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL.PngImagePlugin import PngInfo
 
 from cogalign.errors import CogalignError
 from cogalign.inspect.panels import display, view_record
 from cogalign.inspect.records import load_manifest
 
+MARK = "cogalign gallery"  # the Software text of the PNGs gallery writes: only those are ever replaced
+PANEL_NAME = re.compile(r"rec\d{3}_\d+\.png")
 FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -32,6 +35,33 @@ def _reason(message: str) -> str:
     """The reason code in a skipped record's message (image_missing, ...), else its first words."""
     m = re.search(r"\b(image_[a-z_]+|no decoder|passed through)\b", message)
     return m.group(1) if m else " ".join(message.split()[:4])
+
+
+def _ours(path: Path) -> bool:
+    """Is `path` a PNG that gallery wrote (its Software text is MARK)?"""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("Software") == MARK
+    except Exception:
+        return False
+
+
+def _own_panels(dest: Path) -> list[Path]:
+    """The panel PNGs in DIR/img/ that an earlier gallery wrote (marked; before marks: beside its index.html);
+    CogalignError if a panel-named PNG there is someone else's (it would be replaced)."""
+    img_dir = dest / "img"
+    if not img_dir.is_dir():
+        return []
+    page = dest / "index.html"
+    legacy = page.is_file() and "<title>cogalign gallery:" in page.read_text(encoding="utf-8", errors="replace")[:2000]
+    named = sorted(f for f in img_dir.iterdir() if PANEL_NAME.fullmatch(f.name))
+    theirs = [f.name for f in named if not (legacy or _ours(f))]
+    if theirs:
+        raise CogalignError(f"{img_dir}: holds {theirs[0]}{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''} "
+                            "that cogalign gallery did not write (it would be replaced); choose an empty or new folder")
+    return named
 
 
 def sample_records(out: Path, n: int) -> list[dict]:
@@ -76,10 +106,13 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     records = sample_records(out, n) if records is None else records
     img_dir = dest / "img"
+    own = _own_panels(dest)
     img_dir.mkdir(parents=True, exist_ok=True)
-    for old in img_dir.glob("rec*.png"):  # a rerun replaces the previous sample
+    for old in own:  # a rerun replaces the previous sample (its own PNGs alone)
         old.unlink()
     blocks, templates, skipped, images = [], Counter(), [], 0
+    info = PngInfo()
+    info.add_text("Software", MARK)
     for k, rec in enumerate(records):
         try:
             view = view_record(rec, manifest, decoder, image_root)
@@ -92,7 +125,7 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
         figs = []
         for j, panel in enumerate(view.panels):
             name = f"rec{k:03d}_{j}.png"
-            display(panel.pixels).save(img_dir / name, optimize=True)
+            display(panel.pixels).save(img_dir / name, optimize=True, pnginfo=info)
             images += 1
             figs.append(f'<figure><img src="img/{name}" alt="{html.escape(panel.title)}">'
                         f"<figcaption><b>{html.escape(panel.title)}</b><br>{html.escape(panel.caption)}"
