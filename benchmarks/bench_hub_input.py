@@ -89,7 +89,7 @@ def main() -> None:
         os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp / "cache"))
         hand_built_cache(tmp / "cache", tmp / "repo")
         from cogalign.inputs import hub, resolve_input
-        from cogalign.records import count_records, iter_records
+        from cogalign.inputs import count_input as count_records, iter_input as iter_records
 
         first = sorted((tmp / "repo" / "data").iterdir())[0]
         size = first.stat().st_size

@@ -67,11 +67,11 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
     from cogalign.inputs import image_root as resolve_image_root
     from cogalign.inputs.embedded import EmbeddedImage
     from cogalign.inputs.turns import to_llava
-    from cogalign.records import iter_records
+    from cogalign.inputs import iter_input
 
     root = Path(image_root) if image_root is not None else Path(resolve_image_root(input_path, None))
     total = records = with_images = 0
-    for _, record in _records(iter_records(input_path, seed=options.seed)):
+    for _, record in _records(iter_input(input_path, seed=options.seed)):
         if records >= scan or with_images >= samples:
             break
         records += 1

@@ -23,13 +23,12 @@ from cogalign import distributed, estimate, report, validate
 from cogalign import layout as layout_mod
 from cogalign.errors import CogalignError
 from cogalign.identity import input_identity
-from cogalign.inputs import image_root as resolve_image_root, resolve_input
+from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.layout import Layout
 from cogalign.options import ExpandOptions
 from cogalign import writer as writer_mod
 from cogalign.pool import refuse_while_spawning
 from cogalign.progress import Progress
-from cogalign.records import count_records, iter_records
 from cogalign.shardpool import ShardPool
 from cogalign.templates import TemplateSampler
 from cogalign.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
@@ -106,7 +105,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     started = time.perf_counter()
     options, sampler, tokenizer = resolve_options(options, runtime, work)
     digest = hashlib.sha256()
-    n_records = count_records(input_path, digest, seed=options.seed)
+    n_records = count_input(input_path, digest, seed=options.seed)
     shard_size = runtime.shard_size or estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     layout = Layout(out_dir, max(1, -(-n_records // shard_size)), options.format)  # `[]` still gets one shard
     manifest = {"cogalign_version": _version(), "fingerprint": options.fingerprint(), "options": options.to_dict(),
@@ -183,7 +182,7 @@ def _duration(seconds: float) -> str:
 
 
 def _run_shards(input_path, layout, shard_size, todo, ctx, tokenizer, runtime, result, bar) -> None:
-    mine = iter_records(input_path, skip=lambda i: i // shard_size not in todo,  # skipped ones never come
+    mine = iter_input(input_path, skip=lambda i: i // shard_size not in todo,  # skipped ones never come
                         seed=ctx.options.seed)
 
     def publish(shard: int, tmp: Path, stats: dict, rejects: list[str], ids: list, seconds: float) -> None:

@@ -6,8 +6,6 @@ hash covers their bytes in that order; the reader that counts them feeds one dig
 """
 from __future__ import annotations
 
-import hashlib
-
 from cogalign.inputs import DatasetInput, input_files
 
 
@@ -24,37 +22,3 @@ def input_identity(path, sha256: str) -> dict:
             "mtime": max((s.st_mtime for s in stats), default=0.0), "sha256": sha256,
             **({"config": path.config, "split": path.split} if isinstance(path, DatasetInput) else {}),
             **({"files": [str(f) for f in files]} if len(files) > 1 else {})}
-
-
-class HashingReader:
-    """A binary file that hashes every byte it hands out, once, even across seeks back."""
-
-    def __init__(self, f, digest=None):
-        self.f, self.digest = f, digest or hashlib.sha256()
-        self.hashed = 0  # bytes [0, hashed) are in the digest
-
-    def read(self, n: int = -1) -> bytes:
-        pos = self.f.tell()
-        data = self.f.read(n)
-        end = pos + len(data)
-        if end > self.hashed:
-            if pos > self.hashed:  # a seek forward: hash the gap too
-                self.f.seek(self.hashed)
-                while self.hashed < pos:
-                    self.hashed += len(chunk := self.f.read(min(pos - self.hashed, 1 << 20)))
-                    self.digest.update(chunk)
-                self.f.seek(end)
-            self.digest.update(data[self.hashed - pos:] if pos < self.hashed else data)
-            self.hashed = end
-        return data
-
-    def drain(self) -> None:
-        """Hash the rest of the file (what a parser left unread)."""
-        while self.read(1 << 20):
-            pass
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def seek(self, *args) -> int:
-        return self.f.seek(*args)

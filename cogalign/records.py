@@ -12,6 +12,7 @@ whitespace-only line takes no position; a line that is not valid JSON does).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,6 @@ import ijson
 import orjson
 
 from .errors import InputError, RecordError
-from .inputs import count_input, hash_input, input_kind, iter_input
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 
@@ -124,11 +124,9 @@ def _one_line(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def iter_records(path, *, skip: Callable[[int], bool] | None = None, seed: int = 0) -> Iterator[tuple[int, object]]:
-    """Yield `(position, record)` for every record, streaming.
-
-    Parquet files or folders, `save_to_disk` folders and YAML mixtures (whose `random`
-    sampling uses `seed`) are read by `cogalign.inputs`; a LLaVA file as follows.
+def iter_records(path, *, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, object]]:
+    """Yield `(position, record)` for every record of a LLaVA JSON or JSONL file, streaming
+    (`cogalign.inputs.iter_input` reads every input kind, and hands LLaVA files to this).
 
     - JSON array: each element (any JSON value; `check_record` rejects non-objects).
       If the file turns out malformed part-way, `InputError("<path>: invalid JSON
@@ -145,9 +143,6 @@ def iter_records(path, *, skip: Callable[[int], bool] | None = None, seed: int =
     - `skip(position)` true: the position is counted but nothing is yielded for it;
       JSONL lines are then not even parsed (JSON array elements are parsed and dropped).
     """
-    if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixture (cogalign.inputs)
-        yield from iter_input(path, skip=skip, seed=seed)
-        return
     with _opened(path) as (fmt, f, p):
         if fmt == "json":
             yield from _iter_json(f, p, skip)
@@ -304,20 +299,47 @@ def _iter_jsonl(f, skip) -> Iterator[tuple[int, object]]:
         yield index, obj
 
 
-def count_records(path, digest=None, *, seed: int = 0) -> int:
-    """The number of positions `iter_records` walks (skipped or not).
+class HashingReader:
+    """A binary file that hashes every byte it hands out, once, even across seeks back."""
+
+    def __init__(self, f, digest=None):
+        self.f, self.digest = f, digest or hashlib.sha256()
+        self.hashed = 0  # bytes [0, hashed) are in the digest
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.f.tell()
+        data = self.f.read(n)
+        end = pos + len(data)
+        if end > self.hashed:
+            if pos > self.hashed:  # a seek forward: hash the gap too
+                self.f.seek(self.hashed)
+                while self.hashed < pos:
+                    self.hashed += len(chunk := self.f.read(min(pos - self.hashed, 1 << 20)))
+                    self.digest.update(chunk)
+                self.f.seek(end)
+            self.digest.update(data[self.hashed - pos:] if pos < self.hashed else data)
+            self.hashed = end
+        return data
+
+    def drain(self) -> None:
+        """Hash the rest of the file (what a parser left unread)."""
+        while self.read(1 << 20):
+            pass
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, *args) -> int:
+        return self.f.seek(*args)
+
+
+def count_records(path, digest=None) -> int:
+    """The number of positions `iter_records` walks (skipped or not) in a LLaVA JSON or JSONL file.
 
     JSONL: non-blank lines, counted in binary chunks without parsing. JSON array: the
     top-level elements, counted by ijson (so a malformed file raises the same
     `InputError` as `iter_records`). `digest` (a `hashlib` object), if given, is fed
     every byte of the file as it streams: the input's identity for resume, at no extra read."""
-    from cogalign.identity import HashingReader
-
-    if input_kind(path) != "llava":  # parquet, save_to_disk, YAML mixtures: hashed file by file
-        n = count_input(path, seed=seed)
-        if digest is not None:
-            hash_input(path, digest)
-        return n
     with _opened(path) as (fmt, f, p):
         if digest is not None:
             f = HashingReader(f, digest)

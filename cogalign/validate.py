@@ -10,12 +10,12 @@ import numpy as np
 
 from cogalign import estimate
 from cogalign.errors import CogalignError, RecordError
-from cogalign.inputs import image_root as resolve_image_root, resolve_input
+from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.pool import PreparePool, refuse_while_spawning
 from cogalign.progress import Progress
-from cogalign.records import check_record, count_records, iter_records
+from cogalign.records import check_record
 from cogalign.render import VQ_START
 from cogalign.worker import EXPAND, WorkerContext, finish, prepare
 from cogalign.writer import dumps
@@ -46,9 +46,9 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
                             "give another path")
     out = open_output(rejects_path, "--rejects") if rejects_path else None
     try:
-        with Progress(count_records(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
+        with Progress(count_input(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
                 PreparePool(ctx, workers, chunk_size=16) as pool:
-            for p in pool.map(iter_records(input_path, seed=options.seed)):
+            for p in pool.map(iter_input(input_path, seed=options.seed)):
                 result.counts[p.outcome] += 1
                 if p.warning:
                     result.warnings[p.warning] += 1
@@ -92,7 +92,7 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
     passed: list = []
-    for _, record in iter_records(input_path, seed=options.seed, skip=skip):
+    for _, record in iter_input(input_path, seed=options.seed, skip=skip):
         try:
             if isinstance(record, RecordError):
                 raise record
@@ -151,7 +151,7 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
     done = 0
     built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}
     clock = Counter()
-    for index, record in iter_records(input_path, seed=options.seed, skip=skip):
+    for index, record in iter_input(input_path, seed=options.seed, skip=skip):
         if done >= samples:
             break
         started = time.perf_counter()

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cogalign.inputs import input_files
-from cogalign.records import count_records, iter_records
+from cogalign.inputs import count_input as count_records, iter_input as iter_records
 from cogalign.writer import read_shard
 from helpers import EXAMPLES, FAST, run_cli
 

@@ -237,7 +237,7 @@ def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> 
 def _mount_subcommands() -> None:
     from cogalign.cli.templates import templates_app
     from cogalign.cli.vq import vq_app
-    from cogalign.cli import vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
+    import cogalign.cli.vq_hub  # noqa: F401  (vq list, push, recon on vq_app)
     from cogalign.cli.hub import mount as mount_hub
     from cogalign.cli.inspect import gallery, show
     from cogalign.cli.train import register as register_train

@@ -7,8 +7,8 @@
 - `llava`: a JSON array or JSONL file (`cogalign.records`).
 
 `resolve_input` turns what the user gave (with `--config`/`--split`) into what is read: a
-`DatasetInput` for a parquet folder or Hub dataset, else the path. `records.iter_records` /
-`count_records` hand all but LLaVA files to `iter_input` / `count_input`. `input_files` lists
+`DatasetInput` for a parquet folder or Hub dataset, else the path. `iter_input` / `count_input`
+read every kind (LLaVA files through `records.iter_records` / `count_records`). `input_files` lists
 the files an input consists of and `hash_input` hashes them (a Hub input: its commit and file
 names, which pin the bytes), for its identity.
 Records whose turns are `{role, content}` or that hold `messages` are converted to LLaVA
@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cogalign import records
 from cogalign.errors import InputError
 from cogalign.inputs import arrow, hub, mixture
 from cogalign.inputs.splits import DatasetInput, local_folder
@@ -116,17 +117,29 @@ def _files(path, kind: str) -> list:
 
 
 def iter_input(path, *, skip: Callable[[int], bool] | None = None, seed: int = 0) -> Iterator[tuple[int, object]]:
+    """`(position, record)` for every record of any input (see `records.iter_records` for LLaVA
+    files); `skip(position)` true: counted, not yielded; `seed`: a YAML mixture's random sampling."""
     kind = input_kind(path)
+    if kind == "llava":
+        return records.iter_records(path, skip=skip)
     if kind == "mixture":
         return mixture.iter_mixture(Path(path), seed, _count_one, _iter_one, skip)
     return arrow.iter_arrow(_files(path, kind), kind, skip)
 
 
-def count_input(path, *, seed: int = 0) -> int:
+def count_input(path, digest=None, *, seed: int = 0) -> int:
+    """The positions `iter_input` walks. `digest` (a hashlib object), if given, is fed the input's
+    bytes (a LLaVA file as the count streams it, other kinds file by file): its identity for resume."""
     kind = input_kind(path)
+    if kind == "llava":
+        return records.count_records(path, digest)
     if kind == "mixture":
-        return mixture.count_mixture(Path(path), seed, _count_one)
-    return arrow.count_arrow(_files(path, kind), kind)
+        n = mixture.count_mixture(Path(path), seed, _count_one)
+    else:
+        n = arrow.count_arrow(_files(path, kind), kind)
+    if digest is not None:
+        hash_input(path, digest)
+    return n
 
 
 def input_files(path) -> list:
@@ -147,8 +160,6 @@ def input_files(path) -> list:
 def hash_input(path, digest) -> None:
     """Feed `digest` the input's bytes, file by file; a Hub dataset, whose commit pins its bytes: the
     repo, commit, config, split and file names (nothing is downloaded for it)."""
-    from cogalign.identity import HashingReader
-
     source = resolve_input(path) if input_kind(path) == "parquet" else path
     if isinstance(source, DatasetInput) and source.hub:
         pin = {**source.hub, "config": source.config, "split": source.split, "files": [f.name for f in source.files]}
@@ -156,16 +167,12 @@ def hash_input(path, digest) -> None:
         return
     for file in input_files(source):
         with open(file, "rb") as f:
-            HashingReader(f, digest).drain()
+            records.HashingReader(f, digest).drain()
 
 
 def _count_one(path: Path) -> int:
-    from cogalign.records import count_records
-
-    return count_records(path)
+    return records.count_records(path)
 
 
 def _iter_one(path: Path, skip) -> Iterator[tuple[int, object]]:
-    from cogalign.records import iter_records
-
-    return iter_records(path, skip=skip)
+    return records.iter_records(path, skip=skip)

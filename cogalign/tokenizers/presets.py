@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from cogalign.tokenizers import hub
+import cogalign.tokenizers.hub as hub
 from cogalign.tokenizers.base import TokenizerError, VQTokenizer
 from cogalign.tokenizers.catalog import BY_NAME, Known
 from cogalign.tokenizers.checkpoints import CHECKPOINT_SUFFIXES

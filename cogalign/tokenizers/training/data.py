@@ -95,11 +95,12 @@ def _resolve(value, root: Path, allow_absolute: bool, skipped: Counter) -> Image
 
 
 def _from_records(path: Path, root: Path, allow_absolute: bool, skipped: Counter) -> list[ImageRef]:
-    from cogalign.records import check_record, iter_records
+    from cogalign.inputs import iter_input
+    from cogalign.records import check_record
 
     out = []
     try:
-        for _, rec in iter_records(path):
+        for _, rec in iter_input(path):
             if isinstance(rec, RecordError):
                 skipped[rec.reason] += 1
                 continue

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from cogalign.distributed import from_env, init_process_group
 from cogalign.progress import Progress
-from cogalign.tokenizers.training import state as st
+import cogalign.tokenizers.training.state as st
 from cogalign.tokenizers.training.config import TrainConfig
 from cogalign.tokenizers.training.data import CropBatches, collect_images, to_model_input
 from cogalign.tokenizers.training.export import METRICS_FILE, export_taming
