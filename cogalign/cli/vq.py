@@ -176,12 +176,12 @@ def convert(
 
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must end in .safetensors")
+    ours = out.exists() and _safetensors_producer(out) == "cogalign vq convert"
     if out.exists():
         if not force:
             fail(f"{out}: exists; pass --force to overwrite")
-        producer = _safetensors_producer(out)
-        if producer != "cogalign vq convert":
-            fail(f"{out}: exists and was not written by `vq convert` ({producer or 'unknown producer'}); "
+        if not ours:
+            fail(f"{out}: exists and was not written by `vq convert` ({_safetensors_producer(out) or 'unknown producer'}); "
                  "--force never replaces a model it did not write: choose another OUT")
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]
@@ -194,6 +194,11 @@ def convert(
         has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:
         fail(str(e))
+    yaml_out = out.with_suffix(".yaml")
+    if yaml_out.exists() and yaml_out.resolve() != cfg_path.resolve() \
+            and yaml_out.read_bytes() != cfg_path.read_bytes() and not (force and ours):
+        fail(f"{yaml_out}: exists and is not {cfg_path} (the yaml vq convert copies beside OUT); it is never "
+             "replaced: choose another OUT")
     model_keys = KEPT_PREFIXES + DECODER_PREFIXES
     tensors = {k: v.contiguous() for k, v in raw.items() if k.startswith(model_keys)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +206,6 @@ def convert(
     save_file(tensors, str(tmp), metadata={"producer": "cogalign vq convert", "source": ckpt.name})
     tmp.replace(out)
     out.chmod(0o644)  # safetensors writes 0600
-    yaml_out = out.with_suffix(".yaml")
     if cfg_path.resolve() != yaml_out.resolve():
         shutil.copyfile(cfg_path, yaml_out)
     dropped = len(raw) - len(tensors)

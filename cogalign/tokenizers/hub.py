@@ -275,5 +275,11 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     except HfHubHTTPError as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{repo_id}: upload failed ({msg}); check `hf auth login` and write access") from None
+    except Exception as exc:  # offline mode, httpx transport errors (huggingface_hub >= 1.0), OS errors
+        if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("httpx", "requests")):
+            raise
+        how = "HF_HUB_OFFLINE=1 is set; unset it to upload" if hub_offline() else "retry where the Hub can be reached"
+        raise TokenizerError(f"{repo_id}: the Hub cannot be reached ({type(exc).__name__}); {how} "
+                             "(--dry-run checks the folder without it)") from None
     plan["url"] = str(getattr(info, "commit_url", None) or url)
     return plan

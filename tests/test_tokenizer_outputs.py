@@ -1,0 +1,104 @@
+"""Outside check (c3) of the tokenizer commands: no command replaces a file it did not write
+(`vq recon --out`, `vq convert`'s yaml, `vq train --force`), and a push that cannot reach the Hub
+is one line."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cogalign.cli import app
+from cogalign.tokenizers import TokenizerError
+from cogalign.tokenizers.presets import DEMO_DIR
+from tokenizer_fixtures import EXAMPLE_IMAGES, lightning_checkpoint, make_random_taming_state, taming_yaml
+
+torch.set_num_threads(1)
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(r, *words):
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_recon_never_replaces_its_input_and_an_existing_file_only_with_overwrite(tmp_path):
+    image = tmp_path / "coffee.png"
+    shutil.copyfile(EXAMPLE_IMAGES / "coffee.png", image)
+    before = image.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        _one_line_error(_cli("vq", "recon", image, "--out", image, "--resolution", "16", *extra), "input image")
+        assert image.read_bytes() == before
+    theirs = tmp_path / "theirs.png"
+    theirs.write_bytes(b"someone else's file")
+    _one_line_error(_cli("vq", "recon", image, "--out", theirs, "--resolution", "16"), "--overwrite")
+    assert theirs.read_bytes() == b"someone else's file"
+    r = _cli("vq", "recon", image, "--out", theirs, "--resolution", "16", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert theirs.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ckpt(folder):
+    from tokenizer_fixtures import TINY_PARAMS
+
+    folder.mkdir()
+    torch.save(lightning_checkpoint(make_random_taming_state(TINY_PARAMS)), folder / "last.ckpt")
+    (folder / "config.yaml").write_text(taming_yaml())
+    return folder / "last.ckpt"
+
+
+def test_convert_never_replaces_a_yaml_it_did_not_write(tmp_path):
+    ckpt = _ckpt(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tok.yaml").write_text("mine: true\n")
+    r = _cli("vq", "convert", ckpt, out / "tok.safetensors")
+    _one_line_error(r, "tok.yaml", "never replaced")
+    assert (out / "tok.yaml").read_text() == "mine: true\n" and not (out / "tok.safetensors").exists()
+    # the same yaml there already, or a second convert (--force) over its own pair: fine
+    (out / "tok.yaml").write_text(taming_yaml())
+    assert _cli("vq", "convert", ckpt, out / "tok.safetensors").exit_code == 0
+    assert _cli("vq", "convert", ckpt, out / "tok.safetensors", "--force").exit_code == 0
+
+
+def test_train_force_keeps_files_that_vq_train_did_not_write(tmp_path):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "config.yaml").write_text("my: experiment\n")
+    (out / "train_metrics.json").write_text('{"mine": 1}')
+    r = _cli("vq", "train", EXAMPLE_IMAGES / "chelsea.png", "--out", out, "--steps", "1", "--crop", "32",
+             "--batch-size", "1", "--codes", "16", "--no-progress", "--no-eval", "--force")
+    _one_line_error(r, "config.yaml", "train_metrics.json", "did not write")
+    assert (out / "config.yaml").read_text() == "my: experiment\n"
+    assert (out / "train_metrics.json").read_text() == '{"mine": 1}'
+
+
+class _Unreachable:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def create_repo(self, *a, **kw):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", ["offline", "connect", "os"])
+def test_push_that_cannot_reach_the_hub_is_one_error(tmp_path, exc):
+    import httpx2 as httpx
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from cogalign.tokenizers.hub import push
+
+    folder = tmp_path / "tok"
+    shutil.copytree(DEMO_DIR, folder)
+    raised = {"offline": OfflineModeIsEnabled("offline mode is enabled"),
+              "connect": httpx.ConnectError("Name or service not known"), "os": OSError("no route")}[exc]
+    with pytest.raises(TokenizerError) as ei:
+        push(folder, "me/tok", api=_Unreachable(raised))
+    assert "the Hub cannot be reached" in str(ei.value) and "\n" not in str(ei.value)
