@@ -102,3 +102,14 @@ def test_push_that_cannot_reach_the_hub_is_one_error(tmp_path, exc):
     with pytest.raises(TokenizerError) as ei:
         push(folder, "me/tok", api=_Unreachable(raised))
     assert "the Hub cannot be reached" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_a_resolution_beyond_memory_is_refused_before_allocating(tmp_path):
+    """The middle block's attention over (8192/8)² positions alone needs ~4 TiB: one line, not a
+    MemoryError traceback after minutes."""
+    image = EXAMPLE_IMAGES / "coffee.png"
+    _one_line_error(_cli("vq", "recon", image, "--out", tmp_path / "r.png", "--resolution", "8192"),
+                    "--resolution 8192x8192", "GiB", "use a smaller --resolution")
+    for flag in ("--resolution", "--usage-resolution"):
+        _one_line_error(_cli("vq", "eval", "demo", image, "--no-progress", flag, "65536"), f"{flag} 65536x65536", "GiB")
+    assert not (tmp_path / "r.png").exists()

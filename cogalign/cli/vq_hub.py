@@ -84,7 +84,7 @@ def recon(
     from cogalign.options import parse_resolution
     from cogalign.tokenizers.decoder import load_decoder
     from cogalign.tokenizers.presets import resolve
-    from cogalign.tokenizers.taming import load_taming
+    from cogalign.tokenizers.taming import check_fits_memory, load_taming
 
     if out.exists() and out.resolve() == image.resolve():
         fail(f"--out {out}: is the input image; it is never replaced: choose another path")
@@ -95,6 +95,7 @@ def recon(
         tok = load_taming(path, trust_pickle=trust_pickle, name=name)
         if h % tok.downsample or w % tok.downsample:
             fail(f"--resolution {resolution}: each side must be a multiple of f={tok.downsample}")
+        check_fits_memory(tok.params, h, w, "--resolution")
         dec = load_decoder(path, trust_pickle=trust_pickle, name=name)
         try:
             x = to_working(load_image(image), (h, w))

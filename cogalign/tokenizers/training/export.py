@@ -81,7 +81,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     Per-image PSNR is keyed by the image's path as found; undecodable images are counted and named."""
     from cogalign.progress import Progress
     from cogalign.tokenizers.checkpoints import find_checkpoint, read_state_dict
-    from cogalign.tokenizers.taming import load_taming
+    from cogalign.tokenizers.taming import check_fits_memory, load_taming
 
     for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v < 1:
@@ -93,6 +93,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v % f:
             raise TokenizerError(f"{flag} {v}: must be a multiple of f={f}, e.g. {max(f, v // f * f)}")
+        check_fits_memory(tok.params, v, v, flag)
     ckpt, _ = find_checkpoint(tokenizer_dir)
     has_decoder = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle))) and tok.quantizer == "vq"
     rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle) if has_decoder else None
