@@ -121,7 +121,7 @@ def test_recon_reports_hxw_and_refuses_non_images(tmp_path):
     assert "8x16 (HxW), 2 indices" in res.output
     junk = tmp_path / "notes.png"
     junk.write_text("not an image")
-    _one_line_error(run_cli("vq", "recon", junk, "--out", tmp_path / "r.png", expect=2),
+    _one_line_error(run_cli("vq", "recon", junk, "--out", tmp_path / "r2.png", expect=2),
                     "image_unidentified", "pass an image file")
 
 
@@ -212,3 +212,19 @@ def test_gallery_does_not_overwrite_someone_elses_index_html(run, tmp_path):
     assert "my homepage" in (site / "index.html").read_text()
     run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")
     run_cli("gallery", run, "--out", tmp_path / "g", "--n", "1", "--no-progress")  # its own page is replaced
+
+
+def test_gallery_never_replaces_images_it_did_not_write(run, tmp_path):
+    """img/rec000_0.png of someone else's in --out is kept (and the run refused); a second gallery
+    over the first replaces its own panels."""
+    dest = tmp_path / "g"
+    (dest / "img").mkdir(parents=True)
+    theirs = (EXAMPLES.parent / "images" / "coffee.png").read_bytes()
+    (dest / "img" / "rec000_0.png").write_bytes(theirs)
+    _one_line_error(run_cli("gallery", run, "--out", dest, "--n", "1", "--no-progress", expect=2),
+                    "rec000_0.png", "never replaced")
+    assert (dest / "img" / "rec000_0.png").read_bytes() == theirs
+    (dest / "img" / "rec000_0.png").unlink()
+    run_cli("gallery", run, "--out", dest, "--n", "1", "--no-progress")
+    run_cli("gallery", run, "--out", dest, "--n", "1", "--no-progress")
+    assert (dest / "img" / "rec000_0.png").read_bytes() != theirs

@@ -90,7 +90,7 @@ def gallery(
     """Write a static HTML gallery of a sample of records.
 
     DIR/index.html shows each record's panels (as `show`), the prompts they were asked with and the counts from report.json; no server, no external assets (images in DIR/img/)."""
-    from cogalign.inspect.gallery import sample_records, write_gallery
+    from cogalign.inspect.gallery import foreign_images, sample_records, write_gallery
     from cogalign.inspect.records import load_manifest
     from cogalign.progress import Progress
 
@@ -101,6 +101,10 @@ def gallery(
     page = dest / "index.html"
     if page.is_file() and "<title>cogalign gallery:" not in page.read_text(encoding="utf-8", errors="replace")[:2000]:
         fail(f"--out {dest}: holds an index.html that is not a cogalign gallery; choose an empty or new folder")
+    theirs = foreign_images(dest)
+    if theirs:
+        fail(f"--out {dest}: {dest / 'img'} holds {len(theirs)} image(s) that no cogalign gallery wrote (e.g. "
+             f"{theirs[0]}); they are never replaced: choose an empty or new folder")
     try:
         manifest = load_manifest(out)
         decoder = _decoder(out, manifest, vq, trust_pickle)

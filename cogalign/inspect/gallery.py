@@ -10,11 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from cogalign.errors import CogalignError
 from cogalign.inspect.panels import display, view_record
 from cogalign.inspect.records import load_manifest
 
+MARK = "cogalign gallery"  # the Software text of each panel PNG: a later gallery may replace it
 FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -65,6 +68,26 @@ def _options_line(manifest: dict) -> str:
     return ", ".join(f"{k}={json.dumps(o.get(k))}" for k in keys if k in o)
 
 
+def foreign_images(dest: Path) -> list[str]:
+    """The img/rec*.png files in dest that no gallery wrote: neither marked (MARK) nor on dest's
+    own cogalign gallery page (written before the mark)."""
+    page = dest / "index.html"
+    text = page.read_text(encoding="utf-8", errors="replace") if page.is_file() else ""
+    ours_page = "<title>cogalign gallery:" in text[:2000]
+    out = []
+    for path in sorted((dest / "img").glob("rec*.png")) if (dest / "img").is_dir() else []:
+        if ours_page and f'src="img/{path.name}"' in text:
+            continue
+        try:
+            with Image.open(path) as im:
+                if getattr(im, "text", {}).get("Software") == MARK:
+                    continue
+        except Exception:  # noqa: BLE001 - not an image: not ours
+            pass
+        out.append(path.name)
+    return out
+
+
 def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: Path | None = None,
                   records: list[dict] | None = None, on_record=None) -> dict:
     """Write dest/index.html and dest/img/*.png for `records` (default: `sample_records(out, n)`);
@@ -76,9 +99,15 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     records = sample_records(out, n) if records is None else records
     img_dir = dest / "img"
+    theirs = foreign_images(dest)
+    if theirs:
+        raise CogalignError(f"--out {dest}: {img_dir} holds {len(theirs)} image(s) that no cogalign gallery wrote "
+                            f"(e.g. {theirs[0]}); they are never replaced: choose an empty or new folder")
     img_dir.mkdir(parents=True, exist_ok=True)
     for old in img_dir.glob("rec*.png"):  # a rerun replaces the previous sample
         old.unlink()
+    info = PngInfo()
+    info.add_text("Software", MARK)
     blocks, templates, skipped, images = [], Counter(), [], 0
     for k, rec in enumerate(records):
         try:
@@ -92,7 +121,7 @@ def write_gallery(out: Path, dest: Path, n: int = 24, decoder=None, image_root: 
         figs = []
         for j, panel in enumerate(view.panels):
             name = f"rec{k:03d}_{j}.png"
-            display(panel.pixels).save(img_dir / name, optimize=True)
+            display(panel.pixels).save(img_dir / name, optimize=True, pnginfo=info)
             images += 1
             figs.append(f'<figure><img src="img/{name}" alt="{html.escape(panel.title)}">'
                         f"<figcaption><b>{html.escape(panel.title)}</b><br>{html.escape(panel.caption)}"
