@@ -113,3 +113,15 @@ def test_a_resolution_beyond_memory_is_refused_before_allocating(tmp_path):
     for flag in ("--resolution", "--usage-resolution"):
         _one_line_error(_cli("vq", "eval", "demo", image, "--no-progress", flag, "65536"), f"{flag} 65536x65536", "GiB")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_a_diverged_run_stops_in_one_line_and_writes_no_model_of_nans(tmp_path):
+    """--lr 1e30: the loss is NaN from the second step on. Before, the run went on and wrote a
+    model.safetensors of NaNs, a train_metrics.json holding NaN (not JSON) and an eval PSNR."""
+    out = tmp_path / "tok"
+    r = _cli("vq", "train", EXAMPLE_IMAGES / "chelsea.png", "--out", out, "--steps", "4", "--crop", "32",
+             "--batch-size", "1", "--codes", "16", "--kmeans-latents", "16", "--lr", "1e30", "--no-progress")
+    lines = [line for line in r.output.splitlines() if line.startswith("error")]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "diverged" in lines[0] and "--lr" in lines[0]
+    assert not (out / "model.safetensors").exists() and not (out / "train_metrics.json").exists()
