@@ -125,3 +125,30 @@ def test_a_diverged_run_stops_in_one_line_and_writes_no_model_of_nans(tmp_path):
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert "diverged" in lines[0] and "--lr" in lines[0]
     assert not (out / "model.safetensors").exists() and not (out / "train_metrics.json").exists()
+
+
+def test_train_reads_the_codebook_size_of_the_run_not_the_names_last_digits(tmp_path):
+    """`cogalign train --vq-tokens special` sized the new vocabulary from the tokenizer name's last
+    digits: 8 for ldm-vq-f8 (16384 codes), 1234567 for alice/tok@…01234567, 2 for a folder tok_v2."""
+    import json
+
+    from cogalign.tokenizers import load_tokenizer
+    from cogalign.train.model import codebook_size
+
+    folder = tmp_path / "tok_v2"
+    shutil.copytree(DEMO_DIR, folder)
+    demo_hash = load_tokenizer("demo").content_hash
+
+    def size(name, vq, tok_hash=demo_hash):
+        run = tmp_path / f"run_{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        (run / "cogalign.json").write_text(json.dumps(
+            {"options": {"tokenizer_name": name, "vq": vq, "tokenizer_hash": tok_hash}}))
+        return codebook_size(run)
+
+    assert size("ldm-vq-f8", "ldm-vq-f8", "x") == 16384
+    assert size("demo-f8-4096", "demo") == 4096
+    assert size("tok_v2", str(folder)) == 4096
+    assert size("alice/tok@0123456789abcdef0123456789abcdef01234567", str(folder)) == 4096
+    assert size("tok_v2", str(folder), tok_hash="another") is None  # not the run's tokenizer: unknown
+    assert size("alice/tok@0123456789abcdef0123456789abcdef01234567", str(tmp_path / "gone")) is None
