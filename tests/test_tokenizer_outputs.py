@@ -152,3 +152,14 @@ def test_train_reads_the_codebook_size_of_the_run_not_the_names_last_digits(tmp_
     assert size("alice/tok@0123456789abcdef0123456789abcdef01234567", str(folder)) == 4096
     assert size("tok_v2", str(folder), tok_hash="another") is None  # not the run's tokenizer: unknown
     assert size("alice/tok@0123456789abcdef0123456789abcdef01234567", str(tmp_path / "gone")) is None
+
+
+def test_push_card_names_the_files_it_uploads(tmp_path):
+    """A `vq convert` output is `<stem>.safetensors` + `<stem>.yaml`; the card said `config.yaml`."""
+    from cogalign.tokenizers.hub import push_plan
+
+    ckpt = _ckpt(tmp_path / "src")
+    assert _cli("vq", "convert", ckpt, tmp_path / "tok" / "f16.safetensors").exit_code == 0
+    files, card = push_plan(tmp_path / "tok", "me/tok")
+    assert sorted(p.name for p in files) == ["f16.safetensors", "f16.yaml"]
+    assert "`f16.yaml` (the taming model config) and `f16.safetensors`" in card and "config.yaml" not in card

@@ -138,10 +138,11 @@ def pick_weights(folder: Path) -> Path:
 def _yaml_params(folder: Path) -> dict:
     from cogalign.tokenizers.checkpoints import find_checkpoint, normalize_params, read_config
 
-    _, cfg = find_checkpoint(folder)
+    ckpt, cfg = find_checkpoint(folder)
     params, target = read_config(cfg)
     params = normalize_params(params, source=str(cfg))
     params["_target"] = target
+    params["_files"] = (Path(cfg).name, Path(ckpt).name)
     return params
 
 
@@ -185,6 +186,7 @@ def model_card(folder: Path, repo_id: str, params: dict, metrics: dict | None) -
                  "(`cogalign vq eval`)") if isinstance(psnr, (int, float)) else "not measured"
     usage = ev.get("codebook_usage")
     usage_line = f"\n- Codebook usage: {100 * usage:.1f}% of codes" if isinstance(usage, (int, float)) else ""
+    config_name, weights_name = params.get("_files") or ("config.yaml", "model.safetensors")
     return f"""---
 library_name: cogalign
 tags:
@@ -205,7 +207,7 @@ for `cogalign expand --vq hf://{repo_id}`.
 - Training data: {data}{training}
 - Reconstruction PSNR: {psnr_line}{usage_line}
 
-Files: `config.yaml` (the taming model config) and the weights as safetensors (no pickle).
+Files: `{config_name}` (the taming model config) and `{weights_name}` (the weights as safetensors, no pickle).
 
 ```python
 from cogalign.tokenizers import load_tokenizer
