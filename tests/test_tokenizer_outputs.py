@@ -163,3 +163,21 @@ def test_push_card_names_the_files_it_uploads(tmp_path):
     files, card = push_plan(tmp_path / "tok", "me/tok")
     assert sorted(p.name for p in files) == ["f16.safetensors", "f16.yaml"]
     assert "`f16.yaml` (the taming model config) and `f16.safetensors`" in card and "config.yaml" not in card
+
+
+def test_gumbel_model_says_why_it_has_no_psnr(tmp_path):
+    """A Gumbel checkpoint holds a decoder, but its indices are not decoded: `vq eval` said "no decoder
+    in the checkpoint" and `vq convert` promised that "vq eval can report PSNR"."""
+    from tokenizer_fixtures import TINY_PARAMS
+
+    params = dict(TINY_PARAMS, n_embed=64)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"state_dict": make_random_taming_state(params, gumbel=True)}, src / "last.ckpt")
+    (src / "config.yaml").write_text(taming_yaml(params, target="taming.models.vqgan.GumbelVQ"))
+    r = _cli("vq", "convert", src / "last.ckpt", tmp_path / "tok" / "g.safetensors")
+    assert r.exit_code == 0 and "vq eval can report PSNR" not in r.output and "Gumbel" in r.output, r.output
+    r = _cli("vq", "eval", tmp_path / "tok", EXAMPLE_IMAGES / "coffee.png", "--no-progress",
+             "--resolution", "32", "--usage-resolution", "32")
+    assert r.exit_code == 0, r.output
+    assert "no decoder in the checkpoint" not in r.output and "psnr at 32px: n/a (a Gumbel model" in r.output

@@ -210,7 +210,9 @@ def convert(
         shutil.copyfile(cfg_path, yaml_out)
     dropped = len(raw) - len(tensors)
     say(f"wrote {out} ({len(tensors)} tensors; {dropped} others dropped) and {yaml_out}")
-    if has_decoder:
+    if has_decoder and quantizer_kind(target, set(kept)) == "gumbel":
+        say("decoder: present, checked against the yaml (a Gumbel model: vq eval reports codebook use only)")
+    elif has_decoder:
         say("decoder: present, checked against the yaml (vq eval can report PSNR)")
     else:
         say("decoder: none in this checkpoint (encoder only: it encodes, but vq eval cannot report PSNR)")
@@ -265,7 +267,7 @@ def eval_(
         return
 
     def fmt(v, spec=".2f", unit=""):
-        return "n/a (no decoder in the checkpoint)" if v is None and res["psnr_db"] is None else \
+        return f"n/a ({res['quality_not_measured']})" if v is None and res.get("quality_not_measured") else \
             "n/a" if v is None else f"{v:{spec}}{unit}"
 
     typer.echo(f"tokenizer: {res['tokenizer']} ({res['content_hash']})")

@@ -95,7 +95,10 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
             raise TokenizerError(f"{flag} {v}: must be a multiple of f={f}, e.g. {max(f, v // f * f)}")
         check_fits_memory(tok.params, v, v, flag)
     ckpt, _ = find_checkpoint(tokenizer_dir)
-    has_decoder = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle))) and tok.quantizer == "vq"
+    stored = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle)))
+    has_decoder = stored and tok.quantizer == "vq"
+    no_quality = (None if has_decoder else "no decoder in the checkpoint" if not stored
+                  else "a Gumbel model: decoding its indices is not supported")
     rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle) if has_decoder else None
     lpips_model, notes = None, ["rfid: not computed (needs Inception weights, which cogalign never downloads)"]
     if rec_model is not None:
@@ -139,7 +142,8 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
            "images_undecodable": bad, "resolution": resolution, "usage_resolution": usage_resolution,
            "psnr_db": float(np.mean(list(psnr.values()))) if psnr else None,  # None: no decoder in the checkpoint
            "ssim": float(np.mean(ssim)) if ssim else None,
-           "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes}
+           "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes,
+           "quality_not_measured": no_quality}
     if psnr:
         res["psnr_db_per_image"] = {k: round(v, 2) for k, v in psnr.items()}
     res.update(codebook_stats(counts))
