@@ -181,3 +181,29 @@ def test_gumbel_model_says_why_it_has_no_psnr(tmp_path):
              "--resolution", "32", "--usage-resolution", "32")
     assert r.exit_code == 0, r.output
     assert "no decoder in the checkpoint" not in r.output and "psnr at 32px: n/a (a Gumbel model" in r.output
+
+
+def test_show_decodes_with_the_commit_the_run_used_not_the_branch_now(tmp_path, monkeypatch, capsys):
+    """A run made with `--vq hf://me/tok` records me/tok@SHA1; after main moves to SHA2 (another
+    tokenizer), show/gallery loaded SHA2 and warned that it is not the run's tokenizer."""
+    from cogalign.cli.inspect import _decoder
+    from cogalign.tokenizers import load_tokenizer
+    from tokenizer_fixtures import TINY_PARAMS
+
+    sha1, sha2 = "1" * 40, "2" * 40
+    repo = tmp_path / "hf" / "models--me--tok"
+    shutil.copytree(DEMO_DIR, repo / "snapshots" / sha1)
+    (repo / "snapshots" / sha2).mkdir(parents=True)
+    params = dict(TINY_PARAMS, n_embed=64)
+    from safetensors.torch import save_file
+
+    save_file(make_random_taming_state(params), str(repo / "snapshots" / sha2 / "model.safetensors"))
+    (repo / "snapshots" / sha2 / "config.yaml").write_text(taming_yaml(params))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha2)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    opts = {"vq": "hf://me/tok", "tokenizer_name": f"me/tok@{sha1}", "targets": ["vq"],
+            "tokenizer_hash": load_tokenizer("demo").content_hash}
+    decoder = _decoder(tmp_path, {"options": opts}, None, False)
+    assert decoder is not None and "not the one this run used" not in capsys.readouterr().err
