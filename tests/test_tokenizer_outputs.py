@@ -207,3 +207,12 @@ def test_show_decodes_with_the_commit_the_run_used_not_the_branch_now(tmp_path, 
             "tokenizer_hash": load_tokenizer("demo").content_hash}
     decoder = _decoder(tmp_path, {"options": opts}, None, False)
     assert decoder is not None and "not the one this run used" not in capsys.readouterr().err
+
+
+def test_two_checkpoints_suggest_the_safetensors_not_the_pickle(tmp_path):
+    """`vq convert src/last.ckpt src/model.safetensors` leaves both in src; the error suggested the
+    pickle (which is refused without --trust-pickle when it holds objects) instead of the converted file."""
+    ckpt = _ckpt(tmp_path / "src")
+    assert _cli("vq", "convert", ckpt, tmp_path / "src" / "model.safetensors").exit_code == 0
+    _one_line_error(_cli("vq", "info", tmp_path / "src"), "2 checkpoints found",
+                    f"e.g. {tmp_path / 'src' / 'model.safetensors'}")
