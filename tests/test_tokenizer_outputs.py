@@ -216,3 +216,15 @@ def test_two_checkpoints_suggest_the_safetensors_not_the_pickle(tmp_path):
     assert _cli("vq", "convert", ckpt, tmp_path / "src" / "model.safetensors").exit_code == 0
     _one_line_error(_cli("vq", "info", tmp_path / "src"), "2 checkpoints found",
                     f"e.g. {tmp_path / 'src' / 'model.safetensors'}")
+
+
+def test_push_refuses_an_unreadable_train_metrics(tmp_path):
+    """It was uploaded as is, and the card said "no train_metrics.json in the folder"."""
+    from cogalign.tokenizers.hub import push_plan
+
+    folder = tmp_path / "tok"
+    shutil.copytree(DEMO_DIR, folder)
+    (folder / "train_metrics.json").write_text('{"images": 4, "steps": ')
+    with pytest.raises(TokenizerError) as ei:
+        push_plan(folder, "me/tok")
+    assert "train_metrics.json: not readable JSON" in str(ei.value) and "\n" not in str(ei.value)

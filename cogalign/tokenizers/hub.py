@@ -248,8 +248,9 @@ def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
     if (folder / "train_metrics.json").is_file():
         try:
             metrics = json.loads((folder / "train_metrics.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metrics = None
+        except (OSError, ValueError) as exc:  # it would be uploaded, and the card would say it is missing
+            raise TokenizerError(f"{folder / 'train_metrics.json'}: not readable JSON ({' '.join(str(exc).split())[:120]}); "
+                                 "fix it or move it out of the folder") from None
     files = sorted({p for pat in PUSHED for p in folder.glob(pat) if p.is_file()})
     return files, model_card(folder, repo_id.removeprefix(PREFIX), params, metrics)
 
