@@ -228,3 +228,35 @@ def test_push_refuses_an_unreadable_train_metrics(tmp_path):
     with pytest.raises(TokenizerError) as ei:
         push_plan(folder, "me/tok")
     assert "train_metrics.json: not readable JSON" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def _llava(tmp_path, absolute):
+    import json
+
+    recs = [{"id": n, "image": str(EXAMPLE_IMAGES / n) if absolute else f"images/{n}",
+             "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]}
+            for n in ("chelsea.png", "coffee.png")]
+    path = tmp_path / ("abs.json" if absolute else "rel.json")
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_absolute_paths_reach_eval_and_the_eval_after_training(tmp_path):
+    """`vq train --allow-absolute-paths` trained, then its own eval refused the same input (exit 2
+    after the model was written); `vq eval` had no such flag, and its error did not name one."""
+    data = _llava(tmp_path, absolute=True)
+    small = ["--resolution", "32", "--usage-resolution", "32", "--no-progress"]
+    _one_line_error(_cli("vq", "eval", "demo", data, *small), "--allow-absolute-paths")
+    r = _cli("vq", "eval", "demo", data, *small, "--allow-absolute-paths")
+    assert r.exit_code == 0 and "images: 2" in r.output, r.output
+    r = _cli("vq", "train", data, "--allow-absolute-paths", "--out", tmp_path / "tok", "--steps", "1", "--crop", "32",
+             "--batch-size", "1", "--codes", "16", "--kmeans-latents", "16", "--no-progress")
+    assert r.exit_code == 0 and "eval: PSNR" in r.output, r.output
+
+
+def test_an_image_root_through_a_symlink_says_what_to_pass(tmp_path):
+    data = _llava(tmp_path, absolute=False)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "images").symlink_to(EXAMPLE_IMAGES)
+    r = _cli("vq", "eval", "demo", data, "--image-root", tmp_path / "root", "--no-progress")
+    _one_line_error(r, "image_path_escapes_root: 2", "symlink", "pass the folder that really holds the images")

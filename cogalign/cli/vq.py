@@ -87,7 +87,7 @@ def train(
             lpips_vgg=str(lpips_vgg) if lpips_vgg else None, commitment_weight=commitment_weight,
             codebook_weight=codebook_weight, ema_decay=ema_decay)
         if evaluate_after and metrics["rank"] == 0:
-            ev = evaluate(out, images, max_images=64, image_root=image_root)
+            ev = evaluate(out, images, max_images=64, image_root=image_root, allow_absolute=allow_absolute_paths)
             ev.pop("psnr_db_per_image", None)
             ev.pop("code_histogram", None)
             say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
@@ -246,6 +246,7 @@ def eval_(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file). Default: off."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR keyed by each image's path, and the codebook histogram) instead of text. Default: off."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input. Default: off."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal."),
 ) -> None:
     """Reconstruction PSNR, SSIM and LPIPS (need the decoder in the checkpoint) and codebook use
@@ -259,7 +260,7 @@ def eval_(
         path, name = resolve(spec)  # the resolver of every command: names, hf:// specs, paths
         res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle,
                        image_root=image_root, name=name, max_images=max_images, progress=not no_progress,
-                       lpips_vgg=lpips_vgg)
+                       lpips_vgg=lpips_vgg, allow_absolute=allow_absolute_paths)
     except CogalignError as e:
         fail(str(e))
     if as_json:

@@ -70,7 +70,7 @@ def decoder_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resolution: int = 256,
              usage_resolution: int = 672, trust_pickle: bool = False, max_images: int | None = None,
              image_root: str | Path | None = None, name: str | None = None, progress: bool = False,
-             lpips_vgg: str | Path | None = None) -> dict:
+             lpips_vgg: str | Path | None = None, allow_absolute: bool = False) -> dict:
     """Reconstruction quality and codebook use, one image at a time (never all in memory).
 
     Quality (images stretched to resolution², bicubic; encode -> nearest code -> post_quant_conv
@@ -114,7 +114,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
         except ImportError:
             notes.append("ssim: not computed (needs torchmetrics: pip install \"cogalign[vqgan]\")")
     ssim_on = rec_model is not None and not any(n.startswith("ssim") for n in notes)
-    refs = collect_images(image_paths, image_root).refs[:max_images]
+    refs = collect_images(image_paths, image_root, allow_absolute).refs[:max_images]
     counts = np.zeros(tok.codebook_size, dtype=np.int64)
     psnr, ssim, lp, bad = {}, [], [], {}
     with torch.inference_mode(), Progress(len(refs), progress, label="images") as bar:
