@@ -260,3 +260,21 @@ def test_an_image_root_through_a_symlink_says_what_to_pass(tmp_path):
     (tmp_path / "root" / "images").symlink_to(EXAMPLE_IMAGES)
     r = _cli("vq", "eval", "demo", data, "--image-root", tmp_path / "root", "--no-progress")
     _one_line_error(r, "image_path_escapes_root: 2", "symlink", "pass the folder that really holds the images")
+
+
+def test_eval_means_count_every_image_of_a_llava_input_alike(tmp_path):
+    """LLaVA inputs reuse images across records: PSNR was averaged over distinct paths while SSIM,
+    the image count and the codebook counts took every record."""
+    import json
+
+    conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
+    recs = [{"id": str(i), "image": str(EXAMPLE_IMAGES / n), "conversations": conv}
+            for i, n in enumerate(["coffee.png", "coffee.png", "chelsea.png"])]
+    (tmp_path / "dup.json").write_text(json.dumps(recs))
+    r = _cli("vq", "eval", "demo", tmp_path / "dup.json", "--allow-absolute-paths", "--resolution", "32",
+             "--usage-resolution", "32", "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    per = res["psnr_db_per_image"]
+    want = (2 * per[str(EXAMPLE_IMAGES / "coffee.png")] + per[str(EXAMPLE_IMAGES / "chelsea.png")]) / 3
+    assert res["images"] == 3 and abs(res["psnr_db"] - want) < 0.01

@@ -116,7 +116,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     ssim_on = rec_model is not None and not any(n.startswith("ssim") for n in notes)
     refs = collect_images(image_paths, image_root, allow_absolute).refs[:max_images]
     counts = np.zeros(tok.codebook_size, dtype=np.int64)
-    psnr, ssim, lp, bad = {}, [], [], {}
+    psnr, psnrs, ssim, lp, bad = {}, [], [], [], {}  # psnrs: every image, as ssim and lp (psnr: by path)
     with torch.inference_mode(), Progress(len(refs), progress, label="images") as bar:
         for r in refs:
             try:
@@ -129,6 +129,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
                 x = resize_rgb(arr, resolution, resolution)[None]
                 rec = rec_model.decode(tok.encode(x))
                 psnr[r.name] = psnr_db(x, rec)
+                psnrs.append(psnr[r.name])
                 if ssim_on:
                     ssim.append(_ssim(x, rec))
                 if lpips_model is not None:
@@ -140,7 +141,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
         raise TokenizerError(f"none of the {len(refs)} images could be decoded; first: {next(iter(bad.values()))}")
     res = {"tokenizer": tok.name, "content_hash": tok.content_hash, "images": len(refs) - len(bad),
            "images_undecodable": bad, "resolution": resolution, "usage_resolution": usage_resolution,
-           "psnr_db": float(np.mean(list(psnr.values()))) if psnr else None,  # None: no decoder in the checkpoint
+           "psnr_db": float(np.mean(psnrs)) if psnrs else None,  # None: no decoder in the checkpoint
            "ssim": float(np.mean(ssim)) if ssim else None,
            "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes,
            "quality_not_measured": no_quality}
