@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from cogalign.tokenizers import TokenizerError, load_tokenizer
-from cogalign.tokenizers.hub import parse_hub_spec, push
+from cogalign.tokenizers.hub import parse_hub_spec, push, snapshot_commit
 from cogalign.tokenizers.presets import DEMO_DIR
 from helpers import EXAMPLES, FAST, run_cli
 from tokenizer_fixtures import TINY_PARAMS, make_random_taming_state, photos, taming_yaml
@@ -104,7 +104,9 @@ def test_vqgan_4096_from_home_env_or_config(offline, demo_files, tmp_path, monke
     hub_cache(offline, "team/vqgan-4096", demo_files)
     monkeypatch.setenv("COGALIGN_VQGAN_4096", "team/vqgan-4096")
     tok = load_tokenizer("vqgan-4096")
-    assert tok.name == "vqgan-4096" and tok.content_hash == load_tokenizer("demo").content_hash
+    # recorded with the repo and commit it came from (c3: it said "vqgan-4096" whichever repo it was)
+    assert tok.name == f"vqgan-4096 (team/vqgan-4096@{snapshot_commit(tok.source)})"
+    assert len(snapshot_commit(tok.source)) == 40 and tok.content_hash == load_tokenizer("demo").content_hash
     monkeypatch.delenv("COGALIGN_VQGAN_4096")
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)

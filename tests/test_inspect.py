@@ -150,7 +150,7 @@ def test_vq_recon_writes_the_decoded_image_and_its_psnr(tmp_path):
     want = load_decoder_spec("demo").decode(load_tokenizer("demo").encode(x)[0])
     np.testing.assert_array_equal(np.asarray(Image.open(png)), want)
     assert abs(psnr - 10 * np.log10(255 ** 2 / np.mean((want.astype(float) - x[0]) ** 2))) < 0.01
-    bad = run_cli("vq", "recon", EXAMPLES.parent / "images" / "coffee.png", "--out", png, "--resolution", "60", expect=2)
+    bad = run_cli("vq", "recon", EXAMPLES.parent / "images" / "coffee.png", "--out", tmp_path / "r2.png", "--resolution", "60", expect=2)
     assert "multiple of f=8" in bad.output
 
 

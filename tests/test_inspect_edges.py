@@ -121,7 +121,7 @@ def test_recon_reports_hxw_and_refuses_non_images(tmp_path):
     assert "8x16 (HxW), 2 indices" in res.output
     junk = tmp_path / "notes.png"
     junk.write_text("not an image")
-    _one_line_error(run_cli("vq", "recon", junk, "--out", tmp_path / "r.png", expect=2),
+    _one_line_error(run_cli("vq", "recon", junk, "--out", tmp_path / "r2.png", expect=2),
                     "image_unidentified", "pass an image file")
 
 

@@ -17,6 +17,17 @@ SHOW_MARK = "cogalign show"  # the PNG's Software text: a panel show wrote may b
 TrustOpt = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that unpickles Python objects (runs code from the file). Default: off.")
 
 
+def _pinned_hub_spec(opts: dict) -> Optional[str]:
+    """The run's hf:// tokenizer at the commit it resolved to then (recorded as OWNER/REPO@COMMIT[/SUB]),
+    not wherever its branch points now."""
+    from cogalign.tokenizers.hub import PREFIX, is_hub_spec
+
+    name = str(opts.get("tokenizer_name") or "")
+    if is_hub_spec(str(opts.get("vq") or "")) and "@" in name and " " not in name:
+        return PREFIX + name
+    return None
+
+
 def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     """The decoder of --vq or of the run's tokenizer; None (VQ panels left blank) for a run without VQ targets."""
     from cogalign.tokenizers import TokenizerError, load_tokenizer
@@ -25,7 +36,7 @@ def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     opts = manifest.get("options", {})
     if "vq" not in opts.get("targets", ["vq"]) and vq is None:
         return None
-    spec = vq or opts.get("vq") or "demo"
+    spec = vq or _pinned_hub_spec(opts) or opts.get("vq") or "demo"
     try:
         decoder = load_decoder_spec(spec, trust_pickle=trust_pickle)
     except TokenizerError as e:

@@ -87,7 +87,7 @@ def train(
             lpips_vgg=str(lpips_vgg) if lpips_vgg else None, commitment_weight=commitment_weight,
             codebook_weight=codebook_weight, ema_decay=ema_decay)
         if evaluate_after and metrics["rank"] == 0:
-            ev = evaluate(out, images, max_images=64, image_root=image_root)
+            ev = evaluate(out, images, max_images=64, image_root=image_root, allow_absolute=allow_absolute_paths)
             ev.pop("psnr_db_per_image", None)
             ev.pop("code_histogram", None)
             say(f"eval: PSNR {ev['psnr_db']:.2f} dB at {ev['resolution']}px, codebook usage "
@@ -176,12 +176,12 @@ def convert(
 
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must end in .safetensors")
+    ours = out.exists() and _safetensors_producer(out) == "cogalign vq convert"
     if out.exists():
         if not force:
             fail(f"{out}: exists; pass --force to overwrite")
-        producer = _safetensors_producer(out)
-        if producer != "cogalign vq convert":
-            fail(f"{out}: exists and was not written by `vq convert` ({producer or 'unknown producer'}); "
+        if not ours:
+            fail(f"{out}: exists and was not written by `vq convert` ({_safetensors_producer(out) or 'unknown producer'}); "
                  "--force never replaces a model it did not write: choose another OUT")
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]
@@ -194,6 +194,11 @@ def convert(
         has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:
         fail(str(e))
+    yaml_out = out.with_suffix(".yaml")
+    if yaml_out.exists() and yaml_out.resolve() != cfg_path.resolve() \
+            and yaml_out.read_bytes() != cfg_path.read_bytes() and not (force and ours):
+        fail(f"{yaml_out}: exists and is not {cfg_path} (the yaml vq convert copies beside OUT); it is never "
+             "replaced: choose another OUT")
     model_keys = KEPT_PREFIXES + DECODER_PREFIXES
     tensors = {k: v.contiguous() for k, v in raw.items() if k.startswith(model_keys)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,12 +206,13 @@ def convert(
     save_file(tensors, str(tmp), metadata={"producer": "cogalign vq convert", "source": ckpt.name})
     tmp.replace(out)
     out.chmod(0o644)  # safetensors writes 0600
-    yaml_out = out.with_suffix(".yaml")
     if cfg_path.resolve() != yaml_out.resolve():
         shutil.copyfile(cfg_path, yaml_out)
     dropped = len(raw) - len(tensors)
     say(f"wrote {out} ({len(tensors)} tensors; {dropped} others dropped) and {yaml_out}")
-    if has_decoder:
+    if has_decoder and quantizer_kind(target, set(kept)) == "gumbel":
+        say("decoder: present, checked against the yaml (a Gumbel model: vq eval reports codebook use only)")
+    elif has_decoder:
         say("decoder: present, checked against the yaml (vq eval can report PSNR)")
     else:
         say("decoder: none in this checkpoint (encoder only: it encodes, but vq eval cannot report PSNR)")
@@ -240,6 +246,7 @@ def eval_(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow .ckpt files that pickle Python objects (runs code from the file). Default: off."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with per-image PSNR keyed by each image's path, and the codebook histogram) instead of text. Default: off."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that a LLaVA input's image paths are relative to. Default: the input's folder."),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help="Accept absolute image paths in a LLaVA input. Default: off."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: shown on a terminal."),
 ) -> None:
     """Reconstruction PSNR, SSIM and LPIPS (need the decoder in the checkpoint) and codebook use
@@ -253,7 +260,7 @@ def eval_(
         path, name = resolve(spec)  # the resolver of every command: names, hf:// specs, paths
         res = evaluate(path, images, resolution=resolution, usage_resolution=usage_resolution, trust_pickle=trust_pickle,
                        image_root=image_root, name=name, max_images=max_images, progress=not no_progress,
-                       lpips_vgg=lpips_vgg)
+                       lpips_vgg=lpips_vgg, allow_absolute=allow_absolute_paths)
     except CogalignError as e:
         fail(str(e))
     if as_json:
@@ -261,7 +268,7 @@ def eval_(
         return
 
     def fmt(v, spec=".2f", unit=""):
-        return "n/a (no decoder in the checkpoint)" if v is None and res["psnr_db"] is None else \
+        return f"n/a ({res['quality_not_measured']})" if v is None and res.get("quality_not_measured") else \
             "n/a" if v is None else f"{v:{spec}}{unit}"
 
     typer.echo(f"tokenizer: {res['tokenizer']} ({res['content_hash']})")

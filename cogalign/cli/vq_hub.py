@@ -69,10 +69,11 @@ def push(
 def recon(
     image: Path = typer.Argument(..., help="An image file.", exists=True, dir_okay=False),
     vq: str = typer.Option("demo", "--vq", help="Tokenizer: a name (see `vq list`), hf://OWNER/REPO or a checkpoint folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="PNG file for the reconstruction."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file for the reconstruction. An existing file is replaced only with --overwrite; the input image never."),
     resolution: str = typer.Option("256", "--resolution", help="The image is stretched (bicubic) to N or HxW, multiples of f, before encoding."),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Write the input and the reconstruction next to each other. Default: the reconstruction only."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that unpickles Python objects (runs code from the file). Default: off."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (never the input image). Default: off (refused)."),
 ) -> None:
     """Encode an image, decode its indices, write the reconstruction and print its PSNR."""
     import numpy as np
@@ -83,15 +84,18 @@ def recon(
     from cogalign.options import parse_resolution
     from cogalign.tokenizers.decoder import load_decoder
     from cogalign.tokenizers.presets import resolve
-    from cogalign.tokenizers.taming import load_taming
+    from cogalign.tokenizers.taming import check_fits_memory, load_taming
 
-    check_png_out(out)
+    if out.exists() and out.resolve() == image.resolve():
+        fail(f"--out {out}: is the input image; it is never replaced: choose another path")
+    check_png_out(out, overwrite)
     try:
         h, w = parse_resolution(resolution, "resolution")
         path, name = resolve(vq)  # once: a Hub tokenizer is looked up a single time
         tok = load_taming(path, trust_pickle=trust_pickle, name=name)
         if h % tok.downsample or w % tok.downsample:
             fail(f"--resolution {resolution}: each side must be a multiple of f={tok.downsample}")
+        check_fits_memory(tok.params, h, w, "--resolution")
         dec = load_decoder(path, trust_pickle=trust_pickle, name=name)
         try:
             x = to_working(load_image(image), (h, w))

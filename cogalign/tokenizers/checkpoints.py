@@ -207,7 +207,8 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         if len(ckpts) > 1:
             names = ", ".join(str(p) for p in ckpts)
             raise TokenizerError(
-                f"{path}: {len(ckpts)} checkpoints found ({names}); pass the one to use as the path, e.g. {ckpts[0]}")
+                f"{path}: {len(ckpts)} checkpoints found ({names}); pass the one to use as the path, e.g. "
+                f"{next((p for p in ckpts if p.suffix == '.safetensors'), ckpts[0])}")
         ckpt = ckpts[0]
         yamls = _list(path, YAML_SUFFIXES) + _list(path / "configs", YAML_SUFFIXES)
         if ckpt.parent != path:

@@ -138,10 +138,11 @@ def pick_weights(folder: Path) -> Path:
 def _yaml_params(folder: Path) -> dict:
     from cogalign.tokenizers.checkpoints import find_checkpoint, normalize_params, read_config
 
-    _, cfg = find_checkpoint(folder)
+    ckpt, cfg = find_checkpoint(folder)
     params, target = read_config(cfg)
     params = normalize_params(params, source=str(cfg))
     params["_target"] = target
+    params["_files"] = (Path(cfg).name, Path(ckpt).name)
     return params
 
 
@@ -185,6 +186,7 @@ def model_card(folder: Path, repo_id: str, params: dict, metrics: dict | None) -
                  "(`cogalign vq eval`)") if isinstance(psnr, (int, float)) else "not measured"
     usage = ev.get("codebook_usage")
     usage_line = f"\n- Codebook usage: {100 * usage:.1f}% of codes" if isinstance(usage, (int, float)) else ""
+    config_name, weights_name = params.get("_files") or ("config.yaml", "model.safetensors")
     return f"""---
 library_name: cogalign
 tags:
@@ -205,7 +207,7 @@ for `cogalign expand --vq hf://{repo_id}`.
 - Training data: {data}{training}
 - Reconstruction PSNR: {psnr_line}{usage_line}
 
-Files: `config.yaml` (the taming model config) and the weights as safetensors (no pickle).
+Files: `{config_name}` (the taming model config) and `{weights_name}` (the weights as safetensors, no pickle).
 
 ```python
 from cogalign.tokenizers import load_tokenizer
@@ -246,8 +248,9 @@ def push_plan(folder: str | Path, repo_id: str) -> tuple[list[Path], str]:
     if (folder / "train_metrics.json").is_file():
         try:
             metrics = json.loads((folder / "train_metrics.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metrics = None
+        except (OSError, ValueError) as exc:  # it would be uploaded, and the card would say it is missing
+            raise TokenizerError(f"{folder / 'train_metrics.json'}: not readable JSON ({' '.join(str(exc).split())[:120]}); "
+                                 "fix it or move it out of the folder") from None
     files = sorted({p for pat in PUSHED for p in folder.glob(pat) if p.is_file()})
     return files, model_card(folder, repo_id.removeprefix(PREFIX), params, metrics)
 
@@ -275,5 +278,11 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     except HfHubHTTPError as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{repo_id}: upload failed ({msg}); check `hf auth login` and write access") from None
+    except Exception as exc:  # offline mode, httpx transport errors (huggingface_hub >= 1.0), OS errors
+        if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("httpx", "requests")):
+            raise
+        how = "HF_HUB_OFFLINE=1 is set; unset it to upload" if hub_offline() else "retry where the Hub can be reached"
+        raise TokenizerError(f"{repo_id}: the Hub cannot be reached ({type(exc).__name__}); {how} "
+                             "(--dry-run checks the folder without it)") from None
     plan["url"] = str(getattr(info, "commit_url", None) or url)
     return plan

@@ -105,8 +105,10 @@ def _resolve_known(k: Known) -> tuple[Path, str]:
     if _has_files(folder):
         return folder, k.name
     repo = k.source if k.kind == "hub" else _configured_repo(k.name) if k.kind == "local" else None
-    if repo:
-        return hub.download(_as_hub(repo)), k.name
+    if repo:  # recorded with the repo and the commit it resolved to, as an hf:// spec is
+        hs = hub.parse_hub_spec(_as_hub(repo))
+        path = hub.download(hs)
+        return path, f"{k.name} ({hub.resolved_name(hs, path)})"
     if k.kind == "local":
         raise TokenizerError(
             f"{k.name} is not installed: looked in {folder} and found no Hub repo in ${VQGAN_4096_ENV} or in "

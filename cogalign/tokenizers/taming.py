@@ -69,6 +69,25 @@ def _build_encoder(ddconfig: dict) -> nn.Module:
     return enc
 
 
+def check_fits_memory(params: dict, h: int, w: int, option: str) -> None:
+    """Refuse, before any allocation, an image size whose first feature map plus the middle block's
+    attention matrix (one float32 per pair of positions) alone exceed this machine's memory."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    dd = params["ddconfig"]
+    positions = (h >> (len(dd["ch_mult"]) - 1)) * (w >> (len(dd["ch_mult"]) - 1))
+    attention = positions ** 2 * 4 if dd.get("attn_type", "vanilla") != "none" else 0
+    need = h * w * (3 + int(dd["ch"])) * 4 + attention
+    if need > total:
+        raise TokenizerError(f"{option} {h}x{w}: one image needs more than {need / 2**30:.0f} GiB to encode "
+                             f"(attention over {positions} positions), this machine has {total / 2**30:.0f} GiB; "
+                             f"use a smaller {option}")
+
+
 class TamingVQTokenizer(VQTokenizer, nn.Module):
     """Encoder -> quant_conv -> codebook lookup, with the taming state-dict names.
 

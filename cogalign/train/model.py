@@ -3,7 +3,6 @@ LLaVA-1.5 / LLaVA-NeXT (anyres tiles) — CLIP-style vision tower, projector, Ll
 byte-level BPE tokenizer trained on the shards."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -121,17 +120,32 @@ def add_vq_tokens(model, processor, k: int) -> int:
 
 
 def codebook_size(out: Path) -> Optional[int]:
-    """The VQ codebook size from cogalign.json's tokenizer name (`demo-f8-4096` → 4096), if it says."""
+    """The VQ codebook size of the run's tokenizer: from the catalog for a known name (`demo-f8-4096`,
+    `ldm-vq-f8`), else from the tokenizer its `--vq` names when that loads here with the run's
+    tokenizer hash; None when neither says. (A name's last digits are no codebook size: `ldm-vq-f8`,
+    `alice/tok@<sha>`.)"""
     import orjson
 
     from cogalign.layout import MANIFEST
+    from cogalign.tokenizers.catalog import BY_NAME
 
     try:
-        name = orjson.loads((Path(out) / MANIFEST).read_bytes())["options"].get("tokenizer_name", "")
+        opts = orjson.loads((Path(out) / MANIFEST).read_bytes())["options"]
     except (OSError, KeyError, ValueError):
         return None
-    m = re.search(r"(\d+)$", name or "")
-    return int(m.group(1)) if m else None
+    name = opts.get("tokenizer_name") or ""
+    known = BY_NAME.get("demo" if name == "demo-f8-4096" else name)
+    if known is not None:
+        return known.codes
+    if not opts.get("vq"):
+        return None
+    try:
+        from cogalign.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(str(opts["vq"]))
+    except CogalignError:
+        return None
+    return tok.codebook_size if tok.content_hash == opts.get("tokenizer_hash") else None
 
 
 def resize_mode(out: Path) -> str:

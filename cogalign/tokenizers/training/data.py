@@ -69,8 +69,11 @@ def collect_images(items: Iterable[str | Path], image_root: str | Path | None = 
             reader = _from_parquet if p.suffix.lower() == ".parquet" else _from_records
             got = reader(p, root, allow_absolute, skipped)
             if not got:
-                raise TokenizerError(f"{p}: no usable images in this input ({_reasons(skipped)}); "
-                                     "check --image-root (default: the input's folder)")
+                hint = ("pass --allow-absolute-paths to accept absolute image paths" if skipped["image_path_absolute"]
+                        else f"a path or a symlink leads out of {root}: pass the folder that really holds the "
+                        "images as --image-root" if skipped["image_path_escapes_root"]
+                        else "check --image-root (default: the input's folder)")
+                raise TokenizerError(f"{p}: no usable images in this input ({_reasons(skipped)}); {hint}")
             refs.extend(got)
         elif p.is_file():
             refs.append(ImageRef(str(p), p))

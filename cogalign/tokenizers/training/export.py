@@ -70,7 +70,7 @@ def decoder_tensors(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resolution: int = 256,
              usage_resolution: int = 672, trust_pickle: bool = False, max_images: int | None = None,
              image_root: str | Path | None = None, name: str | None = None, progress: bool = False,
-             lpips_vgg: str | Path | None = None) -> dict:
+             lpips_vgg: str | Path | None = None, allow_absolute: bool = False) -> dict:
     """Reconstruction quality and codebook use, one image at a time (never all in memory).
 
     Quality (images stretched to resolution², bicubic; encode -> nearest code -> post_quant_conv
@@ -81,7 +81,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     Per-image PSNR is keyed by the image's path as found; undecodable images are counted and named."""
     from cogalign.progress import Progress
     from cogalign.tokenizers.checkpoints import find_checkpoint, read_state_dict
-    from cogalign.tokenizers.taming import load_taming
+    from cogalign.tokenizers.taming import check_fits_memory, load_taming
 
     for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v < 1:
@@ -93,8 +93,12 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     for flag, v in (("--resolution", resolution), ("--usage-resolution", usage_resolution)):
         if v % f:
             raise TokenizerError(f"{flag} {v}: must be a multiple of f={f}, e.g. {max(f, v // f * f)}")
+        check_fits_memory(tok.params, v, v, flag)
     ckpt, _ = find_checkpoint(tokenizer_dir)
-    has_decoder = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle))) and tok.quantizer == "vq"
+    stored = bool(decoder_tensors(read_state_dict(ckpt, trust_pickle=trust_pickle)))
+    has_decoder = stored and tok.quantizer == "vq"
+    no_quality = (None if has_decoder else "no decoder in the checkpoint" if not stored
+                  else "a Gumbel model: decoding its indices is not supported")
     rec_model = load_decoder(tokenizer_dir, trust_pickle=trust_pickle) if has_decoder else None
     lpips_model, notes = None, ["rfid: not computed (needs Inception weights, which cogalign never downloads)"]
     if rec_model is not None:
@@ -110,9 +114,9 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
         except ImportError:
             notes.append("ssim: not computed (needs torchmetrics: pip install \"cogalign[vqgan]\")")
     ssim_on = rec_model is not None and not any(n.startswith("ssim") for n in notes)
-    refs = collect_images(image_paths, image_root).refs[:max_images]
+    refs = collect_images(image_paths, image_root, allow_absolute).refs[:max_images]
     counts = np.zeros(tok.codebook_size, dtype=np.int64)
-    psnr, ssim, lp, bad = {}, [], [], {}
+    psnr, psnrs, ssim, lp, bad = {}, [], [], [], {}  # psnrs: every image, as ssim and lp (psnr: by path)
     with torch.inference_mode(), Progress(len(refs), progress, label="images") as bar:
         for r in refs:
             try:
@@ -125,6 +129,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
                 x = resize_rgb(arr, resolution, resolution)[None]
                 rec = rec_model.decode(tok.encode(x))
                 psnr[r.name] = psnr_db(x, rec)
+                psnrs.append(psnr[r.name])
                 if ssim_on:
                     ssim.append(_ssim(x, rec))
                 if lpips_model is not None:
@@ -136,9 +141,10 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
         raise TokenizerError(f"none of the {len(refs)} images could be decoded; first: {next(iter(bad.values()))}")
     res = {"tokenizer": tok.name, "content_hash": tok.content_hash, "images": len(refs) - len(bad),
            "images_undecodable": bad, "resolution": resolution, "usage_resolution": usage_resolution,
-           "psnr_db": float(np.mean(list(psnr.values()))) if psnr else None,  # None: no decoder in the checkpoint
+           "psnr_db": float(np.mean(psnrs)) if psnrs else None,  # None: no decoder in the checkpoint
            "ssim": float(np.mean(ssim)) if ssim else None,
-           "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes}
+           "lpips": float(np.mean(lp)) if lp else None, "rfid": None, "notes": notes,
+           "quality_not_measured": no_quality}
     if psnr:
         res["psnr_db_per_image"] = {k: round(v, 2) for k, v in psnr.items()}
     res.update(codebook_stats(counts))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from cogalign.distributed import from_env, init_process_group
 from cogalign.progress import Progress
 import cogalign.tokenizers.training.state as st
+from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.training.config import TrainConfig
 from cogalign.tokenizers.training.data import CropBatches, collect_images, to_model_input
 from cogalign.tokenizers.training.export import METRICS_FILE, export_taming
@@ -185,6 +186,7 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
     autocast = dev.type == "cuda" and cfg.bf16
     clip = 1.0 if PRESETS[cfg.preset].mse_weight > 0 else None  # the demo recipe clips; taming does not
     model.train()
+    saved_step = start or None  # the step of the resume state on disk, if any
     t_loop = time.perf_counter()
     with StepProgress(cfg.steps, start, progress and work.is_main) as bar:
         for step, crops in enumerate(loader, start):
@@ -196,6 +198,7 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
                 if disc is not None:
                     disc.requires_grad_(False)
                 loss, logs = loss_fn.generator(x, rec, vq_loss, step, model.last_layer(), disc)
+            _stop_if_diverged(loss, step, saved_step, cfg, out, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -230,6 +233,7 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
                 rngs = [torch.get_rng_state()] * world
                 if world > 1:  # every rank's RNG (dead-code re-seeding draws from it)
                     dist.all_gather_object(rngs, torch.get_rng_state())
+                saved_step = done
                 if work.is_main:
                     st.save_state(out, {
                         "step": done, "config": cfg.as_dict(), "images_digest": digest, "images": len(names),
@@ -261,6 +265,20 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
             f"({cfg.steps - start} steps in {seconds:.0f}s, train PSNR ~{metrics['final_train_psnr_db']:.2f} dB)")
     metrics["model"] = model
     return metrics
+
+
+def _stop_if_diverged(loss: torch.Tensor, step: int, saved_step: int | None, cfg: TrainConfig, out: Path,
+                      world: int) -> None:
+    """A non-finite loss (on any rank: all stop together) ends the run before it writes a model
+    of NaNs; the last resume state on disk is kept."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        kept = (f"the resume state of step {saved_step} in {out} is kept" if saved_step
+                else "nothing was written")
+        raise TokenizerError(f"step {step}: the loss is {loss.item()} (the run diverged; {kept}); lower --lr "
+                             f"(now {cfg.lr:g}) or the loss weights and train again")
 
 
 def losses_skipped(cfg: TrainConfig, lpips_on: bool) -> list[str]:

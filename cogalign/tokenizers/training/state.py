@@ -41,8 +41,33 @@ def prepare_out(out: Path, force: bool, resume: bool) -> None:
     if others:
         raise TokenizerError(f"--out {out}: holds other checkpoints ({', '.join(others)}) that `--vq {out}` would "
                              "find beside the new one; move them away or pick a new folder")
+    present = [n for n in OWNED if (out / n).exists()]
+    if present and not _written_by_vq_train(out):
+        raise TokenizerError(f"--out {out}: holds {', '.join(present)} that `vq train` did not write; --force "
+                             "replaces only an earlier `vq train` output: move them away or pick a new folder")
     for name in OWNED:
         (out / name).unlink(missing_ok=True)
+
+
+def _written_by_vq_train(out: Path) -> bool:
+    """Whether --out holds an earlier `vq train` output: its model.safetensors (the producer in its
+    metadata) or its resume state (the run's keys)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out / MODEL_FILE), "pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("cogalign", "{}"))
+        if meta.get("producer") == "cogalign vq train":
+            return True
+    except Exception:  # noqa: BLE001 - missing, or not a safetensors file
+        pass
+    try:
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(state, dict) and {"images_digest", "config", "step"} <= set(state)
+    except Exception:  # noqa: BLE001 - missing or foreign
+        return False
 
 
 def images_digest(names: list[str]) -> str:
