@@ -241,6 +241,7 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     (["--val-size", "0"], ["--val-size"]),
     (["--trainer-arg", "not_a_field=1"], ["not_a_field", "TrainingArguments"]),
     (["--trainer-arg", "learning_rate=1"], ["learning_rate", "--lr"]),
+    (["--trainer-arg", "weight_decay=abc"], ["--trainer-arg weight_decay='abc'", "float"]),
     (["--trainer-config", "no_such_file.yaml"], ["--trainer-config", "no such file"]),
     (["--eval-steps", "5"], ["--eval-steps", "--val-size"]),
     (["--merge-lora"], ["--merge-lora", "--lora-r"]),
@@ -262,6 +263,17 @@ def test_modules_pattern_matching_nothing_is_an_error(quads):
 
 
 # ---- the Trainer's arguments
+def test_trainer_arg_values_take_the_fields_type():
+    """`eval_strategy=no` was YAML's False (refused by the Trainer), `adam_epsilon=1e-8` a string
+    (a torch traceback at the first step)."""
+    from cogalign.train.args import build_training_args, parse_trainer_args
+
+    extra = parse_trainer_args(["eval_strategy=no", "adam_epsilon=1e-8", "save_only_model=true",
+                                "report_to=[tensorboard]"], None)
+    assert extra == {"eval_strategy": "no", "adam_epsilon": 1e-8, "save_only_model": True, "report_to": ["tensorboard"]}
+    assert build_training_args({"output_dir": "unused", **extra}).eval_strategy == "no"
+
+
 def test_trainer_arguments_arrive(tmp_path):
     from cogalign.train.args import build_training_args, checkpointing_field, parse_trainer_args, training_kwargs
     from cogalign.train.stages import make_plan
