@@ -96,10 +96,15 @@ def train_cmd(
             _positive(name, value)
         _positive("--epochs", epochs, integer=False)
         _positive("--val-size", val_size, integer=val_size is not None and val_size >= 1)
-        if workers < 0 or (save_total_limit is not None and save_total_limit < 0):
-            raise CogalignError(f"--dataloader-num-workers {workers} / --save-total-limit {save_total_limit}: give 0 or more")
-        if not 0 <= lora_dropout < 1 or not lora_alpha > 0 or not max_grad_norm >= 0:
-            raise CogalignError("--lora-dropout must be in [0, 1), --lora-alpha above 0, --max-grad-norm 0 or more")
+        _positive("--lora-alpha", lora_alpha, integer=False)
+        for name, value, ok, want in (
+                ("--dataloader-num-workers", workers, workers >= 0, "0 or more"),
+                ("--save-total-limit", save_total_limit, save_total_limit is None or save_total_limit >= 0, "0 or more"),
+                ("--seed", seed, 0 <= seed < 2 ** 32, "a whole number from 0 to 2**32-1"),
+                ("--lora-dropout", lora_dropout, 0 <= lora_dropout < 1, "a number from 0 to below 1"),
+                ("--max-grad-norm", max_grad_norm, max_grad_norm >= 0, "0 (no clipping) or more")):
+            if not ok:  # nan fails every comparison
+                raise CogalignError(f"{name} {value}: give {want}")
         if vq_tokens not in ("text", "special"):
             raise CogalignError(f"--vq-tokens {vq_tokens!r}: choose text or special")
         if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
