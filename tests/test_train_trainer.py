@@ -310,6 +310,7 @@ def test_gradient_checkpointing_tensorboard_and_eval_per_kind(quads, tmp_path):
     summary, _ = _train(quads, run, steps=2, gbs=2, pdbs=2, val_size=4, eval_steps=1,
                         options={checkpointing_field(): True, "report_to": ["tensorboard"]})
     assert summary["seen"] == 4  # 2 steps × 2 of the 8 records left after holding out 4
+    assert summary["records"] == 12 and summary["held_out"] == 4  # the held-out records are accounted for
     evals = [json.loads(l) for l in (run / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [1, 2] and evals[0]["eval_tokens_px"] > 0 and evals[0]["eval_loss_px"] > 0
     events = list((run / "runs").rglob("events.out.tfevents.*"))

@@ -164,7 +164,10 @@ def train_cmd(
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
         say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s")
-        say(f"records seen: {summary['seen']}  skipped: {summary['skipped']} {summary['skipped_by_reason'] or ''}")
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items())
+        held = f", {summary['held_out']} held out for --eval-steps" if summary["held_out"] else ""
+        say(f"records seen: {summary['seen']}  skipped: {summary['skipped']}{f' ({reasons})' if reasons else ''}  "
+            f"(--data: {summary['records']} records{held})")
         t = summary["truncated_answers"]
         say(f"truncated at --max-length {max_length}: {summary['truncated_records']} records "
             f"(answers cut: original {t['original']}, VQ {t['vq']}, RGB {t['px']})")

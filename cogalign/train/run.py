@@ -151,6 +151,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     stats, ids = trainer.total_stats()
     summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
+    summary.update(records=full.num_records, held_out=len(val_idx))  # every record of --data accounted for
     if stats["seen"] == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
         raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
