@@ -267,15 +267,20 @@ def test_modules_pattern_matching_nothing_is_an_error(quads):
 
 
 # ---- the Trainer's arguments
-def test_trainer_arg_values_take_the_fields_type():
+def test_trainer_arg_values_take_the_fields_type(tmp_path):
     """`eval_strategy=no` was YAML's False (refused by the Trainer), `adam_epsilon=1e-8` a string
     (a torch traceback at the first step)."""
+    from cogalign.errors import CogalignError
     from cogalign.train.args import build_training_args, parse_trainer_args
 
     extra = parse_trainer_args(["eval_strategy=no", "adam_epsilon=1e-8", "save_only_model=true",
                                 "report_to=[tensorboard]"], None)
     assert extra == {"eval_strategy": "no", "adam_epsilon": 1e-8, "save_only_model": True, "report_to": ["tensorboard"]}
     assert build_training_args({"output_dir": "unused", **extra}).eval_strategy == "no"
+    config = tmp_path / "trainer.yaml"
+    config.write_text("eval_strategy: no\n")  # from a file the word is gone: say how to keep it
+    with pytest.raises(CogalignError, match="eval_strategy=False: expected .*quote the word"):
+        parse_trainer_args(None, config)
 
 
 def test_trainer_arguments_arrive(tmp_path):

@@ -109,7 +109,8 @@ def _typed(key: str, value: Any, raw: Optional[str], where: str) -> Any:
             except ValueError:
                 pass
     names = " or ".join(sorted({"null" if k is type(None) else k.__name__ for k in kinds}))
-    raise CogalignError(f"{where}={raw if raw is not None else value!r}: expected {names}")
+    hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
+    raise CogalignError(f"{where}={raw if raw is not None else value!r}: expected {names}{hint}")
 
 
 def training_kwargs(*, out: Path, plan, seed: int, max_steps: Optional[int], epochs: float, options: dict,
