@@ -227,6 +227,7 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     _one_line_error(res, "every record was skipped", "image_missing")
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "train_summary.json").exists()
+    assert not (tmp_path / "run" / "cache").exists()  # the Arrow copy of the shards was left behind
 
 
 # ---- defect 17: bad numbers, one line, before any work
