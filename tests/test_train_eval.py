@@ -137,3 +137,9 @@ def test_generate_and_eval_refuse_an_incomplete_expand_output(tmp_path):
         assert "shards are not complete" in res.output and shards[1].name in res.output, res.output
         assert res.output.strip().count("\n") == 0, res.output
     assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_predictions_that_are_a_folder_are_named_as_such(shards):
+    """`--predictions out/` said `no such file`, though the folder is there."""
+    res = run_cli("eval", "--data", shards, "--predictions", shards, expect=2)
+    assert "is a folder" in res.output and "no such file" not in res.output, res.output

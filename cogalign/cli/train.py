@@ -241,6 +241,8 @@ def eval_cmd(
     try:
         if allow_duplicates is not None and allow_duplicates not in DUPLICATE_CHOICES:
             raise CogalignError(f"--allow-duplicates {allow_duplicates!r}: choose first or last")
+        if predictions.is_dir():
+            raise CogalignError(f"--predictions {predictions} is a folder: give the JSON-lines file `cogalign generate --out` wrote")
         if not predictions.is_file():
             raise CogalignError(f"{predictions}: no such file (write it with `cogalign generate`)")
         result = score(data, predictions, allow_duplicates)
