@@ -92,3 +92,35 @@ def test_library_warnings_are_one_line_each(capsys):
             warnings.warn("The `broadcast_buffers` argument\nis deprecated.\n  more", FutureWarning)
     err = capsys.readouterr().err
     assert err == "warning: The `broadcast_buffers` argument is deprecated. more\n"
+
+
+def _description(path) -> list[list[str]]:
+    """The paragraphs of a command's 80-column help above its first panel."""
+    out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"}).output
+    lines = out.split("╭")[0].splitlines()
+    lines = lines[next(i for i, l in enumerate(lines) if "Usage:" in l) + 1:]
+    paras, cur = [], []
+    for line in lines + [""]:
+        if line.strip():
+            cur.append(line.rstrip())
+        elif cur:
+            paras, cur = paras + [cur], []
+    return paras
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=" ".join)
+def test_descriptions_reflow_to_the_terminal(path):
+    """A docstring's source line breaks showed at 80 columns (`folder), or `tiny` /` alone on a line)."""
+    for para in _description(path):
+        assert all(len(line) >= 55 for line in para[:-1]), para
+
+
+def test_train_help_keeps_its_help_column_wide_at_80_columns():
+    """`--dataloader-num-workers,--workers` and `--tf32`'s `--no-tf32` column left 11 columns for the
+    help texts of `cogalign train` (`vision_towe r`, `safetensor s`): 502 lines of help."""
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}).output
+    row = next(l for l in out.splitlines() if "--model" in l and "│" in l)
+    help_width = len(row.rstrip(" │")) - row.index("LLaVA") + (len(row) - len(row.rstrip(" │")) - 1)
+    assert help_width >= 24, row
+    assert "--dataloader-num-workers" in out and "--workers" in out and "--no-tf32" in out
+    assert len(out.splitlines()) < 300

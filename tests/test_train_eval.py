@@ -116,3 +116,30 @@ def test_records_sharing_an_id_are_told_apart_by_index(shards):
     assert _json(shards, preds + [{**preds[-1], "id": "r1"}])["unknown_predictions"] == 1  # index 2 is not r1
     refused = _eval(shards, ALL_RIGHT, expect=2)  # without index, r2 names two records
     assert "id 'r2' names 2 records" in refused.output and "\"index\"" in refused.output
+
+
+def test_generate_and_eval_refuse_an_incomplete_expand_output(tmp_path):
+    """A deleted shard: `train` refused it, while `generate` answered and `eval` scored the other
+    shards' turns as if they were all."""
+    from tests.train_fixtures import quadrant_set
+
+    src = quadrant_set(tmp_path / "src", 4, seed=0)
+    out = tmp_path / "out"
+    run_cli("expand", src, "--out", out, "--targets", "px", "--px-resolution", "2", "--shard-size", "2",
+            "--workers", "0", "--no-progress")
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert len(shards) == 2
+    shards[1].unlink()
+    preds = _write(tmp_path / "p.jsonl", [])
+    for argv in (["generate", "--model", tmp_path / "no-run", "--data", out, "--out", tmp_path / "g.jsonl"],
+                 ["eval", "--data", out, "--predictions", preds]):
+        res = run_cli(*argv, expect=2)
+        assert "shards are not complete" in res.output and shards[1].name in res.output, res.output
+        assert res.output.strip().count("\n") == 0, res.output
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_predictions_that_are_a_folder_are_named_as_such(shards):
+    """`--predictions out/` said `no such file`, though the folder is there."""
+    res = run_cli("eval", "--data", shards, "--predictions", shards, expect=2)
+    assert "is a folder" in res.output and "no such file" not in res.output, res.output

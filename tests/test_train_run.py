@@ -3,6 +3,7 @@ learning check (the model learns RGB answers from the images, and not from shuff
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -130,3 +131,22 @@ def test_learning_check_rgb_from_images(tmp_path, one_thread):
     print("learning check exact match:", exact)
     assert exact["true"] >= 0.8, exact
     assert exact["shuffled"] <= 0.45 and exact["true"] - exact["shuffled"] >= 0.5, exact
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory):
+    root = tmp_path_factory.mktemp("five")
+    expand_px(quadrant_set(root / "src", 5, 1), root / "out")
+    return root / "out"
+
+
+def test_two_ranks_where_only_one_has_a_record(five, tmp_path):
+    """5 records at global batch 4, one per device: the second step holds 1 record and 3 padding
+    slots, so rank 1's first micro-batch is empty while rank 0 runs the model. That rank skipped
+    the forward, and both ranks hung in DDP."""
+    common = ["--data", five, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "1",
+              "--max-steps", "2", "--max-length", "96"]
+    _train(*common, "--out", tmp_path / "two", nproc=2, timeout=150)
+    log = _log(tmp_path / "two")
+    assert [l["step"] for l in log] == [1, 2] and all(math.isfinite(l["loss"]) for l in log)
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["seen"] == 5

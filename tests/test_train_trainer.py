@@ -227,6 +227,7 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     _one_line_error(res, "every record was skipped", "image_missing")
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "train_summary.json").exists()
+    assert not (tmp_path / "run" / "cache").exists()  # the Arrow copy of the shards was left behind
 
 
 # ---- defect 17: bad numbers, one line, before any work
@@ -239,8 +240,13 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     (["--lr", "projector=inf"], ["projector=inf", "finite"]),
     (["--lr", "projector=nan"], ["projector=nan", "finite"]),
     (["--val-size", "0"], ["--val-size"]),
+    (["--seed", "-1"], ["--seed -1", "2**32"]),
+    (["--lora-r", "2", "--lora-alpha", "inf"], ["--lora-alpha inf"]),
+    (["--max-grad-norm", "-1"], ["--max-grad-norm -1"]),
+    (["--lora-dropout", "nan"], ["--lora-dropout nan"]),
     (["--trainer-arg", "not_a_field=1"], ["not_a_field", "TrainingArguments"]),
     (["--trainer-arg", "learning_rate=1"], ["learning_rate", "--lr"]),
+    (["--trainer-arg", "weight_decay=abc"], ["--trainer-arg weight_decay='abc'", "float"]),
     (["--trainer-config", "no_such_file.yaml"], ["--trainer-config", "no such file"]),
     (["--eval-steps", "5"], ["--eval-steps", "--val-size"]),
     (["--merge-lora"], ["--merge-lora", "--lora-r"]),
@@ -262,6 +268,22 @@ def test_modules_pattern_matching_nothing_is_an_error(quads):
 
 
 # ---- the Trainer's arguments
+def test_trainer_arg_values_take_the_fields_type(tmp_path):
+    """`eval_strategy=no` was YAML's False (refused by the Trainer), `adam_epsilon=1e-8` a string
+    (a torch traceback at the first step)."""
+    from cogalign.errors import CogalignError
+    from cogalign.train.args import build_training_args, parse_trainer_args
+
+    extra = parse_trainer_args(["eval_strategy=no", "adam_epsilon=1e-8", "save_only_model=true",
+                                "report_to=[tensorboard]"], None)
+    assert extra == {"eval_strategy": "no", "adam_epsilon": 1e-8, "save_only_model": True, "report_to": ["tensorboard"]}
+    assert build_training_args({"output_dir": "unused", **extra}).eval_strategy == "no"
+    config = tmp_path / "trainer.yaml"
+    config.write_text("eval_strategy: no\n")  # from a file the word is gone: say how to keep it
+    with pytest.raises(CogalignError, match="eval_strategy=False: expected .*quote the word"):
+        parse_trainer_args(None, config)
+
+
 def test_trainer_arguments_arrive(tmp_path):
     from cogalign.train.args import build_training_args, checkpointing_field, parse_trainer_args, training_kwargs
     from cogalign.train.stages import make_plan
@@ -294,6 +316,7 @@ def test_gradient_checkpointing_tensorboard_and_eval_per_kind(quads, tmp_path):
     summary, _ = _train(quads, run, steps=2, gbs=2, pdbs=2, val_size=4, eval_steps=1,
                         options={checkpointing_field(): True, "report_to": ["tensorboard"]})
     assert summary["seen"] == 4  # 2 steps × 2 of the 8 records left after holding out 4
+    assert summary["records"] == 12 and summary["held_out"] == 4  # the held-out records are accounted for
     evals = [json.loads(l) for l in (run / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [1, 2] and evals[0]["eval_tokens_px"] > 0 and evals[0]["eval_loss_px"] > 0
     events = list((run / "runs").rglob("events.out.tfevents.*"))

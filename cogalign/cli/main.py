@@ -267,6 +267,13 @@ def _full_option_names() -> None:
             for part in getattr(help_, "renderables", [help_]):
                 if isinstance(part, Text):
                     part.overflow = "fold"
+            if isinstance(help_, Columns) and len(renderables) >= 6:
+                # an options table: every name of the option (aliases, `--no-…`) on its own line of
+                # one cell, so that the help text keeps the width (`--save-steps,--save-every`)
+                head, names, tail = renderables[:-6], renderables[-6:-2], renderables[-2:]
+                lines = [part for r in names if isinstance(r, Text) for part in r.split(",") if part.plain]
+                names = [Text("\n").join(lines)] + [Text("")] * (len(names) - 1)
+                renderables = [*head, *names, *tail]
             super().add_row(*renderables, **kwargs)
             if not isinstance(help_, Columns):
                 return  # not an options table
@@ -274,6 +281,13 @@ def _full_option_names() -> None:
                 col.no_wrap = True
 
     rich_utils.Table = FullNameTable
+
+    def reflow(paragraphs: list[str], markup_mode) -> str:
+        """A docstring's paragraphs reflowed to the terminal (this typer keeps the source's line
+        breaks, so an 80-column help showed `or `tiny` /` alone on a line); `\b` keeps a paragraph."""
+        return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paragraphs)
+
+    rich_utils._fix_linebreaks = reflow
 
 
 _full_option_names()

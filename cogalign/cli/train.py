@@ -96,10 +96,15 @@ def train_cmd(
             _positive(name, value)
         _positive("--epochs", epochs, integer=False)
         _positive("--val-size", val_size, integer=val_size is not None and val_size >= 1)
-        if workers < 0 or (save_total_limit is not None and save_total_limit < 0):
-            raise CogalignError(f"--dataloader-num-workers {workers} / --save-total-limit {save_total_limit}: give 0 or more")
-        if not 0 <= lora_dropout < 1 or not lora_alpha > 0 or not max_grad_norm >= 0:
-            raise CogalignError("--lora-dropout must be in [0, 1), --lora-alpha above 0, --max-grad-norm 0 or more")
+        _positive("--lora-alpha", lora_alpha, integer=False)
+        for name, value, ok, want in (
+                ("--dataloader-num-workers", workers, workers >= 0, "0 or more"),
+                ("--save-total-limit", save_total_limit, save_total_limit is None or save_total_limit >= 0, "0 or more"),
+                ("--seed", seed, 0 <= seed < 2 ** 32, "a whole number from 0 to 2**32-1"),
+                ("--lora-dropout", lora_dropout, 0 <= lora_dropout < 1, "a number from 0 to below 1"),
+                ("--max-grad-norm", max_grad_norm, max_grad_norm >= 0, "0 (no clipping) or more")):
+            if not ok:  # nan fails every comparison
+                raise CogalignError(f"{name} {value}: give {want}")
         if vq_tokens not in ("text", "special"):
             raise CogalignError(f"--vq-tokens {vq_tokens!r}: choose text or special")
         if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -159,7 +164,10 @@ def train_cmd(
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
         say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s")
-        say(f"records seen: {summary['seen']}  skipped: {summary['skipped']} {summary['skipped_by_reason'] or ''}")
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items())
+        held = f", {summary['held_out']} held out for --eval-steps" if summary["held_out"] else ""
+        say(f"records seen: {summary['seen']}  skipped: {summary['skipped']}{f' ({reasons})' if reasons else ''}  "
+            f"(--data: {summary['records']} records{held})")
         t = summary["truncated_answers"]
         say(f"truncated at --max-length {max_length}: {summary['truncated_records']} records "
             f"(answers cut: original {t['original']}, VQ {t['vq']}, RGB {t['px']})")
@@ -233,6 +241,8 @@ def eval_cmd(
     try:
         if allow_duplicates is not None and allow_duplicates not in DUPLICATE_CHOICES:
             raise CogalignError(f"--allow-duplicates {allow_duplicates!r}: choose first or last")
+        if predictions.is_dir():
+            raise CogalignError(f"--predictions {predictions} is a folder: give the JSON-lines file `cogalign generate --out` wrote")
         if not predictions.is_file():
             raise CogalignError(f"{predictions}: no such file (write it with `cogalign generate`)")
         result = score(data, predictions, allow_duplicates)

@@ -8,8 +8,11 @@ owns are refused, naming that option.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -38,7 +41,7 @@ def checkpointing_field() -> str:
 
 def parse_trainer_args(pairs: Optional[list[str]], config: Optional[Path]) -> dict:
     """The config file's mapping, then each KEY=VALUE, checked against TrainingArguments' fields."""
-    out, from_config = {}, set()
+    out, from_config, raw = {}, set(), {}
     if config is not None:
         if not Path(config).is_file():
             raise CogalignError(f"--trainer-config {config}: no such file (a YAML or JSON mapping of TrainingArguments fields)")
@@ -58,8 +61,10 @@ def parse_trainer_args(pairs: Optional[list[str]], config: Optional[Path]) -> di
             out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = value
+        raw[key.strip()] = value.strip()
+        from_config.discard(key.strip())
     fields = field_names()
-    for key in out:
+    for key in list(out):
         where = f"--trainer-config {config}: {key}" if key in from_config else f"--trainer-arg {key}"
         if key not in fields:
             close = [f for f in fields if key.replace("-", "_") == f]
@@ -68,7 +73,44 @@ def parse_trainer_args(pairs: Optional[list[str]], config: Optional[Path]) -> di
                                 "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments")
         if key in OWNED:
             raise CogalignError(f"{where}: set by cogalign train; use {OWNED[key]}")
+        out[key] = _typed(key, out[key], raw.get(key), where)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict:
+    from transformers import TrainingArguments
+
+    return typing.get_type_hints(TrainingArguments)
+
+
+def _typed(key: str, value: Any, raw: Optional[str], where: str) -> Any:
+    """VALUE as the field's type: `eval_strategy=no` stays the string "no" (YAML reads a bool),
+    `adam_epsilon=1e-8` is a float (YAML reads a string); a value of another type is refused."""
+    hint = _field_types().get(key)
+    kinds = [typing.get_origin(k) or k for k in (typing.get_args(hint) or (hint,))]
+    kinds = [k for k in kinds if isinstance(k, type)]
+    if not kinds or any(k is Any for k in kinds):
+        return value
+
+    def fits(v) -> bool:
+        return any((k is float and isinstance(v, (int, float)) and not isinstance(v, bool))
+                   or (k is int and isinstance(v, int) and not isinstance(v, bool))
+                   or (k not in (int, float) and isinstance(v, k)) for k in kinds)
+
+    if fits(value):
+        return value
+    if raw is not None and (str in kinds or any(issubclass(k, enum.Enum) for k in kinds)):
+        return raw  # a string field: keep what was typed
+    for k in (int, float):
+        if k in kinds and isinstance(value, str):
+            try:
+                return k(value)
+            except ValueError:
+                pass
+    names = " or ".join(sorted({"null" if k is type(None) else k.__name__ for k in kinds}))
+    hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
+    raise CogalignError(f"{where}={raw if raw is not None else value!r}: expected {names}{hint}")
 
 
 def training_kwargs(*, out: Path, plan, seed: int, max_steps: Optional[int], epochs: float, options: dict,

@@ -63,6 +63,16 @@ def shard_files(out: Path) -> list[Path]:
     return files
 
 
+def check_expand_output(out: Path) -> None:
+    """An `expand` output (it has cogalign.json) must be complete, as for train, export and publish; a
+    bare data/ folder of shards is read as it is."""
+    from cogalign.hub.output import check_complete
+    from cogalign.layout import MANIFEST
+
+    if (Path(out) / MANIFEST).is_file():
+        check_complete(out)
+
+
 def shard_rows(path: Path) -> int:
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows

@@ -36,10 +36,11 @@ _INDEX = re.compile(r"\s*(\d+)\s*,")
 def truths(data: Path) -> dict:
     """{(index, turn): (id, kind, true answer text)} from the shards; index is the record's position
     in shard order (as `generate` writes it)."""
-    from cogalign.train.data import shard_files
+    from cogalign.train.data import check_expand_output, shard_files
     from cogalign.train.generate import inserted_turns
     from cogalign.writer import read_shard
 
+    check_expand_output(data)  # scores over part of the turns would look like scores over all
     out, index = {}, 0
     for f in shard_files(data):
         for rec in read_shard(f):

@@ -218,9 +218,10 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
     """Answer the inserted turns of the first `limit` records of `data` into `out` (JSON lines);
     returns the summary counts. `out` is written to a temporary sibling and renamed at the end."""
     from cogalign.progress import Progress
-    from cogalign.train.data import ShardDataset
+    from cogalign.train.data import ShardDataset, check_expand_output
 
     check_out(out, overwrite)
+    check_expand_output(data)  # a missing shard would leave its turns unanswered without a word
     ds = ShardDataset(data, image_root=image_root, shuffle=False)
     model, processor, vq_tokens = load_run(run)
     config = run_config(run)

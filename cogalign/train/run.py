@@ -148,16 +148,20 @@ def train(cfg: TrainConfig, model, processor) -> dict:
         for name in (TRAIN_LOG, EVAL_LOG) if val_ds is not None else (TRAIN_LOG,):
             (out / name).write_text("")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    stats, ids = trainer.total_stats()
-    summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
-    if stats["seen"] == 0:
-        reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
-        raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
-                            "nothing was learned and no model is saved; fix the inputs (e.g. --image-root)")
-    _save(trainer, cfg, processor, out, summary)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        stats, ids = trainer.total_stats()
+        summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
+        summary.update(records=full.num_records, held_out=len(val_idx))  # every record of --data accounted for
+        if stats["seen"] == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
+            raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
+                                "nothing was learned and no model is saved; fix the inputs (e.g. --image-root)")
+        _save(trainer, cfg, processor, out, summary)
+    finally:  # the shards' uncompressed copy goes also when the run fails
+        if args.process_index == 0:
+            shutil.rmtree(out / CACHE, ignore_errors=True)
     if args.process_index == 0:
-        shutil.rmtree(out / CACHE, ignore_errors=True)
         record_files(out, before)
     return summary
 

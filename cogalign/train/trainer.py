@@ -4,7 +4,8 @@
   by the supervised tokens of the whole global batch (the Trainer's `num_items_in_batch`, gathered
   across ranks by `average_tokens_across_devices`), so 1 rank and N ranks give the same gradient.
   The loss always touches every trainable parameter (times 0), so a micro-batch without an image,
-  or an empty padding micro-batch, still backpropagates and DDP still reduces every gradient.
+  or an empty padding micro-batch (which runs the model on one unsupervised token), still
+  backpropagates, and DDP still reduces every gradient on every rank.
 - `create_optimizer`: one parameter group per Table 7 group, each with its own rate.
 - `log`: adds the per-kind losses, supervised tokens and each group's rate, and appends them to
   RUN/train_log.jsonl; `evaluate` reports the held-out loss per kind (RUN/eval_log.jsonl).
@@ -90,8 +91,11 @@ class CogalignTrainer(Trainer):
     def token_losses(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the token losses, [loss sum per kind..., tokens per kind...]) on the device, no sync."""
         part = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)
-        if inputs["input_ids"].shape[0] == 0:  # every slot of this micro-batch was padding or skipped
-            return torch.zeros((), device=self.args.device), part
+        if inputs["input_ids"].shape[0] == 0:  # every slot of this micro-batch was padding or skipped:
+            # the model still runs on one unsupervised token, since under DDP every forward is a
+            # collective (the buffers' broadcast) and a rank that skips it hangs the others
+            out = model(input_ids=torch.full((1, 1), self._filler_id(), device=self.args.device))
+            return out.logits.sum() * 0.0, part
         out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
         labels, kinds = inputs["labels"][:, 1:], inputs["kinds"][:, 1:]
         keep = labels != -100
@@ -101,6 +105,11 @@ class CogalignTrainer(Trainer):
         onehot = (kinds[keep][:, None] == ids[None, :]).to(torch.float64)
         part = torch.cat([(loss.detach().to(torch.float64)[:, None] * onehot).sum(0), onehot.sum(0)])
         return loss.sum(), part
+
+    def _filler_id(self) -> int:
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        ids = [getattr(tok, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id")]
+        return next((i for i in ids if i is not None), 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count(inputs)
