@@ -83,6 +83,10 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
             raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
                                 f"downsampling factor {f}; pick e.g. {h - h % f or f}")
         check_regions(options.regions, options.vq_resolution, f, "vq-resolution")
+        if getattr(tokenizer, "params", None):  # a taming model: refuse a size beyond memory before allocating
+            from cogalign.tokenizers.taming import check_fits_memory
+
+            check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 

@@ -54,6 +54,7 @@ def test_px_regions_are_checked_only_when_px_is_produced():
     (["--regions", "center", "--vq-resolution", "16"], "use --vq-resolution 24 or larger"),
     (["--seed", "-1"], "--seed"),
     (["--max-image-pixels", str(10**23)], "--max-image-pixels 100000000000000000000000: must be an integer"),
+    (["--vq-resolution", "8192", "--targets", "vq"], "--vq-resolution 8192x8192: one image needs more than"),
 ])
 def test_expand_refuses_before_the_run_starts(tmp_path, args, message):
     out = tmp_path / "out"
