@@ -96,6 +96,17 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def leave() -> None:
+    """Under torchrun: wait for every rank, then shut the group down cleanly (a process that exits
+    with a gloo group alive was seen to abort with "terminate called without an active exception")."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(work: WorkSlice, device: str) -> str:
     """`auto` -> this rank's GPU if there is one, else cpu."""
     if device != "auto":

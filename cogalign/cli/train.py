@@ -87,6 +87,7 @@ def train_cmd(
     from cogalign.train.model import add_vq_tokens, codebook_size, load
     from cogalign.train.run import TrainConfig, train
     from cogalign.train.stages import make_plan, plan_json
+    from cogalign.distributed import leave
 
     try:
         for name, value in (("--global-batch-size", global_batch_size), ("--per-device-batch-size", per_device_batch_size),
@@ -160,6 +161,7 @@ def train_cmd(
                           group_by_modality_length=group_by_modality_length, lora=lora, merge_lora=merge_lora,
                           model_name=model, options=options, extra=extra)
         summary = train(cfg, net, processor)
+        leave()
     except CogalignError as e:
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:

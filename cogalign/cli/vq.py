@@ -97,18 +97,9 @@ def train(
             write_metrics(out, metrics)
     except CogalignError as e:
         fail(str(e))
-    _leave_process_group()
+    from cogalign.distributed import leave
 
-
-def _leave_process_group() -> None:
-    """Under torchrun: wait for rank 0's eval, then shut gloo down cleanly (a process that exits
-    with the group alive was seen to abort with "terminate called without an active exception")."""
-    import sys
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave()  # after rank 0's eval
 
 
 @vq_app.command("info")
