@@ -165,7 +165,8 @@ def train_cmd(
     except CogalignError as e:
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
-        say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s")
+        say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s  "
+            f"throughput: {summary['records_per_second']} records/s")
         reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items())
         held = f", {summary['held_out']} held out for --eval-steps" if summary["held_out"] else ""
         say(f"records seen: {summary['seen']}  skipped: {summary['skipped']}{f' ({reasons})' if reasons else ''}  "

@@ -34,7 +34,9 @@ def load_run(run: Path):
 
     require_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar: generate shows its own
     try:
         processor = AutoProcessor.from_pretrained(run)
         model = AutoModelForImageTextToText.from_pretrained(run)

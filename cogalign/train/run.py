@@ -147,12 +147,14 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     elif args.process_index == 0:
         for name in (TRAIN_LOG, EVAL_LOG) if val_ds is not None else (TRAIN_LOG,):
             (out / name).write_text("")
+    seen_before = trainer.total_stats()[0]["seen"]  # a resumed run's counts so far (the rate is this session's)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         stats, ids = trainer.total_stats()
         summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
-        summary.update(records=full.num_records, held_out=len(val_idx))  # every record of --data accounted for
+        summary.update(records=full.num_records, held_out=len(val_idx),  # every record of --data accounted for
+                       records_per_second=round((stats["seen"] - seen_before) / max(summary["seconds"], 1e-9), 2))
         if stats["seen"] == 0:
             reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
             raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
