@@ -36,3 +36,13 @@ def data_digest(out: Path) -> dict[str, str]:
     """sha256 of every data shard and of the merged reports: what must be byte-identical."""
     files = sorted((out / "data").iterdir()) + [out / "rejects.jsonl", out / "report.json"]
     return {f.relative_to(out).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()}
+
+
+def one_line_error(result, *words: str) -> str:
+    """A failed CLI result whose output is one line, `error: …`, holding each of `words`."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

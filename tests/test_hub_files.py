@@ -13,6 +13,7 @@ import pytest
 
 from cogalign.inputs.turns import to_llava
 from helpers import EXAMPLES, FAST, run_cli
+from tests.helpers import one_line_error  # noqa: E402
 
 IMAGES = EXAMPLES.parent / "images"
 GOOD = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
@@ -27,12 +28,6 @@ def run(tmp_path_factory):
     shutil.copy(EXAMPLES, src)
     run_cli("expand", src, "--out", base / "out", *FAST, "--workers", "0", "--format", "jsonl")
     return src, base / "out"
-
-
-def one_line_error(result, *words):
-    text = result.output.strip()
-    assert len(text.splitlines()) == 1 and text.startswith("error:"), text
-    assert all(w in text for w in words), text
 
 
 # ------------------------------------------------------------------ export never replaces what it did not write

@@ -18,6 +18,7 @@ from cogalign.tokenizers import TokenizerError, load_tokenizer
 from cogalign.tokenizers.hub import parse_hub_spec, push_plan
 from cogalign.tokenizers.presets import DEMO_DIR
 from helpers import EXAMPLES, run_cli
+from tests.helpers import one_line_error as _one_line_error  # noqa: E402
 
 torch.set_num_threads(1)
 SMALL = ["--vq-resolution", "32x64", "--px-resolution", "8x16", "--no-progress", "--workers", "0"]
@@ -39,13 +40,6 @@ def run(tmp_path_factory):
     src = _input(root / "src")
     run_cli("expand", src, "--out", root / "out", *SMALL)
     return root / "out"
-
-
-def _one_line_error(result, *needles):
-    out = result.output.strip()
-    assert out.startswith("error:") and "Traceback" not in out and len(out.splitlines()) == 1, out
-    for needle in needles:
-        assert needle in out, out
 
 
 def test_out_paths_that_cannot_be_written_are_one_line_errors(run, tmp_path):

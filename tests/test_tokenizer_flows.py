@@ -16,6 +16,7 @@ from cogalign.tokenizers import TokenizerError, load_taming, load_tokenizer
 from cogalign.tokenizers.presets import DEMO_DIR
 from cogalign.tokenizers.training import train_vq
 from tokenizer_fixtures import EXAMPLE_IMAGES, TINY_PARAMS, make_random_taming_state, taming_yaml
+from tests.helpers import one_line_error as _one_line_error  # noqa: E402
 
 torch.set_num_threads(1)
 IMAGES = [EXAMPLE_IMAGES / "chelsea.png", EXAMPLE_IMAGES / "camera.png"]
@@ -26,15 +27,6 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 
 def _cli(*args, env=None):
     return CliRunner().invoke(app, ["vq", *map(str, args)], env=env)
-
-
-def _one_line_error(r, *words):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

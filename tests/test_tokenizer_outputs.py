@@ -13,20 +13,13 @@ from cogalign.cli import app
 from cogalign.tokenizers import TokenizerError
 from cogalign.tokenizers.presets import DEMO_DIR
 from tokenizer_fixtures import EXAMPLE_IMAGES, lightning_checkpoint, make_random_taming_state, taming_yaml
+from tests.helpers import one_line_error as _one_line_error  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(r, *words):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_recon_never_replaces_its_input_and_an_existing_file_only_with_overwrite(tmp_path):

@@ -14,6 +14,7 @@ from cogalign.tokenizers import load_taming, load_tokenizer
 from cogalign.tokenizers.training import evaluate, export_taming, to_model_input, train_vq
 from tokenizer_fixtures import (
     EXAMPLE_IMAGES, TINY_PARAMS, lightning_checkpoint, make_random_taming_state, photos, taming_yaml)
+from tests.helpers import one_line_error as _one_line_error  # noqa: E402
 
 torch.set_num_threads(1)
 TRAIN_IMAGES = [EXAMPLE_IMAGES / "chelsea.png", EXAMPLE_IMAGES / "camera.png"]  # one RGB, one greyscale
@@ -139,15 +140,6 @@ def test_cli_info_demo():
 
 SMALL = ["--codes", "16", "--ch-mult", "1,1,1,1", "--steps", "1", "--batch-size", "1", "--crop", "16",
          "--no-eval", "--no-progress"]
-
-
-def _one_line_error(r, *words):
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert len(lines) == 1, r.output
-    for w in words:
-        assert w in r.output, r.output
 
 
 def test_train_refuses_to_overwrite_out_without_force(tmp_path):

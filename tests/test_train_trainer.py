@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.helpers import EXAMPLES, FAST, run_cli  # noqa: E402
+from tests.helpers import EXAMPLES, FAST, one_line_error as _one_line_error, run_cli  # noqa: E402
 from tests.train_fixtures import expand_px, quadrant_set  # noqa: E402
 
 TINY_LR = ["projector=3e-3", "vision_tower=3e-3", "language_model=3e-3"]
@@ -77,12 +77,6 @@ def _cli(*args, expect=2):
     return res
 
 
-def _one_line_error(res, *words):
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 # ---- defect 1: stage 1 and 2 with micro-batches that hold no image
