@@ -224,6 +224,16 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     assert not (tmp_path / "run" / "cache").exists()  # the Arrow copy of the shards was left behind
 
 
+def test_a_diverged_run_stops_in_one_line_and_saves_no_model(quads, tmp_path):
+    res = _cli("--data", quads, "--out", tmp_path / "run", "--max-steps", "6", "--global-batch-size", "2",
+               "--per-device-batch-size", "2", "--max-length", "256", "--max-grad-norm", "0",
+               "--lr", "projector=1e30", "--lr", "vision_tower=1e30", "--lr", "language_model=1e30")
+    _one_line_error(res, "diverged", "--lr")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    log = (tmp_path / "run" / "train_log.jsonl").read_text()
+    assert "NaN" not in log and "Infinity" not in log  # every line written is JSON
+
+
 # ---- defect 17: bad numbers, one line, before any work
 @pytest.mark.parametrize("args,words", [
     (["--global-batch-size", "-1"], ["--global-batch-size -1"]),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from cogalign.errors import CogalignError
 from cogalign.train.collate import KIND_ID, KINDS, new_stats
 from cogalign.train.data import EpochSampler
 from cogalign.train.stages import GROUPS, group_params
@@ -167,6 +168,9 @@ class CogalignTrainer(Trainer):
             sums = _all_reduce(self.sums.clone()).cpu()
             self.sums.zero_()
             total, per_kind, tokens = self._kind_values(sums)
+            if total is not None and not math.isfinite(total):  # every rank is here: all stop alike
+                raise CogalignError(f"step {self.state.global_step}: the training loss is {total} (diverged); no "
+                                    "model is saved: lower the rates (--lr GROUP=VALUE) or keep --max-grad-norm above 0")
             lrs = self.group_lrs()
             logs["loss"] = total
             logs.update({f"loss_{k}": v for k, v in per_kind.items() if v is not None})
