@@ -198,6 +198,10 @@ def test_rerun_needs_resume_or_overwrite_and_resume_pins_options(quads, vq_out, 
     _one_line_error(_cli(*other, "--out", run, "--resume"), "--resume", "data", "data_fingerprint")
     _cli(*base, "--out", run, "--resume", "--max-steps", "3", expect=0)  # a longer run may continue
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 3
+    (run / "checkpoint-3" / "my-eval.txt").write_text("the user's too")  # inside a folder the run wrote
+    _one_line_error(_cli(*base, "--out", run, "--overwrite"), "my-eval.txt", "not written by the earlier run")
+    assert (run / "checkpoint-3" / "my-eval.txt").is_file() and (run / "train_summary.json").is_file()
+    (run / "checkpoint-3" / "my-eval.txt").unlink()
     _cli(*base, "--out", run, "--overwrite", expect=0)
     assert (run / "notes.txt").read_text() == "the user's"  # only the run's own files were replaced
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 2 and not (run / "checkpoint-3").exists()

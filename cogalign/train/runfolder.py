@@ -82,10 +82,31 @@ def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
     write_manifest(out, {"tool": TOOL, "pinned": pinned, "files": list(RUN_FILES)})
 
 
+def _written_by_run(rel: str, tree: set) -> bool:
+    """A file the run wrote: listed in its manifest at the end, or in a place only a run writes to
+    (a checkpoint-N/ that a killed run never listed, the Arrow cache, TensorBoard's event files)."""
+    top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
+    if rel in tree:
+        return True
+    if top.startswith("checkpoint-") and not any(t.startswith(top + "/") for t in tree):
+        return True
+    return (top == "cache" and name.endswith((".arrow", ".tmp"))) or (top == "runs" and name.startswith("events.out.tfevents."))
+
+
 def delete_run(out: Path, manifest: dict) -> None:
-    """Delete what the earlier run wrote (its manifest's list and its checkpoints), nothing else."""
+    """Delete what the earlier run wrote (its manifest's list and its checkpoints), nothing else: a
+    folder of the run that holds a file the run did not write is refused, and nothing is deleted."""
     names = set(manifest.get("files", [])) | set(RUN_FILES)
-    for p in [*(out / n for n in sorted(names)), *checkpoints(out)]:
+    targets = [*(out / n for n in sorted(names)), *checkpoints(out)]
+    tree = set(manifest.get("tree", []))
+    for p in targets:
+        if p.is_dir() and not p.is_symlink():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(out).as_posix()
+                if not f.is_dir() and not _written_by_run(rel, tree):
+                    raise CogalignError(f"--overwrite: {out / rel} was not written by the earlier run; move it "
+                                        "out of the run folder first (nothing was deleted)")
+    for p in targets:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
@@ -103,4 +124,7 @@ def record_files(out: Path, before: set) -> None:
     manifest = read_run_manifest(out) or {"tool": TOOL, "files": []}
     new = {p.name for p in Path(out).iterdir()} - before - {RUN_MANIFEST}
     manifest["files"] = sorted(set(manifest.get("files", [])) | new)
+    inside = {f.relative_to(out).as_posix() for n in new if (Path(out) / n).is_dir()
+              for f in (Path(out) / n).rglob("*") if not f.is_dir()}
+    manifest["tree"] = sorted(set(manifest.get("tree", [])) | inside)  # files in the run's folders
     write_manifest(out, manifest)
