@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from cogalign.errors import InputError
 
@@ -34,8 +34,9 @@ class DatasetSpec:
     path: str = ""
 
     def __str__(self) -> str:
-        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
-        return f"{PREFIX}{self.repo_id}{rev}" + (f"/{self.path}" if self.path else "")
+        from cogalign.tokenizers.hub import spec_text
+
+        return spec_text(PREFIX, self.repo_id, self.revision, self.path)
 
 
 def is_hub_input(spec) -> bool:
@@ -56,13 +57,10 @@ def parse(spec: str) -> DatasetSpec:
     if at and not revision:
         raise InputError(f"{spec}: empty revision; write hf://datasets/OWNER/NAME@REVISION (a revision with "
                          "'/' URL-encoded: @refs%2Fpr%2F1)")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from cogalign.tokenizers.hub import check_repo_id
 
     repo_id = f"{parts[0]}/{name}"
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise InputError(f"{spec}: {repo_id!r} is not a valid Hub repo id ({' '.join(str(exc).split())[:160]})") from None
+    check_repo_id(repo_id, spec, InputError)
     return DatasetSpec(repo_id, revision or None, "/".join(parts[2:]))
 
 

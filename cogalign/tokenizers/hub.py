@@ -27,9 +27,13 @@ class HubSpec:
     subfolder: str = ""
 
     def __str__(self) -> str:
-        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
-        sub = f"/{self.subfolder}" if self.subfolder else ""
-        return f"{PREFIX}{self.repo_id}{rev}{sub}"
+        return spec_text(PREFIX, self.repo_id, self.revision, self.subfolder)
+
+
+def spec_text(prefix: str, repo_id: str, revision: str | None, path: str) -> str:
+    """`PREFIXOWNER/NAME[@REVISION][/PATH]`, a revision holding `/` URL-encoded (`@refs%2Fpr%2F1`)."""
+    rev = f"@{quote(revision, safe='')}" if revision else ""
+    return f"{prefix}{repo_id}{rev}" + (f"/{path}" if path else "")
 
 
 def is_hub_spec(spec: str) -> bool:
@@ -67,15 +71,15 @@ def resolved_name(hs: HubSpec, path: str | Path) -> str:
     return str(HubSpec(hs.repo_id, sha or hs.revision, hs.subfolder)).removeprefix(PREFIX)
 
 
-def check_repo_id(repo_id: str, what: str) -> None:
+def check_repo_id(repo_id: str, what: str, error: type = TokenizerError) -> None:
     """huggingface_hub's own rule for repo ids (letters, digits, '-', '_', '.'; at most 96 characters)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise TokenizerError(f"{what}: {repo_id!r} is not a valid Hub repo id ({' '.join(str(exc).split())[:160]}); "
-                             "write OWNER/NAME, e.g. my-team/vqgan-4096") from None
+        raise error(f"{what}: {repo_id!r} is not a valid Hub repo id ({' '.join(str(exc).split())[:160]}); "
+                    "write OWNER/NAME") from None
 
 
 def hub_cache_dir() -> Path:
