@@ -159,7 +159,8 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
     if not planned:
         return f"expand: all {n_records} records of this run are done"
     need, seconds, facts = validate.startup_estimate(input_path, options, tokenizer, sampler, image_root,
-                                                     runtime.workers, skip=lambda i: i // shard_size not in planned)
+                                                     runtime.workers, skip=lambda i: i // shard_size not in planned,
+                                                     shard_size=shard_size)
     _release_freed_memory()  # the sample records' megabytes of text, before the long run starts
     n_planned = facts["records"]
     where = next(p for p in [out_dir, *out_dir.parents] if p.exists())

@@ -83,7 +83,7 @@ def open_output(path: str | Path, option: str):
 
 def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,
             image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8,
-            timings: dict | None = None, skip=None) -> dict:
+            timings: dict | None = None, skip=None, shard_size: int | None = None) -> dict:
     """Counts from the record checks alone, the new turns of a few real records (built and
     measured, see `sample_turns`) and from both the size of what expand would write.
     `timings`, if given, gets the seconds per sampled record spent in a worker and in the encoder;
@@ -108,7 +108,7 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
             passed.append(record)
     facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
                                tokenizer, image_root, llm_tokenizer, samples, keep=True, timings=timings, skip=skip)
-    shard_size = estimate.auto_shard_size(options, tokenizer, input_path, image_root)
+    shard_size = shard_size or estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     n = sum(counts.values())
     if built["expanded"] or not counts["expand"]:
         total = estimate.output_bytes(options.format, expand=counts["expand"], passed=counts["pass"],
@@ -191,14 +191,16 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
 
 
 def startup_estimate(input_path: str | Path, options: ExpandOptions, tokenizer, sampler,
-                     image_root: str | Path | None, workers: int, samples: int = 3, skip=None) -> tuple[int, float, dict]:
+                     image_root: str | Path | None, workers: int, samples: int = 3, skip=None,
+                     shard_size: int | None = None) -> tuple[int, float, dict]:
     """What `expand` prints before it starts: the `--dry-run` estimate of the output bytes and
     of the run's seconds (a worker's and the encoder's time per sampled record; the slower
     of the workers together and the encoder sets the pace). Fewer samples than --dry-run's 8:
     at the paper's settings each holds megabytes of text in the main process. `skip`: the records
     this run does not do (another slice's, or done), never read (a Hub input downloads no file for them)."""
     timings: dict = {}
-    facts = dry_run(input_path, options, tokenizer, sampler, image_root, samples=samples, timings=timings, skip=skip)
+    facts = dry_run(input_path, options, tokenizer, sampler, image_root, samples=samples, timings=timings, skip=skip,
+                    shard_size=shard_size)
     worker, encoder = timings.get("worker", 0.0), timings.get("encoder", 0.0)
     per_record = worker + encoder if workers == 0 else max(worker / workers, encoder)
     return facts["estimated_output_bytes"], facts["would_expand"] * per_record, facts
