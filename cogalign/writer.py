@@ -121,6 +121,20 @@ def from_row(row: dict) -> dict:
     return out
 
 
+IMAGE_BYTES = "_cogalign_image_bytes"  # where `record_of_row` keeps a record's embedded image bytes
+
+
+def record_of_row(row: dict) -> dict:
+    """`from_row`, keeping the bytes of an --embed-images row's images under IMAGE_BYTES, one per
+    image (the first from `image`, all of a several-image record from `images`)."""
+    record = from_row(row)
+    if row.get("images"):
+        record[IMAGE_BYTES] = [item.get("bytes") for item in row["images"]]
+    elif isinstance(row.get("image"), dict) and row["image"].get("bytes"):
+        record[IMAGE_BYTES] = [row["image"]["bytes"]]
+    return record
+
+
 def partial_path(path: Path) -> Path:
     """Where a shard is written before it is published: outside data/, so no glob ever sees it."""
     tmp_dir = Path(path).parent.parent / ".partial"

@@ -239,7 +239,7 @@ def test_split_of_a_save_to_disk_dataset_dict(tmp_path):
 def test_show_rereads_the_split_and_commit_the_run_read(tmp_path, offline, via_hub):
     """`show` re-reads a record's embedded image from the input by position: from the split (and, for
     hf://datasets, the commit) the run read, not the folder's default split."""
-    from cogalign.inspect.records import _bytes_from_input
+    from cogalign.inspect.records import bytes_from_input
     from test_inputs import IMAGES
 
     files = write_split_files(tmp_path / "repo", records12(), TRAIN_TEST)
@@ -248,7 +248,7 @@ def test_show_rereads_the_split_and_commit_the_run_read(tmp_path, offline, via_h
     run_cli("expand", source, "--split", "test", "--out", tmp_path / "o", *FAST, "--workers", "0")
     manifest = json.loads((tmp_path / "o" / "cogalign.json").read_text())
     first = outputs(tmp_path / "o")[0]
-    assert _bytes_from_input(first, manifest) == (IMAGES.parent / records12()[9]["image"]).read_bytes()
+    assert bytes_from_input(first, manifest) == (IMAGES.parent / records12()[9]["image"]).read_bytes()
 
 
 def test_the_card_names_the_hub_source_its_commit_and_the_split_read(tmp_path, offline):

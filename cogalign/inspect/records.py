@@ -14,7 +14,7 @@ from cogalign.errors import CogalignError
 from cogalign.layout import read_manifest
 from cogalign.options import ExpandOptions
 from cogalign.render import RGB_START, VQ_START
-from cogalign.writer import from_row, read_shard
+from cogalign.writer import IMAGE_BYTES, read_shard, record_of_row
 
 
 def shard_files(out: Path) -> list[Path]:
@@ -48,9 +48,6 @@ def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
             yield rec.get("id"), rec.get("cogalign")
 
 
-IMAGE_BYTES = "_cogalign_image_bytes"  # key under which read_record keeps an embedded image's bytes
-
-
 def read_record(path: Path, row: int) -> dict:
     """Record number `row` of a shard (parquet: only its row group is read; the bytes of an
     embedded image are kept under IMAGE_BYTES, so `show` needs no image files)."""
@@ -61,11 +58,7 @@ def read_record(path: Path, row: int) -> dict:
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if row < n:
-                raw = pf.read_row_group(rg).slice(row, 1).to_pylist()[0]
-                record = from_row(raw)
-                if isinstance(raw.get("image"), dict) and raw["image"].get("bytes"):  # an --embed-images shard
-                    record[IMAGE_BYTES] = raw["image"]["bytes"]
-                return record
+                return record_of_row(pf.read_row_group(rg).slice(row, 1).to_pylist()[0])
             row -= n
         raise IndexError(row)
     for i, rec in enumerate(read_shard(path)):
@@ -154,13 +147,13 @@ def working_image(record: dict, manifest: dict, resolution: tuple[int, int], ima
     max_pixels = int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels)
     try:
         if record.get(IMAGE_BYTES) and image_root is None:
-            image = load_image_bytes(record[IMAGE_BYTES], str(record["image"]), max_pixels)
+            image = load_image_bytes(record[IMAGE_BYTES][0], str(record["image"]), max_pixels)
         else:
             try:
                 path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
                 image = load_image(path, max_pixels)
             except RecordError as e:
-                data = _bytes_from_input(record, manifest) if e.reason == "image_missing" and not image_root else None
+                data = bytes_from_input(record, manifest) if e.reason == "image_missing" and not image_root else None
                 if data is None:
                     raise
                 image = load_image_bytes(data, str(record["image"]), max_pixels)
@@ -185,7 +178,7 @@ def _image_error(e, root: Path, run_allowed_absolute: bool) -> str:
             "one: pass --image-root with the folder the run read, or restore the file")
 
 
-def _bytes_from_input(record: dict, manifest: dict) -> bytes | None:
+def bytes_from_input(record: dict, manifest: dict) -> bytes | None:
     """The image bytes a Hub parquet / save_to_disk / mixture input embedded for this record (the
     output keeps only the name unless --embed-images); None for a LLaVA JSON input or one not found."""
     from cogalign.inputs import input_kind, iter_input, reopen_input

@@ -25,32 +25,20 @@ import torch.utils.data
 from cogalign.errors import CogalignError, RecordError
 from cogalign.layout import MANIFEST
 from cogalign.records import loads_exact
-from cogalign.writer import from_row
+from cogalign.writer import IMAGE_BYTES, record_of_row
 
 PAD = -1
-IMAGE_BYTES = "_cogalign_image_bytes"  # where a record read from an --embed-images shard keeps its image's bytes
-
-
-def record_of_row(row: dict) -> dict:
-    """A parquet row as a LLaVA record; the bytes of its embedded images (`{bytes, path}`: the
-    first in `image`, all of a several-image record in `images`) kept under IMAGE_BYTES, one per image."""
-    record = from_row(row)
-    if row.get("images"):
-        record[IMAGE_BYTES] = [item.get("bytes") for item in row["images"]]
-    elif isinstance(row.get("image"), dict) and row["image"].get("bytes"):
-        record[IMAGE_BYTES] = [row["image"]["bytes"]]
-    return record
 
 
 def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
     """The image bytes that the run's Hub parquet / save_to_disk input embedded for this record (the
     output keeps only the path unless --embed-images); None for a LLaVA JSON input or one not found.
     Reads the input's row group that holds the record: expand with --embed-images to train fast."""
-    from cogalign.inspect.records import _bytes_from_input
+    from cogalign.inspect.records import bytes_from_input
     from cogalign.layout import read_manifest
 
     try:
-        return _bytes_from_input(record, read_manifest(Path(out)))
+        return bytes_from_input(record, read_manifest(Path(out)))
     except CogalignError:
         return None
 
