@@ -91,7 +91,7 @@ def make_set(folder: Path, n: int, seed: int, prefix: str, exclude: set) -> set:
 
 
 def expand_set(src: Path, out: Path, seed: int) -> None:
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
 
     templates = src / "templates.json"
@@ -108,7 +108,7 @@ def strip_inserted(expanded: Path, plain: Path) -> int:
 
     from cogalign.train.collate import answer_kind
     from cogalign.train.data import shard_files
-    from cogalign.writer import read_shard, rows_to_table, to_row
+    from cogalign.expand.writer import read_shard, rows_to_table, to_row
 
     shutil.copytree(expanded, plain)
     removed = 0

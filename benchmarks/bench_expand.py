@@ -6,13 +6,13 @@ Same records, same tokenizer weights, one process (plus expand's own workers):
   a) baseline   one record at a time: PIL decode, resize, taming's own Encoder + quant_conv +
                 VectorQuantizer (batch of 1), `str(arr.reshape(-1, 3).tolist())`, ", ".join of
                 the indices, the LLaVA record appended to a list, `json.dump` at the end.
-  b) expand     `cogalign.executor.expand` at the paper's settings (672 px, quarter regions,
+  b) expand     `cogalign.expand.executor.expand` at the paper's settings (672 px, quarter regions,
                 one VQ and one RGB pair per image record), the whole call timed. Its fixed
                 start-up (tokenizer load, worker spawn, output folder and report) is measured
                 by running the same call on a one-record, text-only input.
   c) encoder    the tokenizer alone (eager float32) on the exact VQ crops expand encoded, in
                 batches of --batch-size after one warm-up batch.
-  d) renderer   `cogalign.render.px_list_text` against `str(tolist())` on 336x336 regions.
+  d) renderer   `cogalign.targets.render.px_list_text` against `str(tolist())` on 336x336 regions.
 
 Prints a markdown table. Nothing is written under the repository; inputs and outputs live in
 a temporary folder.
@@ -138,7 +138,7 @@ def run_baseline(records: list[dict], image_root: Path, out_path: Path, modules,
 # --------------------------------------------------------------------------------- expand
 
 def run_expand(input_path: Path, out_dir: Path, vq: str, args, image_root: Path) -> float:
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
 
     options = ExpandOptions(vq=vq, vq_resolution=(args.resolution,) * 2, px_resolution=(args.resolution,) * 2,
@@ -154,7 +154,7 @@ def run_expand(input_path: Path, out_dir: Path, vq: str, args, image_root: Path)
 
 
 def read_output(out_dir: Path) -> list[dict]:
-    from cogalign.writer import read_shard
+    from cogalign.expand.writer import read_shard
 
     return [r for f in sorted((out_dir / "data").iterdir()) for r in read_shard(f)]
 
@@ -206,8 +206,8 @@ def torchrun_check(input_path: Path, tmp: Path, vq: str, args, shard_size: int =
 def bench_renderer(image_root: Path, records: list[dict], res: int, reps: int):
     import numpy as np
 
-    from cogalign.images import load_image, to_working
-    from cogalign.render import px_list_text
+    from cogalign.inputs.images import load_image, to_working
+    from cogalign.targets.render import px_list_text
 
     crops = []
     for record in records[:4]:
@@ -274,9 +274,9 @@ def _main(args, tmp: Path, load_before: str) -> int:
     import numpy as np
     import torch
 
-    from cogalign.images import load_image, to_working
-    from cogalign.regions import Region
-    from cogalign.render import parse_vq, vq_list_text
+    from cogalign.inputs.images import load_image, to_working
+    from cogalign.targets.regions import Region
+    from cogalign.targets.render import parse_vq, vq_list_text
     from cogalign.tokenizers import load_tokenizer
     from cogalign.tokenizers.presets import DEMO_DIR
     t_import = time.perf_counter() - t_import

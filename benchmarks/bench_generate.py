@@ -32,7 +32,7 @@ def build(root: Path, records: int) -> Path:
     """The expanded output folder (see the module docstring)."""
     import numpy as np
 
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
     from tests.train_fixtures import quadrant_set
 

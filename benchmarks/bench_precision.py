@@ -40,7 +40,7 @@ def crops(size: int, n: int):
     """n crops of size x size: quarters of the example photos stretched to 2*size, cycled."""
     import numpy as np
 
-    from cogalign.images import load_image, to_working
+    from cogalign.inputs.images import load_image, to_working
 
     out = []
     paths = sorted((EXAMPLES / "images").iterdir())

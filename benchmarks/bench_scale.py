@@ -2,7 +2,7 @@
 """`expand` at the paper's scale: the main process's CPU per image record, records/s against the
 worker count, and the process tree's own memory, in one run. Prints markdown tables.
 
-Each measurement runs `cogalign.executor.expand` in a fresh child process (this file with
+Each measurement runs `cogalign.expand.executor.expand` in a fresh child process (this file with
 --child) on N image records cycling over the example photos, at the defaults (672 px, quarter
 regions) unless --targets says otherwise. The child reports its own CPU (`time.process_time`:
 the main process, every thread) and its reaped children's (`RUSAGE_CHILDREN`: the workers),
@@ -50,7 +50,7 @@ def make_input(folder: Path, n: int) -> Path:
 
 
 def child(args) -> None:
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
 
     import dataclasses

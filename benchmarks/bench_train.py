@@ -41,7 +41,7 @@ def make_data(root: Path, n: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
 
     src = root / "src"

@@ -41,9 +41,9 @@ fi
 echo "== imports"
 python3 - <<'EOF'
 import sys
-import cogalign.executor  # noqa: F401
-print("cogalign.executor imports datasets:", "datasets" in sys.modules)
-print("cogalign.executor imports torch:", "torch" in sys.modules)
+import cogalign.expand.executor  # noqa: F401
+print("cogalign.expand.executor imports datasets:", "datasets" in sys.modules)
+print("cogalign.expand.executor imports torch:", "torch" in sys.modules)
 EOF
 
 if [ "$SMOKE" = 1 ]; then
@@ -75,7 +75,7 @@ DEVICE=$DEVICE SIZE=$([ "$SMOKE" = 1 ] && echo 64 || echo 336) python3 - <<'EOF2
 import os
 import numpy as np
 from pathlib import Path
-from cogalign.images import load_image, to_working
+from cogalign.inputs.images import load_image, to_working
 from cogalign.tokenizers import load_tokenizer
 device, s = os.environ["DEVICE"], int(os.environ["SIZE"])
 tok = load_tokenizer("demo", device=device)

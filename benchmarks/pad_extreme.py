@@ -19,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from cogalign.images import LLAVA_PAD_COLOR, RESAMPLE, _pad_resize_wide
+from cogalign.inputs.images import LLAVA_PAD_COLOR, RESAMPLE, _pad_resize_wide
 
 FILTERS = list(RESAMPLE)
 
@@ -84,7 +84,7 @@ def extremes() -> dict:
 CHILD = """
 import sys, time, numpy as np
 from PIL import Image
-from cogalign.images import to_working, LLAVA_PAD_COLOR, RESAMPLE
+from cogalign.inputs.images import to_working, LLAVA_PAD_COLOR, RESAMPLE
 w, h, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def peak_kb():  # VmHWM; ru_maxrss would carry the parent's size over fork + exec
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])

@@ -97,7 +97,7 @@ class ExpandOptions:
     vq_compile: bool = False
 
     def __post_init__(self) -> None:
-        from cogalign.regions import check_regions, parse_regions
+        from cogalign.targets.regions import check_regions, parse_regions
 
         normal = {"targets": parse_list(self.targets, TARGET_KINDS, "targets"),
                   "regions": parse_regions(self.regions),

@@ -13,7 +13,7 @@ Layout written under `root`:
 positions) under default options (`--max-image-pixels` default, absolute paths not
 allowed): `Expected(index, id, outcome, reason, case)` with outcome "expand"
 (reason None), "pass" (reason "text_only" | "video") or "reject" (reason the stable
-code from `cogalign.records` / `cogalign.images`). `id` is the record's `id` when it
+code from `cogalign.inputs.records` / `cogalign.inputs.images`). `id` is the record's `id` when it
 is a string, else "". `case` is a short name for the case, for messages.
 """
 from __future__ import annotations

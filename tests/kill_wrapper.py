@@ -13,8 +13,8 @@ import sys
 
 
 def install(target=os.getpid) -> None:
-    import cogalign.executor as executor
-    import cogalign.writer as writer
+    import cogalign.expand.executor as executor
+    import cogalign.expand.writer as writer
 
     where, n = os.environ["KILL_AT"].split(":")
     n, count = int(n), [0]

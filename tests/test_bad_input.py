@@ -10,7 +10,7 @@ import pytest
 
 from corpus import image_root, make_bad_corpus
 from helpers import run_cli
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 
 FAST = ["--vq-resolution", "32", "--px-resolution", "8", "--no-progress"]
 
@@ -122,7 +122,7 @@ def test_bad_templates_file_fails_before_any_work(tmp_path):
 def test_write_failure_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     """A writer that fails mid-shard (disk full): one-line error, finished shards stay valid, rerun resumes."""
     from helpers import EXAMPLES, data_digest
-    import cogalign.writer as writer
+    import cogalign.expand.writer as writer
 
     args = ["expand", EXAMPLES, *FAST, "--workers", "0", "--shard-size", "4"]
     run_cli(*args, "--out", tmp_path / "ref")

@@ -12,9 +12,9 @@ import torch
 from cogalign.errors import CogalignError
 from cogalign.options import ExpandOptions
 from cogalign.errors import OptionError
-from cogalign.render import parse_vq
+from cogalign.targets.render import parse_vq
 from cogalign.tokenizers import TokenizerError, load_tokenizer
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, run_cli
 from tokenizer_fixtures import photos
 

@@ -8,11 +8,11 @@ import numpy as np
 import orjson
 import pytest
 
-from cogalign.images import load_image, to_working
-from cogalign.regions import Region
-from cogalign.render import parse_px, parse_vq
+from cogalign.inputs.images import load_image, to_working
+from cogalign.targets.regions import Region
+from cogalign.targets.render import parse_px, parse_vq
 from cogalign.tokenizers import load_tokenizer
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, data_digest, run_cli
 
 VQ_HINT = re.compile(r"Note that the image resolution is \[3, (\d+), (\d+)\], so you should generate (\d+) indices$")

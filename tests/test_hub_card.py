@@ -11,8 +11,8 @@ import yaml
 from huggingface_hub import HfApi
 
 from cogalign.hub import publish as pub
-from cogalign.layout import card_is_ours
-from cogalign.report import dataset_card
+from cogalign.expand.layout import card_is_ours
+from cogalign.expand.report import dataset_card
 from helpers import EXAMPLES, FAST, REPO, run_cli
 from hub_fixtures import copy_output, expand_examples
 

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from cogalign.hub.export import FORMATS, RULES
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, run_cli
 from hub_fixtures import append_records, copy_output, expand_examples
 

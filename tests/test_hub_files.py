@@ -226,7 +226,7 @@ def test_every_image_of_a_record_is_kept_with_embed_images(tmp_path):
 
 
 def test_auto_shard_size_counts_embedded_image_bytes(tmp_path):
-    from cogalign import estimate
+    from cogalign.expand import estimate
 
     src, rows = hub_input(tmp_path / "hub")
     out = tmp_path / "out"

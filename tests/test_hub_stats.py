@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, run_cli
 from hub_fixtures import expand_examples
 

@@ -1,4 +1,4 @@
-"""cogalign.images: path resolution, decoding to RGB, working image."""
+"""cogalign.inputs.images: path resolution, decoding to RGB, working image."""
 from __future__ import annotations
 
 import builtins
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from cogalign.errors import RecordError
-from cogalign.images import (
+from cogalign.inputs.images import (
     LLAVA_PAD_COLOR,
     RESAMPLE,
     load_image,
@@ -27,7 +27,7 @@ from cogalign.images import (
 )
 from cogalign.options import RESAMPLE_FILTERS
 from cogalign.errors import OptionError
-from cogalign.records import REJECT_REASONS, check_record, iter_records
+from cogalign.inputs.records import REJECT_REASONS, check_record, iter_records
 
 from corpus import BOMB_SIZE, constant_png_bytes, image_root, make_bad_corpus, mode_images, noise_rgb
 
@@ -648,13 +648,13 @@ def test_pad_on_extreme_aspect_ratios_builds_no_huge_canvas(monkeypatch, size):
 def test_pad_without_canvas_matches_the_canvas(monkeypatch, resample):
     """Measured in benchmarks/pad_extreme.py: a wide strip is byte-identical here; a tall one differs
     by the rounding of PIL's intermediate pass (at most 1 level at these sizes)."""
-    import cogalign.images
+    import cogalign.inputs.images
 
     rng = np.random.default_rng(1)
     wide = Image.fromarray(rng.integers(0, 256, (20, 1500, 3), dtype=np.uint8))
     want_wide = _canvas_reference(wide, (96, 64), resample)
     want_tall = _canvas_reference(wide.transpose(Image.Transpose.TRANSPOSE), (64, 96), resample)
-    monkeypatch.setattr(cogalign.images, "PAD_CANVAS_PIXELS", 0)  # the canvas-free path from 4x the image on
+    monkeypatch.setattr(cogalign.inputs.images, "PAD_CANVAS_PIXELS", 0)  # the canvas-free path from 4x the image on
     _no_big_canvas(monkeypatch, 1500 * 1500 // 4)  # the canvas would be 1500 x 1500
     assert np.array_equal(to_working(wide, (64, 96), resize="pad", resample=resample), want_wide)
     got = to_working(wide.transpose(Image.Transpose.TRANSPOSE), (96, 64), resize="pad", resample=resample)
@@ -665,9 +665,9 @@ def test_pad_without_canvas_matches_the_canvas(monkeypatch, resample):
 
 
 def test_validate_and_expand_agree_on_a_200000x1_png(tmp_path):
-    from cogalign.validate import validate as run_validate
+    from cogalign.expand.validate import validate as run_validate
     from cogalign.options import ExpandOptions
-    from cogalign.worker import WorkerContext, prepare
+    from cogalign.expand.worker import WorkerContext, prepare
 
     Image.fromarray(np.full((1, 200000, 3), 7, dtype=np.uint8)).save(tmp_path / "strip.png")
     record = {"id": "strip", "image": "strip.png",

@@ -66,5 +66,5 @@ def test_the_detector_finds_a_circle():
 
 def test_no_import_circles():
     graph = import_graph()
-    assert "cogalign.records" in graph and "cogalign.inputs" in graph
+    assert "cogalign.inputs.records" in graph and "cogalign.inputs" in graph
     assert cycles(graph) == []

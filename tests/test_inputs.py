@@ -11,7 +11,7 @@ import pytest
 
 from cogalign.inputs import input_files
 from cogalign.inputs import count_input as count_records, iter_input as iter_records
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, run_cli
 
 IMAGES = EXAMPLES.parent / "images"
@@ -298,7 +298,7 @@ def test_a_binary_column_rejects_its_record_not_the_run(tmp_path):
 def test_an_unknown_chat_role_is_named_in_the_reject():
     from cogalign.errors import RecordError
     from cogalign.inputs.turns import to_llava
-    from cogalign.records import check_record
+    from cogalign.inputs.records import check_record
 
     record, _ = to_llava({"id": "r", "conversations": [{"role": "user", "content": "Hi"},
                                                        {"role": "bot", "content": "Hello"}]})

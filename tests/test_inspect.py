@@ -15,7 +15,7 @@ from PIL import Image
 from cogalign.inspect import find_record, targets, view_record
 from cogalign.inspect.panels import PANEL, display, panel_origin
 from cogalign.inspect.records import load_manifest
-from cogalign.render import parse_vq
+from cogalign.targets.render import parse_vq
 from cogalign.tokenizers import load_tokenizer
 from cogalign.tokenizers.decoder import load_decoder, load_decoder_spec
 from helpers import EXAMPLES, FAST, run_cli

@@ -10,9 +10,9 @@ import sys
 from collections import namedtuple
 from pathlib import Path
 
-from cogalign.executor import Runtime, expand
+from cogalign.expand.executor import Runtime, expand
 from cogalign.options import ExpandOptions
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, data_digest, run_cli
 
 RECORDS = json.loads(EXAMPLES.read_text())
@@ -56,14 +56,14 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch)
 
 CRASHING = """
 import os, sys
-import cogalign.worker as worker
+import cogalign.expand.worker as worker
 
 if __name__ == "__mp_main__":  # in each shard worker: record 2 kills its process, every time
     original = worker.prepare
     worker.prepare = lambda index, record, ctx: os._exit(3) if index == 2 else original(index, record, ctx)
 
 if __name__ == "__main__":
-    from cogalign.executor import Runtime, expand
+    from cogalign.expand.executor import Runtime, expand
     from cogalign.options import ExpandOptions
     result = expand({examples!r}, sys.argv[1], ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
                     Runtime(workers=1, progress=False, shard_size=4))
@@ -99,7 +99,7 @@ def test_a_budget_below_one_shard_still_finishes_with_the_same_bytes(tmp_path):
 
 
 def test_shared_memory_ring_frees_in_order_and_wraps():
-    from cogalign.shardpool import Ring
+    from cogalign.expand.shardpool import Ring
 
     ring = Ring(100)
     assert [ring.alloc(t, 40) for t in range(3)] == [0, 40, None]  # 80 used, 20 left at the end

@@ -4,7 +4,7 @@ import pytest
 
 from cogalign.options import MAX_SEED, ExpandOptions
 from cogalign.errors import OptionError
-from cogalign.regions import QUARTERS
+from cogalign.targets.regions import QUARTERS
 from tests.helpers import EXAMPLES, run_module
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, data_digest, run_cli, run_module
 
 ROOT = ["--image-root", str(EXAMPLES.parent)]

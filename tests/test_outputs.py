@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from cogalign.writer import read_shard
+from cogalign.expand.writer import read_shard
 from helpers import EXAMPLES, FAST, run_cli
 
 BIG = 2**70 + 1
@@ -106,7 +106,7 @@ def test_dataset_card_matches_each_format(tmp_path, fmt):
     assert ds.num_rows == 3
     rows = ds.to_list()
     if fmt == "parquet":
-        from cogalign.writer import from_row
+        from cogalign.expand.writer import from_row
         rows = [from_row(r) for r in rows]
         assert rows == output_records(out)
         assert json.loads(ds[0]["extra"])["id"] == 1
@@ -167,7 +167,7 @@ def test_embedded_row_groups_are_cut_by_image_bytes(tmp_path):
     """Row groups stay under the size limit when the images are most of the bytes."""
     import pyarrow.parquet as pq
 
-    from cogalign.writer import ParquetShardWriter
+    from cogalign.expand.writer import ParquetShardWriter
 
     data = (EXAMPLES.parent / "images" / "coins.png").read_bytes()
     path = tmp_path / "data" / "x.parquet"

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from cogalign.plan import KIND_STREAM, TurnPlan, plan_turns, record_rng
-from cogalign.regions import QUARTERS, sample_region
-from cogalign.templates import TemplateSampler
+from cogalign.targets.plan import KIND_STREAM, TurnPlan, plan_turns, record_rng
+from cogalign.targets.regions import QUARTERS, sample_region
+from cogalign.targets.templates import TemplateSampler
 
 SAMPLER = TemplateSampler()
 RES = {"vq": (672, 672), "px": (32, 32)}

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool
-from cogalign.worker import WorkerContext
+from cogalign.expand.pool import PreparePool
+from cogalign.expand.worker import WorkerContext
 from crashy import WorkerKiller
 from helpers import EXAMPLES
 
@@ -53,7 +53,7 @@ def test_a_record_that_kills_its_worker_is_rejected_and_the_run_goes_on():
 
 SCRIPT = """
 import sys
-from cogalign.validate import validate
+from cogalign.expand.validate import validate
 from cogalign.options import ExpandOptions
 def main():
     result = validate({examples!r}, ExpandOptions(), workers=2, progress=False)
@@ -84,7 +84,7 @@ def test_an_unguarded_script_is_told_why_workers_die(tmp_path):
 def test_a_guarded_script_runs(tmp_path):
     proc = _run_script(tmp_path, 'if __name__ == "__main__":\n    main()')
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from cogalign.validate import validate
+    from cogalign.expand.validate import validate
 
     expected = validate(EXAMPLES, ExpandOptions(), workers=0, progress=False).counts["expand"]
     assert expected > 0 and proc.stdout.split() == ["expanded", str(expected)]

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from cogalign.errors import RecordError
-from cogalign.records import check_record
+from cogalign.inputs.records import check_record
 from helpers import REPO
 
 README = (REPO / "README.md").read_text()

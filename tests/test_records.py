@@ -1,4 +1,4 @@
-"""cogalign.records: streaming reader, counting, record checks."""
+"""cogalign.inputs.records: streaming reader, counting, record checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cogalign.records as records
+import cogalign.inputs.records as records
 from cogalign.errors import InputError, RecordError
-from cogalign.records import REJECT_REASONS, RecordCheck, check_record, count_records, detect_format, iter_records
+from cogalign.inputs.records import REJECT_REASONS, RecordCheck, check_record, count_records, detect_format, iter_records
 
 from corpus import make_bad_corpus
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from cogalign.options import parse_resolution
 from cogalign.errors import OptionError
-from cogalign.regions import (HALVES, MIN_CELLS, QUARTERS, REGION_NAMES, Region, check_regions, parse_regions,
+from cogalign.targets.regions import (HALVES, MIN_CELLS, QUARTERS, REGION_NAMES, Region, check_regions, parse_regions,
                               region_box, sample_region)
 
 FIXED = tuple(n for n in REGION_NAMES if n != "box")

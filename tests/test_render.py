@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cogalign.render import (RGB_END, RGB_START, VQ_END, VQ_START, parse_px, parse_vq, px_list_text, px_text,
+from cogalign.targets.render import (RGB_END, RGB_START, VQ_END, VQ_START, parse_px, parse_vq, px_list_text, px_text,
                              vq_list_text, vq_text)
 
 

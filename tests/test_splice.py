@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cogalign.splice import conversation_pairs, make_pair, splice_pairs
+from cogalign.targets.splice import conversation_pairs, make_pair, splice_pairs
 
 
 def conversation(n):

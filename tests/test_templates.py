@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from cogalign.cli.templates import templates_app
 from cogalign.errors import CogalignError
-from cogalign.regions import REGION_NAMES, Region, region_box
-from cogalign.templates import KINDS, Prompt, TemplateSampler, load_templates, shipped_templates_dir
+from cogalign.targets.regions import REGION_NAMES, Region, region_box
+from cogalign.targets.templates import KINDS, Prompt, TemplateSampler, load_templates, shipped_templates_dir
 
 SAMPLER = TemplateSampler()
 UPPER_LEFT = Region("upper-left", (0, 0, 336, 336))

@@ -340,7 +340,7 @@ def test_images_from_llava_json_and_parquet(tmp_path):
     got = collect_images([tmp_path / "hf.parquet"])
     assert len(got.refs) == 2 and got.refs[0].data == raw
     assert dict(got.skipped) == {"text_only": 1, "image_path_escapes_root": 1}
-    from cogalign.images import load_image
+    from cogalign.inputs.images import load_image
 
     b = CropBatches(got.refs, 32, 2, seed=0)
     np.testing.assert_array_equal(b.image(0), np.asarray(load_image(EXAMPLE_IMAGES / "chelsea.png")))

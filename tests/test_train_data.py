@@ -135,7 +135,7 @@ def test_print_plan_cli(out):
 def test_eval_scores_truth_perfect_and_corruption_lower(out, tmp_path):
     from cogalign.train.data import shard_files
     from cogalign.train.generate import inserted_turns
-    from cogalign.writer import read_shard
+    from cogalign.expand.writer import read_shard
 
     truth, bad = tmp_path / "truth.jsonl", tmp_path / "bad.jsonl"
     with open(truth, "w") as t, open(bad, "w") as b:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cogalign.render import px_text, vq_text
+from cogalign.targets.render import px_text, vq_text
 from tests.helpers import run_cli
 
 import numpy as np

@@ -43,7 +43,7 @@ def expand_px(src: Path, out: Path, regions: str = "quarters") -> None:
 def shuffle_answers(out: Path, seed: int = 0) -> None:
     """Permute the RGB answers across records in place: the answers no longer match the images."""
     from cogalign.train.data import shard_files
-    from cogalign.writer import read_shard, rows_to_table, to_row
+    from cogalign.expand.writer import read_shard, rows_to_table, to_row
     import pyarrow.parquet as pq
 
     (path,) = shard_files(out)

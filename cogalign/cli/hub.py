@@ -63,7 +63,7 @@ def export(
 ) -> None:
     """Write the records in a trainer's format; records that would break that trainer are listed, not written."""
     from cogalign.hub.export import export as run_export
-    from cogalign.report import top_reasons
+    from cogalign.expand.report import top_reasons
 
     started = time.perf_counter()
     try:

@@ -111,7 +111,7 @@ def gallery(
     DIR/index.html shows each record's panels (as `show`), the prompts they were asked with and the counts from report.json; no server, no external assets (images in DIR/img/)."""
     from cogalign.inspect.gallery import sample_records, write_gallery
     from cogalign.inspect.records import load_manifest
-    from cogalign.progress import Progress
+    from cogalign.expand.progress import Progress
 
     started = time.perf_counter()
     if dest.exists() and not dest.is_dir():

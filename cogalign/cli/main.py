@@ -100,8 +100,8 @@ def expand(
     no_progress: bool = NoProgress,
 ) -> None:
     """Expand every image record with one VQ pair and one RGB pair (Tables 4-6 of the paper)."""
-    from cogalign import report
-    from cogalign.executor import Runtime, expand as run_expand, resolve_options
+    from cogalign.expand import report
+    from cogalign.expand.executor import Runtime, expand as run_expand, resolve_options
 
     if llm_tokenizer and not dry_run:
         fail(f"--llm-tokenizer {llm_tokenizer} counts tokens only with --dry-run; add --dry-run, or use "
@@ -119,7 +119,7 @@ def expand(
                           slice_index=shard_index, progress=not no_progress, trust_pickle=trust_pickle,
                           memory_budget=_memory_budget(memory_budget), ignore_disk_space=ignore_disk_space)
         if dry_run:
-            from cogalign.validate import dry_run as run_dry, load_llm_tokenizer
+            from cogalign.expand.validate import dry_run as run_dry, load_llm_tokenizer
 
             llm = load_llm_tokenizer(llm_tokenizer) if llm_tokenizer else None
             # sizes do not depend on the encoder mode: estimate with the default one on the CPU
@@ -157,7 +157,7 @@ def expand(
 
 
 def _memory_budget(text: str) -> int:
-    from cogalign.estimate import parse_size
+    from cogalign.expand.estimate import parse_size
 
     try:
         budget = parse_size(text)
@@ -182,8 +182,8 @@ def validate(
     no_progress: bool = NoProgress,
 ) -> None:
     """Check every record and decode every image without computing targets; exit 1 if anything is rejected."""
-    from cogalign import report
-    from cogalign.validate import validate as run_validate
+    from cogalign.expand import report
+    from cogalign.expand.validate import validate as run_validate
 
     try:
         from cogalign.inputs import resolve_input
@@ -204,7 +204,7 @@ def validate(
 @app.command("merge-report")
 def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced run (--num-shards).")) -> None:
     """Write report.json, rejects.jsonl and the dataset card once every slice has finished."""
-    from cogalign import report
+    from cogalign.expand import report
 
     try:
         rep = report.finalize(out)
@@ -224,7 +224,7 @@ def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> 
     """Delete what cogalign wrote in OUT (per its cogalign.json); your own files there stay.
 
     Use it to start over with other settings or another input, while no slice is writing to OUT."""
-    from cogalign.layout import reset as run_reset
+    from cogalign.expand.layout import reset as run_reset
 
     try:
         n = run_reset(out)

@@ -12,8 +12,8 @@ from cogalign.cli.util import fail
 from cogalign.errors import CogalignError
 from cogalign.options import MAX_SEED, parse_resolution
 from cogalign.errors import OptionError
-from cogalign.regions import check_regions, parse_regions, sample_region
-from cogalign.templates import KINDS, TemplateSampler
+from cogalign.targets.regions import check_regions, parse_regions, sample_region
+from cogalign.targets.templates import KINDS, TemplateSampler
 
 templates_app = typer.Typer(
     help="List, show and sample the prompt templates (Table 4: VQ, Table 5: RGB).",

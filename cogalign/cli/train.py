@@ -87,7 +87,7 @@ def train_cmd(
     from cogalign.train.model import add_vq_tokens, codebook_size, load
     from cogalign.train.run import TrainConfig, train
     from cogalign.train.stages import make_plan, plan_json
-    from cogalign.distributed import leave
+    from cogalign.expand.distributed import leave
 
     try:
         for name, value in (("--global-batch-size", global_batch_size), ("--per-device-batch-size", per_device_batch_size),

@@ -97,7 +97,7 @@ def train(
             write_metrics(out, metrics)
     except CogalignError as e:
         fail(str(e))
-    from cogalign.distributed import leave
+    from cogalign.expand.distributed import leave
 
     leave()  # after rank 0's eval
 

@@ -79,7 +79,7 @@ def recon(
     import numpy as np
     from PIL import Image
 
-    from cogalign.images import load_image, to_working
+    from cogalign.inputs.images import load_image, to_working
     from cogalign.inspect.panels import fmt_psnr, psnr_db
     from cogalign.options import parse_resolution
     from cogalign.tokenizers.decoder import load_decoder

@@ -24,10 +24,10 @@ import orjson
 
 from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete, count_records, image_path, images_of, inserted_turns, iter_layout
-from cogalign.layout import read_manifest
-from cogalign.records import loads_exact as loads
-from cogalign.writer import dumps, temp_name, write_atomic
-from cogalign.progress import Progress
+from cogalign.expand.layout import read_manifest
+from cogalign.inputs.records import loads_exact as loads
+from cogalign.expand.writer import dumps, temp_name, write_atomic
+from cogalign.expand.progress import Progress
 
 FORMATS = ("llava-json", "llava-jsonl", "sharegpt", "messages")
 IMAGE = "<image>"

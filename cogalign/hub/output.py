@@ -1,6 +1,6 @@
 """A finished output folder as other tools see it: is it complete, and its records in order.
 
-Records come back as LLaVA dicts (`cogalign.writer.read_shard`), integers beyond 64 bits
+Records come back as LLaVA dicts (`cogalign.expand.writer.read_shard`), integers beyond 64 bits
 exact, read a row group at a time.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from cogalign.errors import CogalignError
-from cogalign.layout import Layout, read_manifest
-from cogalign.records import loads_exact as loads
-from cogalign.writer import from_row, read_shard
+from cogalign.expand.layout import Layout, read_manifest
+from cogalign.inputs.records import loads_exact as loads
+from cogalign.expand.writer import from_row, read_shard
 
 
 def check_complete(out: str | Path) -> Layout:

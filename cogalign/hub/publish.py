@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete
-from cogalign.layout import CARD, card_is_ours, write_card
+from cogalign.expand.layout import CARD, card_is_ours, write_card
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _NEVER = (".partial", ".git", ".cache")  # never uploaded, even with include_all
@@ -91,8 +91,8 @@ def plan_publish(out: str | Path, repo_id: str, revision: str | None = None, pri
 
 def _check_not_empty(root: Path) -> None:
     """Refuse an output that kept no record: publishing it would replace the repo's shards with an empty one."""
-    from cogalign.records import loads_exact
-    from cogalign.report import top_reasons
+    from cogalign.inputs.records import loads_exact
+    from cogalign.expand.report import top_reasons
 
     report = loads_exact((root / "report.json").read_bytes())
     if report.get("expanded", 0) + report.get("passed", 0) == 0:
@@ -103,9 +103,9 @@ def _check_not_empty(root: Path) -> None:
 
 def _card(root: Path, choice: str | None, license: str | None) -> tuple[bytes | None, bool, list[str]]:
     """(the card to upload as README.md or None for the local file as it is, is README.md cogalign's, notes)."""
-    from cogalign.layout import read_manifest
-    from cogalign.records import loads_exact
-    from cogalign.report import dataset_card
+    from cogalign.expand.layout import read_manifest
+    from cogalign.inputs.records import loads_exact
+    from cogalign.expand.report import dataset_card
 
     if choice not in (None, "ours", "yours"):
         raise CogalignError(f"--card {choice!r}: choose ours (cogalign's dataset card) or yours (the README.md there)")

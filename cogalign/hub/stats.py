@@ -16,7 +16,7 @@ import numpy as np
 
 from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete, count_records, inserted_turns, iter_layout
-from cogalign.progress import Progress
+from cogalign.expand.progress import Progress
 
 KINDS = {"original": "original turns", "vq_answer": "VQ answers", "px_answer": "RGB answers",
          "vq_question": "VQ questions", "px_question": "RGB questions"}

@@ -4,7 +4,7 @@
   split of it, `splits`), or a Hub dataset `hf://datasets/OWNER/NAME[@REV][/PATH]` (`hub`);
 - `disk`: a `datasets` `save_to_disk` folder;
 - `mixture`: a LLaVA-NeXT YAML data mixture (`datasets: [{json_path, sampling_strategy}]`);
-- `llava`: a JSON array or JSONL file (`cogalign.records`).
+- `llava`: a JSON array or JSONL file (`cogalign.inputs.records`).
 
 `resolve_input` turns what the user gave (with `--config`/`--split`) into what is read: a
 `DatasetInput` for a parquet folder or Hub dataset, else the path. `iter_input` / `count_input`
@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cogalign import records
+from cogalign.inputs import records
 from cogalign.errors import InputError
 from cogalign.inputs import arrow, hub, mixture
 from cogalign.inputs.splits import DatasetInput, local_folder

@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cogalign.errors import CogalignError
-from cogalign.images import psnr_db
+from cogalign.inputs.images import psnr_db
 from cogalign.inspect.records import Target, targets, working_image
-from cogalign.render import parse_px, parse_vq
+from cogalign.targets.render import parse_px, parse_vq
 
 PANEL = 224          # display size of the longer side of each panel
 CAPTION_LINES = 3

@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 
 from cogalign.errors import CogalignError
-from cogalign.layout import read_manifest
+from cogalign.expand.layout import read_manifest
 from cogalign.options import ExpandOptions
-from cogalign.render import RGB_START, VQ_START
-from cogalign.writer import IMAGE_BYTES, read_shard, record_of_row
+from cogalign.targets.render import RGB_START, VQ_START
+from cogalign.expand.writer import IMAGE_BYTES, read_shard, record_of_row
 
 
 def shard_files(out: Path) -> list[Path]:
@@ -139,7 +139,7 @@ def targets(record: dict) -> list[Target]:
 def working_image(record: dict, manifest: dict, resolution: tuple[int, int], image_root: Path | None) -> np.ndarray:
     """The image at a working resolution, resized exactly as `expand` did."""
     from cogalign.errors import RecordError
-    from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_working
+    from cogalign.inputs.images import load_image, load_image_bytes, resolve_image_path, to_working
 
     opts = manifest.get("options", {})
     prov = record["cogalign"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cogalign.errors import CogalignError
-from cogalign.render import RGB_START, VQ_START
+from cogalign.targets.render import RGB_START, VQ_START
 
 IMAGE = "<image>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from typing import Optional
 
-from cogalign.render import VQ_END, VQ_START
+from cogalign.targets.render import VQ_END, VQ_START
 from cogalign.train import chat
 from cogalign.train.chat import IMAGE, VICUNA_SYSTEM, answer_kind  # noqa: F401 (re-exported)
 
@@ -26,7 +26,7 @@ def vq_token_names(k: int) -> list[str]:
 
 def to_special_vq(text: str) -> str:
     """`<vq start>3, 12<vq end>` → `<vq start><vq_3><vq_12><vq end>` (one token per index)."""
-    from cogalign.render import parse_vq
+    from cogalign.targets.render import parse_vq
 
     return VQ_START + "".join(f"<vq_{int(i)}>" for i in parse_vq(text)) + VQ_END
 

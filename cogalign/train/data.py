@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch.utils.data
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.layout import MANIFEST
-from cogalign.records import loads_exact
-from cogalign.writer import IMAGE_BYTES, record_of_row
+from cogalign.expand.layout import MANIFEST
+from cogalign.inputs.records import loads_exact
+from cogalign.expand.writer import IMAGE_BYTES, record_of_row
 
 PAD = -1
 
@@ -35,7 +35,7 @@ def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
     output keeps only the path unless --embed-images); None for a LLaVA JSON input or one not found.
     Reads the input's row group that holds the record: expand with --embed-images to train fast."""
     from cogalign.inspect.records import bytes_from_input
-    from cogalign.layout import read_manifest
+    from cogalign.expand.layout import read_manifest
 
     try:
         return bytes_from_input(record, read_manifest(Path(out)))
@@ -55,7 +55,7 @@ def check_expand_output(out: Path) -> None:
     """An `expand` output (it has cogalign.json) must be complete, as for train, export and publish; a
     bare data/ folder of shards is read as it is."""
     from cogalign.hub.output import check_complete
-    from cogalign.layout import MANIFEST
+    from cogalign.expand.layout import MANIFEST
 
     if (Path(out) / MANIFEST).is_file():
         check_complete(out)
@@ -174,7 +174,7 @@ class ShardDataset(torch.utils.data.Dataset):
         """{"images": the record's images as PIL RGB (0..n, in order), "skip": reason or None,
         "detail"}; "image" is the first one (the earlier interface). Embedded bytes are read first
         (an --embed-images shard), else the file under the image root."""
-        from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_rgb
+        from cogalign.inputs.images import load_image, load_image_bytes, resolve_image_path, to_rgb
 
         names = record.get("image")
         names = [] if names is None or not self.load_images else names if isinstance(names, list) else [names]

@@ -1,5 +1,5 @@
 """`cogalign eval`: score answers {"id", "index", "turn", "kind", "text"} to the inserted turns
-against the shards, with the package's own parsers (cogalign.render).
+against the shards, with the package's own parsers (cogalign.targets.render).
 
 Matching. A prediction names its record by `index` (its position in shard order, as `generate`
 writes it; without it, by `id`, which must then name one record) and its turn by `turn` (the
@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.render import RGB_END, RGB_START, VQ_END, VQ_START, parse_px, parse_vq
+from cogalign.targets.render import RGB_END, RGB_START, VQ_END, VQ_START, parse_px, parse_vq
 
 DUPLICATE_CHOICES = ("first", "last")
 _PIXEL = re.compile(r"\s*\[\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\]\s*,?")
@@ -38,7 +38,7 @@ def truths(data: Path) -> dict:
     in shard order (as `generate` writes it)."""
     from cogalign.train.data import check_expand_output, shard_files
     from cogalign.train.generate import inserted_turns
-    from cogalign.writer import read_shard
+    from cogalign.expand.writer import read_shard
 
     check_expand_output(data)  # scores over part of the turns would look like scores over all
     out, index = {}, 0

@@ -219,7 +219,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
                  max_length: Optional[int] = None, overwrite: bool = False, device: Optional[str] = None) -> dict:
     """Answer the inserted turns of the first `limit` records of `data` into `out` (JSON lines);
     returns the summary counts. `out` is written to a temporary sibling and renamed at the end."""
-    from cogalign.progress import Progress
+    from cogalign.expand.progress import Progress
     from cogalign.train.data import ShardDataset, check_expand_output
 
     check_out(out, overwrite)

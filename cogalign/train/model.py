@@ -27,7 +27,7 @@ def shard_texts(out: Path, limit_chars: int = 4000) -> Iterator[str]:
     and the vicuna_v1 frame the collator wraps them in."""
     from cogalign.train.collate import VICUNA_SYSTEM
     from cogalign.train.data import shard_files
-    from cogalign.writer import read_shard
+    from cogalign.expand.writer import read_shard
 
     yield from [VICUNA_SYSTEM + " USER: ", " ASSISTANT: "] * 16
     for f in shard_files(out):
@@ -126,7 +126,7 @@ def codebook_size(out: Path) -> Optional[int]:
     `alice/tok@<sha>`.)"""
     import orjson
 
-    from cogalign.layout import MANIFEST
+    from cogalign.expand.layout import MANIFEST
     from cogalign.tokenizers.catalog import BY_NAME
 
     try:
@@ -152,7 +152,7 @@ def resize_mode(out: Path) -> str:
     """`expand`'s --resize (stretch, pad, crop) from the output's cogalign.json; stretch if it does not say."""
     import orjson
 
-    from cogalign.layout import MANIFEST
+    from cogalign.expand.layout import MANIFEST
 
     try:
         options = orjson.loads((Path(out) / MANIFEST).read_bytes()).get("options") or {}

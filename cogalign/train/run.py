@@ -53,7 +53,7 @@ class TrainConfig:
 
 def pinned(cfg: TrainConfig) -> dict:
     """The options that shape the run: a resume must give the same (--max-steps may grow)."""
-    from cogalign.layout import read_manifest
+    from cogalign.expand.layout import read_manifest
 
     try:
         fingerprint = read_manifest(Path(cfg.data)).get("fingerprint")

@@ -1,6 +1,6 @@
 """Training images: from files, folders, or the images of a LLaVA JSON / JSONL / parquet
 input (resolved under its image root as `expand` resolves them), decoded with
-`cogalign.images`, and cut into random crops in an order fixed by (seed, rank, step)."""
+`cogalign.inputs.images`, and cut into random crops in an order fixed by (seed, rank, step)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.images import load_image, load_image_bytes, resolve_image_path
+from cogalign.inputs.images import load_image, load_image_bytes, resolve_image_path
 from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS
 from cogalign.tokenizers.base import TokenizerError
 
@@ -38,7 +38,7 @@ class ImageSet:
 
 
 def load_rgb(ref: ImageRef | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, decoded exactly as `expand` decodes (cogalign.images)."""
+    """(H, W, 3) uint8 RGB, decoded exactly as `expand` decodes (cogalign.inputs.images)."""
     if not isinstance(ref, ImageRef):
         ref = ImageRef(str(ref), Path(ref))
     try:
@@ -99,7 +99,7 @@ def _resolve(value, root: Path, allow_absolute: bool, skipped: Counter) -> Image
 
 def _from_records(path: Path, root: Path, allow_absolute: bool, skipped: Counter) -> list[ImageRef]:
     from cogalign.inputs import iter_input
-    from cogalign.records import check_record
+    from cogalign.inputs.records import check_record
 
     out = []
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import yaml
 
-from cogalign.images import psnr_db
+from cogalign.inputs.images import psnr_db
 from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.decoder import load_decoder
 from cogalign.tokenizers.training.data import collect_images, load_rgb, resize_rgb, to_model_input
@@ -79,7 +79,7 @@ def evaluate(tokenizer_dir: str | Path, image_paths: Iterable[str | Path], resol
     whole at usage_resolution²): codes used, dead codes, perplexity, entropy, the histogram.
     rFID is not computed: it needs Inception weights, which cogalign never downloads.
     Per-image PSNR is keyed by the image's path as found; undecodable images are counted and named."""
-    from cogalign.progress import Progress
+    from cogalign.expand.progress import Progress
     from cogalign.tokenizers.checkpoints import find_checkpoint, read_state_dict
     from cogalign.tokenizers.taming import check_fits_memory, load_taming
 

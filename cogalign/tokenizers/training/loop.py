@@ -11,8 +11,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from cogalign.distributed import from_env, init_process_group
-from cogalign.progress import Progress
+from cogalign.expand.distributed import from_env, init_process_group
+from cogalign.expand.progress import Progress
 import cogalign.tokenizers.training.state as st
 from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.training.config import TrainConfig

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import orjson
 
-from cogalign import distributed, estimate, report, validate
-from cogalign import layout as layout_mod
+from cogalign.expand import distributed, estimate, report, validate
+from cogalign.expand import layout as layout_mod
 from cogalign.errors import CogalignError
-from cogalign.identity import input_identity
+from cogalign.expand.identity import input_identity
 from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
-from cogalign.layout import Layout
+from cogalign.expand.layout import Layout
 from cogalign.options import ExpandOptions
-from cogalign import writer as writer_mod
-from cogalign.pool import refuse_while_spawning
-from cogalign.progress import Progress
-from cogalign.shardpool import ShardPool
-from cogalign.templates import TemplateSampler
-from cogalign.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
-from cogalign.writer import dumps, write_atomic
+from cogalign.expand import writer as writer_mod
+from cogalign.expand.pool import refuse_while_spawning
+from cogalign.expand.progress import Progress
+from cogalign.expand.shardpool import ShardPool
+from cogalign.targets.templates import TemplateSampler
+from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
+from cogalign.expand.writer import dumps, write_atomic
 
 
 @dataclass
@@ -72,7 +72,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
     sampler = TemplateSampler.from_path(options.templates)
     tokenizer = None
     if "vq" in options.targets:
-        from cogalign.regions import check_regions
+        from cogalign.targets.regions import check_regions
         from cogalign.tokenizers import load_tokenizer
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)

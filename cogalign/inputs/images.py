@@ -38,8 +38,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import OptionError, RecordError
-from .options import DEFAULT_MAX_IMAGE_PIXELS, RESAMPLE_FILTERS, RESIZE_MODES
+from cogalign.errors import OptionError, RecordError
+from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, RESAMPLE_FILTERS, RESIZE_MODES
 
 __all__ = [
     "IMAGE_REJECT_REASONS",

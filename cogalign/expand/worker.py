@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import RecordError
-from cogalign.images import load_image, load_image_bytes, resolve_image_path, to_working
+from cogalign.inputs.images import load_image, load_image_bytes, resolve_image_path, to_working
 from cogalign.inputs.embedded import EmbeddedImage
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
-from cogalign.plan import TurnPlan, plan_turns
-from cogalign.records import check_record
-from cogalign.regions import Region
-from cogalign.render import px_text, vq_text
-from cogalign.splice import make_pair, splice_pairs
-from cogalign.templates import TemplateSampler
-from cogalign.writer import ROW_GROUP_BYTES, dumps, open_shard
+from cogalign.targets.plan import TurnPlan, plan_turns
+from cogalign.inputs.records import check_record
+from cogalign.targets.regions import Region
+from cogalign.targets.render import px_text, vq_text
+from cogalign.targets.splice import make_pair, splice_pairs
+from cogalign.targets.templates import TemplateSampler
+from cogalign.expand.writer import ROW_GROUP_BYTES, dumps, open_shard
 
 EXPAND, PASS, REJECT = "expand", "pass", "reject"
 

@@ -17,7 +17,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogalign.records import loads_exact
+from cogalign.inputs.records import loads_exact
 
 ARROW_BYTES_KEY = "cogalign.arrow_bytes"  # parquet footer key: the shard's records in Arrow, in bytes
 ROW_GROUP_BYTES = 8 * 1024 * 1024  # the Hub asks for ~100 MB or less; a writer needs ~10x this while it flushes one

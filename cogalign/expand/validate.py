@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cogalign import estimate
+from cogalign.expand import estimate
 from cogalign.errors import CogalignError, RecordError
 from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
-from cogalign.pool import PreparePool, refuse_while_spawning
-from cogalign.progress import Progress
-from cogalign.records import check_record
-from cogalign.render import VQ_START
-from cogalign.worker import EXPAND, WorkerContext, finish, prepare
-from cogalign.writer import dumps
+from cogalign.expand.pool import PreparePool, refuse_while_spawning
+from cogalign.expand.progress import Progress
+from cogalign.inputs.records import check_record
+from cogalign.targets.render import VQ_START
+from cogalign.expand.worker import EXPAND, WorkerContext, finish, prepare
+from cogalign.expand.writer import dumps
 
 
 @dataclass
@@ -88,7 +88,7 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
     measured, see `sample_turns`) and from both the size of what expand would write.
     `timings`, if given, gets the seconds per sampled record spent in a worker and in the encoder;
     `skip(position)` leaves records out (a slice's start-up estimate reads only its own)."""
-    from cogalign.templates import TemplateSampler
+    from cogalign.targets.templates import TemplateSampler
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
     passed: list = []

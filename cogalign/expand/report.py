@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 
-from cogalign.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
-from cogalign.writer import temp_name, write_atomic
+from cogalign.expand.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
+from cogalign.expand.writer import temp_name, write_atomic
 
 COUNTS = ("input", "expanded", "passed", "rejected")
 
@@ -78,7 +78,7 @@ def arrow_bytes(layout: Layout) -> int | None:
         return None
     import pyarrow.parquet as pq
 
-    from cogalign.writer import ARROW_BYTES_KEY
+    from cogalign.expand.writer import ARROW_BYTES_KEY
 
     total = 0
     for i in range(layout.num_shards):
@@ -137,7 +137,7 @@ def card_note(out_dir: str | Path) -> str:
 def dangling_note(out_dir: Path, sample: int = 256) -> str:
     """A warning when image paths of the first records are no files under the run's image root (an input
     that held its images as bytes: Hub parquet, save_to_disk), unless --embed-images kept the bytes."""
-    from cogalign.writer import read_shard
+    from cogalign.expand.writer import read_shard
 
     try:
         manifest = read_manifest(out_dir, run=True)
@@ -220,7 +220,7 @@ _IMAGES_FEATURE = """  - name: images
 _PARQUET_COLUMNS = """Columns: `id`, `image` ({image}), `conversations` (LLaVA `from`/`value` turns),
 `cogalign` (JSON provenance: regions, template ids, resolutions, tokenizer hash, seed) and
 `extra` (JSON of any other keys of the source record, and of any value the typed columns
-cannot hold, such as an integer `id` or a list `image`). `cogalign.writer.read_shard`
+cannot hold, such as an integer `id` or a list `image`). `cogalign.expand.writer.read_shard`
 gives the records back as they were."""
 
 _JSONL_COLUMNS = """Each line of `data/train-*.jsonl` is one LLaVA record as it was, with its new turns

@@ -3,8 +3,8 @@
 Each template contains "this image" exactly once; `fill` puts the region phrase
 there and appends the resolution (and, for VQ, length) hint after one space.
 
-    from cogalign.templates import TemplateSampler
-    from cogalign.regions import Region
+    from cogalign.targets.templates import TemplateSampler
+    from cogalign.targets.regions import Region
     sampler = TemplateSampler()                    # shipped templates; or TemplateSampler.from_path("my.yaml")
     region = Region("upper-left", (0, 0, 336, 336))
     prompt = sampler.prompt("vq", 0, region, (672, 672), length=1764)   # seed or np.random.Generator
@@ -24,8 +24,8 @@ import orjson
 import yaml
 
 from cogalign.errors import CogalignError
-from cogalign.regions import Region
-from cogalign.splice import FORBIDDEN
+from cogalign.targets.regions import Region
+from cogalign.targets.splice import FORBIDDEN
 
 KINDS = ("vq", "px")
 SLOT = "this image"
@@ -33,8 +33,9 @@ SLOT = "this image"
 
 def shipped_templates_dir() -> Path:
     """`cogalign/_templates` in a built wheel, else `<repo>/templates` in a source checkout."""
-    packaged = Path(__file__).parent / "_templates"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "templates"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "_templates"
+    return packaged if packaged.is_dir() else package.parent / "templates"
 
 
 def _read_lines(path: Path) -> list[str]:

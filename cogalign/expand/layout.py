@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from cogalign.errors import CogalignError
-from cogalign.writer import shard_name, write_atomic
+from cogalign.expand.writer import shard_name, write_atomic
 
 MANIFEST = "cogalign.json"
 CARD = "README.md"

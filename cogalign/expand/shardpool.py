@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.pool import MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, refuse_while_spawning, unguarded_main_message
+from cogalign.expand.pool import MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, refuse_while_spawning, unguarded_main_message
 
 HEADER = 64  # arena bytes before the crops: int64 index of the record the worker is on
 GRID_DTYPE = np.dtype(np.int64)
@@ -164,7 +164,7 @@ def _receive(conn, inbox: queue.Queue) -> None:
 
 
 def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> None:
-    from cogalign.worker import ShardRun
+    from cogalign.expand.worker import ShardRun
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()

@@ -22,7 +22,7 @@ from itertools import islice
 from typing import Iterable, Iterator
 
 from cogalign.errors import CogalignError
-from cogalign.worker import REJECT, Prepared, WorkerContext, prepare
+from cogalign.expand.worker import REJECT, Prepared, WorkerContext, prepare
 
 MAX_CONSECUTIVE_CRASHES = 3  # records in a row that kill workers: the workers themselves are broken
 UNGUARDED_EXIT = 87  # exit code of a spawned worker that found itself re-running the user's script

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import ijson
 import orjson
 
-from .errors import InputError, RecordError
+from cogalign.errors import InputError, RecordError
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
 

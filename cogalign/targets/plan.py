@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cogalign.regions import Region, sample_region
-from cogalign.templates import TemplateSampler
+from cogalign.targets.regions import Region, sample_region
+from cogalign.targets.templates import TemplateSampler
 
 KIND_STREAM = {"vq": 1, "px": 2}
 

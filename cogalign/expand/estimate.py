@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cogalign.regions import region_box
+from cogalign.targets.regions import region_box
 
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
@@ -63,7 +63,7 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
     records with images were seen; records without images count as 0. Unreadable images count as 0
     (the run rejects them). The same input gives the same figure, so a resume gets the same shard size."""
     from cogalign.errors import CogalignError
-    from cogalign.images import resolve_image_path
+    from cogalign.inputs.images import resolve_image_path
     from cogalign.inputs import image_root as resolve_image_root
     from cogalign.inputs.embedded import EmbeddedImage
     from cogalign.inputs.turns import to_llava
@@ -106,7 +106,7 @@ def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     directly, not through a shard writer: an estimate is no record written."""
     import pyarrow.parquet as pq
 
-    from cogalign.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, embed, rows_to_table, to_row
+    from cogalign.expand.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, embed, rows_to_table, to_row
 
     if not records:
         return 0.0
@@ -144,7 +144,7 @@ def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int,
 def _empty_parquet_bytes() -> int:
     import pyarrow.parquet as pq
 
-    from cogalign.writer import SCHEMA
+    from cogalign.expand.writer import SCHEMA
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "empty.parquet"
