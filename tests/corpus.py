@@ -266,6 +266,8 @@ def _cases(root: Path) -> list[tuple[str, object, str, str | None]]:
         "reject", "image_token_without_image")
     img("tokens:two-for-one", "mode_RGB.png", "reject", "image_count_mismatch", conversations=_conv(first="<image><image>"))
     img("image:remote-url", "https://example.com/a.png", "reject", "image_remote_url")
+    img("index:negative", "mode_RGB.png", "reject", "cogalign_index_bad", cogalign_index=-1)
+    img("index:given", "mode_RGB.png", cogalign_index=7)
     rec("pass:video-null", {"id": "pass:video-null", "video": None, "conversations": _conv(first="Hi")}, "pass", "text_only")
 
     # --- ids and extra keys (never a reject)

@@ -367,6 +367,9 @@ REJECT_CASES = [
     ({"image": ["a.jpg"], "conversations": conv("human", "gpt", value="<image>")}, "image_count_mismatch",
      "1 image but `<image>` appears 2 times"),
     ({"image": "data:image/png;base64,AAAA", "conversations": GOOD}, "image_remote_url", "a remote URL"),
+    ({"image": "a.jpg", "cogalign_index": -1, "conversations": GOOD}, "cogalign_index_bad", "-1"),
+    ({"image": "a.jpg", "cogalign_index": "3", "conversations": GOOD}, "cogalign_index_bad", "'3'"),
+    ({"image": "a.jpg", "cogalign_index": True, "conversations": GOOD}, "cogalign_index_bad", "True"),
     # order of checks
     ({"conversations": [{"from": "gpt", "value": "x"}, "oops"]}, "turn_not_object", "turn 1"),
     ({"conversations": conv("gpt", "user")}, "turn_bad_role", "turn 1"),

@@ -132,7 +132,7 @@ def _expand(input_path, out_dir, options, runtime, image_root, work) -> RunResul
     layout.make_dirs()
     todo = [s for s in mine if not layout.is_complete(s)]
     result = RunResult(out_dir, shards_skipped=len(mine) - len(todo), is_main=work.is_main)
-    ctx = WorkerContext(options, image_root, tokenizer.downsample if tokenizer else 1, sampler)
+    ctx = WorkerContext.for_tokenizer(options, image_root, tokenizer, sampler)
     n_todo = sum(min(shard_size, n_records - s * shard_size) for s in todo)
     with Progress(n_todo, enabled=runtime.progress and work.is_main, label="expand") as bar:
         if todo:

@@ -145,8 +145,7 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
     characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
     With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
     input_path = resolve_input(input_path)
-    ctx = WorkerContext(options, resolve_image_root(input_path, image_root),
-                        tokenizer.downsample if tokenizer else 1, sampler)
+    ctx = WorkerContext.for_tokenizer(options, resolve_image_root(input_path, image_root), tokenizer, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
     done = 0
     built = {"expanded": [], "expanded_input": [], "images": [] if options.embed_images else None}

@@ -13,18 +13,19 @@ import ctypes
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cogalign.errors import RecordError
-from cogalign.inputs.images import load_image, load_image_bytes, resolve_image_path, to_working
+from cogalign.errors import CogalignError, RecordError
+from cogalign.inputs.images import load_image, load_image_bytes, load_image_object, resolve_image_path, to_working
 from cogalign.inputs.embedded import EmbeddedImage
 from cogalign.inputs.turns import to_llava
 from cogalign.options import ExpandOptions
 from cogalign.targets.plan import TurnPlan, plan_turns
-from cogalign.inputs.records import check_record
+from cogalign.inputs.records import check_record, choice_index
 from cogalign.targets.regions import Region
 from cogalign.targets.render import px_text, vq_text
 from cogalign.targets.splice import make_pair, splice_pairs
@@ -34,22 +35,47 @@ from cogalign.expand.writer import ROW_GROUP_BYTES, dumps, open_shard
 EXPAND, PASS, REJECT = "expand", "pass", "reject"
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """What provenance says about the tokenizer that encodes: name, content hash and encoder mode
+    (precision, layout, compile), read from the tokenizer object itself."""
+    return {"name": tokenizer.name, "content_hash": tokenizer.content_hash, **tokenizer.encoder_mode()}
+
+
 @dataclass
 class WorkerContext:
-    """What a worker needs; small and picklable (no model)."""
+    """What a worker needs; small and picklable (no model). With VQ targets, build it with
+    `for_tokenizer` (the VQ boxes are aligned to the tokenizer's factor, and the provenance
+    names that tokenizer and its encoder mode); `sampler` defaults to `options.templates`."""
 
     options: ExpandOptions
     image_root: Path
-    vq_factor: int = 1
-    sampler: TemplateSampler = field(default_factory=TemplateSampler)
+    vq_factor: int | None = None  # the tokenizer's downsampling factor (VQ targets)
+    sampler: TemplateSampler | None = None
     decode_only: bool = False  # `validate`: check and decode, compute nothing
+    tokenizer: dict | None = None  # `tokenizer_identity` of the tokenizer that encodes (VQ targets)
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            self.sampler = TemplateSampler.from_path(self.options.templates)
+        if "vq" in self.options.targets and not self.decode_only and (self.vq_factor is None or self.tokenizer is None):
+            raise CogalignError("WorkerContext: VQ targets need the tokenizer's factor and identity; build it with "
+                                "WorkerContext.for_tokenizer(options, image_root, tokenizer)")
+
+    @classmethod
+    def for_tokenizer(cls, options: ExpandOptions, image_root, tokenizer=None,
+                      sampler: TemplateSampler | None = None) -> "WorkerContext":
+        """The context for `options` with `tokenizer` (None without VQ targets): its factor and identity."""
+        if tokenizer is None:
+            return cls(options, Path(image_root), None, sampler)
+        return cls(options, Path(image_root), int(tokenizer.downsample), sampler,
+                   tokenizer=tokenizer_identity(tokenizer))
 
 
 @dataclass
 class Prepared:
     """One record after `prepare`. `vq_inputs` are uint8 (h, w, 3) arrays to encode."""
 
-    index: int
+    index: int  # the record's position in the input
     record: object
     outcome: str
     reason: str = ""
@@ -60,18 +86,23 @@ class Prepared:
     warning: str = ""  # kept, but LLaVA's trainer would mistreat it (counted in report.json)
     image_bytes: bytes | list[bytes] | None = None  # the image files' bytes, with --embed-images (a list: several images)
     converted: str = ""  # the record's turns were converted to LLaVA's (counted in report.json)
+    choice_index: int | None = None  # what seeds the choices: the record's `cogalign_index`, else `index`
 
     @property
     def record_id(self):
         return self.record.get("id") if isinstance(self.record, dict) else None
 
 
-def prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
-    """Never raises: any failure becomes a reject that names the cause."""
+def prepare(index: int, record: object, ctx: WorkerContext, image=None) -> Prepared:
+    """Never raises: any failure becomes a reject that names the cause. `record` may be any
+    Mapping (a `datasets` row); it is read as a dict. `image`, if given, is the record's (first)
+    image in memory or by path (`images.load_image_object`), used instead of its `image` value."""
+    if isinstance(record, Mapping) and not isinstance(record, dict):
+        record = dict(record)
     if isinstance(record, RecordError):  # the reader could not parse this line
         return Prepared(index, None, REJECT, record.reason, record.detail)
     try:
-        return _prepare(index, record, ctx)
+        return _prepare_llava(index, *to_llava(record), ctx, image)
     except RecordError as e:
         return Prepared(index, record, REJECT, e.reason, e.detail)
     except Exception as e:  # a bug or an unforeseen decoder failure: keep the run going, keep the evidence
@@ -79,16 +110,22 @@ def prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
         return Prepared(index, record, REJECT, "internal_error", detail[:2000])
 
 
-def _prepare(index: int, record: object, ctx: WorkerContext) -> Prepared:
-    return _prepare_llava(index, *to_llava(record), ctx)
+IMAGE_GIVEN = "<image given>"  # what a record's `image` is checked as when the caller gives the image itself
 
 
-def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContext) -> Prepared:
+def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContext, given=None) -> Prepared:
     opts = ctx.options
-    check = check_record(record)
+    if given is not None and isinstance(record, dict) and not (
+            isinstance(record.get("image"), list) and all(isinstance(i, str) for i in record["image"])):
+        check = check_record({**record, "image": IMAGE_GIVEN})  # its pixels come from `given`
+    else:
+        check = check_record(record)
     if check.action == PASS:
         return Prepared(index, record, PASS, check.pass_reason, converted=converted)
-    if isinstance(check.image, EmbeddedImage):  # bytes from the input itself, no file
+    if given is not None:
+        name = record.get("image") if isinstance(record.get("image"), str) else f"the image of record {index}"
+        image, data = load_image_object(given, name, opts.max_image_pixels, ctx.image_root, opts.allow_absolute_paths)
+    elif isinstance(check.image, EmbeddedImage):  # bytes from the input itself, no file
         data = check.image.data
         image = load_image_bytes(data, check.image, opts.max_image_pixels)
     else:
@@ -101,12 +138,14 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     if ctx.decode_only:
         return Prepared(index, record, EXPAND, warning=warning, converted=converted)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
-    plans = plan_turns(opts.seed, index, check.n_pairs, opts.targets, opts.regions, resolutions,
+    seeded = choice_index(record, index)
+    plans = plan_turns(opts.seed, seeded, check.n_pairs, opts.targets, opts.regions, resolutions,
                        {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
     by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
     working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
-    out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted,
-                   image_bytes=(data if isinstance(data, list) else bytes(data)) if opts.embed_images else None)
+    out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted, choice_index=seeded,
+                   image_bytes=(data if isinstance(data, list) else bytes(data)) if opts.embed_images and data is not None
+                   else None)
     for plan in plans:
         if plan.kind == "px":
             out.px_texts.append(px_text(plan.region.crop(working["px"])))
@@ -137,9 +176,20 @@ def vq_grids(prepared: Prepared, encoded: list[np.ndarray], factor: int, scope: 
 
 
 def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) -> dict:
-    """The output record: original keys unchanged, new pairs spliced in, `cogalign` provenance."""
+    """The output record: original keys unchanged, new pairs spliced in, `cogalign` provenance
+    (from the context's tokenizer identity and templates). A record `prepare` passed comes back
+    as `expand` writes it (no provenance); a rejected one raises its `RecordError`."""
+    if prepared.outcome == PASS:
+        return prepared.record
+    if prepared.outcome != EXPAND:
+        raise RecordError(prepared.reason, prepared.detail)
+    if ctx.decode_only:
+        raise CogalignError("finish: a decode-only context (validate) computes no turns")
     opts = ctx.options
     record = prepared.record
+    if sum(p.kind == "vq" for p in prepared.plans) and len(encoded) != (
+            1 if opts.vq_scope == "image" else sum(p.kind == "vq" for p in prepared.plans)):
+        raise CogalignError(f"finish: record {prepared.index} needs the indices of each of its VQ crops, got {len(encoded)}")
     grids = iter(vq_grids(prepared, encoded, ctx.vq_factor, opts.vq_scope))
     px_texts = iter(prepared.px_texts)
     inserts, turns_meta = [], []
@@ -156,14 +206,15 @@ def finish(prepared: Prepared, encoded: list[np.ndarray], ctx: WorkerContext) ->
         turns_meta.append(_turn_meta(plan, resolution))
     out = dict(record)
     out["conversations"] = splice_pairs(record["conversations"], inserts)
+    vq = "vq" in opts.targets
+    tok = ctx.tokenizer or {}
     out["cogalign"] = {
         "seed": opts.seed, "index": prepared.index, "turns": turns_meta,
-        "tokenizer": opts.tokenizer_name if "vq" in opts.targets else None,
-        "tokenizer_hash": opts.tokenizer_hash if "vq" in opts.targets else None,
-        "vq_encoder": ({"precision": opts.vq_precision, "layout": "channels_last" if opts.vq_channels_last else
-                        "contiguous", "compile": opts.vq_compile} if "vq" in opts.targets else None),
+        "tokenizer": tok.get("name") if vq else None,
+        "tokenizer_hash": tok.get("content_hash") if vq else None,
+        "vq_encoder": ({k: tok.get(k) for k in ("precision", "layout", "compile")} if vq else None),
         "vq_scope": opts.vq_scope, "resize": opts.resize, "resample": opts.resample,
-        "templates_hash": opts.templates_hash,
+        "templates_hash": ctx.sampler.content_hash,
     }
     return out
 

@@ -46,6 +46,7 @@ __all__ = [
     "resolve_image_path",
     "load_image",
     "load_image_bytes",
+    "load_image_object",
     "to_rgb",
     "to_working",
     "LLAVA_PAD_COLOR",
@@ -249,27 +250,74 @@ def _decode(source, path_s: str, max_pixels: int) -> Image.Image:
         except Exception as e:  # noqa: BLE001 - a plugin choked on the header
             raise RecordError("image_decode_error", f"{path_s}: {_message(e)}") from None
         try:
-            _check_size(im, max_pixels, path_s)
-            try:
-                im.seek(0)
-            except EOFError:
-                pass
-            im.load()
-            _check_size(im, max_pixels, path_s)  # the loaded frame, in case a plugin changed size
-            orientation = _orientation(im)
-            rgb = to_rgb(im)
-            if orientation in _ORIENTATION:
-                rgb = rgb.transpose(_ORIENTATION[orientation])
-            if rgb is im:
-                rgb = im.copy()
-            rgb.load()
-            return rgb
-        except RecordError:
-            raise
-        except Exception as e:  # noqa: BLE001 - OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError, ...
-            raise RecordError("image_decode_error", f"{path_s}: {_message(e)}") from None
+            return _convert(im, path_s, max_pixels)
         finally:
             im.close()
+
+
+def _convert(im: Image.Image, path_s: str, max_pixels: int) -> Image.Image:
+    """An opened image's first frame, loaded, checked, EXIF-oriented and in RGB (a new image)."""
+    try:
+        _check_size(im, max_pixels, path_s)
+        try:
+            im.seek(0)
+        except EOFError:
+            pass
+        im.load()
+        _check_size(im, max_pixels, path_s)  # the loaded frame, in case a plugin changed size
+        orientation = _orientation(im)
+        rgb = to_rgb(im)
+        if orientation in _ORIENTATION:
+            rgb = rgb.transpose(_ORIENTATION[orientation])
+        if rgb is im:
+            rgb = im.copy()
+        rgb.load()
+        return rgb
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError, ...
+        raise RecordError("image_decode_error", f"{path_s}: {_message(e)}") from None
+
+
+def load_image_object(image, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_root: Path | None = None,
+                      allow_absolute: bool = False) -> tuple[Image.Image, bytes | None]:
+    """(8-bit RGB image, the file's bytes or None) for an image given in memory or by path, decoded
+    with the same checks and conversion as `load_image` (a file's bytes give the same pixels):
+
+    - a `str`: a record-style path, resolved under `image_root` (`resolve_image_path`);
+    - an `os.PathLike` (`pathlib.Path`): a file the caller names, absolute or relative to `image_root`;
+    - `bytes`: an image file's content; a `{"bytes", "path"}` dict (`datasets`' Image): its bytes, else its path;
+    - a `PIL.Image.Image` (left unchanged; its first frame); a uint8 `numpy` array (H, W), (H, W, 3) RGB
+      or (H, W, 4) RGBA.
+
+    Anything else is `RecordError("image_bad_type")`; `name` stands for the image in messages."""
+    if isinstance(image, dict) and set(image) <= {"bytes", "path"}:
+        if image.get("bytes") is not None:
+            image = bytes(image["bytes"])
+        elif isinstance(image.get("path"), str):
+            image = image["path"]
+        else:
+            raise RecordError("image_bad_type", f"{name}: the {{bytes, path}} image has neither bytes nor a path")
+    if isinstance(image, str):
+        path = resolve_image_path(image, image_root if image_root is not None else Path("."), allow_absolute)
+        return load_image(path, max_pixels), path.read_bytes()
+    if isinstance(image, os.PathLike):
+        path = Path(image)
+        path = path if path.is_absolute() or image_root is None else Path(image_root) / path
+        return load_image(path, max_pixels), path.read_bytes()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return load_image_bytes(image, name, max_pixels), bytes(image)
+    if isinstance(image, Image.Image):
+        with _pil_bomb_check_off():
+            return _convert(image, name, max_pixels), None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise RecordError("image_bad_type", f"{name}: an array of {image.dtype} {image.shape}; expected uint8 "
+                              "(H, W), (H, W, 3) RGB or (H, W, 4) RGBA (scale floats in [0, 1] by 255 first)")
+        with _pil_bomb_check_off():
+            return _convert(Image.fromarray(np.ascontiguousarray(image)), name, max_pixels), None
+    raise RecordError("image_bad_type", f"{name}: {type(image).__name__} is not an image; give a path, bytes, a "
+                      "{bytes, path} dict, a PIL.Image or a uint8 numpy array")
 
 
 def _check_size(im: Image.Image, max_pixels: int, path: str) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -24,7 +25,8 @@ import orjson
 
 from cogalign.errors import InputError, RecordError
 
-__all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS"]
+__all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS",
+           "INDEX_KEY", "choice_index"]
 
 _BOM = b"\xef\xbb\xbf"
 _WS = b" \t\r\n"
@@ -48,7 +50,13 @@ REJECT_REASONS = (
     "image_token_without_image",
     "image_count_mismatch",
     "image_remote_url",
+    "cogalign_index_bad",
 )
+
+#: A record key that carries the position its random choices are seeded by (spec §7), so that
+#: the choices survive a filter, shuffle or stream that changes the record's position.
+INDEX_KEY = "cogalign_index"
+MAX_INDEX = 2**63 - 1
 
 
 # ----------------------------------------------------------------------- reading
@@ -430,9 +438,11 @@ def check_record(obj: object) -> RecordCheck:
     images (none at all is kept with the warning `image_token_missing`).
 
     Passes: no `image` (or `image: null`) and no `<image>` token -> `text_only`, or
-    `video` when the record has a non-null `video`. `id` is not checked.
+    `video` when the record has a non-null `video`. `id` is not checked. An expandable
+    record's `cogalign_index`, when present, must be an integer from 0 to 2**63 - 1.
+    Any Mapping (a `datasets` row) is read like a dict.
     """
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         raise RecordError("not_an_object", f"the record is {_kind(obj)}, expected an object")
     if "conversations" not in obj:
         hint = ""
@@ -504,4 +514,18 @@ def check_record(obj: object) -> RecordCheck:
     if tokens and tokens != len(images):
         raise RecordError("image_count_mismatch", f"{len(images)} image{'s' * (len(images) > 1)} but `<image>` "
                           f"appears {tokens} times; LLaVA pairs them in order: give one token per image")
+    choice_index(obj, 0)  # a bad `cogalign_index` is refused before any work
     return RecordCheck("expand", "", images[0], n_pairs, "" if tokens else "image_token_missing")
+
+
+def choice_index(record: Mapping, position: int) -> int:
+    """The position a record's random choices are seeded by (spec §7): its `cogalign_index` when it
+    has one (an integer from 0 to 2**63 - 1, else `RecordError("cogalign_index_bad")`), else `position`
+    (its position in the input)."""
+    if INDEX_KEY not in record:
+        return position
+    value = record[INDEX_KEY]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX:
+        raise RecordError("cogalign_index_bad", f"`{INDEX_KEY}` is {_show(value)}, expected an integer from 0 to "
+                          f"{MAX_INDEX} (the position the record's choices are seeded by)")
+    return int(value)

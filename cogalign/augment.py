@@ -1,0 +1,181 @@
+"""The per-record API: cogalign's turns added to records in any pipeline (`datasets.map`, a
+`DataLoader`, a training collator), byte for byte as `cogalign expand` writes them.
+
+    aug = Augmenter(ExpandOptions(vq_resolution=336, px_resolution=32), image_root="data")
+    out = aug.add_turns(record, index)          # one record
+    ds = ds.map(aug.map_fn, with_indices=True, batched=True)
+
+A record's random choices are seeded by (seed, P): P is the record's `cogalign_index` when it has
+one, else its position in the input (the `index` argument); `expand` does the same. Give each
+record its `cogalign_index` before a filter, shuffle or stream changes the positions.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cogalign.errors import CogalignError, RecordError
+from cogalign.expand.worker import EXPAND, PASS, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
+    tokenizer_identity
+from cogalign.expand.writer import dumps
+from cogalign.inputs.embedded import EmbeddedImage
+from cogalign.inputs.records import check_record, choice_index
+from cogalign.options import ExpandOptions
+from cogalign.targets.plan import TurnPlan, plan_turns
+
+__all__ = ["Augmenter"]
+
+
+class Augmenter:
+    """Adds the turns `cogalign expand` adds, one record (or one batch) at a time.
+
+    `options`: what shapes the output (as for `expand`); the tokenizer (`options.vq`) and the templates
+    (`options.templates`) are loaded once, here. `image_root`: the folder relative `image` paths
+    resolve under (default: the current folder). `device`: where the VQ encoder runs (`auto`: a GPU
+    if there is one). `tokenizer` is the loaded tokenizer (None without VQ targets); a change of its
+    encoder mode (`set_encoder_mode`) shows in the provenance of the records made after it.
+
+    An Augmenter pickles (and hashes, for `datasets`' cache) as its options, image root, device and
+    the tokenizer's identity (name, content hash, encoder mode); unpickled, it loads the tokenizer again.
+    """
+
+    def __init__(self, options: ExpandOptions | None = None, image_root: str | Path | None = None,
+                 device: str = "auto"):
+        from cogalign.expand.executor import Runtime, resolve_options
+
+        self.options = options if options is not None else ExpandOptions()
+        if not isinstance(self.options, ExpandOptions):
+            raise CogalignError(f"Augmenter: options must be an ExpandOptions, got {type(self.options).__name__}")
+        self.image_root = Path(image_root) if image_root is not None else Path(".")
+        self.device = str(device)
+        resolved, self.sampler, self.tokenizer = resolve_options(self.options, Runtime(device=self.device))
+        self._ctx = WorkerContext.for_tokenizer(resolved, self.image_root, self.tokenizer, self.sampler)
+
+    # -- pickling and hashing --------------------------------------------------------------
+
+    def identity(self) -> dict | None:
+        """The tokenizer's name, content hash and encoder mode (None without VQ targets)."""
+        return tokenizer_identity(self.tokenizer) if self.tokenizer is not None else None
+
+    def __reduce__(self):
+        return (_restore, (self.options, str(self.image_root), self.device, self.identity()))
+
+    # -- the turns ---------------------------------------------------------------------------
+
+    def plan(self, record: Mapping, index: int | None = None) -> list[TurnPlan]:
+        """The choices `expand` makes for this record at this position (no image is read): one
+        `TurnPlan` (kind, region, template_id, position) per target kind."""
+        record = dict(record)
+        check = check_record(record)
+        if check.action == PASS:
+            return []
+        opts, ctx = self._ctx.options, self._ctx
+        return plan_turns(opts.seed, self._position(record, index), check.n_pairs, opts.targets, opts.regions,
+                          {"vq": opts.vq_resolution, "px": opts.px_resolution}, {"vq": ctx.vq_factor, "px": 1},
+                          ctx.sampler)
+
+    def add_turns(self, record: Mapping, index: int | None = None, image=None) -> dict:
+        """The record as `expand` writes it at input position `index`: the new (human, gpt) pairs
+        spliced into `conversations` and the `cogalign` provenance. A text-only (or video) record
+        comes back unchanged. `image`: the record's image in memory or by path (a path, `pathlib.Path`,
+        `PIL.Image`, uint8 array, bytes or a `{bytes, path}` dict), used instead of its `image` value.
+        A record that cannot be expanded raises `RecordError` with `expand`'s reject reason."""
+        return self.add_turns_batch([record], [index], [image])[0]
+
+    def add_turns_batch(self, records: Sequence[Mapping], indices: Sequence[int | None], images=None,
+                        errors: str = "raise") -> list:
+        """`add_turns` for many records, their VQ crops encoded in batches of one shape (for GPUs).
+        `errors="return"` puts each reject's `RecordError` in its place in the list instead of raising."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors={errors!r}: choose 'raise' or 'return'")
+        images = [None] * len(records) if images is None else list(images)
+        if not len(records) == len(indices) == len(images):
+            raise ValueError(f"{len(records)} records, {len(indices)} indices and {len(images)} images: give one of each")
+        ctx = self._ctx
+        if self.tokenizer is not None:
+            ctx.tokenizer = tokenizer_identity(self.tokenizer)  # what encodes now, as provenance says
+        encoder = LocalEncoder(self.tokenizer, batch_size=max(1, len(records)))
+        work = []
+        for record, index, image in zip(records, indices, images):
+            prepared = self._prepare(record, index, image)
+            ticket = encoder.submit(prepared.vq_inputs) if prepared.outcome == EXPAND and prepared.vq_inputs else None
+            work.append((prepared, ticket))
+        out = []
+        for prepared, ticket in work:
+            if prepared.outcome not in (EXPAND, PASS):
+                error = RecordError(prepared.reason, f"record {prepared.index}"
+                                    f"{'' if prepared.record_id is None else f' (id {prepared.record_id!r})'}: "
+                                    f"{prepared.detail}")
+                if errors == "raise":
+                    raise error
+                out.append(error)
+                continue
+            out.append(finish(prepared, encoder.result(ticket) if ticket is not None else [], ctx))
+        return out
+
+    def map_fn(self, rows, indices=None) -> dict:
+        """For `datasets`: `ds.map(aug.map_fn, with_indices=True, batched=True)` (or not batched).
+        Returns the columns `expand`'s parquet shards hold for these records: `conversations` with the
+        new turns and `cogalign`, the provenance as JSON text (None for a record passed unchanged).
+        A reject raises `RecordError` (filter such rows out first). `indices`: the rows' positions
+        (with_indices), unless the rows carry a `cogalign_index` column."""
+        if isinstance(indices, Sequence) or (indices is None and _is_batch(rows)):
+            n = len(next(iter(rows.values()))) if len(rows) else 0
+            records = [{key: rows[key][i] for key in rows} for i in range(n)]
+            done = self.add_turns_batch(records, list(indices) if indices is not None else [None] * n)
+            return {"conversations": [r["conversations"] for r in done],
+                    "cogalign": [_provenance_json(r) for r in done]}
+        record = self.add_turns(rows, indices)
+        return {"conversations": record["conversations"], "cogalign": _provenance_json(record)}
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _position(self, record: Mapping, index: int | None) -> int:
+        if index is None and "cogalign_index" not in record:
+            raise CogalignError("Augmenter: give the record's position in the input (index=) or a "
+                                "`cogalign_index` in the record; its choices are seeded by it")
+        return choice_index(record, index)
+
+    def _prepare(self, record: Mapping, index: int | None, image) -> Prepared:
+        record = dict(record) if isinstance(record, Mapping) else record
+        if isinstance(record, dict):
+            if index is None:
+                index = self._position(record, index)
+            value = record.get("image")
+            if image is None and value is not None and not isinstance(value, (str, list)):  # a datasets Image column...
+                image = value
+                if isinstance(value, dict) and set(value) <= {"bytes", "path"}:  # ...kept as expand keeps it: its path
+                    if value.get("bytes") is not None:
+                        record["image"] = EmbeddedImage(value.get("path") or f"embedded-{index}", value["bytes"])
+                        image = None
+                    elif value.get("path") is not None:
+                        record["image"], image = value["path"], None
+        elif index is None:
+            index = 0
+        return prepare(index, record, self._ctx, image)
+
+
+def _is_batch(rows) -> bool:
+    """A `datasets` batch (columns of lists), not one row."""
+    conv = rows.get("conversations") if isinstance(rows, Mapping) else None
+    return isinstance(conv, list) and (not conv or isinstance(conv[0], list))
+
+
+def _provenance_json(record: dict) -> str | None:
+    """The provenance as `expand`'s parquet `cogalign` column holds it."""
+    return dumps(record["cogalign"]).decode() if record.get("cogalign") is not None else None
+
+
+def _restore(options: ExpandOptions, image_root: str, device: str, identity: dict | None) -> Augmenter:
+    aug = Augmenter(options, image_root, device)
+    if identity is not None:
+        if aug.tokenizer.content_hash != identity["content_hash"]:
+            raise CogalignError(f"Augmenter: tokenizer {options.vq!r} has content hash {aug.tokenizer.content_hash} "
+                                f"here, {identity['content_hash']} where the Augmenter was pickled; give both the same "
+                                "tokenizer files")
+        mode = (identity["precision"], identity["layout"] == "channels_last", identity["compile"])
+        if tokenizer_identity(aug.tokenizer) != identity:
+            aug.tokenizer.set_encoder_mode(*mode)
+    return aug
