@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.expand.worker import EXPAND, PASS, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
+from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
     tokenizer_identity
 from cogalign.expand.writer import dumps
 from cogalign.inputs.embedded import EmbeddedImage
@@ -84,12 +84,14 @@ class Augmenter:
         A record that cannot be expanded raises `RecordError` with `expand`'s reject reason."""
         return self.add_turns_batch([record], [index], [image])[0]
 
-    def add_turns_batch(self, records: Sequence[Mapping], indices: Sequence[int | None], images=None,
+    def add_turns_batch(self, records: Sequence[Mapping], indices: Sequence[int | None] | None, images=None,
                         errors: str = "raise") -> list:
         """`add_turns` for many records, their VQ crops encoded in batches of one shape (for GPUs).
-        `errors="return"` puts each reject's `RecordError` in its place in the list instead of raising."""
+        `indices=None`: each record's `cogalign_index`. `errors="return"` puts each reject's
+        `RecordError` in its place in the list instead of raising."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'return'")
+        indices = [None] * len(records) if indices is None else list(indices)
         images = [None] * len(records) if images is None else list(images)
         if not len(records) == len(indices) == len(images):
             raise ValueError(f"{len(records)} records, {len(indices)} indices and {len(images)} images: give one of each")
@@ -142,7 +144,10 @@ class Augmenter:
         record = dict(record) if isinstance(record, Mapping) else record
         if isinstance(record, dict):
             if index is None:
-                index = self._position(record, index)
+                try:
+                    index = self._position(record, index)
+                except RecordError as e:
+                    return Prepared(0, record, REJECT, e.reason, e.detail)
             value = record.get("image")
             if image is None and value is not None and not isinstance(value, (str, list)):  # a datasets Image column...
                 image = value

@@ -1,0 +1,243 @@
+"""The per-record public API (issue 17, section 1): `cogalign.Augmenter` gives `cogalign expand`'s
+records byte for byte, record by record, inside `datasets.map` and a `DataLoader`."""
+import io
+import json
+import subprocess
+import sys
+import types
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cogalign
+from cogalign import Augmenter, ExpandOptions, RecordError, Runtime, run_expand
+from cogalign.errors import CogalignError
+from cogalign.expand.worker import EXPAND, WorkerContext, finish, prepare
+from cogalign.expand.writer import dumps
+from helpers import EXAMPLES, REPO
+
+ROOT = EXAMPLES.parent
+RECORDS = json.loads(EXAMPLES.read_text())
+OPTIONS = ExpandOptions(vq_resolution=64, px_resolution=16, format="jsonl")
+BAD = [{"id": "missing", "image": "images/nope.png", "conversations": RECORDS[0]["conversations"]},
+       {"id": "shape", "image": "images/camera.png", "conversations": "not a list"},
+       {"id": "index", "image": "images/camera.png", "cogalign_index": -2, "conversations": RECORDS[0]["conversations"]}]
+
+
+def _expand(tmp: Path, records: list, options=OPTIONS) -> tuple[list[bytes], list[dict]]:
+    """expand's output lines in input order (rejects dropped) and its rejects."""
+    src = tmp / "in.json"
+    src.write_text(json.dumps(records))
+    run_expand(src, tmp / "out", options, Runtime(workers=0, progress=False), image_root=ROOT)
+    lines = b"".join(p.read_bytes() for p in sorted((tmp / "out" / "data").glob("*.jsonl"))).splitlines()
+    rejects = [json.loads(line) for line in (tmp / "out" / "rejects.jsonl").read_text().splitlines()]
+    return lines, rejects
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory):
+    return _expand(tmp_path_factory.mktemp("expand"), RECORDS + BAD)
+
+
+@pytest.fixture(scope="module")
+def aug():
+    return Augmenter(OPTIONS, image_root=ROOT, device="cpu")
+
+
+def test_add_turns_is_expand_byte_for_byte(expanded, aug):
+    lines, rejects = expanded
+    assert len(lines) == len(RECORDS)
+    assert [dumps(aug.add_turns(r, i)) for i, r in enumerate(RECORDS)] == lines
+    assert [dumps(r) for r in aug.add_turns_batch(RECORDS, range(len(RECORDS)))] == lines
+    # rejects: the same reason names as rejects.jsonl, and no record that looks valid
+    assert sorted((r["index"], r["reason"]) for r in rejects) == \
+        [(14, "image_missing"), (15, "conversations_not_list"), (16, "cogalign_index_bad")]
+    for offset, record in enumerate(BAD):
+        with pytest.raises(RecordError) as info:
+            aug.add_turns(record, len(RECORDS) + offset)
+        assert info.value.reason == next(r["reason"] for r in rejects if r["index"] == len(RECORDS) + offset)
+        assert f"record {len(RECORDS) + offset} (id {record['id']!r})" in str(info.value)
+    out = aug.add_turns_batch(BAD + RECORDS[:1], [14, 15, 16, 0], errors="return")
+    assert [e.reason for e in out[:3]] == ["image_missing", "conversations_not_list", "cogalign_index_bad"]
+    assert dumps(out[3]) == lines[0]
+
+
+def test_text_only_record_comes_back_unchanged(aug):
+    text = next(r for r in RECORDS if "image" not in r)
+    assert aug.add_turns(text, 7) == text and "cogalign" not in aug.add_turns(text, 7)
+
+
+def test_finish_never_stamps_a_rejected_or_passed_record(aug):
+    """Item 6: a missing image raised; a text-only record got a `cogalign` key (old `finish`)."""
+    ctx = aug._ctx
+    missing = prepare(0, BAD[0], ctx)
+    with pytest.raises(RecordError, match="image_missing"):
+        finish(missing, [], ctx)
+    text = next(r for r in RECORDS if "image" not in r)
+    assert finish(prepare(0, text, ctx), [], ctx) == text
+
+
+class _Row(Mapping):
+    """A read-only Mapping like `datasets`' LazyRow."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+def test_any_mapping_is_a_record(expanded, aug):
+    """Item 1: `check_record` took only dicts, so a LazyRow was rejected, silently."""
+    lines, _ = expanded
+    assert prepare(0, _Row(RECORDS[0]), aug._ctx).outcome == EXPAND
+    assert dumps(aug.add_turns(_Row(RECORDS[0]), 0)) == lines[0]
+    assert dumps(aug.add_turns(types.MappingProxyType(RECORDS[1]), 1)) == lines[1]
+
+
+def test_in_memory_images(expanded, aug):
+    """Item 7: a path, Path, PIL.Image, array, bytes and a {bytes, path} dict give expand's record."""
+    lines, _ = expanded
+    for i in (0, 1):  # astronaut.png (RGB), camera.png (grey)
+        record, path = RECORDS[i], ROOT / RECORDS[i]["image"]
+        data = path.read_bytes()
+        for image in (RECORDS[i]["image"], path, Path(RECORDS[i]["image"]), data, {"bytes": data, "path": None},
+                      {"bytes": None, "path": RECORDS[i]["image"]}, Image.open(path), np.asarray(Image.open(path))):
+            assert dumps(aug.add_turns(record, i, image=image)) == lines[i], type(image)
+        # a datasets Image column ({bytes, path} in the record): kept as expand keeps it, by its path
+        assert dumps(aug.add_turns({**record, "image": {"bytes": data, "path": record["image"]}}, i)) == lines[i]
+        assert dumps(aug.add_turns({**record, "image": Image.open(path)}, i)["conversations"]) == \
+            dumps(json.loads(lines[i])["conversations"])
+    with pytest.raises(RecordError) as info:
+        aug.add_turns(RECORDS[0], 0, image=np.zeros((8, 8, 3), np.float32))
+    assert info.value.reason == "image_bad_type" and "255" in str(info.value)
+
+
+def test_provenance_follows_the_tokenizer(aug, tmp_path):
+    """Item 4: provenance came from ExpandOptions; after `set_encoder_mode("bf16")` it still said fp32."""
+    own = Augmenter(OPTIONS, image_root=ROOT, device="cpu")
+    before = own.add_turns(RECORDS[0], 0)["cogalign"]
+    assert before["vq_encoder"]["precision"] == "fp32" and before["tokenizer"] == own.tokenizer.name
+    assert before["tokenizer_hash"] == own.tokenizer.content_hash and before["templates_hash"] == own.sampler.content_hash
+    own.tokenizer.set_encoder_mode("bf16")
+    after = own.add_turns(RECORDS[0], 0)["cogalign"]
+    assert after["vq_encoder"] == {"precision": "bf16", "layout": "contiguous", "compile": False}
+    assert own.identity()["precision"] == "bf16"
+    # the templates actually used, from options.templates (item 5: the sampler default ignored it)
+    (tmp_path / "t.yaml").write_text("px:\n  - Give the RGB values of this image.\n")
+    px = Augmenter(ExpandOptions(targets="px", px_resolution=16, templates=str(tmp_path / "t.yaml")), image_root=ROOT)
+    record = px.add_turns(RECORDS[0], 0)
+    assert record["cogalign"]["templates_hash"] == px.sampler.content_hash != aug.sampler.content_hash
+    assert any(t["value"].startswith("Give the RGB values of the") for t in record["conversations"])
+    assert WorkerContext(ExpandOptions(targets="px", templates=str(tmp_path / "t.yaml")), ROOT).sampler.content_hash \
+        == px.sampler.content_hash
+
+
+def test_worker_context_needs_the_tokenizer_for_vq(aug):
+    """Item 5: vq_factor defaulted to 1 and the tokenizer to '' in a hand-built WorkerContext."""
+    with pytest.raises(CogalignError, match="for_tokenizer"):
+        WorkerContext(OPTIONS, ROOT)
+    ctx = WorkerContext.for_tokenizer(OPTIONS, ROOT, aug.tokenizer)
+    assert ctx.vq_factor == aug.tokenizer.downsample == 8 and ctx.tokenizer["name"] == aug.tokenizer.name
+
+
+def test_plan_is_expands_choices_and_cogalign_index_carries_them(expanded, aug, tmp_path):
+    """Items 2 and 3: the choices follow (seed, position); a record's `cogalign_index` carries the
+    position through a shuffle, in the Augmenter and in expand alike."""
+    lines, _ = expanded
+    for i, record in enumerate(RECORDS):
+        turns = json.loads(lines[i]).get("cogalign", {}).get("turns", [])
+        plans = aug.plan(record, i)
+        assert [(p.kind, p.region.name, list(p.region.box), p.template_id, p.position) for p in plans] == \
+            [(t["kind"], t["region"], t["box"], t["template_id"], t["position"]) for t in turns]
+    order = list(range(len(RECORDS)))[::-1]
+    shuffled = [{**RECORDS[i], "cogalign_index": i} for i in order]
+    again, _ = _expand(tmp_path, shuffled)
+    for position, (i, line) in enumerate(zip(order, again)):
+        got = json.loads(line)
+        assert got.get("cogalign", {}).get("turns") == json.loads(lines[i]).get("cogalign", {}).get("turns")
+        assert got.get("conversations") == json.loads(lines[i])["conversations"]
+        assert dumps(aug.add_turns(shuffled[position], position)) == line
+    assert aug.add_turns(shuffled[0], None)["cogalign"]["index"] == order[0]
+
+
+def _map(ds, aug, **kw):
+    return ds.map(aug.map_fn, with_indices=True, **kw)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_datasets_map_two_processes_is_expand(expanded, aug, batched):
+    datasets = pytest.importorskip("datasets")
+    lines, _ = expanded
+    ds = datasets.Dataset.from_list(RECORDS)
+    out = _map(ds, aug, batched=batched, batch_size=4, num_proc=2)
+    for i, line in enumerate(lines):
+        want = json.loads(line)
+        assert dumps(out[i]["conversations"]) == dumps(want["conversations"])
+        assert out[i]["cogalign"] == (dumps(want["cogalign"]).decode() if "cogalign" in want else None)
+
+
+def test_map_fn_fingerprint_is_stable_and_the_cache_is_reused(aug, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from datasets.fingerprint import Hasher
+
+    same = Augmenter(OPTIONS, image_root=ROOT, device="cpu")
+    assert Hasher.hash(aug.map_fn) == Hasher.hash(same.map_fn)
+    same.tokenizer.set_encoder_mode("bf16")
+    assert Hasher.hash(aug.map_fn) != Hasher.hash(same.map_fn)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({k: r.get(k) for k in ("id", "image", "conversations")}) + "\n" for r in RECORDS))
+    script = f"""
+import datasets, json, os, sys
+from cogalign import Augmenter, ExpandOptions
+ds = datasets.load_dataset("json", data_files={str(src)!r}, split="train", cache_dir={str(tmp_path / "cache")!r})
+aug = Augmenter(ExpandOptions(vq_resolution=64, px_resolution=16, format="jsonl"), image_root={str(ROOT)!r})
+out = ds.map(aug.map_fn, with_indices=True, batched=True)
+files = [f["filename"] for f in out.cache_files]
+print(json.dumps([out._fingerprint, files, [os.stat(f).st_mtime_ns for f in files]]))
+"""
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                                      cwd=tmp_path, env=_env()).stdout.splitlines()[-1]) for _ in range(2)]
+    assert runs[0] == runs[1]  # same fingerprint, same cache file, not written again
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1"}
+
+
+class _AddTurns:
+    """A DataLoader collate_fn over (index, record) items."""
+
+    def __init__(self, aug):
+        self.aug = aug
+
+    def __call__(self, items):
+        return [dumps(r) for r in self.aug.add_turns_batch([r for _, r in items], [i for i, _ in items])]
+
+
+def test_dataloader_two_workers_is_expand(expanded, aug):
+    torch = pytest.importorskip("torch")
+    lines, _ = expanded
+    loader = torch.utils.data.DataLoader(list(enumerate(RECORDS)), batch_size=3, num_workers=2,
+                                         collate_fn=_AddTurns(aug))
+    assert [line for batch in loader for line in batch] == lines
+
+
+def test_import_cogalign_is_cheap():
+    code = "import sys, cogalign; cogalign.Augmenter; assert 'torch' not in sys.modules, 'torch'; " \
+           "import cogalign.expand; assert isinstance(cogalign.expand, type(sys)); print(sorted(cogalign.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=_env())
+    assert "Augmenter" in out.stdout and "RecordError" in out.stdout
+    assert cogalign.RecordError is RecordError and cogalign.ExpandOptions is ExpandOptions
