@@ -2,6 +2,7 @@
 records byte for byte, record by record, inside `datasets.map` and a `DataLoader`."""
 import io
 import json
+import re
 import subprocess
 import sys
 import types
@@ -241,3 +242,31 @@ def test_import_cogalign_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=_env())
     assert "Augmenter" in out.stdout and "RecordError" in out.stdout
     assert cogalign.RecordError is RecordError and cogalign.ExpandOptions is ExpandOptions
+
+
+def _readme_blocks() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## In your own pipeline")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_pipeline_snippets_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every snippet of README's "In your own pipeline", as written; `# > ` lines are its output."""
+    datasets = pytest.importorskip("datasets")
+    blocks = _readme_blocks()
+    imports = [line for b in blocks for line in b.splitlines() if "cogalign" in line and "import" in line]
+    assert len(blocks) >= 5 and all(line.startswith("from cogalign import ") for line in imports)  # public names only
+    (tmp_path / "examples").symlink_to(ROOT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for block in blocks:
+        expected = [line[4:] for line in block.splitlines() if line.startswith("# > ")]
+        if "__main__" in block:  # spawned workers import the script again: run it as one
+            (tmp_path / "snippet.py").write_text(block)
+            out = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=_env(), check=True,
+                                 capture_output=True, text=True).stdout
+        else:
+            exec(compile(block, "README.md", "exec"), {"__name__": "readme_snippet"})
+            out = capsys.readouterr().out
+        assert out.splitlines() == expected, block
