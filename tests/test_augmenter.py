@@ -270,3 +270,16 @@ def test_readme_pipeline_snippets_run_as_written(tmp_path, monkeypatch, capsys):
             exec(compile(block, "README.md", "exec"), {"__name__": "readme_snippet"})
             out = capsys.readouterr().out
         assert out.splitlines() == expected, block
+
+
+def test_expand_honours_cogalign_index_in_a_parquet_input(expanded, tmp_path):
+    """Item 2: every input kind carries the position (the parquet reader as the JSON one)."""
+    datasets = pytest.importorskip("datasets")
+    lines, _ = expanded
+    order = [5, 0, 13, 2]
+    datasets.Dataset.from_list([{**RECORDS[i], "cogalign_index": i} for i in order]).to_parquet(tmp_path / "in.parquet")
+    run_expand(tmp_path / "in.parquet", tmp_path / "out", OPTIONS, Runtime(workers=0, progress=False), image_root=ROOT)
+    got = [json.loads(line) for p in sorted((tmp_path / "out" / "data").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert [(r["id"], r.get("cogalign", {}).get("turns"), r["conversations"]) for r in got] == \
+        [(RECORDS[i]["id"], json.loads(lines[i]).get("cogalign", {}).get("turns"), json.loads(lines[i])["conversations"])
+         for i in order]
