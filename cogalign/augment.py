@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
+from cogalign.expand.worker import EXPAND, IMAGE_GIVEN, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
     tokenizer_identity
 from cogalign.expand.writer import dumps
 from cogalign.inputs.embedded import EmbeddedImage
@@ -68,6 +68,8 @@ class Augmenter:
         """The choices `expand` makes for this record at this position (no image is read): one
         `TurnPlan` (kind, region, template_id, position) per target kind."""
         record = dict(record)
+        if record.get("image") is not None and not isinstance(record["image"], (str, list)):
+            record["image"] = IMAGE_GIVEN  # an image held in memory (a datasets Image column)
         check = check_record(record)
         if check.action == PASS:
             return []

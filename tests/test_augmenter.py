@@ -2,6 +2,7 @@
 records byte for byte, record by record, inside `datasets.map` and a `DataLoader`."""
 import io
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -195,6 +196,10 @@ def test_map_fn_fingerprint_is_stable_and_the_cache_is_reused(aug, tmp_path):
     assert Hasher.hash(aug.map_fn) == Hasher.hash(same.map_fn)
     same.tokenizer.set_encoder_mode("bf16")
     assert Hasher.hash(aug.map_fn) != Hasher.hash(same.map_fn)
+    restored = pickle.loads(pickle.dumps(same))  # what num_proc workers get: the tokenizer loaded again, in bf16
+    assert restored.identity() == same.identity() and restored.options == same.options
+    assert dumps(restored.add_turns(RECORDS[0], 0)) == dumps(same.add_turns(RECORDS[0], 0))
+    assert aug.plan({**RECORDS[0], "image": Image.open(ROOT / RECORDS[0]["image"])}, 0) == aug.plan(RECORDS[0], 0)
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({k: r.get(k) for k in ("id", "image", "conversations")}) + "\n" for r in RECORDS))
     script = f"""
