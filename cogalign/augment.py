@@ -11,6 +11,7 @@ record its `cogalign_index` before a filter, shuffle or stream changes the posit
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class Augmenter:
         `RecordError` in its place in the list instead of raising."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'return'")
-        indices = [None] * len(records) if indices is None else list(indices)
+        indices = [None] * len(records) if indices is None else [None if i is None else operator.index(i) for i in indices]
         images = [None] * len(records) if images is None else list(images)
         if not len(records) == len(indices) == len(images):
             raise ValueError(f"{len(records)} records, {len(indices)} indices and {len(images)} images: give one of each")
@@ -137,7 +138,7 @@ class Augmenter:
     # -- helpers --------------------------------------------------------------------------------
 
     def _position(self, record: Mapping, index: int | None) -> int:
-        if index is None and "cogalign_index" not in record:
+        if index is None and record.get("cogalign_index") is None:
             raise CogalignError("Augmenter: give the record's position in the input (index=) or a "
                                 "`cogalign_index` in the record; its choices are seeded by it")
         return choice_index(record, index)

@@ -288,3 +288,12 @@ def test_expand_honours_cogalign_index_in_a_parquet_input(expanded, tmp_path):
     assert [(r["id"], r.get("cogalign", {}).get("turns"), r["conversations"]) for r in got] == \
         [(RECORDS[i]["id"], json.loads(lines[i]).get("cogalign", {}).get("turns"), json.loads(lines[i])["conversations"])
          for i in order]
+
+
+def test_indices_of_any_integer_type_and_a_null_cogalign_index(expanded, aug):
+    lines, _ = expanded
+    assert dumps(aug.add_turns(RECORDS[2], np.int64(2))) == lines[2]
+    out = aug.add_turns({**RECORDS[2], "cogalign_index": None}, 2)
+    assert out["cogalign"] == json.loads(lines[2])["cogalign"]  # null: a column's empty cell, no index
+    with pytest.raises(CogalignError, match="index="):
+        aug.add_turns(RECORDS[2], None)

@@ -520,11 +520,11 @@ def check_record(obj: object) -> RecordCheck:
 
 def choice_index(record: Mapping, position: int) -> int:
     """The position a record's random choices are seeded by (spec §7): its `cogalign_index` when it
-    has one (an integer from 0 to 2**63 - 1, else `RecordError("cogalign_index_bad")`), else `position`
-    (its position in the input)."""
-    if INDEX_KEY not in record:
+    has one (an integer from 0 to 2**63 - 1, else `RecordError("cogalign_index_bad")`; null counts as
+    none, as a column's empty cell), else `position` (its position in the input)."""
+    value = record.get(INDEX_KEY)
+    if value is None:
         return position
-    value = record[INDEX_KEY]
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX:
         raise RecordError("cogalign_index_bad", f"`{INDEX_KEY}` is {_show(value)}, expected an integer from 0 to "
                           f"{MAX_INDEX} (the position the record's choices are seeded by)")
