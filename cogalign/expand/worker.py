@@ -86,7 +86,6 @@ class Prepared:
     warning: str = ""  # kept, but LLaVA's trainer would mistreat it (counted in report.json)
     image_bytes: bytes | list[bytes] | None = None  # the image files' bytes, with --embed-images (a list: several images)
     converted: str = ""  # the record's turns were converted to LLaVA's (counted in report.json)
-    choice_index: int | None = None  # what seeds the choices: the record's `cogalign_index`, else `index`
 
     @property
     def record_id(self):
@@ -138,12 +137,11 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     if ctx.decode_only:
         return Prepared(index, record, EXPAND, warning=warning, converted=converted)
     resolutions = {"vq": opts.vq_resolution, "px": opts.px_resolution}
-    seeded = choice_index(record, index)
-    plans = plan_turns(opts.seed, seeded, check.n_pairs, opts.targets, opts.regions, resolutions,
+    plans = plan_turns(opts.seed, choice_index(record, index), check.n_pairs, opts.targets, opts.regions, resolutions,
                        {"vq": ctx.vq_factor, "px": 1}, ctx.sampler)
     by_size = {res: to_working(image, res, opts.resize, opts.resample) for res in {resolutions[k] for k in opts.targets}}
     working = {kind: by_size[resolutions[kind]] for kind in opts.targets}  # one resize per distinct size
-    out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted, choice_index=seeded,
+    out = Prepared(index, record, EXPAND, plans=plans, warning=warning, converted=converted,
                    image_bytes=(data if isinstance(data, list) else bytes(data)) if opts.embed_images and data is not None
                    else None)
     for plan in plans:
