@@ -25,6 +25,7 @@ OWNED = {
     "num_train_epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr GROUP=VALUE",
     "remove_unused_columns": "(always off: the collator needs every key)", "resume_from_checkpoint": "--resume",
     "overwrite_output_dir": "--overwrite",
+    "seed": "--seed (it also draws the held-out split and the tiny model; data_seed alone moves the data order)",
 }
 
 
