@@ -129,11 +129,16 @@ class ShardDataset(torch.utils.data.Dataset):
     `indices` selects records (global positions in shard order; default all): the train or the
     held-out split. Item -1 is a padding slot (record None). `skip` names why a record cannot be
     used (its image is missing or corrupt), so the collator counts it instead of swapping in another
-    sample. Iterating the dataset reads every selected record in shard order."""
+    sample. Item k is always `indices[k]`: iterating the dataset and a `DataLoader` over it (any
+    batch size, any workers, no sampler) give the selected records in the same order, `indices`'
+    order. The dataset never shuffles (`shuffle=True` is refused): order it with `EpochSampler`."""
 
     def __init__(self, out: Path, image_root: Optional[Path] = None, load_images: bool = True,
                  allow_absolute_paths: bool = False, indices: Optional[np.ndarray] = None,
                  cache: Optional[Path] = None, shuffle: bool = False):
+        if shuffle:
+            raise CogalignError("ShardDataset does not shuffle: give the DataLoader an EpochSampler "
+                                "(or shuffle=True) and leave the dataset's order as it is")
         self.files = shard_files(out)
         self.counts = [shard_rows(f) for f in self.files]
         self.starts = np.cumsum([0] + self.counts)
@@ -148,6 +153,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     @property
     def num_records(self) -> int:
+        """Records in the folder (all shards), whatever `indices` selects."""
         return int(sum(self.counts))
 
     def __len__(self) -> int:
@@ -166,9 +172,8 @@ class ShardDataset(torch.utils.data.Dataset):
         return {"position": position, "record": record, **self._image(record)}
 
     def __iter__(self) -> Iterator[dict]:
-        for position in sorted(self.indices.tolist()):  # shard order
-            record = self.record(position)
-            yield {"position": position, "record": record, **self._image(record)}
+        for k in range(len(self)):  # indices' order, as a DataLoader reads it
+            yield self[k]
 
     def _image(self, record: dict) -> dict:
         """{"images": the record's images as PIL RGB (0..n, in order), "skip": reason or None,
