@@ -54,6 +54,8 @@ class Runtime:
 
 @dataclass
 class RunResult:
+    """What `expand()` did in this process: record counts, reject and warning reasons, time, shards skipped on
+    resume, and the merged report once the run is finalized."""
     out_dir: Path
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
@@ -93,6 +95,8 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
 
 def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
+    """Expand every record of `input_path` into `out_dir` (resuming a matching run there) and return the counts;
+    the output bytes depend only on the input and `options`, never on `runtime`."""
     refuse_while_spawning()  # a worker re-running an unguarded script stops here, before touching out_dir
     runtime = runtime or Runtime()
     input_path, out_dir = resolve_input(input_path), Path(out_dir)  # a parquet folder, hf://datasets/...: one split
