@@ -89,7 +89,8 @@ def _prepare_chunk(chunk: list[tuple[int, object]]) -> list[Prepared]:
 
 class PreparePool:
     """`prepare` on `workers` processes (0: in this one), results in input order, a bounded window in flight; a
-    record that kills a worker twice is rejected `worker_crashed`."""
+    record that kills a worker on its own is rejected `worker_crashed`."""
+
     def __init__(self, ctx: WorkerContext, workers: int, chunk_size: int = 4, window: int | None = None):
         self.ctx, self.workers, self.chunk_size = ctx, workers, chunk_size
         self.window = window or max(2, workers * 3)

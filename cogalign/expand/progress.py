@@ -15,8 +15,9 @@ LOG_EVERY_S = 30.0
 
 
 class Progress:
-    """Progress of a run: a rich bar on a terminal (records/s, images/s, ETA), else a log line now and then; a
-    context manager."""
+    """Progress of a run: a rich bar on a terminal (records/s, images/s, ETA), else a log line every
+    `LOG_EVERY_S` seconds; a context manager."""
+
     def __init__(self, total: int, enabled: bool = True, label: str = "records"):
         self.total, self.enabled, self.label = total, enabled and total > 0, label
         self.done = self.images = self._shown = 0

@@ -256,6 +256,7 @@ class ParquetShardWriter:
 
 class JsonlShardWriter:
     """A JSON-lines shard, one record a line (exact big integers), written under `.partial/`."""
+
     def __init__(self, path: Path):
         self.path, self.tmp = Path(path), partial_path(path)
         self._file = open(self.tmp, "wb")
