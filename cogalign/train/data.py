@@ -27,6 +27,9 @@ from cogalign.expand.layout import MANIFEST
 from cogalign.inputs.records import loads_exact
 from cogalign.expand.writer import IMAGE_BYTES, record_of_row
 
+__all__ = ["ShardDataset", "EpochSampler", "modality_lengths", "shard_files", "shard_rows", "check_expand_output",
+           "default_image_root", "input_image_bytes", "arrow_copy", "PAD"]
+
 PAD = -1
 
 
@@ -44,6 +47,7 @@ def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
 
 
 def shard_files(out: Path) -> list[Path]:
+    """The shard files in `out`/data (parquet, else JSON lines), in order; none raises `CogalignError`."""
     data = Path(out) / "data"
     files = sorted(data.glob("*.parquet")) or sorted(data.glob("*.jsonl"))
     if not files:
@@ -62,6 +66,7 @@ def check_expand_output(out: Path) -> None:
 
 
 def shard_rows(path: Path) -> int:
+    """Records in one shard (a parquet footer's row count, or the non-blank lines of a JSON-lines file)."""
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
     with open(path, "rb") as f:
@@ -226,12 +231,14 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` from now on (the Trainer calls it each epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.multiple) * self.multiple if self.n else 0
 
     def order(self) -> np.ndarray:
+        """This epoch's order of the `n` items, without the padding."""
         rng = np.random.default_rng([self.seed, self.epoch])
         if not self.shuffle:
             return np.arange(self.n)
