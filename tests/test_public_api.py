@@ -98,3 +98,16 @@ def test_module_exports_documented_names(module):
     assert not unbound, f"{module}: __all__ names {unbound}, which it does not define"
     left_out = sorted(set(defined) - set(exported))
     assert not left_out, f"{module}: public {left_out} not in __all__ (export them, or prefix an underscore)"
+
+
+def test_the_package_is_marked_typed():
+    """PEP 561: `cogalign/py.typed` ships in the wheel (hatch takes every file of the package's folder
+    that is neither excluded nor git-ignored)."""
+    import subprocess
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    assert (PACKAGE / "py.typed").is_file()
+    wheel = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert "cogalign" in wheel["packages"] and not any("typed" in x for x in wheel.get("exclude", []))
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(PACKAGE / "py.typed")], cwd=PACKAGE.parent)
+    assert ignored.returncode != 0  # 0: git ignores it (128: no git checkout, nothing to ignore it)
