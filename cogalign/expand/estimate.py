@@ -46,6 +46,7 @@ def target_chars(options, tokenizer=None) -> dict[str, int]:
 
 
 def record_bytes(options, tokenizer=None) -> int:
+    """Estimated bytes one image record adds to the output: its target text plus the turns' overhead."""
     return sum(target_chars(options, tokenizer).values()) + TURN_OVERHEAD * len(options.targets) + 1000
 
 
@@ -163,6 +164,7 @@ def parse_size(text: str) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """`n` bytes in decimal units (`1.8 MB`)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -20,6 +20,8 @@ Anything that does not fit is left as it is, for the record check to reject with
 """
 from __future__ import annotations
 
+__all__ = ["to_llava", "IMAGE_SOURCE_KEYS", "IMAGE_PART_TYPES", "ROLES"]
+
 IMAGE_SOURCE_KEYS = ("image", "path", "url")
 IMAGE_PART_TYPES = ("image", "image_url")
 ROLES = {"user": "human", "assistant": "gpt", "human": "human", "gpt": "gpt", "system": "system"}
