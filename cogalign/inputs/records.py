@@ -48,6 +48,7 @@ REJECT_REASONS = (
     "image_token_without_image",
     "image_count_mismatch",
     "image_remote_url",
+    "image_conflict",
 )
 
 
