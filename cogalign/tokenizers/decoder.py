@@ -61,24 +61,32 @@ class VQDecoder(nn.Module):
         return out[0] if single else out
 
     def _decode_one(self, grid: torch.Tensor) -> np.ndarray:
-        q = self.quantize.embedding.weight[grid[None]].permute(0, 3, 1, 2).contiguous()
+        weight = self.quantize.embedding.weight
+        q = weight[grid[None].to(weight.device)].permute(0, 3, 1, 2).contiguous()
         x = self.decoder(self.post_quant_conv(q))
-        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
     """The decoder of a taming checkpoint folder or file (layouts as `find_checkpoint`)."""
     path = Path(path).expanduser()
     ckpt, cfg = find_checkpoint(path)
+    return decoder_from_files(ckpt, cfg, trust_pickle=trust_pickle, name=name or (path.name if path.is_dir() else ckpt.stem))
+
+
+def decoder_from_files(ckpt: Path, cfg: Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
+    """The decoder of checkpoint file `ckpt` with its model yaml `cfg` (what `load_taming` found),
+    float32 on the CPU. Refuses a Gumbel model and a checkpoint without decoder.* weights."""
     params, target = read_config(cfg)
     raw = strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
-    name = name or (path.name if path.is_dir() else ckpt.stem)
+    name = name or ckpt.stem
     if quantizer_kind(target, set(raw)) == "gumbel":
         raise TokenizerError(f"{ckpt}: a Gumbel VQGAN; decoding its indices is not supported (use a VQ model)")
     sd = {k: v.float() for k, v in raw.items() if k.startswith(DECODER_PREFIXES) or k == "quantize.embedding.weight"}
     if not any(k.startswith("decoder.") for k in sd):
-        raise TokenizerError(f"{ckpt}: holds no decoder.* weights (an encoder-only export); "
-                             "decoding needs the full checkpoint")
+        raise TokenizerError(f"{ckpt}: holds no decoder.* weights (an encoder-only export), so it encodes but cannot "
+                             "decode; use the full checkpoint it came from (vq train writes the decoder; vq convert "
+                             "keeps decoder.* and post_quant_conv.* when its source has them)")
     model = VQDecoder(params, name=name)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
