@@ -226,3 +226,19 @@ def test_decode_without_decoder_weights_says_so_and_how_to_get_them(tmp_path):
     with pytest.raises(TokenizerError) as ei:
         TamingVQTokenizer(TINY_PARAMS, name="tiny").decode(idx)
     assert "load_tokenizer" in _one_line(ei)
+
+
+def test_readme_python_snippet_runs_as_written(monkeypatch, capsys):
+    import re
+
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### A tokenizer from Python"):readme.index("### Training a tokenizer")]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert capsys.readouterr().out.strip() == "bf16"
+    assert namespace["indices"].shape == (1, 16, 16) and namespace["rgb"].shape == (1, 128, 128, 3)
+    assert namespace["tok"].encoder_mode()["precision"] == "bf16"

@@ -14,6 +14,11 @@ from functools import lru_cache
 import numpy as np
 import orjson
 
+__all__ = [
+    "RGB_START", "RGB_END", "VQ_START", "VQ_END", "px_list_text", "px_text", "vq_list_text", "vq_text",
+    "parse_px", "parse_vq",
+]
+
 RGB_START, RGB_END = "<rgb start>", "<rgb end>"
 VQ_START, VQ_END = "<vq start>", "<vq end>"
 

@@ -9,6 +9,8 @@ import torch
 from cogalign.errors import CogalignError
 
 
+__all__ = ["PRECISIONS", "TokenizerError", "VQTokenizer", "resolve_device", "pixel_problem"]
+
 # Encoder precisions (`--precision`): the name and its torch dtype. The codebook distance is
 # always computed in float32.
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -19,6 +19,9 @@ from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, apply_attn_type, 
                                              quantizer_kind, read_config, read_state_dict, strip_prefix)
 
 
+__all__ = ["VQDecoder", "load_decoder", "decoder_from_files", "load_decoder_spec"]
+
+
 class VQDecoder(nn.Module):
     """indices (B, h, w) or (h, w) -> RGB uint8 (B, h*f, w*f, 3) or (h*f, w*f, 3); each grid is decoded
     on its own, so its pixels do not depend on the batch."""
@@ -41,10 +44,14 @@ class VQDecoder(nn.Module):
         self.requires_grad_(False)
 
     def train(self, mode: bool = True):  # always in eval mode
+        """A decoder is always in eval mode: `train()` leaves it there and returns it."""
         return nn.Module.train(self, False)
 
     @torch.inference_mode()
     def decode(self, indices: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, h, w) or (h, w) code indices -> (B, h*f, w*f, 3) or (h*f, w*f, 3) uint8 RGB, on the
+        device of the weights (the result is a CPU array). An index outside the codebook or a
+        grid of another shape raises TokenizerError in one line."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
         single = idx.ndim == 2
         if single:

@@ -27,6 +27,8 @@ from cogalign.tokenizers.decoder import decoder_from_files
 from cogalign.tokenizers.checkpoints import (apply_attn_type, check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, select_model_keys)
 
+__all__ = ["TamingVQTokenizer", "load_taming", "nearest_code", "check_fits_memory", "AttnBlockNoSubnormal"]
+
 # Positions per lookup chunk are chosen so that chunk x codebook float32 stays near this
 # (4 MB: cache-sized blocks are ~4x faster than one big distance matrix, and never more
 # than a few MB is allocated, whatever the batch).
