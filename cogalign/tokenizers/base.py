@@ -30,7 +30,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise TokenizerError(f"device {device!r}: not a torch device ({exc}); use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TokenizerError(f"device {device!r}: CUDA is not available here; use --device cpu (or auto)")
+        raise TokenizerError(f"device {device!r}: CUDA is not available here; use --device cpu or auto (device='cpu' from Python)")
     return dev
 
 
@@ -61,7 +61,7 @@ class VQTokenizer(abc.ABC):
         that has only the default refuses the others."""
         if (precision, channels_last, compile) != ("fp32", False, False):
             raise TokenizerError(f"{self.name}: this tokenizer runs only in fp32, contiguous, eager; "
-                                 "drop --precision, --channels-last and --compile")
+                                 "drop --precision, --channels-last and --compile (from Python: call set_encoder_mode() with no arguments)")
 
     def encoder_mode(self) -> dict:
         """The encoder mode for provenance: precision, layout, compile."""

@@ -209,11 +209,13 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         near-ties). `compile` runs Encoder -> quant_conv through torch.compile (dynamic=False:
         one compilation per crop shape)."""
         if precision not in PRECISIONS:
-            raise TokenizerError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+            raise TokenizerError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)} "
+                                 "(the same names for set_encoder_mode)")
         if precision == "fp16" and self.device.type == "cpu":
             raise TokenizerError(
                 "--precision fp16 is refused on the CPU: PyTorch has no fast CPU kernels for float16 convolutions "
-                "(about 30x slower than fp32 here); use --precision bf16 or fp32 on the CPU, fp16 on a GPU")
+                "(about 30x slower than fp32 here); use --precision bf16 or fp32 on the CPU, fp16 on a GPU "
+                "(from Python: set_encoder_mode('bf16') or tok.to(torch.bfloat16))")
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.compiled = bool(compile)
