@@ -193,10 +193,11 @@ def _dtype_fix(x: np.ndarray | torch.Tensor, expr: str, is_torch: bool) -> tuple
     clip = ".clamp(0, 255)" if is_torch else ".clip(0, 255)"
     floating = x.is_floating_point() if is_torch else x.dtype.kind == "f"
     integer = (not floating and x.dtype != torch.bool and not x.is_complex()) if is_torch else x.dtype.kind in "iu"
-    if x.numel() if is_torch else x.size:
-        lo, hi = (float(x.min()), float(x.max())) if is_torch else (float(np.nanmin(x)), float(np.nanmax(x)))
-    else:
-        lo = hi = 0.0
+    if not (floating or integer):
+        return None, expr
+    if floating and bool(x.isnan().any() if is_torch else np.isnan(x).any()):
+        return "floats with NaN values: replace them first (np.nan_to_num / torch.nan_to_num)", f"{expr}{to_u8} after that"
+    lo, hi = (float(x.min()), float(x.max())) if (x.numel() if is_torch else x.size) else (0.0, 0.0)
     if floating:
         if 0 <= lo and hi <= 1:
             return f"floats in [{lo:.3g}, {hi:.3g}] (scale 0..1 to 0..255)", f"({expr} * 255).round(){clip}{to_u8}"

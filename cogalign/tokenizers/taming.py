@@ -23,9 +23,9 @@ import torch.nn as nn
 from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 
 from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
-from cogalign.tokenizers.decoder import decoder_from_files
 from cogalign.tokenizers.checkpoints import (apply_attn_type, check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, select_model_keys)
+from cogalign.tokenizers.decoder import decoder_from_files
 
 __all__ = ["TamingVQTokenizer", "load_taming", "nearest_code", "check_fits_memory", "AttnBlockNoSubnormal"]
 
@@ -304,7 +304,6 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         finally:
             torch.set_num_threads(threads)
         return out
-
 
     # -- decoding ------------------------------------------------------------------------
 
