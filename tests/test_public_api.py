@@ -15,12 +15,9 @@ FOLDERS = ("targets", "inputs", "tokenizers", "expand", "hub", "inspect", "train
 # Modules that other helpers of issue 17 own on their branches; the integrator removes these lines once
 # their docstrings and `__all__` have landed.
 OTHERS = {
-    "targets/render.py",   # tok
     "inputs/images.py",    # api
     "inputs/records.py",   # api
     "expand/worker.py",    # api
-    "tokenizers/__init__.py", "tokenizers/base.py", "tokenizers/catalog.py", "tokenizers/checkpoints.py",
-    "tokenizers/decoder.py", "tokenizers/hub.py", "tokenizers/presets.py", "tokenizers/taming.py",  # tok
 }
 # mem's modules: their docstrings are checked here, their `__all__` comes with the merge.
 NO_ALL_YET = {"expand/executor.py", "expand/shardpool.py", "expand/estimate.py"}
