@@ -14,6 +14,9 @@ import orjson
 
 from cogalign.errors import CogalignError, OptionError
 
+__all__ = ["ExpandOptions", "parse_resolution", "parse_list", "TARGET_KINDS", "RESIZE_MODES", "RESAMPLE_FILTERS",
+           "VQ_SCOPES", "OUTPUT_FORMATS", "VQ_PRECISIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_SEED"]
+
 TARGET_KINDS = ("vq", "px")
 RESIZE_MODES = ("stretch", "pad", "crop")
 RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming")
@@ -129,9 +132,11 @@ class ExpandOptions:
             raise OptionError(f"--precision {self.vq_precision!r}: choose from {', '.join(VQ_PRECISIONS)}")
 
     def replace(self, **changes) -> "ExpandOptions":
+        """A copy with `changes` applied, normalised and checked again."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """Every field as JSON-ready values (tuples as lists), as the manifest and report record them."""
         d = dataclasses.asdict(self)
         for k, v in d.items():
             if isinstance(v, tuple):

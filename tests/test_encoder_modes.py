@@ -75,7 +75,7 @@ def test_fp16_is_refused_on_the_cpu_and_bad_names_are_refused():
     assert tok.precision == "fp32"  # unchanged
     with pytest.raises(TokenizerError, match="choose from fp32, bf16, fp16"):
         tok.set_encoder_mode(precision="int8")
-    with pytest.raises(OptionError, match="--precision 'half': choose from fp32, bf16, fp16"):
+    with pytest.raises(OptionError, match="vq_precision='half': choose from fp32, bf16, fp16"):
         ExpandOptions(vq_precision="half")
 
 

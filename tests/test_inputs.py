@@ -377,6 +377,9 @@ def test_system_turns_and_openai_image_url_parts(tmp_path):
                                                                  {"type": "text", "text": "Coins?"}]}, answer]},
         {"id": "remote", "messages": [{"role": "user", "content": ask("https://example.com/coins.png")}, answer]},
         {"id": "data", "messages": [{"role": "user", "content": ask("data:image/png;base64,iVBORw0KGgo=")}, answer]},
+        # named twice: `images` and the part agree -> kept; they differ -> which one is meant?
+        {"id": "same", "images": ["images/coins.png"], "messages": [{"role": "user", "content": ask("images/coins.png")}, answer]},
+        {"id": "twice", "images": ["images/other.png"], "messages": [{"role": "user", "content": ask("images/coins.png")}, answer]},
     ]
     assert to_llava(records[0])[0]["system"] == "Old.\nBe brief.\nBe kind."
     src.write_text(json.dumps(records))
@@ -385,7 +388,9 @@ def test_system_turns_and_openai_image_url_parts(tmp_path):
     got = {r["id"]: r for r in outputs(out)}
     assert got["sys"]["image"] == "images/coins.png" and got["sys"]["conversations"][0]["value"] == "<image>\nCoins?"
     assert got["file"]["image"] == str(coins) and got["plain"]["image"] == "images/coins.png"
-    assert all(len(got[k]["conversations"]) == 6 for k in ("sys", "file", "plain"))
+    assert all(len(got[k]["conversations"]) == 6 for k in ("sys", "file", "plain", "same"))
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["index"], r["reason"]) for r in rejects] == [(3, "image_remote_url"), (4, "image_remote_url")]
+    assert [(r["index"], r["reason"]) for r in rejects] == [(3, "image_remote_url"), (4, "image_remote_url"),
+                                                            (6, "image_conflict")]
+    assert "images/other.png" in rejects[2]["detail"] and "keep one" in rejects[2]["detail"]
     assert "does not fetch" in rejects[0]["detail"]

@@ -390,7 +390,8 @@ def test_every_reject_reason(record, reason, detail):
 
 
 def test_all_reasons_covered_by_table():
-    assert {reason for _, reason, _ in REJECT_CASES} | {"invalid_json"} == set(REJECT_REASONS)
+    # invalid_json: the reader; image_conflict: the chat-turn conversion (turns.to_llava), before the check
+    assert {reason for _, reason, _ in REJECT_CASES} | {"invalid_json", "image_conflict"} == set(REJECT_REASONS)
 
 
 @pytest.mark.parametrize("record, check", [

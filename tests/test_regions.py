@@ -34,19 +34,19 @@ def test_boxes_non_square_and_odd_sizes():
 
 
 @pytest.mark.parametrize("name, height, width, align, fix", [
-    ("upper-left", 8, 64, 8, "--resolution 16x64"),      # one row of cells: no upper/lower split
-    ("lower-right", 8, 8, 8, "--resolution 16"),
-    ("lower-right", 1, 1, 1, "--resolution 2"),
-    ("left", 64, 8, 8, "--resolution 64x16"),
-    ("upper", 1, 64, 1, "--resolution 2x64"),
-    ("center", 16, 16, 8, "--resolution 24"),            # 2 cells: margins would leave nothing
-    ("center", 64, 16, 16, "--resolution 64x48"),
+    ("upper-left", 8, 64, 8, "resolution=16x64"),      # one row of cells: no upper/lower split
+    ("lower-right", 8, 8, 8, "resolution=16"),
+    ("lower-right", 1, 1, 1, "resolution=2"),
+    ("left", 64, 8, 8, "resolution=64x16"),
+    ("upper", 1, 64, 1, "resolution=2x64"),
+    ("center", 16, 16, 8, "resolution=24"),            # 2 cells: margins would leave nothing
+    ("center", 64, 16, 16, "resolution=64x48"),
 ])
 def test_regions_that_cannot_be_cut_are_refused(name, height, width, align, fix):
     """Spec §2: a region too small for the grid is refused, never labelled as something it is not."""
     with pytest.raises(OptionError, match=f"{name} cannot be cut.*use {fix} or larger"):
         region_box(name, height, width, align)
-    with pytest.raises(OptionError, match=f"drop {name} from --regions"):
+    with pytest.raises(OptionError, match=f"drop {name} from regions"):
         check_regions([name, "full"], (height, width), align)
     with pytest.raises(OptionError, match="cannot be cut"):
         sample_region(np.random.default_rng(0), [name], height, width, align)
@@ -56,11 +56,11 @@ def test_regions_that_cannot_be_cut_are_refused(name, height, width, align, fix)
 def test_check_regions_suggests_a_resolution_that_works():
     with pytest.raises(OptionError) as err:
         check_regions(REGION_NAMES, (16, 8), 8, "vq-resolution")
-    fix = str(err.value).split("use --vq-resolution ")[1].split()[0]
+    fix = str(err.value).split("use vq_resolution=")[1].split()[0]
     assert fix == "24"
     h, w = parse_resolution(fix)
     check_regions(REGION_NAMES, (h, w), 8, "vq-resolution")
-    with pytest.raises(OptionError, match="--vq-resolution 12x20 is not a multiple.*16x24"):
+    with pytest.raises(OptionError, match="vq_resolution=12x20 is not a multiple.*16x24"):
         check_regions(["full"], (12, 20), 8, "vq-resolution")
 
 

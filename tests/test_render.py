@@ -34,19 +34,30 @@ def test_px_non_contiguous_crops():
         assert px_list_text(crop) == reference(crop)
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.int8])
-def test_px_other_integer_dtypes(dtype):
-    info = np.iinfo(dtype)
-    top = min(info.max, 255)
-    pixels = np.array([[0, 5, top], [max(info.min, -7), 42, min(info.max, 300)]], dtype=dtype)
-    assert px_list_text(pixels) == reference(pixels)
-    assert px_list_text(pixels[:1]) == f"[[0, 5, {top}]]"
+@pytest.mark.parametrize("dtype", [np.uint16, np.int8, np.int64, np.float32])
+def test_px_refuses_what_parse_px_cannot_read_back(dtype):
+    """issue 17 #9: px_text wrote uint16 300 and int8 -1, which parse_px refuses. Only uint8 is
+    written now; the one-line error names the dtype and the conversion."""
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    bad = np.array([[0, 5, 7], [min(info.max, 300), 42, max(info.min, -1)]], dtype=dtype)
+    for fn in (px_text, px_list_text):
+        with pytest.raises(ValueError) as ei:
+            fn(bad)
+        msg = str(ei.value)
+        assert f"got {np.dtype(dtype)}" in msg and "uint8" in msg and "rescale" in msg and "\n" not in msg
+    fine = np.array([[0, 5, min(info.max, 255)], [10, 42, 9]], dtype=dtype)  # in range, still refused: the dtype is the contract
+    with pytest.raises(ValueError, match="values are in 0..255: convert with x"):
+        px_text(fine)
+    fix = str(pytest.raises(ValueError, px_text, fine).value).rsplit("convert with ", 1)[1]
+    converted = eval(fix, {"np": np, "x": fine})  # the suggested conversion works as written
+    assert converted.dtype == np.uint8
+    np.testing.assert_array_equal(parse_px(px_text(converted)), fine.reshape(-1, 3).astype(np.int64))
 
 
 def test_px_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         px_list_text(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(ValueError, match="uint8"):
         px_list_text(np.zeros((2, 3), np.float32))
 
 

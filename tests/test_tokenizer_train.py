@@ -94,6 +94,8 @@ def test_cli_info_and_eval(trained):
     assert f"content_hash: {tok.content_hash}" in r.output
     assert "codebook_size: 64" in r.output and "downsample: 8" in r.output
     assert f"parameters_encoder: {tok.parameter_count()}" in r.output
+    started = next(line for line in trained[2] if line.startswith("vq train: preset"))
+    assert f"trainable parameters + {64 * tok.embed_dim:,} codebook values (EMA)" in started  # a buffer: vq info counts it
     r = runner.invoke(vq_app, ["info", str(out), "--json"])
     assert json.loads(r.stdout)["name"] == "tiny"
     r = runner.invoke(vq_app, ["eval", str(out), *map(str, TRAIN_IMAGES), "--resolution", "64", "--usage-resolution", "64"])

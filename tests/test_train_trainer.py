@@ -292,6 +292,17 @@ def test_trainer_arg_values_take_the_fields_type(tmp_path):
         parse_trainer_args(None, config)
 
 
+def test_trainer_arg_seed_is_refused_for_the_seed_option():
+    """`--trainer-arg seed=5` moved the Trainer's seed (and the data order) while the held-out split,
+    the tiny model and cogalign_run.json kept `--seed`: one run, two seeds."""
+    from cogalign.errors import CogalignError
+    from cogalign.train.args import parse_trainer_args
+
+    with pytest.raises(CogalignError, match=r"--trainer-arg seed: set by cogalign train; use --seed"):
+        parse_trainer_args(["seed=5"], None)
+    assert parse_trainer_args(["data_seed=5"], None) == {"data_seed": 5}
+
+
 def test_trainer_arguments_arrive(tmp_path):
     from cogalign.train.args import build_training_args, checkpointing_field, parse_trainer_args, training_kwargs
     from cogalign.train.stages import make_plan

@@ -44,7 +44,7 @@ def publish(
         started = time.perf_counter()
         url = run_publish(plan)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     for note in plan.notes:
         say(note)
     say(f"uploaded {len(plan.files)} files ({plan.total_bytes:,} B) in {time.perf_counter() - started:.1f} s: {url}")
@@ -70,7 +70,7 @@ def export(
         result = run_export(out, to, dest, image_root, image_folder, rejects, progress=not no_progress,
                             overwrite=overwrite, keep_keys=not drop_keys)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     seconds = time.perf_counter() - started
     say(f"records: {result.written + result.rejected}  written: {result.written}  rejected: {result.rejected}")
     say(f"reject reasons: {top_reasons(dict(result.reasons), n=10)}")
@@ -96,7 +96,7 @@ def stats(
         tok = load_tokenizer(tokenizer) if tokenizer else None
         rep = report(measure(out, tok, progress=not no_progress), max_length, tok is not None)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     if as_json:
         typer.echo(orjson.dumps(rep, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -89,7 +89,7 @@ def show(
         check_not_run_file(dest, manifest, own, image_root or manifest.get("image_root"), SHOW_MARK)
         view = view_record(record, manifest, _decoder(out, manifest, vq, trust_pickle), image_root)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     save_png(compose(view, f"id {view.record_id} - {view.image}"), dest, mark=SHOW_MARK)
     for panel in view.panels:
         if panel.psnr_db is not None:
@@ -128,7 +128,7 @@ def gallery(
         with Progress(len(records), enabled=not no_progress, label="gallery") as bar:
             res = write_gallery(out, dest, n, decoder, image_root, records=records, on_record=lambda: bar.advance(True))
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     except OSError as e:
         fail(f"--out {dest}: cannot write ({e.strerror or e}); choose a folder you can write to")
     for _, why in res["skipped_records"][:3]:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from cogalign.cli.util import fail, say
+from cogalign.cli.util import error_text, fail, say
 from cogalign.errors import CogalignError
 from cogalign.options import DEFAULT_MAX_IMAGE_PIXELS, MAX_SEED, ExpandOptions
 
@@ -131,7 +131,7 @@ def expand(
             return
         result = run_expand(input, out, options, runtime, image_root)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     except OSError as e:  # --out cannot be made or written (a read-only or special file system, a full disk)
         if not e.filename or not Path(os.path.abspath(e.filename)).is_relative_to(Path(os.path.abspath(out))):
             raise
@@ -193,7 +193,7 @@ def validate(
         result = run_validate(input, options, image_root, _default_workers() if workers is None else workers,
                               rejects, progress=not no_progress)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     for line in report.summary_lines(result.counts, result.reasons, result.seconds, str(rejects or "-"),
                                      expanded_label="would expand", warnings=result.warnings):
         say(line)
@@ -209,7 +209,7 @@ def merge_report(out: Path = typer.Argument(..., help="Output folder of a sliced
     try:
         rep = report.finalize(out)
     except (CogalignError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(e)
     say(f"records: {rep['input']}  expanded: {rep['expanded']}  passed: {rep['passed']}  rejected: {rep['rejected']}")
     say(f"top reject reasons: {report.top_reasons(rep['reject_reasons'])}")
     if rep["warnings"]:
@@ -229,7 +229,7 @@ def reset(out: Path = typer.Argument(..., help="A cogalign output folder.")) -> 
     try:
         n = run_reset(out)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     left = sorted(p.name for p in out.iterdir() if p.name != "cogalign.json") if out.is_dir() else []
     say(f"deleted {n} files cogalign wrote in {out}" + (f"; kept: {', '.join(left[:5])}" if left else ""))
 
@@ -341,6 +341,6 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         except CogalignError as e:
-            typer.echo(f"error: {_one_line(e)}", err=True)
+            typer.echo(f"error: {_one_line(error_text(e))}", err=True)
             sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)

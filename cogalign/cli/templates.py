@@ -43,7 +43,7 @@ def _sampler(templates: Optional[Path]) -> TemplateSampler:
     try:
         return TemplateSampler.from_path(templates)
     except CogalignError as exc:
-        fail(str(exc))
+        fail(exc)
 
 
 @templates_app.command("list")
@@ -103,7 +103,7 @@ def sample(
             prompt = sampler.prompt(kind.value, rng, chosen, (height, width), n if kind is Kind.vq else None)
             typer.echo(f"[{prompt.template_id}] {chosen.name} {chosen.box}: {prompt.text}")
     except ValueError as exc:
-        fail(str(exc))
+        fail(exc)
 
 
 def _parse_length(value: str) -> int:

@@ -163,7 +163,7 @@ def train_cmd(
         summary = train(cfg, net, processor)
         leave()
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     if int(os.environ.get("RANK", "0")) == 0:
         say(f"steps: {summary['steps']}  ranks: {summary['world_size']}  time: {summary['seconds']:.1f} s  "
             f"throughput: {summary['records_per_second']} records/s")
@@ -203,7 +203,7 @@ def generate_cmd(
         counts = run_generate(model, data, out, limit, image_root, max_new_tokens, not no_progress,
                               batch_size, max_length, overwrite, device)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     rate = counts["answers"] / counts["seconds"] if counts["seconds"] else 0.0
     say(f"records: {counts['records']}  answers: {counts['answers']} ({counts['unfinished']} cut at "
         f"--max-new-tokens {max_new_tokens})  skipped records (image unreadable): {counts['skipped']}")
@@ -250,7 +250,7 @@ def eval_cmd(
             raise CogalignError(f"{predictions}: no such file (write it with `cogalign generate`)")
         result = score(data, predictions, allow_duplicates)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     if as_json:
         typer.echo(json.dumps(result))
     else:

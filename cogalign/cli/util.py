@@ -7,12 +7,20 @@ from typing import NoReturn
 import typer
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+def error_text(error: BaseException | str) -> str:
+    """What the CLI prints for an error: an `OptionError` with the command-line flags
+    (`--px-resolution 1x1`) where `str()` names the Python parameters (`px_resolution=1x1`)."""
+    return getattr(error, "cli_message", None) or str(error)
+
+
+def fail(message: BaseException | str, code: int = 2) -> NoReturn:
+    """Print `error: MESSAGE` (an exception: in the CLI's wording) on stderr and exit with `code`."""
+    typer.echo(f"error: {error_text(message)}", err=True)
     raise typer.Exit(code)
 
 
 def say(line: str) -> None:
+    """A status line on stderr (stdout stays for the command's data)."""
     typer.echo(line, err=True)
 
 

@@ -96,7 +96,7 @@ def train(
             metrics["eval"] = ev
             write_metrics(out, metrics)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     from cogalign.expand.distributed import leave
 
     leave()  # after rank 0's eval
@@ -124,7 +124,7 @@ def info(
         shapes = decoder_shapes(tok.params)
         has_decoder = any(k in keys for k in shapes)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     d = tok.describe()
     d["parameters_encoder"] = int(tok.parameter_count())
     d["parameters_decoder"] = int(sum(math.prod(s) for s in shapes.values())) if has_decoder else None
@@ -184,7 +184,7 @@ def convert(
         check_state_dict(kept, model.state_dict(), ckpt, cfg_path)
         has_decoder = check_decoder(raw, params, ckpt, cfg_path)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     yaml_out = out.with_suffix(".yaml")
     if yaml_out.exists() and yaml_out.resolve() != cfg_path.resolve() \
             and yaml_out.read_bytes() != cfg_path.read_bytes() and not (force and ours):
@@ -253,7 +253,7 @@ def eval_(
                        image_root=image_root, name=name, max_images=max_images, progress=not no_progress,
                        lpips_vgg=lpips_vgg, allow_absolute=allow_absolute_paths)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return

@@ -24,7 +24,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead
         rows = [dict(name=k.name, codes=k.codes, f=k.f, embed_dim=k.embed_dim, kind=k.kind, source=k.source,
                      files=k.files, note=k.note, local=is_local(k)) for k in KNOWN]
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -53,7 +53,7 @@ def push(
     try:
         plan = run_push(folder, repo, private=private, dry_run=dry_run)
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     say(f"{'would upload' if dry_run else 'uploaded'} to {plan['repo_id']} ({'private' if private else 'public'}): "
         f"{', '.join(plan['files'])} ({plan['bytes']} bytes)")
     if plan["left_out"]:
@@ -103,7 +103,7 @@ def recon(
             fail(f"{e}; pass an image file PIL can read (PNG, JPEG, WebP, ...)")
         rec = dec.decode(tok.encode(x[None])[0])
     except CogalignError as e:
-        fail(str(e))
+        fail(e)
     save_png(Image.fromarray(np.concatenate([x, rec], axis=1) if side_by_side else rec), out)
     typer.echo(f"PSNR: {fmt_psnr(psnr_db(rec, x))} ({tok.name}, {h}x{w} (HxW), {(h // tok.downsample) * (w // tok.downsample)} indices)")
     say(f"wrote {out}")

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 
 from cogalign.errors import OptionError
 
+__all__ = ["WorkSlice", "from_env", "init_process_group", "barrier", "sum_over_ranks", "destroy", "leave",
+           "device_for"]
+
 
 @dataclass(frozen=True)
 class WorkSlice:
+    """This process's place in the job: torchrun rank and world size, and its `--num-shards/--shard-index` slice."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -25,13 +29,16 @@ class WorkSlice:
 
     @property
     def worker(self) -> int:
+        """This process's number among all ranks of all slices."""
         return self.slice_index * self.world_size + self.rank
 
     @property
     def total(self) -> int:
+        """Processes over all slices (slices × ranks): shard k goes to worker k mod total."""
         return self.num_slices * self.world_size
 
     def owns(self, shard: int) -> bool:
+        """True when shard `shard` is this process's to write."""
         return shard % self.total == self.worker
 
     def slice_owns(self, shard: int) -> bool:
@@ -40,10 +47,13 @@ class WorkSlice:
 
     @property
     def is_main(self) -> bool:
+        """True on the first rank of a launch (the one that reports)."""
         return self.rank == 0
 
 
 def from_env(num_slices: int = 1, slice_index: int = 0) -> WorkSlice:
+    """This process's `WorkSlice` from torchrun's RANK/WORLD_SIZE/LOCAL_RANK and the slice; a slice index out of
+    range raises `OptionError`."""
     if not 0 <= slice_index < num_slices:
         raise OptionError(f"--shard-index {slice_index} must be in 0..{num_slices - 1} (--num-shards {num_slices})")
     return WorkSlice(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -76,6 +86,7 @@ def _group():
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op outside torchrun)."""
     if (dist := _group()) is not None:
         dist.barrier()
 
@@ -92,6 +103,7 @@ def sum_over_ranks(counters: list) -> list:
 
 
 def destroy() -> None:
+    """Shut the process group down, if one was started."""
     if (dist := _group()) is not None:
         dist.destroy_process_group()
 

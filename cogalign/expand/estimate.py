@@ -46,6 +46,7 @@ def target_chars(options, tokenizer=None) -> dict[str, int]:
 
 
 def record_bytes(options, tokenizer=None) -> int:
+    """Estimated bytes one image record adds to the output: its target text plus the turns' overhead."""
     return sum(target_chars(options, tokenizer).values()) + TURN_OVERHEAD * len(options.targets) + 1000
 
 
@@ -62,7 +63,7 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
     """Mean bytes of image files per record, over the first records (up to `scan`) until `samples`
     records with images were seen; records without images count as 0. Unreadable images count as 0
     (the run rejects them). The same input gives the same figure, so a resume gets the same shard size."""
-    from cogalign.errors import CogalignError
+    from cogalign.errors import CogalignError, RecordError
     from cogalign.inputs.images import resolve_image_path
     from cogalign.inputs import image_root as resolve_image_root
     from cogalign.inputs.embedded import EmbeddedImage
@@ -75,7 +76,10 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
         if records >= scan or with_images >= samples:
             break
         records += 1
-        record = to_llava(record)[0] if isinstance(record, dict) else None
+        try:
+            record = to_llava(record)[0] if isinstance(record, dict) else None
+        except RecordError:
+            record = None
         image = record.get("image") if isinstance(record, dict) else None
         items = image if isinstance(image, list) else [image] if image is not None else []
         with_images += bool(items)
@@ -92,7 +96,7 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
 
 def _records(pairs):
     """The (position, record) pairs until the input turns out unreadable (the run reports that itself)."""
-    from cogalign.errors import CogalignError
+    from cogalign.errors import CogalignError, RecordError
 
     try:
         yield from pairs
@@ -163,6 +167,7 @@ def parse_size(text: str) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """`n` bytes in decimal units (`1.8 MB`)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -21,7 +21,7 @@ import orjson
 
 from cogalign.expand import distributed, estimate, report, validate
 from cogalign.expand import layout as layout_mod
-from cogalign.errors import CogalignError
+from cogalign.errors import CogalignError, OptionError
 from cogalign.expand.identity import input_identity
 from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.expand.layout import Layout
@@ -54,6 +54,8 @@ class Runtime:
 
 @dataclass
 class RunResult:
+    """What `expand()` did in this process: record counts, reject and warning reasons, time, shards skipped on
+    resume, and the merged report once the run is finalized."""
     out_dir: Path
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
@@ -80,7 +82,7 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         tokenizer.set_encoder_mode(options.vq_precision, options.vq_channels_last, options.vq_compile)
         (h, w), f = options.vq_resolution, tokenizer.downsample
         if h % f or w % f:
-            raise CogalignError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
+            raise OptionError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
                                 f"downsampling factor {f}; pick e.g. {h - h % f or f}")
         check_regions(options.regions, options.vq_resolution, f, "vq-resolution")
         if getattr(tokenizer, "params", None):  # a taming model: refuse a size beyond memory before allocating
@@ -93,6 +95,8 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
 
 def expand(input_path: str | Path, out_dir: str | Path, options: ExpandOptions,
            runtime: Runtime | None = None, image_root: str | Path | None = None) -> RunResult:
+    """Expand every record of `input_path` into `out_dir` (resuming a matching run there) and return the counts;
+    the output bytes depend only on the input and `options`, never on `runtime`."""
     refuse_while_spawning()  # a worker re-running an unguarded script stops here, before touching out_dir
     runtime = runtime or Runtime()
     input_path, out_dir = resolve_input(input_path), Path(out_dir)  # a parquet folder, hf://datasets/...: one split
@@ -166,7 +170,7 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
     where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     free = shutil.disk_usage(where).free
     if need > free and not runtime.ignore_disk_space:
-        raise CogalignError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
+        raise OptionError(f"--out {out_dir}: the output needs about {estimate.human_bytes(need)} but only "
                             f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
                             "or --targets vq, free some space, or pass --ignore-disk-space")
     return (f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from cogalign.inputs import DatasetInput, input_files
 
+__all__ = ["input_identity"]
+
 
 def input_identity(path, sha256: str) -> dict:
     """What pins an input: size and mtime of its files, and a hash of the bytes as they were read.

@@ -26,6 +26,9 @@ import orjson
 from cogalign.errors import CogalignError
 from cogalign.expand.writer import shard_name, write_atomic
 
+__all__ = ["Layout", "read_manifest", "owned_files", "owned_paths", "merged_name", "differences", "prepare", "check",
+           "reset", "card_is_ours", "write_card", "MANIFEST", "CARD", "CARD_COPY", "RUN_KEYS"]
+
 MANIFEST = "cogalign.json"
 CARD = "README.md"
 CARD_COPY = "stats/card.md"  # the card as last written: README.md is ours while it equals this
@@ -34,31 +37,39 @@ _MANIFEST_TMP = ".cogalign.json."  # prefix of a manifest being created
 
 @dataclass(frozen=True)
 class Layout:
+    """Paths of one output folder: shards in data/, their `.partial/` files, and the per-shard stats markers."""
     root: Path
     num_shards: int
     fmt: str = "parquet"
 
     @property
     def data_dir(self) -> Path:
+        """The folder of the published shards (`data/`)."""
         return self.root / "data"
 
     @property
     def stats_dir(self) -> Path:
+        """The folder of the per-shard stats markers (`stats/`)."""
         return self.root / "stats"
 
     def shard_path(self, i: int) -> Path:
+        """Published path of shard `i`."""
         return self.data_dir / shard_name(i, self.num_shards, self.fmt)
 
     def partial_path(self, i: int) -> Path:
+        """Path of shard `i` while a worker writes it (under `.partial/`)."""
         return self.root / ".partial" / shard_name(i, self.num_shards, self.fmt)
 
     def stats_path(self, i: int) -> Path:
+        """Completion marker of shard `i`: its counts, written after the shard is published."""
         return self.stats_dir / f"shard-{i:05d}.json"
 
     def rejects_path(self, i: int) -> Path:
+        """The rejected records of shard `i` (JSON lines)."""
         return self.stats_dir / f"shard-{i:05d}.rejects.jsonl"
 
     def ids_path(self, i: int) -> Path:
+        """The record ids of shard `i`."""
         return self.stats_dir / f"shard-{i:05d}.ids.json"
 
     def shard_files(self, i: int) -> list[Path]:
@@ -66,9 +77,11 @@ class Layout:
         return [self.stats_path(i), self.shard_path(i), self.partial_path(i), self.rejects_path(i), self.ids_path(i)]
 
     def is_complete(self, i: int) -> bool:
+        """True when shard `i` is published and has its stats marker (a resume skips it)."""
         return self.stats_path(i).exists() and self.shard_path(i).exists()
 
     def make_dirs(self) -> None:
+        """Create `data/` and `stats/`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.stats_dir.mkdir(parents=True, exist_ok=True)
 

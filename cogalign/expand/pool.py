@@ -24,11 +24,15 @@ from typing import Iterable, Iterator
 from cogalign.errors import CogalignError
 from cogalign.expand.worker import REJECT, Prepared, WorkerContext, prepare
 
+__all__ = ["PreparePool", "refuse_while_spawning", "unguarded_main_message", "MAX_CONSECUTIVE_CRASHES",
+           "UNGUARDED_EXIT"]
+
 MAX_CONSECUTIVE_CRASHES = 3  # records in a row that kill workers: the workers themselves are broken
 UNGUARDED_EXIT = 87  # exit code of a spawned worker that found itself re-running the user's script
 
 
 def unguarded_main_message() -> str:
+    """The one-line error for a script that starts workers without an `if __name__ == "__main__":` guard."""
     main = sys.modules.get("__main__")
     script = getattr(main, "__file__", None) or "your script"
     return (f"worker processes cannot start: {script} runs cogalign when it is imported, and every worker "
@@ -84,6 +88,9 @@ def _prepare_chunk(chunk: list[tuple[int, object]]) -> list[Prepared]:
 
 
 class PreparePool:
+    """`prepare` on `workers` processes (0: in this one), results in input order, a bounded window in flight; a
+    record that kills a worker on its own is rejected `worker_crashed`."""
+
     def __init__(self, ctx: WorkerContext, workers: int, chunk_size: int = 4, window: int | None = None):
         self.ctx, self.workers, self.chunk_size = ctx, workers, chunk_size
         self.window = window or max(2, workers * 3)
@@ -106,11 +113,13 @@ class PreparePool:
                                              initializer=_init_worker, initargs=(self.ctx,))
 
     def close(self, cancel: bool = False) -> None:
+        """Shut the worker processes down (`cancel`: drop what is queued)."""
         if self._executor is not None:
             self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
             self._executor = None
 
     def map(self, items: Iterable[tuple[int, object]]) -> Iterator[Prepared]:
+        """`Prepared` results for `(index, record)` items, in input order."""
         if self.workers == 0:
             for index, record in items:
                 yield prepare(index, record, self.ctx)

@@ -9,10 +9,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+__all__ = ["Progress", "LOG_EVERY_S"]
+
 LOG_EVERY_S = 30.0
 
 
 class Progress:
+    """Progress of a run: a rich bar on a terminal (records/s, images/s, ETA), else a log line every
+    `LOG_EVERY_S` seconds; a context manager."""
+
     def __init__(self, total: int, enabled: bool = True, label: str = "records"):
         self.total, self.enabled, self.label = total, enabled and total > 0, label
         self.done = self.images = self._shown = 0
@@ -31,10 +36,12 @@ class Progress:
         return self
 
     def rates(self) -> str:
+        """Records and images per second so far."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         return f"{self.done / elapsed:.1f} rec/s {self.images / elapsed:.1f} img/s"
 
     def advance(self, expanded: bool = False) -> None:
+        """Count one record (`expanded`: it got new turns, so an image)."""
         self.add(1, int(expanded))
 
     def add(self, done: int, expanded: int = 0) -> None:

@@ -16,6 +16,9 @@ import orjson
 from cogalign.expand.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
 from cogalign.expand.writer import temp_name, write_atomic
 
+__all__ = ["finalize", "summary_lines", "report_counts", "top_reasons", "dataset_card", "card_note", "dangling_note",
+           "shareable_options", "source_dataset", "source_label", "arrow_bytes", "COUNTS"]
+
 COUNTS = ("input", "expanded", "passed", "rejected")
 
 
@@ -295,6 +298,7 @@ Made with cogalign {manifest['cogalign_version']} from {source_label(manifest)}
 
 
 def top_reasons(counter: dict, n: int = 5) -> str:
+    """The `n` most frequent reasons as `name (count), ...`, or `none`."""
     items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
     return ", ".join(f"{k} ({v})" for k, v in items) or "none"
 

@@ -49,6 +49,7 @@ class Ring:
         self.live: deque = deque()  # [ticket, offset, nbytes, freed]
 
     def alloc(self, ticket: int, n: int) -> int | None:
+        """Offset of `n` free bytes for `ticket`, or None until older tickets are freed."""
         if not self.live:
             self.head = 0
         tail = self.live[0][1] if self.live else 0
@@ -68,6 +69,7 @@ class Ring:
         return offset
 
     def free(self, ticket: int) -> None:
+        """Release `ticket`'s bytes (space is reclaimed in submit order)."""
         for entry in self.live:
             if entry[0] == ticket:
                 entry[3] = True
@@ -87,6 +89,7 @@ class ShmEncoder:
         self.next = 0
 
     def submit(self, inputs: list[np.ndarray]) -> int:
+        """Copy a record's crops into the arena and queue them for the encoder; returns the ticket for `result`."""
         ticket, self.next = self.next, self.next + 1
         sizes = [_align(max(a.nbytes, a.shape[0] * a.shape[1] * GRID_DTYPE.itemsize)) for a in inputs]
         while (base := self.ring.alloc(ticket, sum(sizes))) is None:
@@ -117,11 +120,13 @@ class ShmEncoder:
         return True
 
     def ready(self, ticket: int) -> bool:
+        """True when `ticket`'s indices are back (never blocks)."""
         while ticket not in self.back and ticket not in self.fetched and self._take(block=False):
             pass
         return ticket in self.back or ticket in self.fetched
 
     def result(self, ticket: int) -> list[np.ndarray]:
+        """The index grids of `ticket`, waiting for them (and asking the encoder to flush) if needed."""
         if ticket in self.fetched:
             return self.fetched.pop(ticket)
         if not self.ready(ticket):
@@ -164,6 +169,8 @@ def _receive(conn, inbox: queue.Queue) -> None:
 
 
 def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> None:
+    """A shard worker's process: runs each shard it is sent with `worker.ShardRun`, crops and indices through the
+    shared-memory arena `arena_name`."""
     from cogalign.expand.worker import ShardRun
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
@@ -219,6 +226,7 @@ def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> N
 
 @dataclass
 class Slot:
+    """One worker process: its pipes, its arena, its generation (restarts) and the shards it holds."""
     proc: object
     to_worker: object
     from_worker: object
@@ -229,6 +237,7 @@ class Slot:
 
 @dataclass
 class ShardInput:
+    """The pickled records of one shard, kept until the shard is published so a dead worker's shard can be redone."""
     slot: int
     records: list = field(default_factory=list)  # (index, pickled record): kept until published
     nbytes: int = 0
@@ -308,6 +317,8 @@ class ShardPool:
 
     # -- feeding
     def run(self, records, shard_size: int, todo: set[int]) -> None:
+        """Feed `records` (index, record) to the workers shard by shard (`index // shard_size`) and encode their
+        crops until every shard in `todo` is published."""
         current, chunk = None, []
         source = iter(records)
         exhausted = False

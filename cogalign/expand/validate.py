@@ -20,9 +20,13 @@ from cogalign.targets.render import VQ_START
 from cogalign.expand.worker import EXPAND, WorkerContext, finish, prepare
 from cogalign.expand.writer import dumps
 
+__all__ = ["Validation", "validate", "dry_run", "startup_estimate", "sample_turns", "load_llm_tokenizer",
+           "open_output"]
+
 
 @dataclass
 class Validation:
+    """Counts of a `validate` run: outcomes, reject, pass and warning reasons, seconds."""
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     pass_reasons: Counter = field(default_factory=Counter)
@@ -31,6 +35,7 @@ class Validation:
 
     @property
     def ok(self) -> bool:
+        """True when no record was rejected."""
         return self.counts["reject"] == 0
 
 

@@ -19,6 +19,11 @@ import pyarrow.parquet as pq
 
 from cogalign.inputs.records import loads_exact
 
+__all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "dumps", "to_row", "from_row",
+           "record_of_row", "embed", "rows_to_table", "shard_name", "partial_path", "temp_name", "write_atomic",
+           "SCHEMA", "EMBEDDED_SCHEMA", "TURN_TYPE", "IMAGE_TYPE", "TYPED_KEYS", "IMAGE_BYTES", "ARROW_BYTES_KEY",
+           "ROW_GROUP_BYTES"]
+
 ARROW_BYTES_KEY = "cogalign.arrow_bytes"  # parquet footer key: the shard's records in Arrow, in bytes
 ROW_GROUP_BYTES = 8 * 1024 * 1024  # the Hub asks for ~100 MB or less; a writer needs ~10x this while it flushes one
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
@@ -54,6 +59,7 @@ def dumps(obj) -> bytes:
 
 
 def shard_name(index: int, count: int, fmt: str, split: str = "train") -> str:
+    """The Hub's shard file name, `train-00003-of-00010.parquet` (`.jsonl` for JSON lines)."""
     ext = "parquet" if fmt == "parquet" else "jsonl"
     return f"{split}-{index:05d}-of-{count:05d}.{ext}"
 
@@ -212,6 +218,7 @@ class ParquetShardWriter:
         self.arrow_bytes = 0  # the records' Arrow size, what `datasets` counts as num_bytes
 
     def write(self, record: dict, image_bytes: bytes | list[bytes] | None = None) -> None:
+        """Add one record (and its image file's bytes with `embed_images`)."""
         row = embed(to_row(record), record, image_bytes)
         size = sum(len(t["value"]) for t in row["conversations"] or ()) + len(row["extra"] or "") + \
             len(row.get("image_bytes") or b"") + sum(len(b) for _, b in row.get("images") or ())
@@ -236,9 +243,11 @@ class ParquetShardWriter:
         return self.tmp
 
     def close(self) -> int:
+        """Finish and publish the shard (rename into place); returns its size in bytes."""
         return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
+        """Close and delete the unfinished file."""
         try:
             self._writer.close()
         finally:
@@ -246,30 +255,37 @@ class ParquetShardWriter:
 
 
 class JsonlShardWriter:
+    """A JSON-lines shard, one record a line (exact big integers), written under `.partial/`."""
+
     def __init__(self, path: Path):
         self.path, self.tmp = Path(path), partial_path(path)
         self._file = open(self.tmp, "wb")
         self.records = 0
 
     def write(self, record: dict, image_bytes: bytes | None = None) -> None:
+        """Add one record (`image_bytes` is ignored: JSON lines keep paths)."""
         self._file.write(dumps(record) + b"\n")
         self.records += 1
 
     def close_partial(self) -> Path:
+        """Finish the file under `.partial/` (fsync) and return its path."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         return self.tmp
 
     def close(self) -> int:
+        """Finish and publish the shard (rename into place); returns its size in bytes."""
         return _publish(self.close_partial(), self.path)
 
     def abort(self) -> None:
+        """Close and delete the unfinished file."""
         self._file.close()
         self.tmp.unlink(missing_ok=True)
 
 
 def open_shard(path: Path, fmt: str, embed_images: bool = False):
+    """A writer for shard `path` in `fmt` (`parquet` or JSON lines)."""
     return ParquetShardWriter(path, embed_images=embed_images) if fmt == "parquet" else JsonlShardWriter(path)
 
 
@@ -287,6 +303,7 @@ def temp_name(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: readers never see half a file."""
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:

@@ -29,6 +29,10 @@ from cogalign.inputs.records import loads_exact as loads
 from cogalign.expand.writer import dumps, temp_name, write_atomic
 from cogalign.expand.progress import Progress
 
+__all__ = ["export", "ExportResult", "convert", "check_record", "check_dest", "ImagePaths", "ImageFiles", "is_array",
+           "is_run_input", "default_image_root", "read_dataset_info", "check_entry", "register_sharegpt", "FORMATS",
+           "RULES", "ROLES", "SHAREGPT_TAGS", "EXTENSIONS", "IMAGE", "MARKER"]
+
 FORMATS = ("llava-json", "llava-jsonl", "sharegpt", "messages")
 IMAGE = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -58,6 +62,8 @@ MARKER = "cogalign_export"
 
 @dataclass
 class ExportResult:
+    """What `export` wrote: the output file and its rejects file, records written and rejected (by reason),
+    `dataset_info.json`, image files written, whether a system prompt is in it."""
     path: Path
     rejects_path: Path
     written: int = 0
@@ -183,6 +189,7 @@ class _Writer:
 
 
 def is_array(dest: Path) -> bool:
+    """True when `dest` is one JSON array (`.json`); else it is JSON lines."""
     return dest.suffix.lower() == ".json"
 
 
@@ -284,6 +291,8 @@ class ImageFiles:
         self.written = 0
 
     def write(self, index: int, k: int, name: str, data: bytes) -> str:
+        """Write image `k` of record `index` (embedded bytes) into the marked folder; returns its path relative
+        to the export's folder."""
         if self.existed and not (self.folder / self.MARK).is_file():
             raise CogalignError(f"{self.folder}: exists and was not made by cogalign export, which would write the "
                                 "output's embedded images there; remove or rename that folder, or name --out otherwise")

@@ -15,6 +15,9 @@ from cogalign.expand.layout import Layout, read_manifest
 from cogalign.inputs.records import loads_exact as loads
 from cogalign.expand.writer import from_row, read_shard
 
+__all__ = ["check_complete", "iter_output", "iter_layout", "count_records", "image_path", "images_of",
+           "inserted_turns"]
+
 
 def check_complete(out: str | Path) -> Layout:
     """The folder's layout, or CogalignError naming what is missing and the command that completes it."""
@@ -75,6 +78,7 @@ def _image_bytes(row: dict) -> list | None:
 
 
 def count_records(out: str | Path) -> int:
+    """Records in a finished output folder (expanded + passed, from report.json)."""
     report = loads((Path(out) / "report.json").read_bytes())
     return report["expanded"] + report["passed"]
 

@@ -20,6 +20,8 @@ from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete
 from cogalign.expand.layout import CARD, card_is_ours, write_card
 
+__all__ = ["PublishPlan", "plan_publish", "publish", "resumable", "STALE"]
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _NEVER = (".partial", ".git", ".cache")  # never uploaded, even with include_all
 STALE = "data/*"  # remote files here that this upload does not write are deleted
@@ -27,6 +29,8 @@ STALE = "data/*"  # remote files here that this upload does not write are delete
 
 @dataclass(frozen=True)
 class PublishPlan:
+    """What `publish` will upload: the files with their sizes, the repo, revision and endpoint, the card, and
+    notes to print."""
     folder: Path
     repo_id: str
     revision: str | None
@@ -39,13 +43,16 @@ class PublishPlan:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of all files to upload."""
         return sum(size for _, size in self.files)
 
     @property
     def url(self) -> str:
+        """The dataset's page on the Hub."""
         return f"{self.endpoint.rstrip('/')}/datasets/{self.repo_id}"
 
     def lines(self) -> list[str]:
+        """The plan as printed: target, each file and its size, totals, what is deleted remotely."""
         width = max(len(path) for path, _ in self.files)
         head = [f"target: {self.url} (dataset, {'private' if self.private else 'public'}, "
                 f"revision {self.revision or 'main'})"]

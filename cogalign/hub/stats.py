@@ -18,6 +18,8 @@ from cogalign.errors import CogalignError
 from cogalign.hub.output import check_complete, count_records, inserted_turns, iter_layout
 from cogalign.expand.progress import Progress
 
+__all__ = ["TurnStats", "measure", "report", "table", "load_tokenizer", "KINDS", "BATCH_CHARS"]
+
 KINDS = {"original": "original turns", "vq_answer": "VQ answers", "px_answer": "RGB answers",
          "vq_question": "VQ questions", "px_question": "RGB questions"}
 BATCH_CHARS = 4 << 20  # tokenize in batches of about this many characters
@@ -48,6 +50,8 @@ def load_tokenizer(spec: str):
 
 @dataclass
 class TurnStats:
+    """Characters and tokens of each turn kind (original, VQ answers, RGB answers, ...) and each record's total
+    tokens."""
     chars: dict[str, array] = field(default_factory=lambda: {k: array("q") for k in KINDS})
     tokens: dict[str, array] = field(default_factory=lambda: {k: array("q") for k in KINDS})
     records: int = 0

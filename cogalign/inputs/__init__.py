@@ -26,7 +26,7 @@ from cogalign.inputs import arrow, hub, mixture
 from cogalign.inputs.splits import DatasetInput, local_folder
 
 __all__ = ["input_kind", "iter_input", "count_input", "input_files", "hash_input", "default_image_root",
-           "resolve_input", "reopen_input", "DatasetInput"]
+           "resolve_input", "reopen_input", "image_root", "DatasetInput"]
 
 
 def resolve_input(spec, config: str | None = None, split: str | None = None):

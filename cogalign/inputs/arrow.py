@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 from cogalign.errors import InputError, RecordError
 from cogalign.inputs.embedded import EmbeddedImage
 
+__all__ = ["iter_arrow", "count_file", "count_arrow", "disk_files", "BATCH_ROWS"]
+
 BATCH_ROWS = 64  # rows turned into Python objects at once (images make rows large)
 
 
@@ -133,6 +135,8 @@ def _unwritable(row: dict) -> RecordError | None:
 
 
 def iter_arrow(files: list[Path], kind: str, skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict]]:
+    """(position, record) for every record of the parquet or save_to_disk `files`, in order; files whose records
+    `skip` all drops are never opened."""
     batches = _batches_parquet if kind == "parquet" else _batches_disk
     if skip is None:
         def wanted(start, n):
@@ -163,6 +167,7 @@ def _local(file) -> Path:
 
 
 def count_file(file, kind: str) -> int:
+    """Rows of one parquet or Arrow stream file (a Hub file from its footer, without downloading it)."""
     if hasattr(file, "num_rows"):  # a Hub file: from its footer, without downloading it
         return file.num_rows
     if kind == "parquet":
@@ -177,4 +182,5 @@ def count_file(file, kind: str) -> int:
 
 
 def count_arrow(files: list[Path], kind: str) -> int:
+    """Rows of all `files` together."""
     return sum(count_file(f, kind) for f in files)

@@ -1,6 +1,8 @@
 """An `image` value that carries its own bytes (Hub parquet inputs, `save_to_disk` folders)."""
 from __future__ import annotations
 
+__all__ = ["EmbeddedImage"]
+
 
 class EmbeddedImage(str):
     """A str (the image's path or name, what the output record keeps in `image`) that also

@@ -23,12 +23,16 @@ from urllib.parse import unquote
 
 from cogalign.errors import InputError
 
+__all__ = ["DatasetSpec", "HubFile", "is_hub_input", "parse", "resolve", "repo_folder", "PREFIX"]
+
 PREFIX = "hf://datasets/"
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A parsed `hf://datasets/OWNER/NAME[@REV][/PATH]`: repo id, revision (None: the default branch), path in
+    the repo."""
     repo_id: str
     revision: str | None = None
     path: str = ""
@@ -40,6 +44,7 @@ class DatasetSpec:
 
 
 def is_hub_input(spec) -> bool:
+    """True for an `hf://` spec string."""
     return isinstance(spec, str) and spec.startswith("hf://")
 
 
@@ -88,6 +93,7 @@ class HubFile:
         return f"{PREFIX}{self.repo_id}@{self.commit[:12]}/{self.name}"
 
     def cached(self) -> Path | None:
+        """The file's path in the Hugging Face cache, or None when it is not there yet."""
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(self.repo_id, self.name, cache_dir=_env()[0], revision=self.commit,
@@ -95,6 +101,7 @@ class HubFile:
         return Path(found) if isinstance(found, str) else None
 
     def local(self) -> Path:
+        """The file on disk: downloaded into the Hugging Face cache on first call (cache only when offline)."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -155,6 +162,7 @@ def _from_hub(ds: DatasetSpec, endpoint: str | None) -> tuple[str, dict[str, int
 
 
 def repo_folder(cache: Path, repo_id: str) -> Path:
+    """The cache folder of dataset `repo_id` under `cache` (huggingface_hub's `datasets--OWNER--NAME`)."""
     return cache / ("datasets--" + repo_id.replace("/", "--"))
 
 

@@ -22,15 +22,21 @@ import yaml
 
 from cogalign.errors import InputError
 
+__all__ = ["Entry", "read_mixture", "selection", "plan", "iter_mixture", "count_mixture", "mixture_files"]
+
 
 @dataclass(frozen=True)
 class Entry:
+    """One `datasets:` entry of a mixture: the input path and its sampling strategy (`all`, `first`, `end`,
+    `random`) with the amount (`N` or `P%`)."""
     path: Path
     strategy: str  # all | first | end | random
     amount: str  # "", "N" or "P%"
 
 
 def read_mixture(path: Path) -> list[Entry]:
+    """The entries of a LLaVA-NeXT YAML mixture, paths resolved against its folder; a malformed file or strategy
+    raises `InputError`."""
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -91,6 +97,7 @@ def selection(entry: Entry, index: int, total: int, seed: int) -> np.ndarray | r
 
 
 def plan(path: Path, seed: int, count: Callable[[Path], int]) -> list[tuple[Entry, object]]:
+    """Each entry with the positions it takes (`selection`), counting each file's records with `count`."""
     entries = read_mixture(path)
     return [(e, selection(e, i, count(e.path), seed)) for i, e in enumerate(entries)]
 
@@ -120,10 +127,12 @@ def iter_mixture(path: Path, seed: int, count, iterate, skip=None) -> Iterator[t
 
 
 def count_mixture(path: Path, seed: int, count) -> int:
+    """Records the mixture yields in total at `seed`."""
     return sum(len(chosen) for _, chosen in plan(path, seed, count))
 
 
 def mixture_files(path: Path, files) -> list[Path]:
+    """The YAML file and every file its entries read (`files` lists an entry's files)."""
     out = [path]
     for entry in read_mixture(path):
         out.extend(files(entry.path))

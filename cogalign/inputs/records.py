@@ -50,6 +50,7 @@ REJECT_REASONS = (
     "image_token_without_image",
     "image_count_mismatch",
     "image_remote_url",
+    "image_conflict",
     "cogalign_index_bad",
 )
 

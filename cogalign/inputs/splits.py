@@ -21,6 +21,8 @@ from pathlib import Path
 
 from cogalign.errors import InputError
 
+__all__ = ["DatasetInput", "local_folder", "choose", "missing_shards", "fnmatch_glob", "DEFAULT_SPLIT"]
+
 DEFAULT_SPLIT = "train"
 
 
@@ -179,6 +181,7 @@ def missing_shards(names: list[str], split: str, where: str, fix: str) -> None:
 
 
 def fnmatch_glob(pattern: str, path: str) -> bool:
+    """True when repo path `path` matches the Hub's split `pattern` (fsspec's glob rules, `**` included)."""
     from fsspec.utils import glob_translate
 
     return re.match(glob_translate(pattern.lstrip("/")), path) is not None

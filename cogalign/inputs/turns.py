@@ -14,11 +14,16 @@
   string; several: the list), when the record has no `image`;
 - an image part that names its own file (`{"type": "image", "image"|"path"|"url": "a.png"}`)
   gives that path, in order, when the record has neither `image` nor `images`; an image part
-  whose source is not a string (bytes, a PIL image) cannot be converted.
+  whose source is not a string (bytes, a PIL image) cannot be converted; a record whose `image` /
+  `images` names other files than its image parts is rejected (`image_conflict`: which is meant?).
 
 Anything that does not fit is left as it is, for the record check to reject with its reason.
 """
 from __future__ import annotations
+
+from cogalign.errors import RecordError
+
+__all__ = ["to_llava", "IMAGE_SOURCE_KEYS", "IMAGE_PART_TYPES", "ROLES"]
 
 IMAGE_SOURCE_KEYS = ("image", "path", "url")
 IMAGE_PART_TYPES = ("image", "image_url")
@@ -99,6 +104,15 @@ def _lift_system(record: dict) -> dict:
     return {**record, "system": "\n".join(texts), "conversations": conv[n:]}
 
 
+def _check_same_images(record: dict, inline: list) -> None:
+    """A record that names its images twice (`image`/`images` and image parts) must name the same ones."""
+    given = record.get("image", record.get("images"))
+    given = [given] if isinstance(given, str) else given
+    if isinstance(given, list) and all(isinstance(g, str) for g in given) and given != inline:
+        raise RecordError("image_conflict", f"its image parts name {inline} but the record's "
+                          f"`{'image' if 'image' in record else 'images'}` is {given}; keep one of the two")
+
+
 def to_llava(record):
     """(record with LLaVA turns, what was converted: "" | "role_content" | "messages")."""
     if not isinstance(record, dict):
@@ -119,5 +133,7 @@ def to_llava(record):
             inline = _inline_images(conv)
             if inline and "image" not in record and "images" not in record:
                 record["image"] = inline[0] if len(inline) == 1 else inline
+            elif inline:
+                _check_same_images(record, inline)
             converted = converted or "role_content"
     return record, converted

@@ -16,6 +16,8 @@ from cogalign.errors import CogalignError
 from cogalign.inspect.panels import display, view_record
 from cogalign.inspect.records import load_manifest
 
+__all__ = ["write_gallery", "sample_records", "MARK", "PANEL_NAME", "FIGURE", "STYLE"]
+
 MARK = "cogalign gallery"  # the Software text of the PNGs gallery writes: only those are ever replaced
 PANEL_NAME = re.compile(r"rec\d{3}_\d+\.png")
 FIGURE = 200  # panel width on the page (the PNGs are PANEL px; CSS scales them)

@@ -15,12 +15,16 @@ from cogalign.inputs.images import psnr_db
 from cogalign.inspect.records import Target, targets, working_image
 from cogalign.targets.render import parse_px, parse_vq
 
+__all__ = ["Panel", "RecordView", "view_record", "compose", "display", "panel_origin", "psnr_db", "fmt_psnr",
+           "PANEL", "CAPTION_LINES", "PAD", "LINE_H"]
+
 PANEL = 224          # display size of the longer side of each panel
 CAPTION_LINES = 3
 
 
 @dataclass
 class Panel:
+    """One image of the `show` figure: title, pixels at the target's own resolution, caption, PSNR."""
     title: str
     pixels: np.ndarray           # (h, w, 3) uint8 at the target's own resolution
     caption: str = ""
@@ -40,6 +44,7 @@ class RecordView:
 
 
 def fmt_psnr(value: float | None) -> str:
+    """A PSNR for a caption: `12.34 dB`, `exact (inf dB)`, or `n/a`."""
     if value is None:
         return "n/a"
     return "exact (inf dB)" if math.isinf(value) else f"{value:.2f} dB"

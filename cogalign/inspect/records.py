@@ -16,8 +16,12 @@ from cogalign.options import ExpandOptions
 from cogalign.targets.render import RGB_START, VQ_START
 from cogalign.expand.writer import IMAGE_BYTES, read_shard, record_of_row
 
+__all__ = ["iter_records", "read_record", "find_record", "locate", "Target", "targets", "working_image",
+           "bytes_from_input", "shard_files", "load_manifest"]
+
 
 def shard_files(out: Path) -> list[Path]:
+    """The shard files of an output folder (parquet, then JSON lines), in order; none raises `CogalignError`."""
     files = sorted((Path(out) / "data").glob("train-*.parquet")) + sorted((Path(out) / "data").glob("train-*.jsonl"))
     if not files:
         raise CogalignError(f"{out}: no shards in {Path(out) / 'data'}; is this a cogalign output folder, "
@@ -204,4 +208,5 @@ def bytes_from_input(record: dict, manifest: dict) -> bytes | None:
 
 
 def load_manifest(out: Path) -> dict:
+    """The run manifest (cogalign.json) of an output folder."""
     return read_manifest(Path(out))

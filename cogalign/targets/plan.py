@@ -13,6 +13,8 @@ import numpy as np
 from cogalign.targets.regions import Region, sample_region
 from cogalign.targets.templates import TemplateSampler
 
+__all__ = ["TurnPlan", "record_rng", "plan_turns", "KIND_STREAM"]
+
 KIND_STREAM = {"vq": 1, "px": 2}
 
 

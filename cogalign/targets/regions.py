@@ -20,6 +20,9 @@ import numpy as np
 
 from cogalign.errors import OptionError
 
+__all__ = ["Region", "parse_regions", "check_regions", "region_box", "sample_region", "QUARTERS", "HALVES",
+           "REGION_NAMES", "REGION_GROUPS", "MIN_CELLS"]
+
 QUARTERS = ("upper-left", "upper-right", "lower-left", "lower-right")
 HALVES = ("left", "right", "upper", "lower")
 REGION_NAMES = ("full",) + QUARTERS + HALVES + ("center", "box")
@@ -49,10 +52,12 @@ class Region:
 
     @property
     def width(self) -> int:
+        """Width of the box in pixels."""
         return self.box[2] - self.box[0]
 
     @property
     def height(self) -> int:
+        """Height of the box in pixels."""
         return self.box[3] - self.box[1]
 
     def phrase(self) -> str:

@@ -14,6 +14,11 @@ from functools import lru_cache
 import numpy as np
 import orjson
 
+__all__ = [
+    "RGB_START", "RGB_END", "VQ_START", "VQ_END", "px_list_text", "px_text", "vq_list_text", "vq_text",
+    "parse_px", "parse_vq",
+]
+
 RGB_START, RGB_END = "<rgb start>", "<rgb end>"
 VQ_START, VQ_END = "<vq start>", "<vq end>"
 
@@ -42,8 +47,16 @@ def _as_pixels(pixels: np.ndarray) -> np.ndarray:
     arr = np.asarray(pixels)
     if arr.ndim < 1 or arr.shape[-1] != 3:
         raise ValueError(f"pixels must have shape (..., 3), got {arr.shape}")
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"pixels must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype != np.uint8:
+        # RGB text holds 0..255 per channel; parse_px reads nothing else back
+        if arr.dtype.kind in "iuf" and arr.size and 0 <= arr.min() and arr.max() <= 255:
+            fix = "values are in 0..255: convert with " + (
+                "x.astype(np.uint8)" if arr.dtype.kind in "iu" else "x.round().astype(np.uint8)")
+        elif arr.dtype.kind in "iuf" and arr.size:
+            fix = f"values reach {arr.min()}..{arr.max()}: rescale them to 0..255, then x.astype(np.uint8)"
+        else:
+            fix = "convert with x.astype(np.uint8)"
+        raise ValueError(f"pixels must be uint8 (RGB text holds 0..255 per channel), got {arr.dtype}; {fix}")
     return arr.reshape(-1, 3)
 
 
@@ -53,15 +66,13 @@ def _generic_list_text(values: np.ndarray) -> str:
 
 
 def px_list_text(pixels: np.ndarray) -> str:
-    """(h, w, 3) or (N, 3) integer pixels -> `[[r, g, b], ...]`, exactly `str(tolist())`."""
+    """(h, w, 3) or (N, 3) uint8 pixels -> `[[r, g, b], ...]`, exactly `str(tolist())`.
+    Any other dtype raises ValueError (one line with the conversion): `parse_px` reads back
+    only 0..255, so no value outside it is ever written."""
     px = _as_pixels(pixels)
     n = px.shape[0]
     if n == 0:
         return "[]"
-    if px.dtype != np.uint8:
-        if px.min() < 0 or px.max() > 255:
-            return _generic_list_text(px)
-        px = px.astype(np.uint8)
     px = np.ascontiguousarray(px)
     red_green, blue = _tables()
     red_green_index = np.ndarray((n,), dtype="<u2", buffer=px, strides=(3,))
@@ -79,7 +90,7 @@ def px_list_text(pixels: np.ndarray) -> str:
 
 
 def px_text(pixels: np.ndarray) -> str:
-    """TargetPX: `<rgb start>[[r, g, b], ...]<rgb end>`."""
+    """TargetPX: `<rgb start>[[r, g, b], ...]<rgb end>` from uint8 pixels (see `px_list_text`)."""
     return RGB_START + px_list_text(pixels) + RGB_END
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import operator
 from typing import Sequence
 
+__all__ = ["conversation_pairs", "splice_pairs", "make_pair", "FORBIDDEN"]
+
 # Strings that break LLaVA training: a second image token, vicuna's round separator and role tag.
 FORBIDDEN = ("<image>", "</s>", "ASSISTANT:")
 

@@ -27,6 +27,9 @@ from cogalign.errors import CogalignError
 from cogalign.targets.regions import Region
 from cogalign.targets.splice import FORBIDDEN
 
+__all__ = ["TemplateSampler", "Prompt", "load_templates", "validate_templates", "shipped_templates_dir", "KINDS",
+           "SLOT"]
+
 KINDS = ("vq", "px")
 SLOT = "this image"
 
@@ -144,6 +147,7 @@ class TemplateSampler:
 
     @classmethod
     def from_path(cls, path: str | Path | None) -> "TemplateSampler":
+        """A sampler over the templates at `path` (a folder, .json or .yaml), or the paper's when None."""
         return cls(load_templates(path))
 
     def _check_kind(self, kind: str) -> tuple[str, ...]:
@@ -152,10 +156,12 @@ class TemplateSampler:
         return self._templates[kind]
 
     def templates(self, kind: str) -> list[str]:
+        """The templates of `kind` (`vq` or `px`), in file order."""
         return list(self._check_kind(kind))
 
     @property
     def content_hash(self) -> str:
+        """Hash of the templates' content, recorded in provenance and the run fingerprint."""
         return self._hash
 
     def sample_id(self, kind: str, rng: np.random.Generator) -> int:

@@ -9,8 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+__all__ = ["Known", "KNOWN", "BY_NAME"]
+
+
 @dataclass(frozen=True)
 class Known:
+    """One known tokenizer: its geometry (codebook size, factor f, code dimension), how it is
+    obtained (`kind`: shipped, local, hub or url), from where (`source`), and which files."""
+
     name: str
     codes: int
     f: int
@@ -55,4 +61,5 @@ KNOWN: tuple[Known, ...] = (
           "`vq convert --trust-pickle` it or pass --trust-pickle"),
 )
 
+#: name -> Known, for `--vq NAME` and `vq list`.
 BY_NAME = {k.name: k for k in KNOWN}

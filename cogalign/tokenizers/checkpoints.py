@@ -15,6 +15,12 @@ import yaml
 
 from cogalign.tokenizers.base import TokenizerError
 
+__all__ = [
+    "CHECKPOINT_SUFFIXES", "KEPT_PREFIXES", "DECODER_PREFIXES", "apply_attn_type", "hash_state_dict", "read_config",
+    "normalize_params", "quantizer_kind", "find_checkpoint", "pickle_refusal", "read_state_dict", "strip_prefix",
+    "select_model_keys", "decoder_shapes", "check_decoder", "check_state_dict",
+]
+
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".safetensors")
 YAML_SUFFIXES = (".yaml", ".yml")
 CHECKPOINT_FOLDERS = ("ckpts", "checkpoints")  # taming's log folders: ckpts/ (published), checkpoints/ (training logs)
@@ -140,6 +146,8 @@ def normalize_params(params: dict, source: str = "config") -> dict:
 
 
 def quantizer_kind(target: str | None, keys: set[str]) -> str:
+    """"gumbel" for a GumbelVQ model (its yaml target names it, or it has quantize.proj and no
+    codebook `quantize.embedding`), else "vq"."""
     if target and "gumbel" in str(target).lower():
         return "gumbel"
     if "quantize.embedding.weight" not in keys and "quantize.proj.weight" in keys:
@@ -232,6 +240,8 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------
 
 def pickle_refusal(path: Path) -> TokenizerError:
+    """The one-line error for a checkpoint that pickles objects besides tensors, naming the
+    `vq convert --trust-pickle` fix."""
     return TokenizerError(
         f"{path}: this checkpoint pickles Python objects besides tensors; loading it would run code from the file. "
         f"Convert it once with `cogalign vq convert {path} <out.safetensors> --trust-pickle` "

@@ -19,6 +19,9 @@ from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, apply_attn_type, 
                                              quantizer_kind, read_config, read_state_dict, strip_prefix)
 
 
+__all__ = ["VQDecoder", "load_decoder", "decoder_from_files", "load_decoder_spec"]
+
+
 class VQDecoder(nn.Module):
     """indices (B, h, w) or (h, w) -> RGB uint8 (B, h*f, w*f, 3) or (h*f, w*f, 3); each grid is decoded
     on its own, so its pixels do not depend on the batch."""
@@ -41,10 +44,14 @@ class VQDecoder(nn.Module):
         self.requires_grad_(False)
 
     def train(self, mode: bool = True):  # always in eval mode
+        """A decoder is always in eval mode: `train()` leaves it there and returns it."""
         return nn.Module.train(self, False)
 
     @torch.inference_mode()
     def decode(self, indices: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, h, w) or (h, w) code indices -> (B, h*f, w*f, 3) or (h*f, w*f, 3) uint8 RGB, on the
+        device of the weights (the result is a CPU array). An index outside the codebook or a
+        grid of another shape raises TokenizerError in one line."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
         single = idx.ndim == 2
         if single:
@@ -61,24 +68,32 @@ class VQDecoder(nn.Module):
         return out[0] if single else out
 
     def _decode_one(self, grid: torch.Tensor) -> np.ndarray:
-        q = self.quantize.embedding.weight[grid[None]].permute(0, 3, 1, 2).contiguous()
+        weight = self.quantize.embedding.weight
+        q = weight[grid[None].to(weight.device)].permute(0, 3, 1, 2).contiguous()
         x = self.decoder(self.post_quant_conv(q))
-        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
     """The decoder of a taming checkpoint folder or file (layouts as `find_checkpoint`)."""
     path = Path(path).expanduser()
     ckpt, cfg = find_checkpoint(path)
+    return decoder_from_files(ckpt, cfg, trust_pickle=trust_pickle, name=name or (path.name if path.is_dir() else ckpt.stem))
+
+
+def decoder_from_files(ckpt: Path, cfg: Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
+    """The decoder of checkpoint file `ckpt` with its model yaml `cfg` (what `load_taming` found),
+    float32 on the CPU. Refuses a Gumbel model and a checkpoint without decoder.* weights."""
     params, target = read_config(cfg)
     raw = strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
-    name = name or (path.name if path.is_dir() else ckpt.stem)
+    name = name or ckpt.stem
     if quantizer_kind(target, set(raw)) == "gumbel":
         raise TokenizerError(f"{ckpt}: a Gumbel VQGAN; decoding its indices is not supported (use a VQ model)")
     sd = {k: v.float() for k, v in raw.items() if k.startswith(DECODER_PREFIXES) or k == "quantize.embedding.weight"}
     if not any(k.startswith("decoder.") for k in sd):
-        raise TokenizerError(f"{ckpt}: holds no decoder.* weights (an encoder-only export); "
-                             "decoding needs the full checkpoint")
+        raise TokenizerError(f"{ckpt}: holds no decoder.* weights (an encoder-only export), so it encodes but cannot "
+                             "decode; use the full checkpoint it came from (vq train writes the decoder; vq convert "
+                             "keeps decoder.* and post_quant_conv.* when its source has them)")
     model = VQDecoder(params, name=name)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

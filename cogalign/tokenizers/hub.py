@@ -20,8 +20,18 @@ PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".pkl")
 RESUME_STATES = ("train_state.pt", "train_state.pt.tmp")
 
 
+__all__ = [
+    "PREFIX", "HubSpec", "spec_text", "is_hub_spec", "parse_hub_spec", "snapshot_commit", "resolved_name",
+    "check_repo_id", "hub_cache_dir", "hub_offline", "download", "pick_weights", "losses_line", "model_card",
+    "push_plan", "push",
+]
+
+
 @dataclass(frozen=True)
 class HubSpec:
+    """A parsed `hf://OWNER/REPO[@REVISION][/SUBFOLDER]`: the repo id, the revision (None: the
+    default branch) and the subfolder ("" for the repo root); `str()` writes it back."""
+
     repo_id: str
     revision: str | None = None
     subfolder: str = ""
@@ -37,6 +47,7 @@ def spec_text(prefix: str, repo_id: str, revision: str | None, path: str) -> str
 
 
 def is_hub_spec(spec: str) -> bool:
+    """Whether `spec` names a Hub tokenizer (starts with `hf://`)."""
     return str(spec).startswith(PREFIX)
 
 
@@ -91,6 +102,7 @@ def hub_cache_dir() -> Path:
 
 
 def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for the cache alone (1, true, yes, on)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 

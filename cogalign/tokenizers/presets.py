@@ -18,6 +18,11 @@ from cogalign.tokenizers.catalog import BY_NAME, Known
 from cogalign.tokenizers.checkpoints import CHECKPOINT_SUFFIXES
 from cogalign.tokenizers.taming import load_taming
 
+__all__ = [
+    "DEMO_DIR", "VQGAN_4096_ENV", "cogalign_home", "vqgan_4096_dir", "config_file", "list_presets", "resolve",
+    "check_installed", "is_local", "load_tokenizer",
+]
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_DIR = ASSETS / "demo-f8-4096"
 VQGAN_4096_ENV = "COGALIGN_VQGAN_4096"
@@ -29,10 +34,13 @@ def cogalign_home() -> Path:
 
 
 def vqgan_4096_dir() -> Path:
+    """Where `vqgan-4096` is installed (and `vq train --preset vqgan-4096` writes it):
+    $COGALIGN_HOME/tokenizers/vqgan-4096."""
     return cogalign_home() / "tokenizers" / "vqgan-4096"
 
 
 def config_file() -> Path:
+    """$COGALIGN_HOME/config.yaml, which may map preset names to Hub repos (`tokenizers:`)."""
     return cogalign_home() / "config.yaml"
 
 

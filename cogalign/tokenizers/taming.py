@@ -1,8 +1,9 @@
 """Taming-transformers VQGAN encoders (and latent-diffusion VQ first stages): model, loading.
 
-Only the encoder path is built: taming `Encoder` -> `quant_conv` -> nearest codebook entry
-(or, for a Gumbel model, the argmax of `quantize.proj`). The decoder, post_quant_conv and the
-loss (discriminator, LPIPS) in a checkpoint are ignored.
+Only the encoder path is loaded: taming `Encoder` -> `quant_conv` -> nearest codebook entry
+(or, for a Gumbel model, the argmax of `quantize.proj`). The decoder and post_quant_conv are
+read from the same checkpoint on the first `decode` (decoder.py); the loss (discriminator,
+LPIPS) is ignored.
 
 Only `taming.modules.*` is imported: `taming.models` needs pytorch_lightning and does not
 import cleanly.
@@ -24,12 +25,16 @@ from taming.modules.diffusionmodules.model import AttnBlock, Encoder
 from cogalign.tokenizers.base import PRECISIONS, TokenizerError, VQTokenizer, resolve_device
 from cogalign.tokenizers.checkpoints import (apply_attn_type, check_state_dict, find_checkpoint, hash_state_dict, normalize_params,
                                              quantizer_kind, read_config, read_state_dict, select_model_keys)
+from cogalign.tokenizers.decoder import decoder_from_files
+
+__all__ = ["TamingVQTokenizer", "load_taming", "nearest_code", "check_fits_memory", "AttnBlockNoSubnormal"]
 
 # Positions per lookup chunk are chosen so that chunk x codebook float32 stays near this
 # (4 MB: cache-sized blocks are ~4x faster than one big distance matrix, and never more
 # than a few MB is allocated, whatever the batch).
 LOOKUP_CHUNK_BYTES = 4 << 20
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_OF = {dtype: name for name, dtype in _DTYPES.items()}
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
@@ -109,6 +114,9 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         self.downsample = 2 ** (len(dd["ch_mult"]) - 1)
         self.device = torch.device("cpu")
         self.content_hash = ""
+        self.source: str | None = None  # the checkpoint file and its yaml, set by load_taming
+        self.config_path: str | None = None
+        self.trust_pickle = False
         self.encoder_batch = 1  # images per encoder call; see encode
         self.encoder = _build_encoder(dd)
         z = int(dd["z_channels"])
@@ -132,15 +140,64 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
     # -- nn.Module housekeeping ----------------------------------------------------------
 
     def train(self, mode: bool = True):  # a tokenizer is always in eval mode
+        """A tokenizer is always in eval mode: `train()` leaves it there and returns it."""
         return nn.Module.train(self, False)
 
     def to_device(self, device: str | torch.device) -> "TamingVQTokenizer":
-        self.device = resolve_device(device)
-        self.encoder_batch = 8 if self.device.type == "cuda" else 1
-        nn.Module.to(self, self.device)
+        """Move the tokenizer to `device` ("auto": CUDA when available, else CPU) and return it;
+        the same as `tok.to(device)` with "auto" resolved and a clear error where CUDA is missing."""
+        return self.to(resolve_device(device))
+
+    def _apply(self, fn, recurse: bool = True):
+        """The hook under `.to()`, `.half()`, `.bfloat16()`, `.float()`, `.cuda()`, `.cpu()`: keeps
+        `device` and the encoder mode in step with them. A device change moves the weights and sets
+        `device`; a dtype change sets the encoder precision (bfloat16 -> "bf16", float16 -> "fp16",
+        float32 -> "fp32") and leaves the weights in float32, exactly as `set_encoder_mode`; a
+        memory format sets the layout. The meta device and other dtypes are refused in one line."""
+        device, dtype, layout = self._conversion(fn)
+        precision = _PRECISION_OF.get(dtype) if dtype is not None else self.precision
+        if precision is None:
+            raise TokenizerError(f"{self.name}: {dtype} is not an encoder precision; use tok.to(torch.float32) "
+                                 "(the default), tok.to(torch.bfloat16) or, on a GPU, tok.to(torch.float16)")
+        if device.type == "meta":
+            raise TokenizerError(f"{self.name}: a tokenizer cannot move to the meta device (it encodes with its "
+                                 "weights); keep it on cpu or cuda, or build it there with load_tokenizer(..., device=...)")
+        if precision == "fp16" and device.type == "cpu":
+            raise TokenizerError(
+                f"{self.name}: float16 is refused on the CPU: PyTorch has no fast CPU kernels for float16 convolutions "
+                "(about 30x slower than fp32 here); use tok.to(torch.bfloat16) or tok.float() on the CPU, "
+                "float16 on a GPU (tok.to('cuda', torch.float16))")
+        if dtype is None:
+            nn.Module._apply(self, fn, recurse)  # device, memory format, share_memory: as torch does it
+        else:  # the weights stay float32: the dtype is the encoder's autocast precision
+            nn.Module._apply(self, lambda t: t.to(device), recurse)
+        self.device = device
+        self.encoder_batch = 8 if device.type == "cuda" else 1
+        decoder = self.__dict__.get("_decoder")
+        if decoder is not None:
+            decoder.to(device)
+        channels_last = self.channels_last if layout is None else layout == "channels_last"
+        self.set_encoder_mode(precision, channels_last, self.compiled)
         return self
 
+    def _conversion(self, fn) -> tuple[torch.device, torch.dtype | None, str | None]:
+        """What a `_apply` function does, read off two 4-d probe tensors: (device, the dtype it
+        converts floats to or None, "channels_last"/"contiguous" or None when it keeps the layout)."""
+        try:
+            a = fn(torch.zeros((2, 2, 2, 2), dtype=torch.float32, device=self.device))
+            b = fn(torch.zeros((2, 2, 2, 2), dtype=torch.float64, device=self.device)
+                   .contiguous(memory_format=torch.channels_last))
+        except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise TokenizerError(f"{self.name}: cannot move the tokenizer there ({reason}); "
+                                 "use cpu, or cuda / cuda:N where CUDA is available") from None
+        dtype = None if (a.dtype, b.dtype) == (torch.float32, torch.float64) else a.dtype
+        layout = ("channels_last" if not a.is_contiguous() else
+                  "contiguous" if b.is_contiguous() else None)
+        return a.device, dtype, layout
+
     def parameter_count(self) -> int:
+        """Number of encoder-path parameters (encoder, quant_conv, quantizer)."""
         return sum(p.numel() for p in self.parameters())
 
     # -- encoding ------------------------------------------------------------------------
@@ -152,11 +209,13 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         near-ties). `compile` runs Encoder -> quant_conv through torch.compile (dynamic=False:
         one compilation per crop shape)."""
         if precision not in PRECISIONS:
-            raise TokenizerError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+            raise TokenizerError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)} "
+                                 "(the same names for set_encoder_mode)")
         if precision == "fp16" and self.device.type == "cpu":
             raise TokenizerError(
                 "--precision fp16 is refused on the CPU: PyTorch has no fast CPU kernels for float16 convolutions "
-                "(about 30x slower than fp32 here); use --precision bf16 or fp32 on the CPU, fp16 on a GPU")
+                "(about 30x slower than fp32 here); use --precision bf16 or fp32 on the CPU, fp16 on a GPU "
+                "(from Python: set_encoder_mode('bf16') or tok.to(torch.bfloat16))")
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.compiled = bool(compile)
@@ -168,6 +227,7 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_compiled_pre_quant", None)  # compiled code does not pickle; rebuilt on first use
+        state.pop("_decoder", None)  # reloaded from `source` on first decode
         return state
 
     def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +305,26 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
             torch.set_num_threads(threads)
         return out
 
+    # -- decoding ------------------------------------------------------------------------
+
+    def decode(self, indices: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, h, w) or (h, w) code indices -> (B, h*f, w*f, 3) or (h*f, w*f, 3) uint8 RGB.
+
+        The decoder half (post_quant_conv -> taming Decoder, `decoder.VQDecoder`) is read from
+        the same checkpoint on the first call and kept, on `device`, in float32 whatever the
+        encoder precision. Each grid is decoded on its own, so pixels do not depend on the
+        batch. A tokenizer without decoder weights (an encoder-only export, a Gumbel model,
+        one built from a config) refuses in one line."""
+        decoder = self.__dict__.get("_decoder")
+        if decoder is None:
+            if not self.source or not self.config_path:
+                raise TokenizerError(f"{self.name}: built from a config, not loaded from a checkpoint, so it has no "
+                                     "decoder weights; load it with load_tokenizer(NAME or PATH) to decode")
+            decoder = decoder_from_files(Path(self.source), Path(self.config_path), trust_pickle=self.trust_pickle,
+                                         name=self.name).to(self.device)
+            self.__dict__["_decoder"] = decoder  # not a submodule: state_dict stays the encoder path
+        return decoder.decode(indices)
+
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """argmin_k ||z - e_k||^2 for each row of z, computed as ||z||^2 + ||e||^2 - 2 z.e^T
@@ -306,4 +386,5 @@ def load_taming(path: str | Path, device: str | torch.device = "cpu", trust_pick
     model.content_hash = hash_state_dict(kept)
     model.source = str(ckpt)
     model.config_path = str(cfg_path)
+    model.trust_pickle = bool(trust_pickle)
     return model.to_device(device)

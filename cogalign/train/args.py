@@ -18,6 +18,9 @@ import yaml
 
 from cogalign.errors import CogalignError
 
+__all__ = ["build_training_args", "training_kwargs", "parse_trainer_args", "field_names", "checkpointing_field",
+           "OWNED"]
+
 # TrainingArguments fields that our own options set: KEY -> the option to use instead
 OWNED = {
     "output_dir": "--out", "per_device_train_batch_size": "--per-device-batch-size",
@@ -25,10 +28,12 @@ OWNED = {
     "num_train_epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr GROUP=VALUE",
     "remove_unused_columns": "(always off: the collator needs every key)", "resume_from_checkpoint": "--resume",
     "overwrite_output_dir": "--overwrite",
+    "seed": "--seed (it also draws the held-out split and the tiny model; data_seed alone moves the data order)",
 }
 
 
 def field_names() -> dict:
+    """TrainingArguments' init fields by name (transformers installed)."""
     from transformers import TrainingArguments
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -140,6 +145,7 @@ def _has_gpu() -> bool:
 
 
 def build_training_args(kwargs: dict):
+    """`TrainingArguments(**kwargs)`; a value transformers refuses raises `CogalignError` in one line."""
     from transformers import TrainingArguments
 
     try:

@@ -19,6 +19,9 @@ from typing import Optional
 from cogalign.errors import CogalignError
 from cogalign.targets.render import RGB_START, VQ_START
 
+__all__ = ["Rendered", "vicuna", "template", "messages", "answer_kind", "split_images", "end_of_turn_tokens",
+           "close_turns", "IMAGE", "VICUNA_SYSTEM"]
+
 IMAGE = "<image>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -26,6 +29,7 @@ _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def answer_kind(text: str) -> str:
+    """The kind of a gpt answer: `vq`, `px` (its start tag) or `original`."""
     if text.startswith(VQ_START):
         return "vq"
     return "px" if text.startswith(RGB_START) else "original"
@@ -33,6 +37,8 @@ def answer_kind(text: str) -> str:
 
 @dataclass
 class Rendered:
+    """A conversation rendered as one string (one image token per image) with the (start, end, kind) spans to
+    supervise."""
     text: str                                   # one `image_token` per image
     spans: list = field(default_factory=list)   # (start, end, kind) of each supervised answer + end of turn
 
@@ -90,6 +96,8 @@ def end_of_turn_tokens(tok, image: str) -> list[str]:
 
 def template(tok, chat_template: str, turns: list[dict], upto: Optional[int] = None,
              image: str = IMAGE) -> Rendered:
+    """The turns rendered through `chat_template` (answer spans from `{% generation %}` marks, else from prefix
+    renders); `upto`: the prompt before turn `upto`."""
     msgs = messages(turns[:upto] if upto is not None else turns)
     assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     prompt, marked = upto is not None, bool(_GENERATION.search(chat_template))

@@ -14,6 +14,9 @@ from cogalign.targets.render import VQ_END, VQ_START
 from cogalign.train import chat
 from cogalign.train.chat import IMAGE, VICUNA_SYSTEM, answer_kind  # noqa: F401 (re-exported)
 
+__all__ = ["Encoder", "Collator", "new_stats", "pad_rows", "vq_token_names", "to_special_vq", "from_special_vq",
+           "has_image_token", "image_problem", "fit_image_processor", "IGNORE", "KINDS", "KIND_ID"]
+
 IGNORE = -100
 KINDS = ("original", "vq", "px")
 KIND_ID = {"original": 1, "vq": 2, "px": 3}
@@ -21,6 +24,7 @@ _VQ_TOKEN = re.compile(r"<vq_(\d+)>")
 
 
 def vq_token_names(k: int) -> list[str]:
+    """The `--vq-tokens special` tokens `<vq_0>` … `<vq_{k-1}>`."""
     return [f"<vq_{i}>" for i in range(k)]
 
 
@@ -42,6 +46,7 @@ def from_special_vq(text: str) -> str:
 
 
 def has_image_token(turns: list[dict]) -> bool:
+    """True when a human turn holds `<image>`."""
     return any(t["from"] == "human" and IMAGE in t["value"] for t in turns)
 
 
@@ -97,6 +102,8 @@ class Encoder:
 
     # -- text
     def render(self, turns: list[dict], upto: Optional[int] = None) -> chat.Rendered:
+        """The turns as one string with the answer spans (the chat template if the tokenizer has one, else
+        vicuna_v1); `upto`: the prompt before turn `upto`."""
         if self.vq_tokens == "special":
             turns = [{**t, "value": to_special_vq(t["value"])} if t["from"] == "gpt" and t["value"].startswith(VQ_START)
                      else t for t in turns]
@@ -191,9 +198,13 @@ class Encoder:
 
     # -- the earlier interface (generate): segments() then encode()
     def segments(self, turns: list[dict], with_image: bool, upto: Optional[int] = None) -> tuple:
+        """What `encode` takes: the turns, whether the images are shown, and the prompt cut (the earlier
+        interface)."""
         return turns, with_image, upto
 
     def encode(self, segments: tuple, add_bos: bool = True) -> dict:
+        """input_ids, labels and kinds of `segments` (with `upto`: only the prompt's input_ids); `add_bos` is
+        kept for the earlier interface."""
         turns, with_image, upto = segments
         n = sum(t["value"].count(IMAGE) for t in turns if t["from"] == "human") if with_image else 0
         if not with_image:
@@ -215,6 +226,7 @@ class Encoder:
         return self.image_counts([Image.new("RGB", (side, side))])[0]
 
     def decode_answer(self, ids: list[int]) -> str:
+        """Generated ids as answer text: cut at the end of turn, special VQ tokens back to numbers."""
         text = self.tok.decode(ids, skip_special_tokens=False)
         ends = chat.end_of_turn_tokens(self.tok, self.image_token) if self.template else [self.eos]
         for end in ends:
@@ -223,6 +235,7 @@ class Encoder:
 
 
 def new_stats() -> dict:
+    """Empty collator counters: records seen, skipped and cut (by reason and kind), padding slots."""
     return {"seen": 0, "skipped": Counter(), "truncated": Counter(), "truncated_records": 0, "padding": 0}
 
 
@@ -264,6 +277,7 @@ class Collator:
 
 
 def pad_rows(rows: list[dict], pad_id: int) -> dict:
+    """Encoded rows as right-padded tensors: input_ids, labels (-100 on padding), kinds and attention_mask."""
     import torch
 
     if not rows:

@@ -27,6 +27,9 @@ from cogalign.expand.layout import MANIFEST
 from cogalign.inputs.records import loads_exact
 from cogalign.expand.writer import IMAGE_BYTES, record_of_row
 
+__all__ = ["ShardDataset", "EpochSampler", "modality_lengths", "shard_files", "shard_rows", "check_expand_output",
+           "default_image_root", "input_image_bytes", "arrow_copy", "PAD"]
+
 PAD = -1
 
 
@@ -44,6 +47,7 @@ def input_image_bytes(out: Path, record: dict) -> Optional[bytes]:
 
 
 def shard_files(out: Path) -> list[Path]:
+    """The shard files in `out`/data (parquet, else JSON lines), in order; none raises `CogalignError`."""
     data = Path(out) / "data"
     files = sorted(data.glob("*.parquet")) or sorted(data.glob("*.jsonl"))
     if not files:
@@ -62,6 +66,7 @@ def check_expand_output(out: Path) -> None:
 
 
 def shard_rows(path: Path) -> int:
+    """Records in one shard (a parquet footer's row count, or the non-blank lines of a JSON-lines file)."""
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
     with open(path, "rb") as f:
@@ -129,11 +134,16 @@ class ShardDataset(torch.utils.data.Dataset):
     `indices` selects records (global positions in shard order; default all): the train or the
     held-out split. Item -1 is a padding slot (record None). `skip` names why a record cannot be
     used (its image is missing or corrupt), so the collator counts it instead of swapping in another
-    sample. Iterating the dataset reads every selected record in shard order."""
+    sample. Item k is always `indices[k]`: iterating the dataset and a `DataLoader` over it (any
+    batch size, any workers, no sampler) give the selected records in the same order, `indices`'
+    order. The dataset never shuffles (`shuffle=True` is refused): order it with `EpochSampler`."""
 
     def __init__(self, out: Path, image_root: Optional[Path] = None, load_images: bool = True,
                  allow_absolute_paths: bool = False, indices: Optional[np.ndarray] = None,
                  cache: Optional[Path] = None, shuffle: bool = False):
+        if shuffle:
+            raise CogalignError("ShardDataset does not shuffle: give the DataLoader an EpochSampler "
+                                "(or shuffle=True) and leave the dataset's order as it is")
         self.files = shard_files(out)
         self.counts = [shard_rows(f) for f in self.files]
         self.starts = np.cumsum([0] + self.counts)
@@ -148,6 +158,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     @property
     def num_records(self) -> int:
+        """Records in the folder (all shards), whatever `indices` selects."""
         return int(sum(self.counts))
 
     def __len__(self) -> int:
@@ -166,9 +177,8 @@ class ShardDataset(torch.utils.data.Dataset):
         return {"position": position, "record": record, **self._image(record)}
 
     def __iter__(self) -> Iterator[dict]:
-        for position in sorted(self.indices.tolist()):  # shard order
-            record = self.record(position)
-            yield {"position": position, "record": record, **self._image(record)}
+        for k in range(len(self)):  # indices' order, as a DataLoader reads it
+            yield self[k]
 
     def _image(self, record: dict) -> dict:
         """{"images": the record's images as PIL RGB (0..n, in order), "skip": reason or None,
@@ -221,12 +231,14 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` from now on (the Trainer calls it each epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.multiple) * self.multiple if self.n else 0
 
     def order(self) -> np.ndarray:
+        """This epoch's order of the `n` items, without the padding."""
         rng = np.random.default_rng([self.seed, self.epoch])
         if not self.shuffle:
             return np.arange(self.n)

@@ -28,6 +28,8 @@ import numpy as np
 from cogalign.errors import CogalignError
 from cogalign.targets.render import RGB_END, RGB_START, VQ_END, VQ_START, parse_px, parse_vq
 
+__all__ = ["score", "table", "truths", "read_predictions", "match", "pick", "psnr_json", "DUPLICATE_CHOICES"]
+
 DUPLICATE_CHOICES = ("first", "last")
 _PIXEL = re.compile(r"\s*\[\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\]\s*,?")
 _INDEX = re.compile(r"\s*(\d+)\s*,")
@@ -173,6 +175,8 @@ def psnr_json(mse: float):
 
 
 def score(data: Path, predictions: Path, allow_duplicates: Optional[str] = None) -> dict:
+    """Scores of `predictions` (JSON lines) against the inserted turns of output folder `data`: VQ index accuracy
+    and length error, RGB exact match, MAE and PSNR; missing, duplicate and cut answers counted apart."""
     true = truths(data)
     by_turn, unknown = match(true, read_predictions(predictions), predictions)
     chosen, dup_turns = pick(by_turn, allow_duplicates, predictions, true)
@@ -207,6 +211,7 @@ def score(data: Path, predictions: Path, allow_duplicates: Optional[str] = None)
 
 
 def table(result: dict) -> list[str]:
+    """The scores of `score` as the lines `cogalign eval` prints."""
     def f(v, pct=True):
         return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")
 

@@ -24,6 +24,10 @@ from cogalign.errors import CogalignError
 from cogalign.train.chat import end_of_turn_tokens
 from cogalign.train.collate import IMAGE, Encoder, answer_kind, has_image_token
 
+__all__ = ["generate", "run_generate", "load_run", "run_config", "Prompt", "prompts", "inserted_turns",
+           "item_images", "fit_prompt", "stop_ids", "answer_batch", "greedy_answers", "check_out",
+           "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_LENGTH"]
+
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048  # when the run folder does not say what it was trained with
 
@@ -66,6 +70,8 @@ def inserted_turns(record: dict) -> Iterator[tuple[int, str]]:
 
 @dataclass
 class Prompt:
+    """One inserted turn to answer: record id and position, turn index, kind, prompt ids (None when it cannot be
+    asked, `problem` says why), images, earlier turns dropped to fit."""
     id: object
     index: int  # the record's position in shard order
     turn: int

@@ -7,6 +7,8 @@ from typing import Optional
 
 from cogalign.errors import CogalignError
 
+__all__ = ["add_lora", "lm_linear_names"]
+
 
 def lm_linear_names(model, plan, leaves: Optional[list[str]] = None) -> list[str]:
     """Full names of the language model's nn.Linear modules (lm_head excluded), optionally only those
@@ -23,6 +25,8 @@ def lm_linear_names(model, plan, leaves: Optional[list[str]] = None) -> list[str
 
 
 def add_lora(model, plan, r: int, alpha: float, dropout: float, target: Optional[str] = None):
+    """`model` wrapped by peft with LoRA (rank `r`, `alpha`, `dropout`) on the LM's linear layers (or the leaf
+    names in `target`); the projector is trained in full."""
     from peft import LoraConfig, get_peft_model
 
     if plan.lrs["language_model"] is None:

@@ -8,6 +8,10 @@ from typing import Iterator, Optional
 
 from cogalign.errors import CogalignError
 
+__all__ = ["load", "tiny_model", "tiny_processor", "tiny_next_processor", "train_tokenizer", "shard_texts",
+           "add_vq_tokens", "codebook_size", "resize_mode", "require_transformers", "TINY_MODELS", "TINY_IMAGE",
+           "TINY_PATCH", "TINY_GRID", "TINY_VOCAB", "SPECIALS"]
+
 TINY_IMAGE, TINY_PATCH = 32, 8
 TINY_GRID = [[32, 64], [64, 32], [64, 64]]  # tiny-next's anyres resolutions
 TINY_MODELS = ("tiny", "tiny-next")
@@ -16,6 +20,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
 def require_transformers():
+    """Raise `CogalignError` with the install command when transformers is missing."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -37,6 +42,7 @@ def shard_texts(out: Path, limit_chars: int = 4000) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int = TINY_VOCAB):
+    """A small byte-level BPE tokenizer trained on `texts`, with the special tokens (`<image>`, `<s>`, `</s>`, …)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,6 +57,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int = TINY_VOCAB):
 
 
 def tiny_processor(tokenizer):
+    """A LLaVA processor for the `tiny` model: CLIP image processor at the tiny size, with `tokenizer`."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE},
@@ -60,6 +67,7 @@ def tiny_processor(tokenizer):
 
 
 def tiny_next_processor(tokenizer):
+    """A LLaVA-NeXT processor (anyres tiles) for the `tiny-next` model, with `tokenizer`."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": TINY_IMAGE}, image_grid_pinpoints=TINY_GRID,
@@ -70,6 +78,8 @@ def tiny_next_processor(tokenizer):
 
 
 def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2, next_: bool = False):
+    """A randomly initialised tiny LLaVA (or LLaVA-NeXT with `next_`): CLIP tower, projector, Llama LM sized to
+    `tokenizer`."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration)

@@ -19,12 +19,16 @@ from cogalign.errors import CogalignError
 from cogalign.train.runfolder import RUN_MANIFEST, checkpoints, prepare, record_files  # noqa: F401
 from cogalign.train.stages import GROUPS, Plan
 
+__all__ = ["TrainConfig", "train", "pinned", "split", "RUN_CONFIG", "CACHE"]
+
 RUN_CONFIG = "cogalign_train.json"
 CACHE = "cache"
 
 
 @dataclass
 class TrainConfig:
+    """Everything one `cogalign train` run needs besides the model: data and run folders, stage plan, lengths,
+    steps, saving, LoRA and Trainer options."""
     data: Path
     out: Path
     plan: Plan
@@ -84,6 +88,8 @@ def _rank() -> int:
 
 
 def train(cfg: TrainConfig, model, processor) -> dict:
+    """Train `model` on `cfg.data` with the Trainer (or resume), save the model and train_summary.json in
+    `cfg.out`, and return the summary."""
     from cogalign.hub.output import check_complete
     from cogalign.train.args import build_training_args, training_kwargs
     from cogalign.train.collate import Collator, Encoder

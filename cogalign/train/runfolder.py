@@ -14,6 +14,9 @@ from pathlib import Path
 
 from cogalign.errors import CogalignError
 
+__all__ = ["prepare", "check", "checkpoints", "read_run_manifest", "write_manifest", "pin_differences", "delete_run",
+           "record_files", "RUN_MANIFEST", "TOOL", "RUN_FILES"]
+
 RUN_MANIFEST = "cogalign_run.json"
 TOOL = "cogalign train"
 # names a run writes besides the model files that save_pretrained lists at the end
@@ -28,6 +31,7 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def read_run_manifest(out: Path):
+    """The `cogalign_run.json` of run folder `out`, or None when there is none that cogalign wrote."""
     path = Path(out) / RUN_MANIFEST
     if not path.is_file():
         return None
@@ -39,6 +43,7 @@ def read_run_manifest(out: Path):
 
 
 def pin_differences(old: dict, new: dict) -> list[str]:
+    """The pinned options that differ between two manifests, as `name (old → new)`."""
     return [f"{k} ({json.dumps(old.get(k))} → {json.dumps(new.get(k))})"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -114,6 +119,7 @@ def delete_run(out: Path, manifest: dict) -> None:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
+    """Write `cogalign_run.json` in `out` (through a temporary file)."""
     tmp = Path(out) / (RUN_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(Path(out) / RUN_MANIFEST)

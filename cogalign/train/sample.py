@@ -7,6 +7,8 @@ from typing import Optional
 
 from cogalign.errors import CogalignError
 
+__all__ = ["render_sample", "runs"]
+
 
 def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The contiguous runs of supervised tokens, in order."""
@@ -23,6 +25,7 @@ def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 
 def render_sample(data: Path, n: int, processor, max_length: int = 2048, vq_tokens: str = "text",
                   image_root: Optional[Path] = None) -> dict:
+    """Record `n` of output folder `data` as training sees it: input text, supervised runs and image token counts."""
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
     from cogalign.train.model import resize_mode

@@ -12,6 +12,9 @@ from typing import Optional
 
 from cogalign.errors import CogalignError
 
+__all__ = ["Plan", "make_plan", "group_params", "new_token_params", "parse_assignments", "plan_json", "GROUPS",
+           "DEFAULT_PATTERNS", "STAGES", "WARMUP_RATIO", "WEIGHT_DECAY"]
+
 GROUPS = ("projector", "vision_tower", "language_model")
 # Parameter-name patterns (re.search) for transformers' LlavaForConditionalGeneration.
 DEFAULT_PATTERNS = {
@@ -31,6 +34,8 @@ WEIGHT_DECAY = 0.0
 
 @dataclass
 class Plan:
+    """A training stage: learning rate per group (None: frozen), batch sizes and ranks, epochs, warm-up, weight
+    decay, group patterns, the new VQ token rows, LoRA."""
     stage: int
     lrs: dict
     global_batch_size: int
@@ -53,6 +58,7 @@ class Plan:
 
     @property
     def gradient_accumulation_steps(self) -> int:
+        """Global batch ÷ (per-device batch × ranks); a global batch that is not a multiple raises `CogalignError`."""
         per_step = self.per_device_batch_size * self.world_size
         if self.global_batch_size % per_step:
             raise CogalignError(
@@ -62,6 +68,7 @@ class Plan:
 
 
 def parse_assignments(values: list[str], what: str, groups=GROUPS) -> dict:
+    """`GROUP=VALUE` strings (of option `--what`) as a dict; an unknown group raises `CogalignError`."""
     out = {}
     for v in values or []:
         name, sep, value = v.partition("=")
@@ -149,6 +156,8 @@ def new_token_params(model, plan: Plan) -> list:
 
 
 def plan_json(plan: Plan, model) -> dict:
+    """The plan for `--print-plan`: stage, batch sizes, accumulation, and each group's rate and trainable
+    parameter count."""
     params = group_params(model, plan)
     groups = [{"name": g, "lr": plan.lrs[g],
                "trainable_params": sum(p.numel() for p in params[g]) if plan.lrs[g] is not None else 0}

@@ -29,12 +29,16 @@ from cogalign.train.collate import KIND_ID, KINDS, new_stats
 from cogalign.train.data import EpochSampler
 from cogalign.train.stages import GROUPS, group_params
 
+__all__ = ["CogalignTrainer", "quiet_callbacks", "merge_stats", "gather_objects", "MODEL_INPUTS", "RANK_STATE",
+           "TRAIN_LOG", "EVAL_LOG"]
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 RANK_STATE = "rank{}_cogalign_state.json"
 TRAIN_LOG, EVAL_LOG = "train_log.jsonl", "eval_log.jsonl"
 
 
 def merge_stats(total: dict, part: dict) -> None:
+    """Add the collator counters `part` into `total`."""
     for key in ("seen", "truncated_records", "padding"):
         total[key] += part[key]
     total["skipped"].update(part["skipped"])
@@ -50,6 +54,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_objects(obj) -> list:
+    """`obj` from every rank (just `[obj]` outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -60,6 +65,9 @@ def gather_objects(obj) -> list:
 
 
 class CogalignTrainer(Trainer):
+    """`transformers.Trainer` with cogalign's loss split by answer kind, one optimizer group per stage group,
+    `EpochSampler` ordering, and train_log.jsonl / eval_log.jsonl."""
+
     def __init__(self, *args, plan, run_dir: Path, lengths=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan, self.run_dir, self.lengths = plan, Path(run_dir), lengths
@@ -113,6 +121,8 @@ class CogalignTrainer(Trainer):
         return next((i for i in ids if i is not None), 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Token loss over the global batch's supervised tokens (`num_items_in_batch`), summed per answer kind
+        for the logs."""
         self._count(inputs)
         loss_sum, part = self.token_losses(model, inputs)
         self.sums += part
@@ -137,6 +147,8 @@ class CogalignTrainer(Trainer):
 
     # ---- optimizer
     def create_optimizer(self, model=None):
+        """The Trainer's optimizer with one parameter group per stage group (and the new VQ token rows), each at
+        its own rate."""
         if self.optimizer is None:
             params = group_params(self.model, self.plan)
             rates = {**self.plan.lrs, "new_token_rows": self.plan.new_token_lr}
@@ -149,6 +161,7 @@ class CogalignTrainer(Trainer):
         return self.optimizer
 
     def group_lrs(self) -> dict:
+        """Current learning rate of each group."""
         found = {g.get("name"): g["lr"] for g in self.optimizer.param_groups} if self.optimizer else {}
         return {g: found.get(g) for g in (*GROUPS, "new_token_rows") if g in found or g in GROUPS}
 
@@ -164,6 +177,8 @@ class CogalignTrainer(Trainer):
             {k: int(tok[j]) for j, k in enumerate(KINDS)}
 
     def log(self, logs: dict, start_time=None) -> None:
+        """The Trainer's log with the loss per answer kind, token counts and rates; written to train_log.jsonl /
+        eval_log.jsonl; a non-finite loss stops the run."""
         if "loss" in logs:  # a training log: every rank is here (the Trainer gathered tr_loss)
             sums = _all_reduce(self.sums.clone()).cpu()
             self.sums.zero_()
@@ -185,6 +200,7 @@ class CogalignTrainer(Trainer):
 
     # ---- evaluation: the held-out loss per answer kind
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Loss per answer kind over the held-out split (the same token sums as training)."""
         loader = self.get_eval_dataloader(eval_dataset)
         model = self.model_wrapped
         was_training = model.training
@@ -230,6 +246,7 @@ class CogalignTrainer(Trainer):
         target.load_state_dict(loaded.state_dict())
 
     def load_rank_state(self, ckpt: Path) -> None:
+        """Restore this rank's counters from checkpoint `ckpt` (on resume)."""
         path = Path(ckpt) / RANK_STATE.format(self.args.process_index)
         state = json.loads(path.read_text())
         self.stats = {**state["stats"], "skipped": Counter(state["stats"]["skipped"]),

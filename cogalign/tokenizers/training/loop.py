@@ -177,7 +177,9 @@ def train_vq(image_paths: Iterable[str | Path], out_dir: str | Path, *, resume: 
             warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
             ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"vq train: preset {cfg.preset}, {len(names)} images, {cfg.codes} codes, f={f}, {n_params:,} parameters, "
+    n_codebook = model.vq._codebook.embed.numel()  # an EMA buffer, not a parameter (`vq info` counts it)
+    log(f"vq train: preset {cfg.preset}, {len(names)} images, {cfg.codes} codes, f={f}, {n_params:,} trainable "
+        f"parameters + {n_codebook:,} codebook values (EMA), "
         f"steps {start}..{cfg.steps} of {cfg.batch_size}x{cfg.crop}^2 crops x {world} rank(s), lr {cfg.lr:.3g}, "
         f"GAN {'from step ' + str(cfg.disc_start) if disc is not None and cfg.disc_start < cfg.steps else 'off'}, "
         f"LPIPS {'on' if lpips is not None else 'off'}, device {dev}")
