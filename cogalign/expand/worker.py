@@ -32,6 +32,9 @@ from cogalign.targets.splice import make_pair, splice_pairs
 from cogalign.targets.templates import TemplateSampler
 from cogalign.expand.writer import ROW_GROUP_BYTES, dumps, open_shard
 
+__all__ = ["EXPAND", "PASS", "REJECT", "IMAGE_GIVEN", "tokenizer_identity", "WorkerContext", "Prepared", "prepare",
+           "vq_grids", "finish", "trim_memory", "LocalEncoder", "ShardRun"]
+
 EXPAND, PASS, REJECT = "expand", "pass", "reject"
 
 
@@ -89,6 +92,7 @@ class Prepared:
 
     @property
     def record_id(self):
+        """The record's `id` (None when it has none or is not an object)."""
         return self.record.get("id") if isinstance(self.record, dict) else None
 
 
@@ -243,6 +247,7 @@ class LocalEncoder:
         self.next = 0
 
     def submit(self, inputs: list[np.ndarray]) -> int:
+        """Queue one record's crops; a ticket for `result`. A shape's batch is encoded once full."""
         ticket, self.next = self.next, self.next + 1
         self.tickets[ticket] = [list(inputs), [None] * len(inputs), len(inputs)]
         for slot, array in enumerate(inputs):
@@ -261,9 +266,11 @@ class LocalEncoder:
             entry[2] -= 1
 
     def ready(self, ticket: int) -> bool:
+        """Whether every crop of this ticket has its indices."""
         return self.tickets[ticket][2] == 0
 
     def result(self, ticket: int) -> list[np.ndarray]:
+        """The ticket's index grids, in submit order (encoding what is queued if they are not all in)."""
         if not self.ready(ticket):
             for shape in list(self.groups):
                 self._encode(shape)
@@ -292,6 +299,7 @@ class ShardRun:
         self.current = -1  # the record being worked on (a worker crash is blamed on it)
 
     def add(self, index: int, record: object) -> None:
+        """Prepare the record at input position `index`, send its crops to the encoder, write what is ready."""
         self.current = index
         if index in self.crashed:
             prepared = Prepared(index, record, REJECT, "worker_crashed",
@@ -350,6 +358,7 @@ class ShardRun:
         self.current = -1
 
     def take_progress(self) -> tuple[int, int]:
+        """(records written, of them expanded) since the last call."""
         out, (self.done, self.expanded) = (self.done, self.expanded), (0, 0)
         return out
 
@@ -360,6 +369,7 @@ class ShardRun:
         return tmp, self.stats, self.rejects, self.ids, time.perf_counter() - self.started
 
     def abort(self) -> None:
+        """Drop the file under `.partial/` (best effort)."""
         try:
             self.writer.abort()
         except Exception:  # best effort: the error that got us here is the one to report

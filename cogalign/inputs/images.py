@@ -52,6 +52,7 @@ __all__ = [
     "LLAVA_PAD_COLOR",
     "pad_and_resize",
     "RESAMPLE",
+    "psnr_db",
 ]
 
 #: Every reason this module raises (plus "image_bad_type" for a non-string path).

@@ -26,7 +26,7 @@ import orjson
 from cogalign.errors import InputError, RecordError
 
 __all__ = ["detect_format", "iter_records", "count_records", "loads_exact", "RecordCheck", "check_record", "REJECT_REASONS",
-           "INDEX_KEY", "choice_index"]
+           "INDEX_KEY", "choice_index", "HashingReader"]
 
 _BOM = b"\xef\xbb\xbf"
 _WS = b" \t\r\n"
@@ -316,6 +316,7 @@ class HashingReader:
         self.hashed = 0  # bytes [0, hashed) are in the digest
 
     def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes from the file, each hashed the first time it is read."""
         pos = self.f.tell()
         data = self.f.read(n)
         end = pos + len(data)
@@ -336,9 +337,11 @@ class HashingReader:
             pass
 
     def tell(self) -> int:
+        """The file's position."""
         return self.f.tell()
 
     def seek(self, *args) -> int:
+        """Move in the file (`file.seek`); a gap skipped forward is hashed by the next `read`."""
         return self.f.seek(*args)
 
 
