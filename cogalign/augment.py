@@ -120,20 +120,33 @@ class Augmenter:
             out.append(finish(prepared, encoder.result(ticket) if ticket is not None else [], ctx))
         return out
 
-    def map_fn(self, rows, indices=None) -> dict:
+    def map_fn(self, rows, indices=None, errors: str = "raise") -> dict:
         """For `datasets`: `ds.map(aug.map_fn, with_indices=True, batched=True)` (or not batched).
         Returns the columns `expand`'s parquet shards hold for these records: `conversations` with the
         new turns and `cogalign`, the provenance as JSON text (None for a record passed unchanged).
-        A reject raises `RecordError` (filter such rows out first). `indices`: the rows' positions
-        (with_indices), unless the rows carry a `cogalign_index` column."""
-        if isinstance(indices, Sequence) or (indices is None and _is_batch(rows)):
+        `indices`: the rows' positions (with_indices), unless the rows carry a `cogalign_index` column.
+        A reject raises `RecordError`; with `errors="mark"` (`fn_kwargs={"errors": "mark"}`) its row keeps
+        its turns and no provenance, and a `cogalign_reject` column says why (None for the other rows)."""
+        if errors not in ("raise", "mark"):
+            raise ValueError(f"errors={errors!r}: choose 'raise' or 'mark'")
+        batch = isinstance(indices, Sequence) or (indices is None and _is_batch(rows))
+        if batch:
             n = len(next(iter(rows.values()))) if len(rows) else 0
             records = [{key: rows[key][i] for key in rows} for i in range(n)]
-            done = self.add_turns_batch(records, list(indices) if indices is not None else [None] * n)
-            return {"conversations": [r["conversations"] for r in done],
-                    "cogalign": [_provenance_json(r) for r in done]}
-        record = self.add_turns(rows, indices)
-        return {"conversations": record["conversations"], "cogalign": _provenance_json(record)}
+        else:
+            records, n = [rows], 1
+        positions = list(indices) if batch and indices is not None else [None] * n if batch else [indices]
+        done = self.add_turns_batch(records, positions, errors="raise" if errors == "raise" else "return")
+        columns = {"conversations": [], "cogalign": []}
+        rejects = []
+        for record, out in zip(records, done):
+            failed = isinstance(out, RecordError)
+            columns["conversations"].append((record if failed else out)["conversations"])
+            columns["cogalign"].append(None if failed else _provenance_json(out))
+            rejects.append(str(out) if failed else None)
+        if errors == "mark":
+            columns["cogalign_reject"] = rejects
+        return columns if batch else {key: values[0] for key, values in columns.items()}
 
     # -- helpers --------------------------------------------------------------------------------
 

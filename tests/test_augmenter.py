@@ -297,3 +297,17 @@ def test_indices_of_any_integer_type_and_a_null_cogalign_index(expanded, aug):
     assert out["cogalign"] == json.loads(lines[2])["cogalign"]  # null: a column's empty cell, no index
     with pytest.raises(CogalignError, match="index="):
         aug.add_turns(RECORDS[2], None)
+
+
+def test_map_fn_marks_rejects_when_asked(expanded, aug):
+    datasets = pytest.importorskip("datasets")
+    lines, _ = expanded
+    rows = [RECORDS[0], {**BAD[0], "cogalign_index": None}]
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in ("id", "image", "conversations")} for r in rows])
+    with pytest.raises(RecordError, match="image_missing"):
+        ds.map(aug.map_fn, with_indices=True, batched=True)
+    for batched in (True, False):
+        out = ds.map(aug.map_fn, with_indices=True, batched=batched, fn_kwargs={"errors": "mark"})
+        assert out["cogalign_reject"][0] is None and out["cogalign_reject"][1].startswith("image_missing: record 1")
+        assert out[1]["cogalign"] is None and out[1]["conversations"] == BAD[0]["conversations"]
+        assert out[0]["cogalign"] == dumps(json.loads(lines[0])["cogalign"]).decode()
