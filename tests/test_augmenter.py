@@ -311,3 +311,24 @@ def test_map_fn_marks_rejects_when_asked(expanded, aug):
         assert out["cogalign_reject"][0] is None and out["cogalign_reject"][1].startswith("image_missing: record 1")
         assert out[1]["cogalign"] is None and out[1]["conversations"] == BAD[0]["conversations"]
         assert out[0]["cogalign"] == dumps(json.loads(lines[0])["cogalign"]).decode()
+
+
+def test_a_stream_over_two_files_and_two_workers_keeps_expands_choices(expanded, aug, tmp_path, monkeypatch):
+    """Item 2: in a stream read by 2 DataLoader workers, `with_indices` restarts in each worker; the
+    records' `cogalign_index` keeps every record's turns and provenance those of `expand`."""
+    datasets = pytest.importorskip("datasets")
+    torch = pytest.importorskip("torch")
+    lines, _ = expanded
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    files = []
+    for part, (start, stop) in enumerate(((0, 7), (7, len(RECORDS)))):
+        files.append(str(tmp_path / f"part{part}.jsonl"))
+        Path(files[-1]).write_text("".join(json.dumps({**RECORDS[i], "cogalign_index": i}) + "\n" for i in range(start, stop)))
+    stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    stream = stream.map(aug.map_fn, batched=True, batch_size=3)
+    rows = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))  # a file per worker
+    assert sorted(row["cogalign_index"] for row in rows) == list(range(len(RECORDS)))
+    for row in rows:
+        want = json.loads(lines[row["cogalign_index"]])
+        assert row["cogalign"] == (dumps(want["cogalign"]).decode() if "cogalign" in want else None)
+        assert dumps(row["conversations"]) == dumps(want["conversations"])
