@@ -17,7 +17,8 @@ from cogalign.inspect.panels import PANEL, display, panel_origin
 from cogalign.inspect.records import load_manifest
 from cogalign.targets.render import parse_vq
 from cogalign.tokenizers import load_tokenizer
-from cogalign.tokenizers.decoder import load_decoder, load_decoder_spec
+from cogalign.tokenizers.decoder import load_decoder
+from cogalign.tokenizers.presets import load_decoder_spec
 from helpers import EXAMPLES, FAST, run_cli
 from tokenizer_fixtures import TINY_PARAMS, make_random_taming_state, photos, taming_yaml
 

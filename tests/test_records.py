@@ -497,6 +497,7 @@ def test_check_record_near_records(value):
 )
 def test_well_formed_records_are_never_rejected(n, image, extra, values):
     record = dict(extra)
+    values = [v.replace("<image>", "") for v in values]  # hypothesis draws the code's own string constants too
     record["conversations"] = [{"from": "human" if k % 2 == 0 else "gpt", "value": values[k]} for k in range(2 * n)]
     if image is not None or n % 2:
         record["image"] = image

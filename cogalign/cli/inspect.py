@@ -31,7 +31,7 @@ def _pinned_hub_spec(opts: dict) -> Optional[str]:
 def _decoder(out: Path, manifest: dict, vq: Optional[str], trust_pickle: bool):
     """The decoder of --vq or of the run's tokenizer; None (VQ panels left blank) for a run without VQ targets."""
     from cogalign.tokenizers import TokenizerError, load_tokenizer
-    from cogalign.tokenizers.decoder import load_decoder_spec
+    from cogalign.tokenizers.presets import load_decoder_spec
 
     opts = manifest.get("options", {})
     if "vq" not in opts.get("targets", ["vq"]) and vq is None:

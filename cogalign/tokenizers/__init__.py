@@ -7,7 +7,7 @@
 """
 from cogalign.tokenizers.base import TokenizerError, VQTokenizer
 from cogalign.tokenizers.decoder import VQDecoder, load_decoder
-from cogalign.tokenizers.presets import list_presets, load_tokenizer
+from cogalign.tokenizers.presets import list_presets, load_decoder_spec, load_tokenizer
 from cogalign.tokenizers.taming import TamingVQTokenizer, load_taming
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "list_presets",
     "VQDecoder",
     "load_decoder",
+    "load_decoder_spec",
 ]

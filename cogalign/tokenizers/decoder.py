@@ -19,7 +19,7 @@ from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, apply_attn_type, 
                                              quantizer_kind, read_config, read_state_dict, strip_prefix)
 
 
-__all__ = ["VQDecoder", "load_decoder", "decoder_from_files", "load_decoder_spec"]
+__all__ = ["VQDecoder", "load_decoder", "decoder_from_files"]
 
 
 class VQDecoder(nn.Module):
@@ -102,11 +102,3 @@ def decoder_from_files(ckpt: Path, cfg: Path, trust_pickle: bool = False, name: 
                              f"{len(unexpected)} unexpected, e.g. {', '.join(bad)}); check that this yaml belongs to it")
     model.content_hash = hash_state_dict(sd)
     return model
-
-
-def load_decoder_spec(spec: str, trust_pickle: bool = False) -> VQDecoder:
-    """Like `load_tokenizer`: a name, hf://OWNER/REPO or a path."""
-    from cogalign.tokenizers.presets import resolve
-
-    path, name = resolve(spec)
-    return load_decoder(path, trust_pickle=trust_pickle, name=name)

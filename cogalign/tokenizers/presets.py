@@ -20,7 +20,7 @@ from cogalign.tokenizers.taming import load_taming
 
 __all__ = [
     "DEMO_DIR", "VQGAN_4096_ENV", "cogalign_home", "vqgan_4096_dir", "config_file", "list_presets", "resolve",
-    "check_installed", "is_local", "load_tokenizer",
+    "check_installed", "is_local", "load_tokenizer", "load_decoder_spec",
 ]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -166,3 +166,11 @@ def load_tokenizer(spec: str = "demo", device: str | torch.device = "cpu", trust
     path to a taming checkpoint folder or file."""
     path, name = resolve(spec)
     return load_taming(path, device=device, trust_pickle=trust_pickle, name=name)
+
+
+def load_decoder_spec(spec: str, trust_pickle: bool = False):
+    """The decoder half (`VQDecoder`) named like `load_tokenizer`: a name, hf://OWNER/REPO or a path."""
+    from cogalign.tokenizers.decoder import load_decoder
+
+    path, name = resolve(spec)
+    return load_decoder(path, trust_pickle=trust_pickle, name=name)
