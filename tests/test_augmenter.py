@@ -1,6 +1,7 @@
 """The per-record public API (issue 17, section 1): `cogalign.Augmenter` gives `cogalign expand`'s
 records byte for byte, record by record, inside `datasets.map` and a `DataLoader`."""
 import io
+import os
 import json
 import pickle
 import re
@@ -37,6 +38,13 @@ def _expand(tmp: Path, records: list, options=OPTIONS) -> tuple[list[bytes], lis
     lines = b"".join(p.read_bytes() for p in sorted((tmp / "out" / "data").glob("*.jsonl"))).splitlines()
     rejects = [json.loads(line) for line in (tmp / "out" / "rejects.jsonl").read_text().splitlines()]
     return lines, rejects
+
+
+@pytest.fixture(autouse=True)
+def _keep_os_environ(monkeypatch):
+    """`datasets.Dataset.map(num_proc>1)` rebinds `os.environ` to a plain copy (datasets 4.x), which
+    cuts later tests' `CliRunner(env=...)` off from rich's console: put the real one back."""
+    monkeypatch.setattr(os, "environ", os.environ)
 
 
 @pytest.fixture(scope="module")
