@@ -4,7 +4,7 @@ The public names, imported on first use (so `import cogalign` stays cheap and lo
 `Augmenter` (the per-record API), `ExpandOptions`, `RecordError`, `CogalignError`, `Runtime`,
 `run_expand` (the whole `cogalign expand` job; `cogalign.expand` is the subpackage of the run).
 """
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 __all__ = ["Augmenter", "ExpandOptions", "RecordError", "CogalignError", "Runtime", "run_expand", "__version__"]
 

@@ -104,3 +104,14 @@ def test_the_package_is_marked_typed():
     assert "cogalign" in wheel["packages"] and not any("typed" in x for x in wheel.get("exclude", []))
     ignored = subprocess.run(["git", "check-ignore", "-q", str(PACKAGE / "py.typed")], cwd=PACKAGE.parent)
     assert ignored.returncode != 0  # 0: git ignores it (128: no git checkout, nothing to ignore it)
+
+
+def test_the_version_is_one_and_in_the_changelog():
+    """`cogalign.__version__` (manifests and cards print it) is pyproject's version and has a CHANGELOG entry."""
+    import re
+
+    import cogalign
+
+    tomllib = pytest.importorskip("tomllib")
+    assert tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["version"] == cogalign.__version__
+    assert re.search(rf"^## \[{re.escape(cogalign.__version__)}\]", (PACKAGE.parent / "CHANGELOG.md").read_text(), re.M)
