@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError, RecordError
-from cogalign.expand.worker import EXPAND, IMAGE_GIVEN, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, finish, prepare, \
-    tokenizer_identity
+from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, check_given, finish, \
+    prepare, tokenizer_identity
 from cogalign.expand.writer import dumps
 from cogalign.inputs.embedded import EmbeddedImage
-from cogalign.inputs.records import check_record, choice_index
+from cogalign.inputs.records import choice_index
 from cogalign.options import ExpandOptions
 from cogalign.targets.plan import TurnPlan, plan_turns
 
@@ -68,10 +68,8 @@ class Augmenter:
     def plan(self, record: Mapping, index: int | None = None) -> list[TurnPlan]:
         """The choices `expand` makes for this record at this position (no image is read): one
         `TurnPlan` (kind, region, template_id, position) per target kind."""
-        record = dict(record)
-        if record.get("image") is not None and not isinstance(record["image"], (str, list)):
-            record["image"] = IMAGE_GIVEN  # an image held in memory (a datasets Image column)
-        check = check_record(record)
+        record, given = _image_column(dict(record), index)
+        check = check_given(record, given)
         if check.action == PASS:
             return []
         opts, ctx = self._ctx.options, self._ctx
@@ -83,7 +81,8 @@ class Augmenter:
         """The record as `expand` writes it at input position `index`: the new (human, gpt) pairs
         spliced into `conversations` and the `cogalign` provenance. A text-only (or video) record
         comes back unchanged. `image`: the record's image in memory or by path (a path, `pathlib.Path`,
-        `PIL.Image`, uint8 array, bytes or a `{bytes, path}` dict), used instead of its `image` value.
+        `PIL.Image`, uint8 array, bytes or a `{bytes, path}` dict), used instead of its (first) `image` value;
+        a record without an `image` is passed (or rejected) as expand would, whatever `image` says.
         A record that cannot be expanded raises `RecordError` with `expand`'s reject reason."""
         return self.add_turns_batch([record], [index], [image])[0]
 
@@ -164,18 +163,49 @@ class Augmenter:
                     index = self._position(record, index)
                 except RecordError as e:
                     return Prepared(0, record, REJECT, e.reason, e.detail)
-            value = record.get("image")
-            if image is None and value is not None and not isinstance(value, (str, list)):  # a datasets Image column...
-                image = value
-                if isinstance(value, dict) and set(value) <= {"bytes", "path"}:  # ...kept as expand keeps it: its path
-                    if value.get("bytes") is not None:
-                        record["image"] = EmbeddedImage(value.get("path") or f"embedded-{index}", value["bytes"])
-                        image = None
-                    elif value.get("path") is not None:
-                        record["image"], image = value["path"], None
+            record, held = _image_column(record, index)
+            image = held if image is None else image
         elif index is None:
             index = 0
         return prepare(index, record, self._ctx, image)
+
+
+_NO_IMAGE = object()
+
+
+def _image_item(value, name: str):
+    """One `image` value as expand's parquet reader takes it: a `{bytes, path}` dict (a `datasets` Image
+    cell) as an EmbeddedImage (its bytes) or its path, or _NO_IMAGE (neither); any other value as it is."""
+    if not (isinstance(value, dict) and set(value) <= {"bytes", "path"}):
+        return value
+    if value.get("bytes") is not None:
+        return EmbeddedImage(value.get("path") or name, value["bytes"])
+    return value["path"] if value.get("path") is not None else _NO_IMAGE
+
+
+def _image_column(record: dict, index: int | None) -> tuple[dict, object]:
+    """(the record with its `image` value read as `expand` reads a parquet cell, the image it holds in
+    memory or None): `{bytes, path}` dicts become the path (their bytes kept), empty ones no image (the
+    key dropped, as expand drops it); a PIL image, array or bytes, alone or first of a list, is the image
+    given for the record's pixels. A list keeps its other items (only the first image is read)."""
+    value = record.get("image")
+    if value is None or isinstance(value, str):
+        return record, None
+    name = f"embedded-{0 if index is None else index}"
+    if isinstance(value, list):
+        items = [_image_item(v, f"{name}-{k}") for k, v in enumerate(value)]
+        value = [v for v in items if v is not _NO_IMAGE] if value else value
+        if value == []:
+            record.pop("image")
+            return record, None
+        record["image"] = value
+        return record, None if isinstance(value[0], str) else value[0]
+    value = _image_item(value, name)
+    if value is _NO_IMAGE:
+        record.pop("image")
+        return record, None
+    record["image"] = value
+    return record, None if isinstance(value, str) else value
 
 
 def _is_batch(rows) -> bool:

@@ -340,3 +340,65 @@ def test_a_stream_over_two_files_and_two_workers_keeps_expands_choices(expanded,
         want = json.loads(lines[row["cogalign_index"]])
         assert row["cogalign"] == (dumps(want["cogalign"]).decode() if "cogalign" in want else None)
         assert dumps(row["conversations"]) == dumps(want["conversations"])
+
+
+# -- an outside check (helper c2): records and rows a data engineer brings --------------------------------------
+
+TEXT = next(r for r in RECORDS if "image" not in r)
+TWO = [{"from": "human", "value": "<image>\n<image>\nCompare them."}, {"from": "gpt", "value": "Two photos."}]
+
+
+def test_an_image_given_for_a_record_without_one_is_not_spliced_in(aug):
+    """A text-only or video record with `image=` came back with VQ/RGB turns about an image it does not
+    name (no `image` key, no `<image>` token): a record that looks valid but is not. It is passed
+    (or rejected) as expand passes it, and `plan` agrees."""
+    path = ROOT / RECORDS[0]["image"]
+    for record in (TEXT, {**TEXT, "image": None}, {**RECORDS[0], "video": "v.mp4", "image": None},
+                   {**RECORDS[0], "image": None}):
+        if "<image>" in json.dumps(record["conversations"]) and record.get("video") is None:
+            with pytest.raises(RecordError, match="image_token_without_image"):
+                aug.add_turns(record, 3, image=path)
+        else:
+            assert aug.add_turns(record, 3, image=path) == record
+            assert aug.add_turns_batch([record], [3], [Image.open(path)]) == [record]
+            assert aug.plan(record, 3) == []
+
+
+def _two_images(data):
+    return {"id": "two", "image": data, "conversations": TWO}
+
+
+def test_a_list_of_images_in_a_datasets_column_is_read_as_expand_reads_it(aug, tmp_path):
+    """`datasets.Sequence(Image())` rows (several images, as PIL images or {bytes, path} dicts) were
+    rejected as image_bad_type; expand reads the same parquet and expands them."""
+    datasets = pytest.importorskip("datasets")
+    names = [RECORDS[0]["image"], RECORDS[1]["image"]]
+    structs = [{"bytes": (ROOT / n).read_bytes(), "path": n} for n in names]
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Sequence(datasets.Image()),
+                                  "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+    datasets.Dataset.from_list([_two_images(structs)], features=features).to_parquet(tmp_path / "in.parquet")
+    run_expand(tmp_path / "in.parquet", tmp_path / "out", OPTIONS, Runtime(workers=0, progress=False), image_root=ROOT)
+    want = json.loads(next((tmp_path / "out" / "data").glob("*.jsonl")).read_text())
+    assert len(want["conversations"]) == 6
+    assert dumps(aug.add_turns(_two_images(names), 0)) == dumps(want)
+    assert dumps(aug.add_turns(_two_images(structs), 0)) == dumps(want)
+    assert aug.add_turns(_two_images([Image.open(ROOT / n) for n in names]), 0)["cogalign"] == want["cogalign"]
+    assert aug.plan(_two_images([Image.open(ROOT / n) for n in names]), 0) == aug.plan(_two_images(names), 0)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "in.parquet"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    for column in (ds, ds.cast_column("image", datasets.Sequence(datasets.Image(decode=False)))):
+        row = column.map(aug.map_fn, with_indices=True, batched=True)[0]
+        assert row["cogalign"] == dumps(want["cogalign"]).decode()
+        assert dumps(row["conversations"]) == dumps(want["conversations"])
+
+
+def test_an_empty_image_struct_is_no_image_as_in_expand(aug):
+    """A `{bytes: None, path: None}` cell (a parquet Image column's text-only row) was rejected as
+    image_bad_type; expand reads it as no image: text-only passes, an `<image>` token is rejected."""
+    empty = {"bytes": None, "path": None}
+    assert aug.add_turns({**TEXT, "image": empty}, 3)["conversations"] == TEXT["conversations"]
+    assert "cogalign" not in aug.add_turns({**TEXT, "image": empty}, 3)
+    assert aug.plan({**TEXT, "image": empty}, 3) == []
+    with pytest.raises(RecordError, match="image_token_without_image"):
+        aug.add_turns({**RECORDS[0], "image": empty}, 0)
+    assert aug.add_turns({**TEXT, "image": [empty]}, 3)["conversations"] == TEXT["conversations"]

@@ -32,7 +32,7 @@ from cogalign.targets.splice import make_pair, splice_pairs
 from cogalign.targets.templates import TemplateSampler
 from cogalign.expand.writer import ROW_GROUP_BYTES, dumps, open_shard
 
-__all__ = ["EXPAND", "PASS", "REJECT", "IMAGE_GIVEN", "tokenizer_identity", "WorkerContext", "Prepared", "prepare",
+__all__ = ["EXPAND", "PASS", "REJECT", "IMAGE_GIVEN", "check_given", "tokenizer_identity", "WorkerContext", "Prepared", "prepare",
            "vq_grids", "finish", "trim_memory", "LocalEncoder", "ShardRun"]
 
 EXPAND, PASS, REJECT = "expand", "pass", "reject"
@@ -116,13 +116,23 @@ def prepare(index: int, record: object, ctx: WorkerContext, image=None) -> Prepa
 IMAGE_GIVEN = "<image given>"  # what a record's `image` is checked as when the caller gives the image itself
 
 
+def check_given(record: object, given=None):
+    """`check_record`, with the pixels of the record's first image `given` by the caller: the record's
+    `image` value (a path, or one held in memory) is checked as a path would be. A record with no
+    `image` (text-only, video) is checked as it is: a given image never makes it an image record."""
+    value = record.get("image") if isinstance(record, dict) else None
+    if given is None or value is None:
+        return check_record(record)
+    if isinstance(value, list):  # several images: the first is given, the others stay as they are
+        stand_in = [IMAGE_GIVEN, *(v if isinstance(v, str) else IMAGE_GIVEN for v in value[1:])] if value else value
+    else:
+        stand_in = IMAGE_GIVEN
+    return check_record({**record, "image": stand_in})
+
+
 def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContext, given=None) -> Prepared:
     opts = ctx.options
-    if given is not None and isinstance(record, dict) and not (
-            isinstance(record.get("image"), list) and all(isinstance(i, str) for i in record["image"])):
-        check = check_record({**record, "image": IMAGE_GIVEN})  # its pixels come from `given`
-    else:
-        check = check_record(record)
+    check = check_given(record, given)
     if check.action == PASS:
         return Prepared(index, record, PASS, check.pass_reason, converted=converted)
     if given is not None:
