@@ -140,7 +140,7 @@ class Augmenter:
         rejects = []
         for record, out in zip(records, done):
             failed = isinstance(out, RecordError)
-            columns["conversations"].append((record if failed else out)["conversations"])
+            columns["conversations"].append((record if failed else out).get("conversations"))
             columns["cogalign"].append(None if failed else _provenance_json(out))
             rejects.append(str(out) if failed else None)
         if errors == "mark":
@@ -209,9 +209,14 @@ def _image_column(record: dict, index: int | None) -> tuple[dict, object]:
 
 
 def _is_batch(rows) -> bool:
-    """A `datasets` batch (columns of lists), not one row."""
-    conv = rows.get("conversations") if isinstance(rows, Mapping) else None
-    return isinstance(conv, list) and (not conv or isinstance(conv[0], list))
+    """A `datasets` batch (every column a list of one length, the turns column a list of lists or
+    nulls), not one row (whose turns column holds turns, is empty, or is not a list)."""
+    if not isinstance(rows, Mapping) or not rows:
+        return False
+    turns = rows.get("conversations", rows.get("messages"))
+    if not isinstance(turns, list) or any(t is not None and not isinstance(t, list) for t in turns):
+        return False
+    return all(isinstance(column, list) and len(column) == len(turns) for column in rows.values())
 
 
 def _provenance_json(record: dict) -> str | None:

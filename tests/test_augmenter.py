@@ -402,3 +402,24 @@ def test_an_empty_image_struct_is_no_image_as_in_expand(aug):
     with pytest.raises(RecordError, match="image_token_without_image"):
         aug.add_turns({**RECORDS[0], "image": empty}, 0)
     assert aug.add_turns({**TEXT, "image": [empty]}, 3)["conversations"] == TEXT["conversations"]
+
+
+def test_map_fn_tells_a_batch_from_a_row_whatever_the_rows_hold(expanded, aug):
+    """Without `with_indices` (the rows carry `cogalign_index`), a batch whose first row had null
+    `conversations`, or a row whose `conversations` was empty, was taken for the other kind: datasets
+    stopped with a TypeError / IndexError. Chat-format rows (`messages`) were taken for one row."""
+    datasets = pytest.importorskip("datasets")
+    lines, _ = expanded
+    rows = [{**RECORDS[0], "conversations": None}, RECORDS[1], {**RECORDS[2], "conversations": []}, RECORDS[3]]
+    ds = datasets.Dataset.from_list([{**{k: r.get(k) for k in ("id", "image", "conversations")}, "cogalign_index": i}
+                                     for i, r in enumerate(rows)])
+    for batched in (True, False):
+        out = ds.map(aug.map_fn, batched=batched, batch_size=2, fn_kwargs={"errors": "mark"})
+        assert [(r or "").split(":")[0] for r in out["cogalign_reject"]] == \
+            ["conversations_not_list", "", "conversations_empty", ""]
+        assert [out[i]["cogalign"] for i in (1, 3)] == [dumps(json.loads(lines[i])["cogalign"]).decode() for i in (1, 3)]
+    chat = {"id": ["a", "b"], "image": [RECORDS[0]["image"], "images/nope.png"], "cogalign_index": [0, 1],
+            "messages": [[{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A photo."}]] * 2}
+    out = aug.map_fn(chat, errors="mark")
+    assert out["cogalign_reject"][0] is None and out["cogalign_reject"][1].startswith("image_missing")
+    assert len(out["conversations"][0]) == 6 and out["conversations"][1] is None  # a reject keeps no turns of its own
