@@ -22,7 +22,7 @@ from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared,
     prepare, tokenizer_identity
 from cogalign.expand.writer import dumps
 from cogalign.inputs.embedded import EmbeddedImage
-from cogalign.inputs.records import choice_index
+from cogalign.inputs.records import MAX_INDEX, choice_index
 from cogalign.options import ExpandOptions
 from cogalign.targets.plan import TurnPlan, plan_turns
 
@@ -73,7 +73,7 @@ class Augmenter:
         if check.action == PASS:
             return []
         opts, ctx = self._ctx.options, self._ctx
-        return plan_turns(opts.seed, self._position(record, index), check.n_pairs, opts.targets, opts.regions,
+        return plan_turns(opts.seed, self._position(record, _index(index)), check.n_pairs, opts.targets, opts.regions,
                           {"vq": opts.vq_resolution, "px": opts.px_resolution}, {"vq": ctx.vq_factor, "px": 1},
                           ctx.sampler)
 
@@ -93,7 +93,7 @@ class Augmenter:
         `RecordError` in its place in the list instead of raising."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'return'")
-        indices = [None] * len(records) if indices is None else [None if i is None else operator.index(i) for i in indices]
+        indices = [None] * len(records) if indices is None else [_index(i) for i in indices]
         images = [None] * len(records) if images is None else list(images)
         if not len(records) == len(indices) == len(images):
             raise ValueError(f"{len(records)} records, {len(indices)} indices and {len(images)} images: give one of each")
@@ -168,6 +168,20 @@ class Augmenter:
         elif index is None:
             index = 0
         return prepare(index, record, self._ctx, image)
+
+
+def _index(value) -> int | None:
+    """A record's position as given (`index=`): an integer from 0 to 2**63 - 1, or None."""
+    if value is None:
+        return None
+    try:
+        index = operator.index(value)  # numpy integers too, not floats or strings
+    except TypeError:
+        index = -1
+    if isinstance(value, bool) or not 0 <= index <= MAX_INDEX:
+        raise CogalignError(f"Augmenter: index={value!r}: expected the record's position in the input, an integer "
+                            f"from 0 to {MAX_INDEX} (or None to use its `cogalign_index`)")
+    return index
 
 
 _NO_IMAGE = object()

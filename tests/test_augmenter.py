@@ -423,3 +423,18 @@ def test_map_fn_tells_a_batch_from_a_row_whatever_the_rows_hold(expanded, aug):
     out = aug.map_fn(chat, errors="mark")
     assert out["cogalign_reject"][0] is None and out["cogalign_reject"][1].startswith("image_missing")
     assert len(out["conversations"][0]) == 6 and out["conversations"][1] is None  # a reject keeps no turns of its own
+
+
+@pytest.mark.parametrize("index", [-1, 2**63, "3", 3.0, True])
+def test_a_bad_index_is_one_line_naming_index(aug, index):
+    """index=-1 came back as an `internal_error` RecordError carrying a traceback; "3" and 3.0 as a bare
+    TypeError; 2**63 made a record whose provenance JSON cannot hold its index."""
+    with pytest.raises(CogalignError) as info:
+        aug.add_turns(RECORDS[0], index)
+    message = str(info.value)
+    assert not isinstance(info.value, RecordError) and "\n" not in message and "Traceback" not in message
+    assert f"index={index!r}" in message and "from 0 to" in message
+    with pytest.raises(CogalignError, match="index="):
+        aug.add_turns_batch([RECORDS[0]], [index], errors="return")
+    with pytest.raises(CogalignError, match="index="):
+        aug.plan(RECORDS[0], index)
