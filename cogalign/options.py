@@ -121,6 +121,10 @@ class ExpandOptions:
                               ("vq_scope", VQ_SCOPES), ("format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        for name in ("allow_absolute_paths", "embed_images", "vq_channels_last", "vq_compile"):
+            if not isinstance(getattr(self, name), bool):  # "false" is truthy: refuse, never guess
+                flag = {"vq_channels_last": "channels-last", "vq_compile": "compile"}.get(name, name.replace("_", "-"))
+                raise OptionError(f"--{flag} {getattr(self, name)!r}: give True or False")
         if self.embed_images and self.format != "parquet":
             raise OptionError(f"--embed-images needs --format parquet (got {self.format!r}): "
                               "LLaVA JSON files hold image paths, not bytes")

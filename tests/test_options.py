@@ -38,6 +38,12 @@ def test_strings_and_ints_are_normalised():
     ({"regions": "center", "px_resolution": 2}, "use px_resolution=3 or larger", "use --px-resolution 3 or larger"),
     ({"vq_precision": "half"}, "vq_precision='half': choose from", "--precision 'half': choose from"),
     ({"format": "jsonl", "embed_images": True}, "embed_images needs format parquet", "--embed-images needs --format parquet"),
+    # a switch given as a string was truthy: allow_absolute_paths="false" read files outside the image root
+    ({"allow_absolute_paths": "false"}, "allow_absolute_paths='false': give True or False",
+     "--allow-absolute-paths 'false': give True or False"),
+    ({"embed_images": "yes"}, "embed_images='yes'", "--embed-images 'yes'"),
+    ({"vq_channels_last": 1}, "vq_channels_last=1", "--channels-last 1"),
+    ({"vq_compile": None}, "vq_compile None: give True or False", "--compile None"),
 ])
 def test_bad_values_are_refused_in_the_constructor(changes, message, cli):
     """From Python the error names the parameter the caller passed (issue 17, item 11); the CLI's
