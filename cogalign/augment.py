@@ -125,7 +125,7 @@ class Augmenter:
         new turns and `cogalign`, the provenance as JSON text (None for a record passed unchanged).
         `indices`: the rows' positions (with_indices), unless the rows carry a `cogalign_index` column.
         A reject raises `RecordError`; with `errors="mark"` (`fn_kwargs={"errors": "mark"}`) its row keeps
-        its turns and no provenance, and a `cogalign_reject` column says why (None for the other rows)."""
+        its turns and the provenance it had (none, unless it was expanded before), and a `cogalign_reject` column says why (None for the other rows)."""
         if errors not in ("raise", "mark"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'mark'")
         batch = isinstance(indices, Sequence) or (indices is None and _is_batch(rows))
@@ -141,7 +141,7 @@ class Augmenter:
         for record, out in zip(records, done):
             failed = isinstance(out, RecordError)
             columns["conversations"].append((record if failed else out).get("conversations"))
-            columns["cogalign"].append(None if failed else _provenance_json(out))
+            columns["cogalign"].append(_provenance_json(record if failed else out))  # a reject keeps what it had
             rejects.append(str(out) if failed else None)
         if errors == "mark":
             columns["cogalign_reject"] = rejects
@@ -234,8 +234,9 @@ def _is_batch(rows) -> bool:
 
 
 def _provenance_json(record: dict) -> str | None:
-    """The provenance as `expand`'s parquet `cogalign` column holds it."""
-    return dumps(record["cogalign"]).decode() if record.get("cogalign") is not None else None
+    """The provenance as `expand`'s parquet `cogalign` column holds it (JSON text, kept as it is)."""
+    value = record.get("cogalign")
+    return value if value is None or isinstance(value, str) else dumps(value).decode()
 
 
 def _restore(options: ExpandOptions, image_root: str, device: str, identity: dict | None) -> Augmenter:

@@ -438,3 +438,19 @@ def test_a_bad_index_is_one_line_naming_index(aug, index):
         aug.add_turns_batch([RECORDS[0]], [index], errors="return")
     with pytest.raises(CogalignError, match="index="):
         aug.plan(RECORDS[0], index)
+
+
+def test_an_expanded_record_is_not_expanded_again(expanded, aug, tmp_path):
+    """expand's own output, read back (by expand, or by `datasets` then the Augmenter), got a second set
+    of turns while its provenance listed only the new ones: the first turns were unaccounted for."""
+    datasets = pytest.importorskip("datasets")
+    lines, _ = expanded
+    again = [json.loads(line) for line in lines[:3]]
+    with pytest.raises(RecordError, match="already_expanded"):
+        aug.add_turns(again[0], 0)
+    ds = datasets.Dataset.from_list([{**r, "cogalign": dumps(r["cogalign"]).decode()} for r in again])
+    out = ds.map(aug.map_fn, with_indices=True, batched=True, fn_kwargs={"errors": "mark"})
+    assert all(reason.startswith("already_expanded") for reason in out["cogalign_reject"])
+    assert out["conversations"] == [r["conversations"] for r in again] and out["cogalign"] == ds["cogalign"]
+    _, rejects = _expand(tmp_path, again)
+    assert [r["reason"] for r in rejects] == ["already_expanded"] * 3

@@ -135,6 +135,9 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     check = check_given(record, given)
     if check.action == PASS:
         return Prepared(index, record, PASS, check.pass_reason, converted=converted)
+    if record.get("cogalign") is not None:  # new provenance would hide the turns the old one lists
+        raise RecordError("already_expanded", "the record already holds cogalign turns (it has `cogalign` "
+                          "provenance): expand the original input instead, with every target at once")
     if given is not None:
         name = record.get("image") if isinstance(record.get("image"), str) else f"the image of record {index}"
         image, data = load_image_object(given, name, opts.max_image_pixels, ctx.image_root, opts.allow_absolute_paths)
