@@ -54,6 +54,19 @@ def test_px_refuses_what_parse_px_cannot_read_back(dtype):
     np.testing.assert_array_equal(parse_px(px_text(converted)), fine.reshape(-1, 3).astype(np.int64))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_px_floats_in_0_1_are_told_to_scale_by_255(dtype):
+    """Floats in [0, 1] (a normalised image) were told `x.round().astype(np.uint8)`: that conversion,
+    done as written, turns the image into 0s and 1s (near black)."""
+    image = np.random.default_rng(0).random((4, 5, 3)).astype(dtype)
+    with pytest.raises(ValueError) as info:
+        px_text(image)
+    fix = str(info.value).rsplit("convert with ", 1)[1]
+    converted = eval(fix, {"np": np, "x": image})
+    assert converted.dtype == np.uint8 and converted.max() > 200
+    np.testing.assert_array_equal(converted, (image * 255).round().astype(np.uint8))
+
+
 def test_px_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         px_list_text(np.zeros((4, 4), np.uint8))

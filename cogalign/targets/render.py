@@ -49,7 +49,9 @@ def _as_pixels(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"pixels must have shape (..., 3), got {arr.shape}")
     if arr.dtype != np.uint8:
         # RGB text holds 0..255 per channel; parse_px reads nothing else back
-        if arr.dtype.kind in "iuf" and arr.size and 0 <= arr.min() and arr.max() <= 255:
+        if arr.dtype.kind == "f" and arr.size and 0 <= arr.min() and arr.max() <= 1:
+            fix = "floats in 0..1: scale them by 255; convert with (x * 255).round().astype(np.uint8)"
+        elif arr.dtype.kind in "iuf" and arr.size and 0 <= arr.min() and arr.max() <= 255:
             fix = "values are in 0..255: convert with " + (
                 "x.astype(np.uint8)" if arr.dtype.kind in "iu" else "x.round().astype(np.uint8)")
         elif arr.dtype.kind in "iuf" and arr.size:
