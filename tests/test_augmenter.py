@@ -454,3 +454,14 @@ def test_an_expanded_record_is_not_expanded_again(expanded, aug, tmp_path):
     assert out["conversations"] == [r["conversations"] for r in again] and out["cogalign"] == ds["cogalign"]
     _, rejects = _expand(tmp_path, again)
     assert [r["reason"] for r in rejects] == ["already_expanded"] * 3
+
+
+def test_tokenizer_option_errors_name_the_python_parameters():
+    """From Python, `vq_precision="fp16"` on the CPU said "--precision fp16 is refused ... use --precision
+    bf16": flags the caller never passed. The CLI keeps its flags (`cli_message`)."""
+    from cogalign.cli.util import error_text
+
+    with pytest.raises(CogalignError) as info:
+        Augmenter(ExpandOptions(vq_precision="fp16", vq_resolution=64, px_resolution=16), image_root=ROOT, device="cpu")
+    assert "vq_precision fp16 is refused on the CPU" in str(info.value) and "--" not in str(info.value)
+    assert "--precision fp16" in error_text(info.value) and "\n" not in str(info.value)

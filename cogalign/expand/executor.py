@@ -21,7 +21,7 @@ import orjson
 
 from cogalign.expand import distributed, estimate, report, validate
 from cogalign.expand import layout as layout_mod
-from cogalign.errors import CogalignError, OptionError
+from cogalign.errors import CogalignError, OptionError, python_wording
 from cogalign.expand.identity import input_identity
 from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.expand.layout import Layout
@@ -78,8 +78,15 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         from cogalign.tokenizers import load_tokenizer
 
         device = distributed.device_for(work or distributed.WorkSlice(), runtime.device)
-        tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
-        tokenizer.set_encoder_mode(options.vq_precision, options.vq_channels_last, options.vq_compile)
+        try:
+            tokenizer = load_tokenizer(options.vq, device=device, trust_pickle=runtime.trust_pickle)
+            tokenizer.set_encoder_mode(options.vq_precision, options.vq_channels_last, options.vq_compile)
+        except CogalignError as e:  # worded with flags: from Python, name the parameters (the CLI keeps the flags)
+            if getattr(e, "cli_message", None) or python_wording(str(e)) == str(e):
+                raise
+            worded = type(e)(python_wording(str(e)))
+            worded.cli_message = str(e)
+            raise worded from None
         (h, w), f = options.vq_resolution, tokenizer.downsample
         if h % f or w % f:
             raise OptionError(f"--vq-resolution {h}x{w} is not a multiple of the tokenizer's "
