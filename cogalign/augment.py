@@ -93,6 +93,9 @@ class Augmenter:
         `RecordError` in its place in the list instead of raising."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'return'")
+        if isinstance(records, Mapping):
+            raise CogalignError(f"Augmenter.add_turns_batch: records is a mapping of {len(records)} columns (a "
+                                "datasets batch?); give a list of records, or use map_fn on column batches")
         indices = [None] * len(records) if indices is None else [_index(i) for i in indices]
         images = [None] * len(records) if images is None else list(images)
         if not len(records) == len(indices) == len(images):

@@ -465,3 +465,14 @@ def test_tokenizer_option_errors_name_the_python_parameters():
         Augmenter(ExpandOptions(vq_precision="fp16", vq_resolution=64, px_resolution=16), image_root=ROOT, device="cpu")
     assert "vq_precision fp16 is refused on the CPU" in str(info.value) and "--" not in str(info.value)
     assert "--precision fp16" in error_text(info.value) and "\n" not in str(info.value)
+
+
+def test_a_batch_of_columns_is_refused_in_one_line(aug):
+    """`add_turns_batch(ds[0:3], range(3))` (a `datasets` slice is a dict of columns) was read as one
+    record per column name: '2 records, 3 indices' or each name rejected as `not_an_object`."""
+    columns = {"id": [r.get("id") for r in RECORDS[:3]], "image": [r.get("image") for r in RECORDS[:3]],
+               "conversations": [r["conversations"] for r in RECORDS[:3]]}
+    for indices in (range(3), None):
+        with pytest.raises(CogalignError, match="columns") as info:
+            aug.add_turns_batch(columns, indices, errors="return")
+        assert "map_fn" in str(info.value) and not isinstance(info.value, RecordError)
