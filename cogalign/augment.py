@@ -12,6 +12,7 @@ record its `cogalign_index` before a filter, shuffle or stream changes the posit
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class Augmenter:
 
     `options`: what shapes the output (as for `expand`); the tokenizer (`options.vq`) and the templates
     (`options.templates`) are loaded once, here. `image_root`: the folder relative `image` paths
-    resolve under (default: the current folder). `device`: where the VQ encoder runs (`auto`: a GPU
+    resolve under (default: the current folder; made absolute here, once). `device`: where the VQ encoder runs (`auto`: a GPU
     if there is one). `tokenizer` is the loaded tokenizer (None without VQ targets); a change of its
     encoder mode (`set_encoder_mode`) shows in the provenance of the records made after it.
 
@@ -49,7 +50,7 @@ class Augmenter:
         self.options = options if options is not None else ExpandOptions()
         if not isinstance(self.options, ExpandOptions):
             raise CogalignError(f"Augmenter: options must be an ExpandOptions, got {type(self.options).__name__}")
-        self.image_root = Path(image_root) if image_root is not None else Path(".")
+        self.image_root = Path(os.path.abspath(image_root if image_root is not None else "."))  # fixed now, not per call
         self.device = str(device)
         resolved, self.sampler, self.tokenizer = resolve_options(self.options, Runtime(device=self.device))
         self._ctx = WorkerContext.for_tokenizer(resolved, self.image_root, self.tokenizer, self.sampler)

@@ -476,3 +476,15 @@ def test_a_batch_of_columns_is_refused_in_one_line(aug):
         with pytest.raises(CogalignError, match="columns") as info:
             aug.add_turns_batch(columns, indices, errors="return")
         assert "map_fn" in str(info.value) and not isinstance(info.value, RecordError)
+
+
+def test_a_relative_image_root_is_the_folder_it_named_when_made(expanded, tmp_path, monkeypatch):
+    """A relative `image_root` was resolved at each call against the current folder: after a chdir (or in
+    a process started elsewhere, once pickled) the same Augmenter rejected every record as image_missing."""
+    lines, _ = expanded
+    monkeypatch.chdir(ROOT.parent)
+    made = Augmenter(ExpandOptions(targets="px", px_resolution=16, format="jsonl"), image_root=ROOT.name)
+    monkeypatch.chdir(tmp_path)
+    for copy in (made, pickle.loads(pickle.dumps(made))):
+        out = copy.add_turns(RECORDS[0], 0)
+        assert [t["value"] for t in out["conversations"]] and out["cogalign"]["turns"][0]["kind"] == "px"
