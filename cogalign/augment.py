@@ -35,8 +35,8 @@ class Augmenter:
 
     `options`: what shapes the output (as for `expand`); the tokenizer (`options.vq`) and the templates
     (`options.templates`) are loaded once, here. `image_root`: the folder relative `image` paths
-    resolve under (default: the current folder; made absolute here, once). `device`: where the VQ encoder runs (`auto`: a GPU
-    if there is one). `tokenizer` is the loaded tokenizer (None without VQ targets); a change of its
+    resolve under (default: the current folder; made absolute here, once). `device`: where the VQ
+    encoder runs (`auto`: a GPU if there is one). `tokenizer` is the loaded tokenizer (None without VQ targets); a change of its
     encoder mode (`set_encoder_mode`) shows in the provenance of the records made after it.
 
     An Augmenter pickles (and hashes, for `datasets`' cache) as its options, image root, device and
@@ -50,7 +50,7 @@ class Augmenter:
         self.options = options if options is not None else ExpandOptions()
         if not isinstance(self.options, ExpandOptions):
             raise CogalignError(f"Augmenter: options must be an ExpandOptions, got {type(self.options).__name__}")
-        self.image_root = Path(os.path.abspath(image_root if image_root is not None else "."))  # fixed now, not per call
+        self.image_root = Path(os.path.abspath(image_root if image_root is not None else "."))  # not per call
         self.device = str(device)
         resolved, self.sampler, self.tokenizer = resolve_options(self.options, Runtime(device=self.device))
         self._ctx = WorkerContext.for_tokenizer(resolved, self.image_root, self.tokenizer, self.sampler)
