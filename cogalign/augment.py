@@ -129,7 +129,9 @@ class Augmenter:
         new turns and `cogalign`, the provenance as JSON text (None for a record passed unchanged).
         `indices`: the rows' positions (with_indices), unless the rows carry a `cogalign_index` column.
         A reject raises `RecordError`; with `errors="mark"` (`fn_kwargs={"errors": "mark"}`) its row keeps
-        its turns and the provenance it had (none, unless it was expanded before), and a `cogalign_reject` column says why (None for the other rows)."""
+        its turns and the provenance it had (none, unless it was expanded before), and a `cogalign_reject`
+        column says why (None for the other rows). Chat-format rows (`messages`) get `conversations`;
+        drop the stale `messages` (`remove_columns=["messages"]`) as expand does."""
         if errors not in ("raise", "mark"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'mark'")
         batch = isinstance(indices, Sequence) or (indices is None and _is_batch(rows))
