@@ -23,6 +23,7 @@ from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared,
     prepare, tokenizer_identity
 from cogalign.expand.writer import dumps
 from cogalign.inputs.embedded import EmbeddedImage
+from cogalign.inputs.turns import to_llava
 from cogalign.inputs.records import MAX_INDEX, choice_index
 from cogalign.options import ExpandOptions
 from cogalign.targets.plan import TurnPlan, plan_turns
@@ -69,8 +70,8 @@ class Augmenter:
     def plan(self, record: Mapping, index: int | None = None) -> list[TurnPlan]:
         """The choices `expand` makes for this record at this position (no image is read): one
         `TurnPlan` (kind, region, template_id, position) per target kind."""
-        record, given = _image_column(dict(record), index)
-        check = check_given(record, given)
+        record, given = _image_column(_chat_images(dict(record), index), index)
+        check = check_given(to_llava(record)[0], given)
         if check.action == PASS:
             return []
         opts, ctx = self._ctx.options, self._ctx
@@ -169,7 +170,7 @@ class Augmenter:
                     index = self._position(record, index)
                 except RecordError as e:
                     return Prepared(0, record, REJECT, e.reason, e.detail)
-            record, held = _image_column(record, index)
+            record, held = _image_column(_chat_images(record, index), index)
             image = held if image is None else image
         elif index is None:
             index = 0
@@ -201,6 +202,21 @@ def _image_item(value, name: str):
     if value.get("bytes") is not None:
         return EmbeddedImage(value.get("path") or name, value["bytes"])
     return value["path"] if value.get("path") is not None else _NO_IMAGE
+
+
+def _chat_images(record: dict, index: int | None) -> dict:
+    """A chat-format record's `images` list (the TRL / HF layout, beside `messages`) as its `image`, as
+    expand's readers and `to_llava` take it, its `{bytes, path}` items read as `_image_item` reads them."""
+    images = record.get("images")
+    if "image" in record or "conversations" in record or not isinstance(record.get("messages"), list) \
+            or not isinstance(images, list):
+        return record
+    name = f"embedded-{0 if index is None else index}"
+    items = [v for v in (_image_item(v, f"{name}-{k}") for k, v in enumerate(images)) if v is not _NO_IMAGE]
+    record = {("image" if k == "images" else k): v for k, v in record.items() if k != "images" or items}
+    if items:
+        record["image"] = items[0] if len(items) == 1 else items
+    return record
 
 
 def _image_column(record: dict, index: int | None) -> tuple[dict, object]:

@@ -488,3 +488,31 @@ def test_a_relative_image_root_is_the_folder_it_named_when_made(expanded, tmp_pa
     for copy in (made, pickle.loads(pickle.dumps(made))):
         out = copy.add_turns(RECORDS[0], 0)
         assert [t["value"] for t in out["conversations"]] and out["cogalign"]["turns"][0]["kind"] == "px"
+
+
+def _chat(images):
+    return {"id": "chat", "images": images,
+            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": "A photo."}]}]}
+
+
+def test_chat_records_with_images_in_memory_and_their_plan_are_expands(aug, tmp_path):
+    """The TRL / HF chat layout (`messages`, `images` as a datasets Image list): `plan` refused every chat
+    record (conversations_missing) that add_turns and expand expand, and rows whose `images` held
+    PIL images or {bytes, path} dicts were rejected (image_token_without_image); expand reads that parquet."""
+    datasets = pytest.importorskip("datasets")
+    name = RECORDS[0]["image"]
+    struct = {"bytes": (ROOT / name).read_bytes(), "path": name}
+    datasets.Dataset.from_list([_chat([struct])]).cast_column("images", datasets.Sequence(datasets.Image())) \
+        .to_parquet(tmp_path / "in.parquet")
+    run_expand(tmp_path / "in.parquet", tmp_path / "out", OPTIONS, Runtime(workers=0, progress=False), image_root=ROOT)
+    want = json.loads(next((tmp_path / "out" / "data").glob("*.jsonl")).read_text())
+    turns = [(t["kind"], t["region"], t["template_id"], t["position"]) for t in want["cogalign"]["turns"]]
+    for images in ([name], [struct], [Image.open(ROOT / name)], [np.asarray(Image.open(ROOT / name))]):
+        out = aug.add_turns(_chat(images), 0)
+        assert out["cogalign"] == want["cogalign"] and out["conversations"] == want["conversations"], type(images[0])
+        assert [(p.kind, p.region.name, p.template_id, p.position) for p in aug.plan(_chat(images), 0)] == turns
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "in.parquet"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    row = ds.map(aug.map_fn, with_indices=True, batched=True)[0]
+    assert row["cogalign"] == dumps(want["cogalign"]).decode() and row["conversations"] == want["conversations"]
