@@ -93,3 +93,31 @@ def test_expand_from_python_names_its_parameters(tmp_path):
     proc = run_module("expand", EXAMPLES, "--out", tmp_path / "c", "--targets", "vq", "--regions", "full",
                       "--vq-resolution", "20", "--no-progress", check=False)
     assert proc.returncode == 2 and "error: --vq-resolution 20x20 is not a multiple" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"workers": -1}, "workers=-1: an integer from 0 to 1024"),  # was: ValueError min() arg is an empty sequence
+    ({"workers": "2"}, "workers='2'"),  # was: TypeError unsupported operand type(s) for /
+    ({"workers": 2.5}, "workers=2.5"),
+    ({"batch_size": 0}, "batch_size=0: an integer from 1 to 4096"),
+    ({"shard_size": 0}, "shard_size=0"),
+    ({"memory_budget": "1x"}, "memory_budget='1x' is not a size"),  # was: TypeError for //
+    ({"memory_budget": 0}, "memory_budget=0"),
+    ({"trust_pickle": "no"}, "trust_pickle='no': give True or False"),  # truthy: would have trusted pickles
+    ({"overwrite": "false"}, "overwrite='false'"),
+])
+def test_runtime_refuses_bad_values_in_the_constructor(changes, message):
+    """`Runtime` took any value from Python; the run then died with a traceback far from the cause."""
+    from cogalign.expand.executor import Runtime
+
+    with pytest.raises(OptionError) as err:
+        Runtime(**changes)
+    assert message in str(err.value) and "--" not in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_runtime_takes_the_clis_strings_and_numpy_integers():
+    from cogalign.expand.executor import Runtime
+
+    runtime = Runtime(memory_budget="512MB", workers=np.int64(3), shard_size=np.int32(5))
+    assert (runtime.memory_budget, runtime.workers, runtime.shard_size) == (512 * 1000 ** 2, 3, 5)
+    assert type(runtime.workers) is int

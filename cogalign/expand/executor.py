@@ -10,6 +10,7 @@ shards (rename, then the stats marker). The output depends only on the input and
 from __future__ import annotations
 
 import hashlib
+import operator
 import shutil
 import sys
 import time
@@ -50,6 +51,29 @@ class Runtime:
     trust_pickle: bool = False
     memory_budget: int = estimate.DEFAULT_MEMORY_BUDGET  # bytes for the queues and buffers between stages
     ignore_disk_space: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value here, in one line naming it (the CLI's ranges), not as a traceback mid-run."""
+        if isinstance(self.memory_budget, str):  # the CLI's "512MB"
+            try:
+                self.memory_budget = estimate.parse_size(self.memory_budget)
+            except ValueError as e:
+                raise OptionError(f"--memory-budget {e}") from None
+        for name, low, high in (("batch_size", 1, 4096), ("workers", 0, 1024), ("shard_size", 1, 2**63 - 1),
+                                ("memory_budget", 1, 2**63 - 1)):
+            value = getattr(self, name)
+            if value is None and name == "shard_size":
+                continue
+            try:
+                number = operator.index(value)  # numpy integers too, not floats or strings
+            except TypeError:
+                number = low - 1
+            if isinstance(value, bool) or not low <= number <= high:
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: an integer from {low} to {high}")
+            setattr(self, name, number)
+        for name in ("overwrite", "progress", "trust_pickle", "ignore_disk_space"):
+            if not isinstance(getattr(self, name), bool):  # "no" is truthy: refuse, never guess
+                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: give True or False")
 
 
 @dataclass
