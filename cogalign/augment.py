@@ -37,8 +37,9 @@ class Augmenter:
     `options`: what shapes the output (as for `expand`); the tokenizer (`options.vq`) and the templates
     (`options.templates`) are loaded once, here. `image_root`: the folder relative `image` paths
     resolve under (default: the current folder; made absolute here, once). `device`: where the VQ
-    encoder runs (`auto`: a GPU if there is one). `tokenizer` is the loaded tokenizer (None without VQ targets); a change of its
-    encoder mode (`set_encoder_mode`) shows in the provenance of the records made after it.
+    encoder runs (`auto`: a GPU if there is one). `tokenizer` is the loaded tokenizer (None without
+    VQ targets); a change of its encoder mode (`set_encoder_mode`) shows in the provenance of the
+    records made after it.
 
     An Augmenter pickles (and hashes, for `datasets`' cache) as its options, image root, device and
     the tokenizer's identity (name, content hash, encoder mode); unpickled, it loads the tokenizer again.
@@ -69,7 +70,8 @@ class Augmenter:
 
     def plan(self, record: Mapping, index: int | None = None) -> list[TurnPlan]:
         """The choices `expand` makes for this record at this position (no image is read): one
-        `TurnPlan` (kind, region, template_id, position) per target kind."""
+        `TurnPlan` (kind, region, template_id, position) per target kind; [] for a record passed
+        unchanged. A record whose shape expand rejects raises its `RecordError` (its image is not checked)."""
         record, given = _image_column(_chat_images(dict(record), index), index)
         check = check_given(to_llava(record)[0], given)
         if check.action == PASS:
