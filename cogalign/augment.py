@@ -144,6 +144,9 @@ class Augmenter:
         else:
             records, n = [rows], 1
         positions = list(indices) if batch and indices is not None else [None] * n if batch else [indices]
+        if any(p is None and isinstance(r, Mapping) and r.get("cogalign_index") is None for p, r in zip(positions, records)):
+            raise CogalignError("Augmenter.map_fn: a row has no position: pass with_indices=True to ds.map, or give "
+                                "the rows a `cogalign_index` column (before any filter or shuffle)")
         done = self.add_turns_batch(records, positions, errors="raise" if errors == "raise" else "return")
         columns = {"conversations": [], "cogalign": []}
         rejects = []

@@ -516,3 +516,14 @@ def test_chat_records_with_images_in_memory_and_their_plan_are_expands(aug, tmp_
                                cache_dir=str(tmp_path / "cache"))
     row = ds.map(aug.map_fn, with_indices=True, batched=True)[0]
     assert row["cogalign"] == dumps(want["cogalign"]).decode() and row["conversations"] == want["conversations"]
+
+
+def test_map_fn_without_positions_says_with_indices(aug):
+    """`ds.map(aug.map_fn)` without `with_indices` nor a `cogalign_index` column was told to pass
+    `index=`, which map_fn never takes."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in ("id", "image", "conversations")} for r in RECORDS[:2]])
+    for batched in (True, False):
+        with pytest.raises(CogalignError, match=r"with_indices=True") as info:
+            ds.map(aug.map_fn, batched=batched)
+        assert "cogalign_index" in str(info.value) and "index=)" not in str(info.value)
