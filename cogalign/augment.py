@@ -41,8 +41,9 @@ class Augmenter:
     VQ targets); a change of its encoder mode (`set_encoder_mode`) shows in the provenance of the
     records made after it.
 
-    An Augmenter pickles (and hashes, for `datasets`' cache) as its options, image root, device and
-    the tokenizer's identity (name, content hash, encoder mode); unpickled, it loads the tokenizer again.
+    An Augmenter pickles (and hashes, for `datasets`' cache) as its options, image root, device, the
+    tokenizer's identity (name, content hash, encoder mode) and the templates' content hash; unpickled,
+    it loads the tokenizer and templates again (and refuses them if their content changed).
     """
 
     def __init__(self, options: ExpandOptions | None = None, image_root: str | Path | None = None,
@@ -64,7 +65,7 @@ class Augmenter:
         return tokenizer_identity(self.tokenizer) if self.tokenizer is not None else None
 
     def __reduce__(self):
-        return (_restore, (self.options, str(self.image_root), self.device, self.identity()))
+        return (_restore, (self.options, str(self.image_root), self.device, self.identity(), self.sampler.content_hash))
 
     # -- the turns ---------------------------------------------------------------------------
 
@@ -266,8 +267,13 @@ def _provenance_json(record: dict) -> str | None:
     return value if value is None or isinstance(value, str) else dumps(value).decode()
 
 
-def _restore(options: ExpandOptions, image_root: str, device: str, identity: dict | None) -> Augmenter:
+def _restore(options: ExpandOptions, image_root: str, device: str, identity: dict | None,
+             templates_hash: str | None = None) -> Augmenter:
     aug = Augmenter(options, image_root, device)
+    if templates_hash is not None and aug.sampler.content_hash != templates_hash:
+        raise CogalignError(f"Augmenter: the templates {options.templates or '(built in)'} have content hash "
+                            f"{aug.sampler.content_hash} here, {templates_hash} where the Augmenter was pickled; "
+                            "keep the templates file unchanged while a pipeline runs")
     if identity is not None:
         if aug.tokenizer.content_hash != identity["content_hash"]:
             raise CogalignError(f"Augmenter: tokenizer {options.vq!r} has content hash {aug.tokenizer.content_hash} "

@@ -527,3 +527,21 @@ def test_map_fn_without_positions_says_with_indices(aug):
         with pytest.raises(CogalignError, match=r"with_indices=True") as info:
             ds.map(aug.map_fn, batched=batched)
         assert "cogalign_index" in str(info.value) and "index=)" not in str(info.value)
+
+
+def test_the_fingerprint_follows_the_templates_content(tmp_path):
+    """An Augmenter hashed as its options, which name the templates file, not its content: after an
+    edit of that file `datasets` reused the cached rows made with the old templates."""
+    from datasets.fingerprint import Hasher
+
+    templates = tmp_path / "t.yaml"
+    templates.write_text("px:\n  - Give the RGB values of this image.\n")
+    options = ExpandOptions(targets="px", px_resolution=16, templates=str(templates))
+    before = Augmenter(options, image_root=ROOT)
+    assert Hasher.hash(before.map_fn) == Hasher.hash(Augmenter(options, image_root=ROOT).map_fn)
+    templates.write_text("px:\n  - List the RGB values of this image.\n")
+    after = Augmenter(options, image_root=ROOT)
+    assert Hasher.hash(after.map_fn) != Hasher.hash(before.map_fn)
+    with pytest.raises(CogalignError, match="templates"):  # a copy made now would not write what `before` writes
+        pickle.loads(pickle.dumps(before))
+    assert pickle.loads(pickle.dumps(after)).add_turns(RECORDS[0], 0) == after.add_turns(RECORDS[0], 0)
