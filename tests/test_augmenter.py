@@ -545,3 +545,18 @@ def test_the_fingerprint_follows_the_templates_content(tmp_path):
     with pytest.raises(CogalignError, match="templates"):  # a copy made now would not write what `before` writes
         pickle.loads(pickle.dumps(before))
     assert pickle.loads(pickle.dumps(after)).add_turns(RECORDS[0], 0) == after.add_turns(RECORDS[0], 0)
+
+
+def test_options_that_pin_a_tokenizer_or_templates_hash_are_held_to_it(tmp_path):
+    """Options rebuilt from a run's cogalign.json pin `tokenizer_hash` and `templates_hash`; another
+    tokenizer or templates file was used silently, so records differed from the run's."""
+    options = ExpandOptions(vq_resolution=64, px_resolution=16, format="jsonl")
+    aug = Augmenter(options, image_root=ROOT)
+    pinned = options.replace(tokenizer_hash=aug.tokenizer.content_hash, templates_hash=aug.sampler.content_hash)
+    assert Augmenter(pinned, image_root=ROOT).add_turns(RECORDS[0], 0) == aug.add_turns(RECORDS[0], 0)
+    for changes, name in (({"tokenizer_hash": "0" * 16}, "tokenizer_hash"), ({"templates_hash": "0" * 16}, "templates_hash")):
+        with pytest.raises(CogalignError, match=name):
+            Augmenter(pinned.replace(**changes), image_root=ROOT)
+        with pytest.raises(CogalignError, match=name):
+            run_expand(EXAMPLES, tmp_path / name, pinned.replace(**changes), Runtime(workers=0, progress=False))
+        assert not (tmp_path / name / "data").exists()

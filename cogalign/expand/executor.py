@@ -120,7 +120,13 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
             from cogalign.tokenizers.taming import check_fits_memory
 
             check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
+        if options.tokenizer_hash and options.tokenizer_hash != tokenizer.content_hash:  # pinned (a run's cogalign.json)
+            raise OptionError(f"tokenizer_hash={options.tokenizer_hash!r}, but {options.vq} has content hash "
+                              f"{tokenizer.content_hash}: give the tokenizer the options were made with")
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
+    if options.templates_hash and options.templates_hash != sampler.content_hash:
+        raise OptionError(f"templates_hash={options.templates_hash!r}, but the templates {options.templates or '(built in)'} "
+                          f"have content hash {sampler.content_hash}: give the templates the options were made with")
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 
 
