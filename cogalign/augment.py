@@ -160,6 +160,24 @@ class Augmenter:
             columns["cogalign_reject"] = rejects
         return columns if batch else {key: values[0] for key, values in columns.items()}
 
+    def output_features(self, features, errors: str = "raise"):
+        """The `datasets.Features` of `ds.map(aug.map_fn, ...)`'s rows, for its `features=`: `features` (the
+        input's, `ds.features`) with `cogalign` (and, for `errors="mark"`, `cogalign_reject`) as strings, and
+        `conversations` for chat-format input. Without it datasets types a new column from the first batch
+        it writes, and one whose values were all None there (text-only records, no reject) stops the map
+        at its first later value."""
+        import datasets
+
+        if errors not in ("raise", "mark"):
+            raise ValueError(f"errors={errors!r}: choose 'raise' or 'mark'")
+        out = datasets.Features(features)
+        if "conversations" not in out:  # chat-format input: the LLaVA turns expand writes
+            out["conversations"] = [{"from": datasets.Value("string"), "value": datasets.Value("string")}]
+        out["cogalign"] = datasets.Value("string")
+        if errors == "mark":
+            out["cogalign_reject"] = datasets.Value("string")
+        return out
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _position(self, record: Mapping, index: int | None) -> int:

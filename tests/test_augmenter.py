@@ -560,3 +560,26 @@ def test_options_that_pin_a_tokenizer_or_templates_hash_are_held_to_it(tmp_path)
         with pytest.raises(CogalignError, match=name):
             run_expand(EXAMPLES, tmp_path / name, pinned.replace(**changes), Runtime(workers=0, progress=False))
         assert not (tmp_path / name / "data").exists()
+
+
+def test_output_features_keep_a_late_provenance_or_reject(aug):
+    """datasets types a new column from the first batch it writes: when that batch held only text-only
+    records (`cogalign` all None) or no reject (`cogalign_reject` all None), the column was fixed as null
+    and the first later value stopped the map with a TypeError. `output_features` gives the types."""
+    datasets = pytest.importorskip("datasets")
+    text = next(i for i, r in enumerate(RECORDS) if "image" not in r)
+    order = [text, text, 0, 1]
+    rows = [{k: RECORDS[i].get(k) for k in ("id", "image", "conversations")} for i in order]
+    rows.append({**rows[2], "image": "images/nope.png"})
+    ds = datasets.Dataset.from_list(rows)
+    for batched in (True, False):
+        kwargs = dict(with_indices=True, batched=batched, fn_kwargs={"errors": "mark"}, writer_batch_size=2)
+        if batched:
+            kwargs["batch_size"] = 2
+        out = ds.map(aug.map_fn, features=aug.output_features(ds.features, errors="mark"), **kwargs)
+        for position in range(len(order)):
+            want = aug.add_turns(rows[position], position)
+            assert out[position]["cogalign"] == (dumps(want["cogalign"]).decode() if "cogalign" in want else None)
+            assert dumps(out[position]["conversations"]) == dumps(want["conversations"])
+        assert out["cogalign_reject"][:4] == [None] * 4 and out["cogalign_reject"][4].startswith("image_missing")
+        assert out.features["cogalign"] == datasets.Value("string")
