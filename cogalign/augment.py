@@ -165,11 +165,13 @@ class Augmenter:
         input's, `ds.features`) with `cogalign` (and, for `errors="mark"`, `cogalign_reject`) as strings, and
         `conversations` for chat-format input. Without it datasets types a new column from the first batch
         it writes, and one whose values were all None there (text-only records, no reject) stops the map
-        at its first later value."""
+        at its first later value. None (a stream whose features are unknown) gives None."""
         import datasets
 
         if errors not in ("raise", "mark"):
             raise ValueError(f"errors={errors!r}: choose 'raise' or 'mark'")
+        if features is None:
+            return None
         out = datasets.Features(features)
         if "conversations" not in out:  # chat-format input: the LLaVA turns expand writes
             out["conversations"] = [{"from": datasets.Value("string"), "value": datasets.Value("string")}]

@@ -583,3 +583,4 @@ def test_output_features_keep_a_late_provenance_or_reject(aug):
             assert dumps(out[position]["conversations"]) == dumps(want["conversations"])
         assert out["cogalign_reject"][:4] == [None] * 4 and out["cogalign_reject"][4].startswith("image_missing")
         assert out.features["cogalign"] == datasets.Value("string")
+    assert aug.output_features(None) is None  # a stream of unknown features
