@@ -88,7 +88,10 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         if getattr(tokenizer, "params", None):  # a taming model: refuse a size beyond memory before allocating
             from cogalign.tokenizers.taming import check_fits_memory
 
-            check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
+            try:
+                check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
+            except CogalignError as e:  # an option's fault: worded for the caller (Python or CLI)
+                raise OptionError(str(e)) from None
         options = options.replace(tokenizer_name=tokenizer.name, tokenizer_hash=tokenizer.content_hash)
     return options.replace(templates_hash=sampler.content_hash), sampler, tokenizer
 
