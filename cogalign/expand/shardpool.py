@@ -142,6 +142,17 @@ class ShmEncoder:
         return grids
 
 
+def encode_batch(tokenizer, batch_size: int) -> int:
+    """Crops of one shape gathered before they are encoded. A CPU encoder runs each image alone
+    on one thread, `threads` images side by side: more only makes crops, and the records in the
+    workers' windows, wait while the encoder idles. A GPU encoder gets the whole --batch-size."""
+    if tokenizer is None or str(getattr(tokenizer, "device", "cpu")) != "cpu":
+        return batch_size
+    import torch
+
+    return max(1, min(batch_size, torch.get_num_threads()))
+
+
 def return_large_blocks() -> None:
     """In the main process: serve every allocation of 1 MB or more (crop batches, a GPU encoder's
     host buffers) from its own mapping, given back when freed (glibc's moving threshold otherwise
@@ -254,7 +265,8 @@ class ShardPool:
         self.ctx, self.workers, self.tokenizer, self.batch_size = ctx, workers, tokenizer, batch_size
         self.shard_path, self.on_done, self.on_progress = shard_path, on_done, on_progress
         self.input_budget = budget // 16
-        self.window_bytes = max(budget // (16 * workers), 1 << 20)
+        self.window_bytes = max(budget // (32 * workers), 1 << 20)
+        self.encode_batch = encode_batch(tokenizer, batch_size)
         self.arena_bytes = HEADER + _align(max(self.window_bytes, 4 * max_crop_bytes, 1 << 20))
         self.slots: list[Slot] = []
         self.shards: dict[int, ShardInput] = {}
@@ -407,7 +419,7 @@ class ShardPool:
             for offset, shape in crops:
                 group = self.groups.setdefault(tuple(shape), [])
                 group.append((i, slot.gen, ticket, offset))
-                if len(group) >= self.batch_size:
+                if len(group) >= self.encode_batch:
                     self._encode(tuple(shape))
         elif kind == "flush":
             for shape in list(self.groups):
