@@ -232,7 +232,7 @@ def _turn_meta(plan: TurnPlan, resolution: tuple[int, int]) -> dict:
 def trim_memory() -> None:
     """Give the memory Python has freed back to the system: glibc keeps megabyte-sized blocks
     (RGB text, row groups) otherwise, and pyarrow's allocator the ~3x a row group it took to
-    compress one. ~1 ms; called once per row group or encoder batch, not per record."""
+    compress one. ~1 ms; called once per row group (and after the start-up estimate), not per record."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -249,12 +249,14 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
     def flops(self, height: int, width: int) -> int:
         """Multiply-adds x 2 of encoding one height x width image (convolutions, attention, lookup),
         counted from the modules' shapes alone: no forward pass."""
-        area = height * width
+        area, last = height * width, len(self.encoder.down) - 1
         total = 0
         for name, m in self.encoder.named_modules():
-            parts = name.split(".")
-            level = int(parts[1]) if parts[0] == "down" and len(parts) > 1 else (len(self.encoder.down) - 1 if parts[0] in ("mid", "conv_out", "norm_out") else 0)
-            level += parts[0] == "down" and "downsample" in parts  # a stride-2 conv: the next level's size
+            parts = name.split(".")  # down.<level>...: that level's size; mid, conv_out: the last level's
+            if parts[0] == "down" and len(parts) > 1:
+                level = int(parts[1]) + ("downsample" in parts)  # a stride-2 conv: the next level's size
+            else:
+                level = last if parts[0] in ("mid", "norm_out", "conv_out") else 0
             n = area >> (2 * level)
             if isinstance(m, nn.Conv2d):
                 total += 2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * n // m.groups
