@@ -265,8 +265,10 @@ class ShardPool:
         self.ctx, self.workers, self.tokenizer, self.batch_size = ctx, workers, tokenizer, batch_size
         self.shard_path, self.on_done, self.on_progress = shard_path, on_done, on_progress
         self.input_budget = budget // 16
-        self.window_bytes = max(budget // (32 * workers), 1 << 20)
         self.encode_batch = encode_batch(tokenizer, batch_size)
+        # a CPU encoder takes a crop per thread and its activations share host memory: half the window
+        cpu_encoder = tokenizer is not None and str(getattr(tokenizer, "device", "cpu")) == "cpu"
+        self.window_bytes = max(budget // ((32 if cpu_encoder else 16) * workers), 1 << 20)
         self.arena_bytes = HEADER + _align(max(self.window_bytes, 4 * max_crop_bytes, 1 << 20))
         self.slots: list[Slot] = []
         self.shards: dict[int, ShardInput] = {}
