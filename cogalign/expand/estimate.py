@@ -8,6 +8,10 @@ import numpy as np
 
 from cogalign.targets.regions import region_box
 
+__all__ = ["mean_digits", "region_pixels", "target_chars", "record_bytes", "auto_shard_size", "mean_image_bytes",
+           "format_bytes", "output_bytes", "parse_size", "human_bytes", "synthetic_grid", "encoder_seconds",
+           "vq_crop_bytes", "SHARD_TARGET_BYTES", "MAX_SHARD_RECORDS", "DEFAULT_MEMORY_BUDGET"]
+
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
 TURN_OVERHEAD = 400  # prompt, hint and provenance per turn, in characters

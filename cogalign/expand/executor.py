@@ -34,6 +34,8 @@ from cogalign.targets.templates import TemplateSampler
 from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
 from cogalign.expand.writer import dumps, write_atomic
 
+__all__ = ["expand", "Runtime", "RunResult", "resolve_options"]
+
 
 @dataclass
 class Runtime:

@@ -30,6 +30,9 @@ import numpy as np
 from cogalign.errors import CogalignError
 from cogalign.expand.pool import MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, refuse_while_spawning, unguarded_main_message
 
+__all__ = ["ShardPool", "ShardInput", "ShmEncoder", "Ring", "Slot", "encode_batch", "return_large_blocks",
+           "worker_main"]
+
 HEADER = 64  # arena bytes before the crops: int64 index of the record the worker is on
 GRID_DTYPE = np.dtype(np.int64)
 CHUNK_RECORDS = 16  # records per message to a worker
