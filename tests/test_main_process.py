@@ -110,3 +110,59 @@ def test_shared_memory_ring_frees_in_order_and_wraps():
     assert ring.alloc(3, 50) == 30 and ring.alloc(4, 30) is None
     ring.free(2)
     assert ring.alloc(4, 25) == 0  # wraps around in front of ticket 3
+
+
+def test_startup_estimate_needs_no_tokenizer_call():
+    """expand's start-up estimate builds its sample records with indices of the right count instead
+    of encoding them (the encoder's time is counted from its FLOPs): it never calls the tokenizer,
+    and its size is the one the same samples give encoded (--dry-run's way, near the real output)."""
+    from cogalign.expand import validate
+    from cogalign.expand.executor import resolve_options
+
+    options, sampler, tokenizer = resolve_options(ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
+                                                  Runtime())
+    encoded = validate.dry_run(EXAMPLES, options, tokenizer, sampler, EXAMPLES.parent, samples=3)
+
+    def refuse(images):
+        raise AssertionError("the start-up estimate called the tokenizer")
+
+    tokenizer.encode = refuse
+    need, seconds, facts = validate.startup_estimate(EXAMPLES, options, tokenizer, sampler, EXAMPLES.parent, 1)
+    assert facts["sampled_records"] == 3 and seconds > 0
+    assert abs(facts["vq_turn_chars_mean"] - encoded["vq_turn_chars_mean"]) <= 0.02 * encoded["vq_turn_chars_mean"]
+    assert abs(need - encoded["estimated_output_bytes"]) <= 0.02 * encoded["estimated_output_bytes"], (need, encoded)
+
+
+def test_encoder_flops_are_counted_without_running_it():
+    """The estimate's encoder time rests on `flops`, counted from the modules' shapes: it matches
+    what torch's FLOP counter sees in a real forward pass (convolutions, attention, lookup)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cogalign.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("demo", device="cpu")
+    for h, w in [(64, 64), (64, 128)]:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            tokenizer.lookup(tokenizer.pre_quant(torch.zeros(1, 3, h, w)))
+        assert abs(tokenizer.flops(h, w) / counter.get_total_flops() - 1) < 0.01
+
+
+def test_a_cpu_encoder_takes_crops_as_soon_as_its_threads_can():
+    """On the CPU each image runs alone on one thread: the pool encodes once it holds a crop per
+    thread instead of waiting for --batch-size crops (the workers keep working meanwhile); a GPU
+    encoder still gets whole batches. The bytes never depend on it (test above)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cogalign.expand.shardpool import encode_batch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpu = SimpleNamespace(device=torch.device("cpu"))
+        assert encode_batch(cpu, 32) == 2 and encode_batch(cpu, 1) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert encode_batch(SimpleNamespace(device=torch.device("cuda")), 32) == 32 and encode_batch(None, 32) == 32

@@ -90,6 +90,9 @@ def test_expand_from_python_names_its_parameters(tmp_path):
         expand(EXAMPLES, tmp_path / "b", ExpandOptions(targets="vq", regions="full", vq_resolution=20),
                Runtime(workers=0))
     assert str(err.value).startswith("vq_resolution=20x20 is not a multiple") and "--" not in str(err.value)
+    with pytest.raises(OptionError) as err:  # the tokenizer's own memory check, worded for the caller too
+        expand(EXAMPLES, tmp_path / "d", ExpandOptions(targets="vq", vq_resolution=8192), Runtime(workers=0))
+    assert str(err.value).startswith("vq_resolution=8192x8192: one image needs") and "--" not in str(err.value)
     proc = run_module("expand", EXAMPLES, "--out", tmp_path / "c", "--targets", "vq", "--regions", "full",
                       "--vq-resolution", "20", "--no-progress", check=False)
     assert proc.returncode == 2 and "error: --vq-resolution 20x20 is not a multiple" in proc.stderr, proc.stderr

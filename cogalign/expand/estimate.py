@@ -4,7 +4,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from cogalign.targets.regions import region_box
+
+__all__ = ["mean_digits", "region_pixels", "target_chars", "record_bytes", "auto_shard_size", "mean_image_bytes",
+           "format_bytes", "output_bytes", "parse_size", "human_bytes", "synthetic_grid", "encoder_seconds",
+           "vq_crop_bytes", "SHARD_TARGET_BYTES", "MAX_SHARD_RECORDS", "DEFAULT_MEMORY_BUDGET"]
 
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
@@ -172,6 +178,65 @@ def human_bytes(n: float) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
+
+
+def synthetic_grid(shape: tuple, factor: int, codebook_size: int, seed: int) -> np.ndarray:
+    """Indices of the size the encoder would return for a crop of `shape`, uniform over the codebook:
+    the VQ text they render has the expected length, without running the encoder."""
+    return np.random.default_rng(seed).integers(0, codebook_size, (shape[0] // factor, shape[1] // factor))
+
+
+def encoder_seconds(tokenizer, shapes: list[tuple]) -> float:
+    """Seconds the encoder needs for these crops: its counted FLOPs over the rate of a 3x3
+    convolution of its width measured on its device (~30 ms, once), with the CPU's threads
+    encoding images side by side. The probe times a norm and a swish with its convolution, as the
+    encoder's residual blocks run them, so their cost is in the rate."""
+    flops = sum(tokenizer.flops(h, w) for h, w, *_ in shapes)
+    return flops / _conv_rate(str(tokenizer.device), tokenizer.encoder.conv_in.out_channels)
+
+
+_RATES: dict = {}
+
+
+def _conv_rate(device: str, channels: int) -> float:
+    """FLOP/s of the encoder's kind of work on `device` (on the CPU: per image on one thread,
+    times the threads, as the tokenizer runs a batch)."""
+    import math
+    import time
+
+    import torch
+
+    if (device, channels) in _RATES:
+        return _RATES[(device, channels)]
+    threads = torch.get_num_threads()
+    size, reps = 96, 8
+    x = torch.randn(1, channels, size, size, device=device)
+    weight = torch.randn(channels, channels, 3, 3, device=device)
+    norm = torch.nn.GroupNorm(math.gcd(32, channels), channels).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device == "cpu":
+        torch.set_num_threads(1)
+
+    def layer():  # a residual block's half: norm, swish, convolution (only the convolution's FLOPs count)
+        h = norm(x)
+        return torch.nn.functional.conv2d(h * torch.sigmoid(h), weight, padding=1)
+
+    try:
+        with torch.inference_mode():
+            layer()
+            sync()
+            times = []
+            for _ in range(reps):  # the fastest: a shared machine's other work only adds
+                started = time.perf_counter()
+                layer()
+                sync()
+                times.append(time.perf_counter() - started)
+            seconds = min(times)
+    finally:
+        torch.set_num_threads(threads)
+    rate = 2 * 9 * channels * channels * size * size / seconds * (threads if device == "cpu" else 1)
+    _RATES[(device, channels)] = rate
+    return rate
 
 
 def vq_crop_bytes(options) -> int:

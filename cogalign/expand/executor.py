@@ -35,6 +35,8 @@ from cogalign.targets.templates import TemplateSampler
 from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, ShardRun, WorkerContext, trim_memory
 from cogalign.expand.writer import dumps, write_atomic
 
+__all__ = ["expand", "Runtime", "RunResult", "resolve_options"]
+
 
 @dataclass
 class Runtime:
@@ -119,7 +121,10 @@ def resolve_options(options: ExpandOptions, runtime: Runtime, work=None):
         if getattr(tokenizer, "params", None):  # a taming model: refuse a size beyond memory before allocating
             from cogalign.tokenizers.taming import check_fits_memory
 
-            check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
+            try:
+                check_fits_memory(tokenizer.params, h, w, "--vq-resolution")
+            except CogalignError as e:  # an option's fault: worded for the caller (Python or CLI)
+                raise OptionError(str(e)) from None
         if options.tokenizer_hash and options.tokenizer_hash != tokenizer.content_hash:  # pinned (a run's cogalign.json)
             raise OptionError(f"tokenizer_hash={options.tokenizer_hash!r}, but {options.vq} has content hash "
                               f"{tokenizer.content_hash}: give the tokenizer the options were made with")

@@ -30,6 +30,9 @@ import numpy as np
 from cogalign.errors import CogalignError
 from cogalign.expand.pool import MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, refuse_while_spawning, unguarded_main_message
 
+__all__ = ["ShardPool", "ShardInput", "ShmEncoder", "Ring", "Slot", "encode_batch", "return_large_blocks",
+           "worker_main"]
+
 HEADER = 64  # arena bytes before the crops: int64 index of the record the worker is on
 GRID_DTYPE = np.dtype(np.int64)
 CHUNK_RECORDS = 16  # records per message to a worker
@@ -140,6 +143,17 @@ class ShmEncoder:
             grids.append(np.ndarray(shape, GRID_DTYPE, self.arena.buf, HEADER + offset).copy())
         self.ring.free(ticket)
         return grids
+
+
+def encode_batch(tokenizer, batch_size: int) -> int:
+    """Crops of one shape gathered before they are encoded. A CPU encoder runs each image alone
+    on one thread, `threads` images side by side: more only makes crops, and the records in the
+    workers' windows, wait while the encoder idles. A GPU encoder gets the whole --batch-size."""
+    if tokenizer is None or str(getattr(tokenizer, "device", "cpu")) != "cpu":
+        return batch_size
+    import torch
+
+    return max(1, min(batch_size, torch.get_num_threads()))
 
 
 def return_large_blocks() -> None:
@@ -254,7 +268,10 @@ class ShardPool:
         self.ctx, self.workers, self.tokenizer, self.batch_size = ctx, workers, tokenizer, batch_size
         self.shard_path, self.on_done, self.on_progress = shard_path, on_done, on_progress
         self.input_budget = budget // 16
-        self.window_bytes = max(budget // (16 * workers), 1 << 20)
+        self.encode_batch = encode_batch(tokenizer, batch_size)
+        # a CPU encoder takes a crop per thread and its activations share host memory: half the window
+        cpu_encoder = tokenizer is not None and str(getattr(tokenizer, "device", "cpu")) == "cpu"
+        self.window_bytes = max(budget // ((32 if cpu_encoder else 16) * workers), 1 << 20)
         self.arena_bytes = HEADER + _align(max(self.window_bytes, 4 * max_crop_bytes, 1 << 20))
         self.slots: list[Slot] = []
         self.shards: dict[int, ShardInput] = {}
@@ -407,7 +424,7 @@ class ShardPool:
             for offset, shape in crops:
                 group = self.groups.setdefault(tuple(shape), [])
                 group.append((i, slot.gen, ticket, offset))
-                if len(group) >= self.batch_size:
+                if len(group) >= self.encode_batch:
                     self._encode(tuple(shape))
         elif kind == "flush":
             for shape in list(self.groups):

@@ -88,11 +88,12 @@ def open_output(path: str | Path, option: str):
 
 def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, sampler=None,
             image_root: str | Path | None = None, llm_tokenizer=None, samples: int = 8,
-            timings: dict | None = None, skip=None, shard_size: int | None = None) -> dict:
+            timings: dict | None = None, skip=None, shard_size: int | None = None, encode: bool = True) -> dict:
     """Counts from the record checks alone, the new turns of a few real records (built and
     measured, see `sample_turns`) and from both the size of what expand would write.
     `timings`, if given, gets the seconds per sampled record spent in a worker and in the encoder;
-    `skip(position)` leaves records out (a slice's start-up estimate reads only its own)."""
+    `skip(position)` leaves records out (a slice's start-up estimate reads only its own);
+    `encode=False`: the VQ answers from indices of the right count, see `sample_turns`."""
     from cogalign.targets.templates import TemplateSampler
 
     counts, reasons, sizes = Counter(), Counter(), Counter()
@@ -112,7 +113,8 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
         if action == "pass" and len(passed) < 64:
             passed.append(record)
     facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
-                               tokenizer, image_root, llm_tokenizer, samples, keep=True, timings=timings, skip=skip)
+                               tokenizer, image_root, llm_tokenizer, samples, keep=True, timings=timings, skip=skip,
+                               encode=encode)
     shard_size = shard_size or estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     n = sum(counts.values())
     if built["expanded"] or not counts["expand"]:
@@ -145,10 +147,13 @@ def load_llm_tokenizer(path: str | Path):
 
 def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokenizer, image_root: str | Path | None,
                  llm_tokenizer=None, samples: int = 8, keep: bool = False, timings: dict | None = None,
-                 skip=None):
+                 skip=None, encode: bool = True):
     """Build the new turns of the first `samples` expandable records for real and measure them:
     characters and, given an LLM tokenizer, tokens (what `model_max_length` truncates silently).
-    With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}."""
+    With `keep`, also return the records built: {"expanded": [...], "expanded_input": [...]}.
+    `encode=False` (expand's start-up estimate): no tokenizer call; each crop gets indices uniform
+    over the codebook (the VQ text's expected length) and the encoder's time is counted from its
+    FLOPs (`estimate.encoder_seconds`)."""
     input_path = resolve_input(input_path)
     ctx = WorkerContext.for_tokenizer(options, resolve_image_root(input_path, image_root), tokenizer, sampler)
     sizes: dict[str, list[tuple[int, int]]] = {kind: [] for kind in options.targets}
@@ -163,13 +168,21 @@ def sample_turns(input_path: str | Path, options: ExpandOptions, sampler, tokeni
         if prepared.outcome != EXPAND:
             continue
         encoding = time.perf_counter()
-        grids = list(tokenizer.encode(np.stack(prepared.vq_inputs))) if prepared.vq_inputs else []
+        if not prepared.vq_inputs:
+            grids = []
+        elif encode or not hasattr(tokenizer, "flops"):
+            grids = list(tokenizer.encode(np.stack(prepared.vq_inputs)))
+        else:
+            f, shapes = tokenizer.downsample, [a.shape for a in prepared.vq_inputs]
+            grids = [estimate.synthetic_grid(s, f, tokenizer.codebook_size, index) for s in shapes]
+            clock["encoder"] += estimate.encoder_seconds(tokenizer, shapes)  # counted, not spent
         record = prepared.record  # in LLaVA's turns
         original = {id(t) for t in record["conversations"]}
         finishing = time.perf_counter()
         finished = finish(prepared, grids, ctx)
         clock["worker"] += time.perf_counter() - finishing + encoding - started
-        clock["encoder"] += finishing - encoding
+        if encode or not hasattr(tokenizer, "flops"):
+            clock["encoder"] += finishing - encoding
         if keep:
             built["expanded"].append(finished)
             built["expanded_input"].append(record)
@@ -204,7 +217,7 @@ def startup_estimate(input_path: str | Path, options: ExpandOptions, tokenizer, 
     this run does not do (another slice's, or done), never read (a Hub input downloads no file for them)."""
     timings: dict = {}
     facts = dry_run(input_path, options, tokenizer, sampler, image_root, samples=samples, timings=timings, skip=skip,
-                    shard_size=shard_size)
+                    shard_size=shard_size, encode=False)
     worker, encoder = timings.get("worker", 0.0), timings.get("encoder", 0.0)
     per_record = worker + encoder if workers == 0 else max(worker / workers, encoder)
     return facts["estimated_output_bytes"], facts["would_expand"] * per_record, facts

@@ -246,6 +246,26 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
             self.__dict__["_compiled_pre_quant"] = fn
         return fn
 
+    def flops(self, height: int, width: int) -> int:
+        """Multiply-adds x 2 of encoding one height x width image (convolutions, attention, lookup),
+        counted from the modules' shapes alone: no forward pass."""
+        area, last = height * width, len(self.encoder.down) - 1
+        total = 0
+        for name, m in self.encoder.named_modules():
+            parts = name.split(".")  # down.<level>...: that level's size; mid, conv_out: the last level's
+            if parts[0] == "down" and len(parts) > 1:
+                level = int(parts[1]) + ("downsample" in parts)  # a stride-2 conv: the next level's size
+            else:
+                level = last if parts[0] in ("mid", "norm_out", "conv_out") else 0
+            n = area >> (2 * level)
+            if isinstance(m, nn.Conv2d):
+                total += 2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * n // m.groups
+            elif isinstance(m, AttnBlock):
+                total += 4 * n * n * m.in_channels  # q.k and the weighted sum of v
+        n = area // self.downsample ** 2
+        total += 2 * self.quant_conv.in_channels * self.quant_conv.out_channels * n
+        return total + 2 * n * self.codebook_size * self.embed_dim
+
     def lookup(self, h: torch.Tensor) -> torch.Tensor:
         """quant_conv output (B, C, h, w) -> (B, h, w) int64 code indices."""
         b, c, hh, ww = h.shape
