@@ -454,6 +454,11 @@ def test_an_expanded_record_is_not_expanded_again(expanded, aug, tmp_path):
     assert out["conversations"] == [r["conversations"] for r in again] and out["cogalign"] == ds["cogalign"]
     _, rejects = _expand(tmp_path, again)
     assert [r["reason"] for r in rejects] == ["already_expanded"] * 3
+    # `validate` (a gate before training: its input may be expand's output) still accepts them
+    from cogalign.expand.validate import validate
+
+    checked = validate(tmp_path / "in.json", OPTIONS, image_root=ROOT, workers=0, progress=False)
+    assert checked.counts["reject"] == 0 and checked.counts["expand"] == 3
 
 
 def test_tokenizer_option_errors_name_the_python_parameters():

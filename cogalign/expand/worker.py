@@ -136,7 +136,7 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
     check = check_given(record, given)
     if check.action == PASS:
         return Prepared(index, record, PASS, check.pass_reason, converted=converted)
-    if record.get("cogalign") is not None:  # new provenance would hide the turns the old one lists
+    if record.get("cogalign") is not None and not ctx.decode_only:  # new provenance would hide the old turns
         raise RecordError("already_expanded", "the record already holds cogalign turns (it has `cogalign` "
                           "provenance): expand the original input instead, with every target at once")
     if given is not None:
