@@ -210,6 +210,9 @@ def test_decode_round_trip_is_the_image_not_noise():
     clone = pickle.loads(pickle.dumps(tok))
     assert "_decoder" not in clone.__dict__
     np.testing.assert_array_equal(clone.decode(idx), rec)
+    with pytest.raises(TokenizerError, match="decode expects integer code indices, got float64"):
+        tok.decode(idx.astype(np.float64) + 0.7)  # was truncated to other codes without a word
+    np.testing.assert_array_equal(tok.decode(torch.from_numpy(idx[1]).to(torch.int32)), rec[1])
 
 
 def test_decode_without_decoder_weights_says_so_and_how_to_get_them(tmp_path):

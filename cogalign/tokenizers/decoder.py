@@ -52,7 +52,11 @@ class VQDecoder(nn.Module):
         """(B, h, w) or (h, w) code indices -> (B, h*f, w*f, 3) or (h*f, w*f, 3) uint8 RGB, on the
         device of the weights (the result is a CPU array). An index outside the codebook or a
         grid of another shape raises TokenizerError in one line."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        raw = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        if raw.dtype.kind not in "iu":  # floats would be truncated to other codes without a word
+            raise TokenizerError(f"{self.name}: decode expects integer code indices, got {raw.dtype}; "
+                                 "pass what encode returned (int64), or parse_vq(text) for a VQ answer")
+        idx = torch.as_tensor(raw, dtype=torch.int64)
         single = idx.ndim == 2
         if single:
             idx = idx[None]
