@@ -228,3 +228,17 @@ def test_show_and_gallery_refuse_an_out_inside_the_run_folder(run, tmp_path):
     _one_line_error(run_cli("gallery", run, "--out", run, "--n", "1", "--no-progress", expect=2), "inside the output folder")
     _one_line_error(run_cli("show", run, "--index", "0", "--out", run / "data" / "x.png", expect=2), "inside the output folder")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_show_draws_a_record_with_several_images_from_its_first(tmp_path, embed):
+    """expand cuts a list `image`'s targets from its first image; show reads that one (it failed as
+    image_bad_type, telling the user to restore a file that was never changed)."""
+    src = _input(tmp_path / "src")
+    records = json.loads(src.read_text())
+    records[0]["image"] = ["images/chelsea.png", "images/coffee.png"]
+    records[0]["conversations"][0]["value"] = "<image>\n<image>\n" + records[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    src.write_text(json.dumps(records))
+    run_cli("expand", src, "--out", tmp_path / "out", *SMALL, *(["--embed-images"] if embed else []))
+    res = run_cli("show", tmp_path / "out", "--id", records[0]["id"], "--out", tmp_path / "m.png")
+    assert "RGB text, drawn: PSNR exact (inf dB)" in res.output and (tmp_path / "m.png").is_file()
