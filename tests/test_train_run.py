@@ -89,6 +89,19 @@ def test_resume_continues_the_curve(quads, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
+def test_resume_of_a_finished_run_trains_nothing(quads, tmp_path):
+    """A run that stopped mid-epoch at --max-steps, resumed with the same options (a requeued job): the
+    Trainer used to train one step past --max-steps and replace the model."""
+    args = ["--data", quads, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "2",
+            "--max-steps", "2", "--max-length", "128", "--out", tmp_path / "run"]
+    _train(*args)
+    model, log = (tmp_path / "run" / "model.safetensors").read_bytes(), _log(tmp_path / "run")
+    again = _train(*args, "--resume")
+    assert "steps: 2 " in again.stderr and not (tmp_path / "run" / "checkpoint-3").exists()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == model and _log(tmp_path / "run") == log
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 2
+
+
 @pytest.fixture
 def one_thread():
     """torch on one intra-op thread, as the subprocess runs above (OMP_NUM_THREADS=1): for a model

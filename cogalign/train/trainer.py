@@ -77,6 +77,14 @@ class CogalignTrainer(Trainer):
         self.sums = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)  # since the last log
         self._anchors = None
 
+    def _run_epoch(self, *args, **kwargs):
+        """An epoch, unless the run already reached its last step: the Trainer enters the epoch a finished
+        run was resumed in (it stopped mid-epoch at --max-steps) and would train one step past the end."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     # ---- data
     def _sampler(self, n: int, batch: int, shuffle: bool, lengths=None):
         multiple = batch * self.args.world_size
