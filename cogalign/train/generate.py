@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cogalign.errors import CogalignError
-from cogalign.train.chat import end_of_turn_tokens
+from cogalign.train.chat import end_of_turn_tokens, record_system
 from cogalign.train.collate import IMAGE, Encoder, answer_kind, has_image_token
 
 __all__ = ["generate", "run_generate", "load_run", "run_config", "Prompt", "prompts", "inserted_turns",
@@ -88,7 +88,8 @@ def item_images(item: dict) -> list:
     return list(images) if images and has_image_token(item["record"]["conversations"]) else []
 
 
-def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int):
+def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int,
+               system: Optional[str] = None):
     """(ids, turns dropped, problem) of the prompt for turn `upto` within `max_length` tokens, dropping
     whole earlier turns (each start is a human turn); the `<image>` marks of the dropped turns move to
     the first kept one. (None, upto, "too_long") when even the question alone is too long; ValueError
@@ -100,7 +101,7 @@ def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_len
         if moved:
             kept[0] = {**kept[0], "value": f"{IMAGE}\n" * moved + kept[0]["value"]}
         try:
-            ids = enc.prompt_ids(kept, upto - j, images)
+            ids = enc.prompt_ids(kept, upto - j, images, system)
         except ValueError as e:
             if str(e) == "max_length_below_image":  # not even the image fits
                 break
@@ -119,7 +120,7 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
         conv, images = rec["conversations"], item_images(item)
         for i, kind in inserted_turns(rec):
             try:
-                ids, dropped, problem = fit_prompt(enc, conv, i, images, max_length)
+                ids, dropped, problem = fit_prompt(enc, conv, i, images, max_length, record_system(rec))
             except ValueError as e:
                 ids, dropped, problem = None, 0, str(e)
             yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped, problem)
@@ -169,7 +170,8 @@ def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) 
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
     conv, images = item["record"]["conversations"], item_images(item)
-    batch = [Prompt(item["record"].get("id"), item["position"], i, "", enc.prompt_ids(conv, i, images), images, 0)
+    system = record_system(item["record"])
+    batch = [Prompt(item["record"].get("id"), item["position"], i, "", enc.prompt_ids(conv, i, images, system), images, 0)
              for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
