@@ -264,6 +264,15 @@ def test_bad_numbers_are_one_line(quads, tmp_path, args, words):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_val_size_larger_than_the_data_leaves_no_arrow_copy_behind(quads, tmp_path):
+    """--val-size is checked against the record count once the shards are read: the failed run used to
+    leave the shards' uncompressed copy in RUN/cache/, and the folder then passed for an earlier run."""
+    run = tmp_path / "run"
+    _one_line_error(_cli("--data", quads, "--out", run, "--val-size", "100"), "--val-size 100", "of 12 records")
+    assert not (run / "cache").exists()
+    _cli("--data", quads, "--out", run, "--val-size", "2", "--max-steps", "1", "--max-length", "128", expect=0)
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_report_to_a_missing_tracker_is_one_line(quads, tmp_path):
     _one_line_error(_cli("--data", quads, "--out", tmp_path / "run", "--report-to", "wandb"), "pip install wandb")
