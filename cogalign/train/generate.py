@@ -208,18 +208,40 @@ def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", m
         yield from flush()
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an --out that is a folder, or a file that --overwrite does not allow."""
+def check_out(out: Path, overwrite: bool, data: Optional[Path] = None) -> None:
+    """Refuse, before any work, an --out that is a folder, or a file that --overwrite does not allow (with
+    `data`: a file of that expand output or its input)."""
     out = Path(out)
     if out.is_dir():
         raise CogalignError(f"--out {out} is a folder: name a .jsonl file, e.g. {out / 'predictions.jsonl'}")
     if out.exists() and not overwrite:
         raise CogalignError(f"--out {out} exists: choose another file, or pass --overwrite to replace it")
+    if data is not None and out.resolve().is_relative_to(Path(data).resolve()):
+        raise CogalignError(f"--out {out}: is inside the --data folder {data}; write it outside, e.g. predictions.jsonl")
+    if out.is_file():
+        _check_replaceable(out, data)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CogalignError(f"--out {out}: {parent} is a file, not a folder; choose another path")
             break
+
+
+def _check_replaceable(out: Path, data: Optional[Path]) -> None:
+    """--overwrite replaces a text file, never a binary one (an image, a parquet shard) nor the input the
+    --data run read."""
+    from cogalign.expand.layout import read_manifest
+    from cogalign.hub.export import _text, is_run_input
+
+    if not _text(out):
+        raise CogalignError(f"--out {out}: exists and is a binary file (an image?), so generate did not write it; "
+                            "it is never replaced, --overwrite or not: choose another file")
+    try:
+        manifest = read_manifest(Path(data)) if data is not None else None
+    except CogalignError:
+        manifest = None
+    if manifest is not None and is_run_input(out, manifest):
+        raise CogalignError(f"--out {out}: is the input the --data run read; it is never replaced: choose another file")
 
 
 def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, image_root: Optional[Path] = None,
@@ -230,7 +252,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
     from cogalign.expand.progress import Progress
     from cogalign.train.data import ShardDataset, check_expand_output
 
-    check_out(out, overwrite)
+    check_out(out, overwrite, data)
     check_expand_output(data)  # a missing shard would leave its turns unanswered without a word
     ds = ShardDataset(data, image_root=image_root, shuffle=False)
     model, processor, vq_tokens = load_run(run)
