@@ -242,3 +242,17 @@ def test_show_draws_a_record_with_several_images_from_its_first(tmp_path, embed)
     run_cli("expand", src, "--out", tmp_path / "out", *SMALL, *(["--embed-images"] if embed else []))
     res = run_cli("show", tmp_path / "out", "--id", records[0]["id"], "--out", tmp_path / "m.png")
     assert "RGB text, drawn: PSNR exact (inf dB)" in res.output and (tmp_path / "m.png").is_file()
+
+
+def test_a_shard_changed_after_the_run_is_one_line_in_every_command(run, tmp_path):
+    """A shard replaced by another file (here: a predictions file written over it) used to end show, gallery,
+    merge-report, export, stats and train in a pyarrow traceback."""
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    shard = next((out / "data").glob("*.parquet"))
+    shard.write_text('{"id": "chelsea", "text": "x"}\n')
+    for args in (["show", out, "--id", "coffee", "--out", tmp_path / "x.png"], ["gallery", out, "--out", tmp_path / "g",
+                 "--no-progress"], ["merge-report", out], ["export", out, "--to", "sharegpt", "--out", tmp_path / "e.json"],
+                 ["stats", out]):
+        _one_line_error(run_cli(*args, expect=2), shard.name, "not a readable parquet shard",
+                        "rerun the `cogalign expand` command with --overwrite")

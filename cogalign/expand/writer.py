@@ -17,6 +17,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cogalign.errors import CogalignError
 from cogalign.inputs.records import loads_exact
 
 __all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "dumps", "to_row", "from_row",
@@ -315,11 +316,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """A published parquet shard, opened; one that is no parquet file (changed since) is a CogalignError."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CogalignError(f"{path}: not a readable parquet shard ({e}); it was changed since expand wrote it: "
+                            "rerun the `cogalign expand` command with --overwrite to write it again") from None
+
+
 def read_shard(path: Path) -> Iterator[dict]:
     """Records of one published shard, as LLaVA dicts."""
     path = Path(path)
     if path.suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches():
+        for batch in open_parquet(path).iter_batches():
             yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:

@@ -14,7 +14,7 @@ from cogalign.errors import CogalignError
 from cogalign.expand.layout import read_manifest
 from cogalign.options import ExpandOptions
 from cogalign.targets.render import RGB_START, VQ_START
-from cogalign.expand.writer import IMAGE_BYTES, read_shard, record_of_row
+from cogalign.expand.writer import IMAGE_BYTES, open_parquet, read_shard, record_of_row
 from cogalign.hub.output import images_of
 
 __all__ = ["iter_records", "read_record", "find_record", "locate", "Target", "targets", "working_image",
@@ -40,9 +40,7 @@ def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
     """(id, provenance) of each record of a shard, in order, without building the conversations
     (parquet: only the id, cogalign and extra columns are read)."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         for batch in pf.iter_batches(batch_size=4096, columns=["id", "cogalign", "extra"]):
             for rid, prov, extra in zip(*(batch.column(c).to_pylist() for c in ("id", "cogalign", "extra"))):
                 if rid is None and extra:
@@ -57,9 +55,7 @@ def read_record(path: Path, row: int) -> dict:
     """Record number `row` of a shard (parquet: only its row group is read; the bytes of an
     embedded image are kept under IMAGE_BYTES, so `show` needs no image files)."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if row < n:
