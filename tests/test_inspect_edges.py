@@ -256,3 +256,14 @@ def test_a_shard_changed_after_the_run_is_one_line_in_every_command(run, tmp_pat
                  ["stats", out]):
         _one_line_error(run_cli(*args, expect=2), shard.name, "not a readable parquet shard",
                         "rerun the `cogalign expand` command with --overwrite")
+
+
+def test_a_jsonl_shard_changed_after_the_run_names_the_line(tmp_path):
+    src = _input(tmp_path / "src")
+    run_cli("expand", src, "--out", tmp_path / "out", *SMALL, "--format", "jsonl")
+    shard = next((tmp_path / "out" / "data").glob("*.jsonl"))
+    with open(shard, "a") as f:
+        f.write("half a record {\n")
+    for args in (["stats", tmp_path / "out"], ["export", tmp_path / "out", "--to", "messages", "--out", tmp_path / "e.jsonl"],
+                 ["gallery", tmp_path / "out", "--out", tmp_path / "g", "--no-progress"]):
+        _one_line_error(run_cli(*args, expect=2), shard.name, "line 4 is not JSON", "--overwrite")

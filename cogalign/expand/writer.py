@@ -333,4 +333,15 @@ def read_shard(path: Path) -> Iterator[dict]:
             yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:
-            yield from (loads_exact(line) for line in f if line.strip())
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield shard_line(path, number, line)
+
+
+def shard_line(path: Path, number: int, line: bytes) -> dict:
+    """Line `number` of a published JSON-lines shard; one that is not JSON (changed since) is a CogalignError."""
+    try:
+        return loads_exact(line)
+    except ValueError as e:
+        raise CogalignError(f"{path}: line {number} is not JSON ({e}); the shard was changed since expand wrote it: "
+                            "rerun the `cogalign expand` command with --overwrite to write it again") from None

@@ -24,8 +24,7 @@ import torch.utils.data
 
 from cogalign.errors import CogalignError, RecordError
 from cogalign.expand.layout import MANIFEST
-from cogalign.inputs.records import loads_exact
-from cogalign.expand.writer import IMAGE_BYTES, open_parquet, record_of_row
+from cogalign.expand.writer import IMAGE_BYTES, open_parquet, record_of_row, shard_line
 
 __all__ = ["ShardDataset", "EpochSampler", "modality_lengths", "shard_files", "shard_rows", "check_expand_output",
            "default_image_root", "input_image_bytes", "arrow_copy", "PAD"]
@@ -122,7 +121,7 @@ class _ShardReader:
                     pos += len(line)
         with open(self.path, "rb") as f:
             f.seek(self._offsets[row])
-            return loads_exact(f.readline())
+            return shard_line(self.path, row + 1, f.readline())
 
     def __getstate__(self):  # DataLoader workers open their own maps
         return {**self.__dict__, "_table": None}
