@@ -226,6 +226,11 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "train_summary.json").exists()
     assert not (tmp_path / "run" / "cache").exists()  # the Arrow copy of the shards was left behind
+    # no checkpoint of the untrained model is left either: the same command with the inputs fixed runs
+    # (it was refused as "an earlier run (checkpoint-1)", and --resume would have learned nothing again)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["cogalign_run.json"]
+    _cli("--data", quads, "--out", tmp_path / "run", "--max-steps", "1", "--global-batch-size", "2",
+         "--per-device-batch-size", "2", "--max-length", "256", expect=0)
 
 
 def test_a_diverged_run_stops_in_one_line_and_saves_no_model(quads, tmp_path):

@@ -162,6 +162,8 @@ def train(cfg: TrainConfig, model, processor) -> dict:
         summary.update(records=full.num_records, held_out=len(val_idx),  # every record of --data accounted for
                        records_per_second=round((stats["seen"] - seen_before) / max(summary["seconds"], 1e-9), 2))
         if stats["seen"] == 0:
+            if args.process_index == 0 and not cfg.resume:
+                _drop_new_run_files(out, before)  # so the same command, inputs fixed, runs again
             reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
             raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
                                 "nothing was learned and no model is saved; fix the inputs (e.g. --image-root)")
@@ -172,6 +174,17 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     if args.process_index == 0:
         record_files(out, before)
     return summary
+
+
+def _drop_new_run_files(out: Path, before: set) -> None:
+    """Delete what a run that learned nothing wrote since it started (its checkpoint-N/ of an untrained model,
+    its logs); the folder is then a new run's again."""
+    from cogalign.train.runfolder import RUN_FILES
+
+    for p in out.iterdir():
+        if p.name in before or not (p.name in RUN_FILES or p in checkpoints(out)):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _truncate_log(path: Path, step: int) -> None:
