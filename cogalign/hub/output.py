@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-
 from cogalign.errors import CogalignError
 from cogalign.expand.layout import Layout, read_manifest
 from cogalign.inputs.records import loads_exact as loads
