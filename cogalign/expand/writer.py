@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cogalign.errors import CogalignError
 from cogalign.inputs.records import loads_exact
 
-__all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "dumps", "to_row", "from_row",
+__all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "open_parquet", "shard_line", "dumps", "to_row", "from_row",
            "record_of_row", "embed", "rows_to_table", "shard_name", "partial_path", "temp_name", "write_atomic",
            "SCHEMA", "EMBEDDED_SCHEMA", "TURN_TYPE", "IMAGE_TYPE", "TYPED_KEYS", "IMAGE_BYTES", "ARROW_BYTES_KEY",
            "ROW_GROUP_BYTES"]
