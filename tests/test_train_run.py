@@ -102,6 +102,20 @@ def test_resume_of_a_finished_run_trains_nothing(quads, tmp_path):
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 2
 
 
+def test_checkpoint_rotation_keeps_a_checkpoint_holding_your_file(quads, tmp_path):
+    """--save-total-limit rotation (the Trainer's) deleted an old checkpoint-N/ whole, a file the user had put
+    there included; now that checkpoint stays, and the others rotate as before."""
+    run = tmp_path / "run"
+    args = ["--data", quads, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "2", "--max-length", "128",
+            "--save-steps", "1", "--out", run]
+    _train(*args, "--max-steps", "2")
+    (run / "checkpoint-1" / "notes").mkdir()
+    (run / "checkpoint-1" / "notes" / "mine.txt").write_text("mine")
+    _train(*args, "--max-steps", "4", "--resume")
+    assert (run / "checkpoint-1" / "notes" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+
+
 @pytest.fixture
 def one_thread():
     """torch on one intra-op thread, as the subprocess runs above (OMP_NUM_THREADS=1): for a model
