@@ -165,3 +165,15 @@ def test_generate_overwrite_never_replaces_a_shard_an_image_or_the_input(tiny_ru
         refused = run_cli(*common, "--out", dest, expect=2)
         assert words in refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
         assert dest.read_bytes() == before
+
+
+def test_generate_on_a_lora_run_without_merge_says_so(tiny_run, tmp_path):
+    """A LoRA run without --merge-lora holds only adapter/ (tiny's base is not on disk): generate said
+    "Unrecognized processing class ... (give a `cogalign train --out` folder)" about a train folder."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "cogalign_train.json").write_text(json.dumps({"vq_tokens": "text", "max_length": 128}))
+    res = run_cli("generate", "--model", run, "--data", tiny_run / "out", "--out", tmp_path / "p.jsonl", expect=2)
+    assert "LoRA adapter only" in res.output and "--merge-lora" in res.output
+    assert len(res.output.strip().splitlines()) == 1

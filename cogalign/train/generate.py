@@ -41,6 +41,9 @@ def load_run(run: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar: generate shows its own
+    if (Path(run) / "adapter").is_dir() and not (Path(run) / "config.json").is_file():
+        raise CogalignError(f"{run} holds a LoRA adapter only ({Path(run) / 'adapter'}), no model: it was trained "
+                            "without --merge-lora; train again with --merge-lora to leave a model generate can load")
     try:
         processor = AutoProcessor.from_pretrained(run)
         model = AutoModelForImageTextToText.from_pretrained(run)
