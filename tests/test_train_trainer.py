@@ -406,3 +406,31 @@ def test_cli_options_reach_training_arguments(quads, tmp_path, monkeypatch):
             "logging_steps": 3, "seed": 9, "dataloader_num_workers": 2, "eval_steps": 5, "eval_strategy": "steps",
             "adam_beta2": 0.9}
     assert {k: seen.get(k) for k in want} == want
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line_without_retry_warnings(monkeypatch):
+    """Offline, --model OWNER/NAME printed two huggingface_hub warnings per retry of every file (66 lines)
+    above the error; the loaders now keep them quiet."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoProcessor
+
+    from cogalign.errors import CogalignError
+    from cogalign.train.model import load
+
+    def offline(*args, **kwargs):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hub_logging.get_logger("huggingface_hub").addHandler(handler)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", offline)
+    try:
+        with pytest.raises(CogalignError, match="cannot load model 'someone/llava'"):
+            load("someone/llava")
+    finally:
+        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
+    assert seen == [] and hub_logging.get_verbosity() == logging.WARNING

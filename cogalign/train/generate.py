@@ -34,7 +34,7 @@ DEFAULT_MAX_LENGTH = 2048  # when the run folder does not say what it was traine
 
 def load_run(run: Path):
     """(model, processor, vq_tokens) from a `cogalign train` output folder (or any LLaVA checkpoint)."""
-    from cogalign.train.model import require_transformers
+    from cogalign.train.model import quiet_hub_logs, require_transformers
 
     require_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -45,8 +45,9 @@ def load_run(run: Path):
         raise CogalignError(f"{run} holds a LoRA adapter only ({Path(run) / 'adapter'}), no model: it was trained "
                             "without --merge-lora; train again with --merge-lora to leave a model generate can load")
     try:
-        processor = AutoProcessor.from_pretrained(run)
-        model = AutoModelForImageTextToText.from_pretrained(run)
+        with quiet_hub_logs():
+            processor = AutoProcessor.from_pretrained(run)
+            model = AutoModelForImageTextToText.from_pretrained(run)
     except (OSError, ValueError) as e:
         raise CogalignError(f"cannot load {run}: {str(e).splitlines()[0] if str(e) else e} "
                             "(give a `cogalign train --out` folder)") from None
