@@ -90,3 +90,30 @@ def test_bad_tokenizer_is_one_line_error(output, tmp_path):
     assert "cannot load a tokenizer" in result.output and "Traceback" not in result.output
     result = run_cli("stats", output, "--tokenizer", tmp_path / "missing.json", expect=2)
     assert "no tokenizer.json there" in result.output
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_without_the_hubs_retry_warnings(monkeypatch):
+    """Offline, huggingface_hub logged a warning per retry (11 lines) above the one-line error."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+    from tokenizers import Tokenizer
+
+    from cogalign.errors import CogalignError
+    from cogalign.hub.stats import load_tokenizer
+
+    def offline(spec):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("cannot find the requested files in the local cache")
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hub_logging.get_logger("huggingface_hub").addHandler(handler)
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(offline))
+    try:
+        with pytest.raises(CogalignError, match="--tokenizer some-org/tok: cannot load a tokenizer"):
+            load_tokenizer("some-org/tok")
+    finally:
+        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
+    assert seen == [] and hub_logging.get_verbosity() == logging.WARNING

@@ -228,3 +228,42 @@ def test_show_and_gallery_refuse_an_out_inside_the_run_folder(run, tmp_path):
     _one_line_error(run_cli("gallery", run, "--out", run, "--n", "1", "--no-progress", expect=2), "inside the output folder")
     _one_line_error(run_cli("show", run, "--index", "0", "--out", run / "data" / "x.png", expect=2), "inside the output folder")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_show_draws_a_record_with_several_images_from_its_first(tmp_path, embed):
+    """expand cuts a list `image`'s targets from its first image; show reads that one (it failed as
+    image_bad_type, telling the user to restore a file that was never changed)."""
+    src = _input(tmp_path / "src")
+    records = json.loads(src.read_text())
+    records[0]["image"] = ["images/chelsea.png", "images/coffee.png"]
+    records[0]["conversations"][0]["value"] = "<image>\n<image>\n" + records[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    src.write_text(json.dumps(records))
+    run_cli("expand", src, "--out", tmp_path / "out", *SMALL, *(["--embed-images"] if embed else []))
+    res = run_cli("show", tmp_path / "out", "--id", records[0]["id"], "--out", tmp_path / "m.png")
+    assert "RGB text, drawn: PSNR exact (inf dB)" in res.output and (tmp_path / "m.png").is_file()
+
+
+def test_a_shard_changed_after_the_run_is_one_line_in_every_command(run, tmp_path):
+    """A shard replaced by another file (here: a predictions file written over it) used to end show, gallery,
+    merge-report, export, stats and train in a pyarrow traceback."""
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    shard = next((out / "data").glob("*.parquet"))
+    shard.write_text('{"id": "chelsea", "text": "x"}\n')
+    for args in (["show", out, "--id", "coffee", "--out", tmp_path / "x.png"], ["gallery", out, "--out", tmp_path / "g",
+                 "--no-progress"], ["merge-report", out], ["export", out, "--to", "sharegpt", "--out", tmp_path / "e.json"],
+                 ["stats", out]):
+        _one_line_error(run_cli(*args, expect=2), shard.name, "not a readable parquet shard",
+                        "rerun the `cogalign expand` command with --overwrite")
+
+
+def test_a_jsonl_shard_changed_after_the_run_names_the_line(tmp_path):
+    src = _input(tmp_path / "src")
+    run_cli("expand", src, "--out", tmp_path / "out", *SMALL, "--format", "jsonl")
+    shard = next((tmp_path / "out" / "data").glob("*.jsonl"))
+    with open(shard, "a") as f:
+        f.write("half a record {\n")
+    for args in (["stats", tmp_path / "out"], ["export", tmp_path / "out", "--to", "messages", "--out", tmp_path / "e.jsonl"],
+                 ["gallery", tmp_path / "out", "--out", tmp_path / "g", "--no-progress"]):
+        _one_line_error(run_cli(*args, expect=2), shard.name, "line 4 is not JSON", "--overwrite")

@@ -57,6 +57,21 @@ def test_folder_that_is_not_a_cogalign_output_is_refused(tmp_path, overwrite):
                                                                               "x_cogalign.json"]
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_file_of_yours_named_as_the_merged_output_is_never_replaced(tmp_path, src, reset):
+    """A parquet run, then your own llava_cogalign.json beside it, then `--format json --overwrite` (or a
+    reset and a json run): the merged file was written over yours."""
+    out = tmp_path / "out"
+    expand(src, out)
+    (out / "llava_cogalign.json").write_text('["mine"]')
+    if reset:
+        run_cli("reset", out)
+    result = expand(src, out, "--format", "json", *([] if reset else ["--overwrite"]), expect=2)
+    assert "llava_cogalign.json is a file cogalign did not write" in result.output
+    assert result.output.strip().count("\n") == 0 and (out / "llava_cogalign.json").read_text() == '["mine"]'
+    assert reset or (out / "data" / "train-00000-of-00005.parquet").is_file()  # nothing deleted either
+
+
 def test_overwrite_and_card_touch_only_what_cogalign_wrote(tmp_path, src):
     out = tmp_path / "out"
     expand(src, out, "--format", "json")

@@ -69,3 +69,25 @@ def test_an_out_that_cannot_be_made_is_one_line(tmp_path):
     result = run_cli("expand", EXAMPLES, "--out", "/proc/cogalign-out", *FAST, "--workers", "0", expect=2)
     text = result.output.strip()
     assert text.startswith("error: --out /proc/cogalign-out") and len(text.splitlines()) == 1, text
+
+
+@pytest.mark.parametrize("name", ["images/chelsea.png", "notes.txt"])
+def test_validate_never_writes_rejects_over_an_image_or_a_file_of_yours(tmp_path, name):
+    """--rejects naming one of the input's images (or any file validate did not write) used to truncate it."""
+    (tmp_path / "images").mkdir()
+    for image in ("chelsea.png", "coffee.png"):
+        (tmp_path / "images" / image).write_bytes((EXAMPLES.parent / "images" / image).read_bytes())
+    (tmp_path / "notes.txt").write_text("mine\n")
+    records = [r for r in json.loads(EXAMPLES.read_text()) if r["id"] in ("chelsea", "coffee")]
+    records.append({"id": "gone", "image": "images/gone.png",
+                    "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]})
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    before = (tmp_path / name).read_bytes()
+    result = run_cli("validate", tmp_path / "in.json", "--rejects", tmp_path / name, "--workers", "0",
+                     "--no-progress", expect=2)
+    assert result.output.startswith(f"error: --rejects {tmp_path / name}: exists and is not a rejects list")
+    assert result.output.count("\n") == 1 and (tmp_path / name).read_bytes() == before
+    rejects = tmp_path / "rejects.jsonl"  # a rerun replaces its own rejects list
+    for _ in range(2):
+        run_cli("validate", tmp_path / "in.json", "--rejects", rejects, "--workers", "0", "--no-progress", expect=1)
+        assert [json.loads(line)["id"] for line in rejects.read_text().splitlines()] == ["gone"]

@@ -143,3 +143,10 @@ def test_predictions_that_are_a_folder_are_named_as_such(shards):
     """`--predictions out/` said `no such file`, though the folder is there."""
     res = run_cli("eval", "--data", shards, "--predictions", shards, expect=2)
     assert "is a folder" in res.output and "no such file" not in res.output, res.output
+
+
+def test_a_kind_other_than_vq_or_px_is_named(shards):
+    """`"kind": "rgb"` was counted as a prediction for an unknown id or turn, hiding the typo."""
+    res = _eval(shards, ALL_RIGHT[:1] + [{**ALL_RIGHT[1], "kind": "rgb"}], expect=2)
+    assert res.output.startswith("error: ") and "line 2: kind 'rgb'" in res.output and '"px"' in res.output
+    assert len(res.output.strip().splitlines()) == 1

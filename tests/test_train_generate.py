@@ -150,3 +150,30 @@ def test_generate_cli_summary_out_and_bad_values(tiny_run, tmp_path):
         r = run_cli(*common, "--out", tmp_path / "x.jsonl", *bad, expect=2)
         assert r.output.startswith(f"error: {bad[0]} ") and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_generate_overwrite_never_replaces_a_shard_an_image_or_the_input(tiny_run, tmp_path):
+    """`--out` naming a shard of --data with --overwrite replaced it (every later command then failed on
+    it with a pyarrow traceback); an image or the run's input went the same way."""
+    run, out = tiny_run / "run", tiny_run / "out"
+    common = ["generate", "--model", run, "--data", out, "--max-new-tokens", "2", "--no-progress", "--overwrite"]
+    shard = next((out / "data").iterdir())
+    image = next((tiny_run / "src" / "images").iterdir())
+    for dest, words in ((shard, "inside the --data folder"), (out / "report.json", "inside the --data folder"),
+                        (image, "binary file"), (tiny_run / "src" / "data.json", "the input the --data run read")):
+        before = dest.read_bytes()
+        refused = run_cli(*common, "--out", dest, expect=2)
+        assert words in refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
+        assert dest.read_bytes() == before
+
+
+def test_generate_on_a_lora_run_without_merge_says_so(tiny_run, tmp_path):
+    """A LoRA run without --merge-lora holds only adapter/ (tiny's base is not on disk): generate said
+    "Unrecognized processing class ... (give a `cogalign train --out` folder)" about a train folder."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "cogalign_train.json").write_text(json.dumps({"vq_tokens": "text", "max_length": 128}))
+    res = run_cli("generate", "--model", run, "--data", tiny_run / "out", "--out", tmp_path / "p.jsonl", expect=2)
+    assert "LoRA adapter only" in res.output and "--merge-lora" in res.output
+    assert len(res.output.strip().splitlines()) == 1

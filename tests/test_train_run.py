@@ -89,6 +89,33 @@ def test_resume_continues_the_curve(quads, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
+def test_resume_of_a_finished_run_trains_nothing(quads, tmp_path):
+    """A run that stopped mid-epoch at --max-steps, resumed with the same options (a requeued job): the
+    Trainer used to train one step past --max-steps and replace the model."""
+    args = ["--data", quads, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "2",
+            "--max-steps", "2", "--max-length", "128", "--out", tmp_path / "run"]
+    _train(*args)
+    model, log = (tmp_path / "run" / "model.safetensors").read_bytes(), _log(tmp_path / "run")
+    again = _train(*args, "--resume")
+    assert "steps: 2 " in again.stderr and not (tmp_path / "run" / "checkpoint-3").exists()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == model and _log(tmp_path / "run") == log
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 2
+
+
+def test_checkpoint_rotation_keeps_a_checkpoint_holding_your_file(quads, tmp_path):
+    """--save-total-limit rotation (the Trainer's) deleted an old checkpoint-N/ whole, a file the user had put
+    there included; now that checkpoint stays, and the others rotate as before."""
+    run = tmp_path / "run"
+    args = ["--data", quads, *TINY_LR, "--global-batch-size", "4", "--per-device-batch-size", "2", "--max-length", "128",
+            "--save-steps", "1", "--out", run]
+    _train(*args, "--max-steps", "2")
+    (run / "checkpoint-1" / "notes").mkdir()
+    (run / "checkpoint-1" / "notes" / "mine.txt").write_text("mine")
+    _train(*args, "--max-steps", "4", "--resume")
+    assert (run / "checkpoint-1" / "notes" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+
+
 @pytest.fixture
 def one_thread():
     """torch on one intra-op thread, as the subprocess runs above (OMP_NUM_THREADS=1): for a model

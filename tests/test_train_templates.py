@@ -241,3 +241,23 @@ def test_the_earlier_interface_gets_the_same_labels():
     assert tok.decode(supervised).split() == ["A</s>", "<vq", "start>5,", "17<vq", "end></s>", "A", "red",
                                               "cat.", "ASSISTANT:", "no</s>"]
     assert row["input_ids"][0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_a_records_system_prompt_is_what_the_model_sees(template):
+    """Chat data's system turns are kept in the record's `system` key (and exported as the system
+    message); training and generation used to drop it and show vicuna's default system instead."""
+    from cogalign.train.collate import Collator
+    from cogalign.train.generate import fit_prompt
+
+    tok = llama_tokenizer() if template is None else byte_tokenizer(None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<image>"])
+    enc = Encoder(processor_for(tok, template), 4096)
+    record = {"id": "s", "system": "Answer in one word.", "conversations": TURNS[:4]}
+    batch = Collator(enc)([{"record": record, "images": [image()], "position": 0}])
+    text = tok.decode(batch["input_ids"][0].tolist())
+    expected = "Answer in one word. USER:" if template is None else "<|im_start|>system\nAnswer in one word.<|im_end|>"
+    assert expected in text.replace("  ", " ") and "A chat between" not in text
+    labels = batch["labels"][0].tolist()
+    start = next(i for i, l in enumerate(labels) if l != IGNORE)
+    ids, dropped, problem = fit_prompt(enc, TURNS[:4], 1, [image()], 4096, record["system"])
+    assert ids == batch["input_ids"][0].tolist()[:start] and not dropped and problem is None

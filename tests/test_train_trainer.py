@@ -226,6 +226,11 @@ def test_a_run_that_skips_every_record_fails_and_saves_no_model(quads, tmp_path)
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "train_summary.json").exists()
     assert not (tmp_path / "run" / "cache").exists()  # the Arrow copy of the shards was left behind
+    # no checkpoint of the untrained model is left either: the same command with the inputs fixed runs
+    # (it was refused as "an earlier run (checkpoint-1)", and --resume would have learned nothing again)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["cogalign_run.json"]
+    _cli("--data", quads, "--out", tmp_path / "run", "--max-steps", "1", "--global-batch-size", "2",
+         "--per-device-batch-size", "2", "--max-length", "256", expect=0)
 
 
 def test_a_diverged_run_stops_in_one_line_and_saves_no_model(quads, tmp_path):
@@ -262,6 +267,15 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_model(quads, tmp_path):
 def test_bad_numbers_are_one_line(quads, tmp_path, args, words):
     _one_line_error(_cli("--data", quads, "--out", tmp_path / "run", *args), *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_val_size_larger_than_the_data_leaves_no_arrow_copy_behind(quads, tmp_path):
+    """--val-size is checked against the record count once the shards are read: the failed run used to
+    leave the shards' uncompressed copy in RUN/cache/, and the folder then passed for an earlier run."""
+    run = tmp_path / "run"
+    _one_line_error(_cli("--data", quads, "--out", run, "--val-size", "100"), "--val-size 100", "of 12 records")
+    assert not (run / "cache").exists()
+    _cli("--data", quads, "--out", run, "--val-size", "2", "--max-steps", "1", "--max-length", "128", expect=0)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
@@ -392,3 +406,31 @@ def test_cli_options_reach_training_arguments(quads, tmp_path, monkeypatch):
             "logging_steps": 3, "seed": 9, "dataloader_num_workers": 2, "eval_steps": 5, "eval_strategy": "steps",
             "adam_beta2": 0.9}
     assert {k: seen.get(k) for k in want} == want
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line_without_retry_warnings(monkeypatch):
+    """Offline, --model OWNER/NAME printed two huggingface_hub warnings per retry of every file (66 lines)
+    above the error; the loaders now keep them quiet."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoProcessor
+
+    from cogalign.errors import CogalignError
+    from cogalign.train.model import load
+
+    def offline(*args, **kwargs):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hub_logging.get_logger("huggingface_hub").addHandler(handler)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", offline)
+    try:
+        with pytest.raises(CogalignError, match="cannot load model 'someone/llava'"):
+            load("someone/llava")
+    finally:
+        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
+    assert seen == [] and hub_logging.get_verbosity() == logging.WARNING

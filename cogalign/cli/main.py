@@ -174,7 +174,7 @@ def validate(
     config: Optional[str] = typer.Option(None, "--config", help="Parquet folder or hf://datasets input: the config (the card's `configs`). Default: the card's default config, else the only one."),
     split: Optional[str] = typer.Option(None, "--split", help="Parquet folder, save_to_disk DatasetDict or hf://datasets input: the split, by the Hub's file-name rules (data/train-*, *test*...). Default: train, else the only split."),
     image_root: Optional[Path] = ImageRoot,
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here (its folder is made if missing). Default: not written (the summary still counts them)."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write one JSON line per rejected record here (its folder is made if missing; an existing file only if it is an earlier rejects list). Default: not written (the summary still counts them)."),
     workers: Optional[int] = Workers,
     max_image_pixels: int = MaxPixels,
     allow_absolute_paths: bool = AllowAbs,

@@ -187,7 +187,7 @@ def generate_cmd(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt, in tokens (>= 1): a longer one loses whole earlier turns, oldest first, keeping the image and the question; each cut is counted. Default: the run's training --max-length (cogalign_train.json), else 2048."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (>= 1; left padding, greedy; in float32 the answers equal one-at-a-time ones)."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu, cuda, cuda:1. Default: cuda when available, else cpu."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file. Default: off (refused)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (a text file; never an image, a file of --data or its input). Default: off (refused)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar. Default: off."),
 ) -> None:
     """Greedy-decode the answer to every inserted VQ/RGB turn, given the image and the conversation before it."""
@@ -198,7 +198,7 @@ def generate_cmd(
                                    ("--max-length", max_length, 1), ("--batch-size", batch_size, 1)):
             if value is not None and value < least:
                 raise CogalignError(f"{name} {value}: must be {least} or more")
-        check_out(out, overwrite)
+        check_out(out, overwrite, data)
         device = _torch_device(device)
         counts = run_generate(model, data, out, limit, image_root, max_new_tokens, not no_progress,
                               batch_size, max_length, overwrite, device)

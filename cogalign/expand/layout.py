@@ -206,6 +206,7 @@ def prepare(root: Path, manifest: dict, *, overwrite: bool, sliced: bool, mine) 
         if not foreign and _create(root, manifest):
             return "new"
         old = read_manifest(root)  # another slice made it a moment ago
+    _refuse_files_in_the_way(root, manifest, old)
     if old.get("reset"):  # a folder `cogalign reset` emptied of cogalign's files (the user's stay)
         write_atomic(root / MANIFEST, _dump(manifest))
         old = read_manifest(root)  # a concurrent slice of another run would show here
@@ -229,6 +230,17 @@ def prepare(root: Path, manifest: dict, *, overwrite: bool, sliced: bool, mine) 
         raise CogalignError(f"{root}: another run created a manifest while this one started over; "
                             "do not run two jobs into one --out")
     return "new"
+
+
+def _refuse_files_in_the_way(root: Path, manifest: dict, old: dict) -> None:
+    """A file where this run would write one it owns (the merged `<input>_cogalign.json`, report.json, ...)
+    that the folder's run did not write is the user's: refuse before anything is deleted or written."""
+    was = set(_owned_top(old, Layout(root, old.get("num_shards", 0), old.get("format", "parquet"))))
+    for name in (manifest.get("owns") or {}).get("files", []):
+        if name != MANIFEST and name not in was and (root / name).is_file():
+            raise CogalignError(f"--out {root}: {name} is a file cogalign did not write, and this run writes one of "
+                                "that name; cogalign never replaces files it did not write: move it away, or choose "
+                                "another --out")
 
 
 def check(root: Path, manifest: dict) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from cogalign.expand.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
-from cogalign.expand.writer import temp_name, write_atomic
+from cogalign.expand.writer import open_parquet, temp_name, write_atomic
 
 __all__ = ["finalize", "summary_lines", "report_counts", "top_reasons", "dataset_card", "card_note", "dangling_note",
            "shareable_options", "source_dataset", "source_label", "arrow_bytes", "COUNTS"]
@@ -79,13 +79,11 @@ def arrow_bytes(layout: Layout) -> int | None:
     parquet shard's footer by the writer); None for JSON lines, whose Arrow types `datasets` infers."""
     if layout.fmt != "parquet":
         return None
-    import pyarrow.parquet as pq
-
     from cogalign.expand.writer import ARROW_BYTES_KEY
 
     total = 0
     for i in range(layout.num_shards):
-        shard = pq.ParquetFile(layout.shard_path(i))
+        shard = open_parquet(layout.shard_path(i))
         recorded = (shard.metadata.metadata or {}).get(ARROW_BYTES_KEY.encode())
         total += int(recorded) if recorded else sum(b.nbytes for b in shard.iter_batches())  # an older shard
     return total

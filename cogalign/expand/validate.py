@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from cogalign.expand import estimate
 from cogalign.errors import CogalignError, RecordError
@@ -20,7 +21,7 @@ from cogalign.targets.render import VQ_START
 from cogalign.expand.worker import EXPAND, WorkerContext, finish, prepare
 from cogalign.expand.writer import dumps
 
-__all__ = ["Validation", "validate", "dry_run", "startup_estimate", "sample_turns", "load_llm_tokenizer",
+__all__ = ["Validation", "validate", "check_rejects_dest", "dry_run", "startup_estimate", "sample_turns", "load_llm_tokenizer",
            "open_output"]
 
 
@@ -49,6 +50,8 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
     if rejects_path and Path(rejects_path).exists() and Path(rejects_path).resolve() == Path(str(input_path)).resolve():
         raise CogalignError(f"--rejects {rejects_path} is the input file; writing it would erase the input: "
                             "give another path")
+    if rejects_path:
+        check_rejects_dest(Path(rejects_path))
     out = open_output(rejects_path, "--rejects") if rejects_path else None
     try:
         with Progress(count_input(input_path, seed=options.seed), enabled=progress, label="validate") as bar, \
@@ -70,6 +73,24 @@ def validate(input_path: str | Path, options: ExpandOptions, image_root: str | P
             out.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+REJECT_KEYS = {"index", "id", "reason", "detail"}
+
+
+def check_rejects_dest(path: Path) -> None:
+    """Refuse an existing --rejects file that no `validate` wrote (an image, the user's notes...): only an
+    empty file or an earlier rejects list (JSON lines of index/id/reason/detail) is replaced."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as f:
+            ours = all(set(orjson.loads(line)) == REJECT_KEYS for line in f if line.strip())
+    except (ValueError, TypeError, OSError):
+        ours = False
+    if not ours:
+        raise CogalignError(f"--rejects {path}: exists and is not a rejects list that validate wrote; validate never "
+                            "replaces another file: give a new path (or an earlier --rejects file)")
 
 
 def open_output(path: str | Path, option: str):

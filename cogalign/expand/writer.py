@@ -17,9 +17,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cogalign.errors import CogalignError
 from cogalign.inputs.records import loads_exact
 
-__all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "dumps", "to_row", "from_row",
+__all__ = ["ParquetShardWriter", "JsonlShardWriter", "open_shard", "read_shard", "open_parquet", "shard_line", "dumps", "to_row", "from_row",
            "record_of_row", "embed", "rows_to_table", "shard_name", "partial_path", "temp_name", "write_atomic",
            "SCHEMA", "EMBEDDED_SCHEMA", "TURN_TYPE", "IMAGE_TYPE", "TYPED_KEYS", "IMAGE_BYTES", "ARROW_BYTES_KEY",
            "ROW_GROUP_BYTES"]
@@ -315,12 +316,32 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """A published parquet shard, opened; one that is no parquet file (changed since) is a CogalignError."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CogalignError(f"{path}: not a readable parquet shard ({e}); it was changed since expand wrote it: "
+                            "rerun the `cogalign expand` command with --overwrite to write it again") from None
+
+
 def read_shard(path: Path) -> Iterator[dict]:
     """Records of one published shard, as LLaVA dicts."""
     path = Path(path)
     if path.suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches():
+        for batch in open_parquet(path).iter_batches():
             yield from (from_row(r) for r in batch.to_pylist())
     else:
         with open(path, "rb") as f:
-            yield from (loads_exact(line) for line in f if line.strip())
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield shard_line(path, number, line)
+
+
+def shard_line(path: Path, number: int, line: bytes) -> dict:
+    """Line `number` of a published JSON-lines shard; one that is not JSON (changed since) is a CogalignError."""
+    try:
+        return loads_exact(line)
+    except ValueError as e:
+        raise CogalignError(f"{path}: line {number} is not JSON ({e}); the shard was changed since expand wrote it: "
+                            "rerun the `cogalign expand` command with --overwrite to write it again") from None

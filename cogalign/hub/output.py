@@ -8,12 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
-
 from cogalign.errors import CogalignError
 from cogalign.expand.layout import Layout, read_manifest
 from cogalign.inputs.records import loads_exact as loads
-from cogalign.expand.writer import from_row, read_shard
+from cogalign.expand.writer import from_row, open_parquet, read_shard
 
 __all__ = ["check_complete", "iter_output", "iter_layout", "count_records", "image_path", "images_of",
            "inserted_turns"]
@@ -64,7 +62,7 @@ def iter_layout(layout: Layout, with_bytes: bool = False) -> Iterator:
         elif path.suffix != ".parquet":
             yield from ((record, None) for record in read_shard(path))
         else:
-            for batch in pq.ParquetFile(path).iter_batches():
+            for batch in open_parquet(path).iter_batches():
                 for row in batch.to_pylist():
                     yield from_row(row), _image_bytes(row)
 

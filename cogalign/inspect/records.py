@@ -14,7 +14,8 @@ from cogalign.errors import CogalignError
 from cogalign.expand.layout import read_manifest
 from cogalign.options import ExpandOptions
 from cogalign.targets.render import RGB_START, VQ_START
-from cogalign.expand.writer import IMAGE_BYTES, read_shard, record_of_row
+from cogalign.expand.writer import IMAGE_BYTES, open_parquet, read_shard, record_of_row
+from cogalign.hub.output import images_of
 
 __all__ = ["iter_records", "read_record", "find_record", "locate", "Target", "targets", "working_image",
            "bytes_from_input", "shard_files", "load_manifest"]
@@ -39,9 +40,7 @@ def _summaries(path: Path) -> Iterator[tuple[object, dict | None]]:
     """(id, provenance) of each record of a shard, in order, without building the conversations
     (parquet: only the id, cogalign and extra columns are read)."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         for batch in pf.iter_batches(batch_size=4096, columns=["id", "cogalign", "extra"]):
             for rid, prov, extra in zip(*(batch.column(c).to_pylist() for c in ("id", "cogalign", "extra"))):
                 if rid is None and extra:
@@ -56,9 +55,7 @@ def read_record(path: Path, row: int) -> dict:
     """Record number `row` of a shard (parquet: only its row group is read; the bytes of an
     embedded image are kept under IMAGE_BYTES, so `show` needs no image files)."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if row < n:
@@ -149,18 +146,19 @@ def working_image(record: dict, manifest: dict, resolution: tuple[int, int], ima
     prov = record["cogalign"]
     root = Path(image_root) if image_root else Path(manifest.get("image_root") or Path(manifest["input"]).parent)
     max_pixels = int(opts.get("max_image_pixels") or ExpandOptions.max_image_pixels)
+    first = (images_of(record) or [None])[0]  # the targets describe the first image of a list, as expand cut them
     try:
         if record.get(IMAGE_BYTES) and image_root is None:
-            image = load_image_bytes(record[IMAGE_BYTES][0], str(record["image"]), max_pixels)
+            image = load_image_bytes(record[IMAGE_BYTES][0], str(first), max_pixels)
         else:
             try:
-                path = resolve_image_path(record["image"], root, bool(opts.get("allow_absolute_paths", False)))
+                path = resolve_image_path(first, root, bool(opts.get("allow_absolute_paths", False)))
                 image = load_image(path, max_pixels)
             except RecordError as e:
                 data = bytes_from_input(record, manifest) if e.reason == "image_missing" and not image_root else None
                 if data is None:
                     raise
-                image = load_image_bytes(data, str(record["image"]), max_pixels)
+                image = load_image_bytes(data, str(first), max_pixels)
     except RecordError as e:
         raise CogalignError(_image_error(e, root, bool(opts.get("allow_absolute_paths", False)))) from None
     return to_working(image, tuple(resolution), prov.get("resize", "stretch"), prov.get("resample", "bicubic"))

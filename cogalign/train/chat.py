@@ -19,7 +19,7 @@ from typing import Optional
 from cogalign.errors import CogalignError
 from cogalign.targets.render import RGB_START, VQ_START
 
-__all__ = ["Rendered", "vicuna", "template", "messages", "answer_kind", "split_images", "end_of_turn_tokens",
+__all__ = ["Rendered", "vicuna", "template", "messages", "record_system", "answer_kind", "split_images", "end_of_turn_tokens",
            "close_turns", "IMAGE", "VICUNA_SYSTEM"]
 
 IMAGE = "<image>"
@@ -49,10 +49,17 @@ def split_images(value: str) -> tuple[int, str]:
     return n, (value.replace(IMAGE, "").strip() if n else value)
 
 
-def vicuna(turns: list[dict], eos: str, upto: Optional[int] = None, image: str = IMAGE) -> Rendered:
-    """LLaVA's conv_vicuna_v1 `get_prompt()` (`image`: the model's image token); with `upto`, the
-    prompt ends in `ASSISTANT:`."""
-    text, spans = VICUNA_SYSTEM + " ", []
+def record_system(record: dict) -> Optional[str]:
+    """The record's own system prompt (its `system` key: chat data's system turns), or None."""
+    system = record.get("system")
+    return system if isinstance(system, str) and system.strip() else None
+
+
+def vicuna(turns: list[dict], eos: str, upto: Optional[int] = None, image: str = IMAGE,
+           system: Optional[str] = None) -> Rendered:
+    """LLaVA's conv_vicuna_v1 `get_prompt()` (`image`: the model's image token; `system`: the record's system
+    prompt in place of vicuna's); with `upto`, the prompt ends in `ASSISTANT:`."""
+    text, spans = (system or VICUNA_SYSTEM) + " ", []
     for i, turn in enumerate(turns):
         if turn["from"] == "human":
             n, value = split_images(turn["value"])
@@ -95,10 +102,11 @@ def end_of_turn_tokens(tok, image: str) -> list[str]:
 
 
 def template(tok, chat_template: str, turns: list[dict], upto: Optional[int] = None,
-             image: str = IMAGE) -> Rendered:
+             image: str = IMAGE, system: Optional[str] = None) -> Rendered:
     """The turns rendered through `chat_template` (answer spans from `{% generation %}` marks, else from prefix
-    renders); `upto`: the prompt before turn `upto`."""
-    msgs = messages(turns[:upto] if upto is not None else turns)
+    renders); `upto`: the prompt before turn `upto`; `system`: a leading system message."""
+    lead = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    msgs = lead + messages(turns[:upto] if upto is not None else turns)
     assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     prompt, marked = upto is not None, bool(_GENERATION.search(chat_template))
     text, marks = _render(tok, chat_template, msgs, prompt, marks=True) if marked else \

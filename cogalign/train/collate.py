@@ -101,15 +101,15 @@ class Encoder:
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and (default_bos or not self.template) else []
 
     # -- text
-    def render(self, turns: list[dict], upto: Optional[int] = None) -> chat.Rendered:
+    def render(self, turns: list[dict], upto: Optional[int] = None, system: Optional[str] = None) -> chat.Rendered:
         """The turns as one string with the answer spans (the chat template if the tokenizer has one, else
-        vicuna_v1); `upto`: the prompt before turn `upto`."""
+        vicuna_v1); `upto`: the prompt before turn `upto`; `system`: the record's system prompt."""
         if self.vq_tokens == "special":
             turns = [{**t, "value": to_special_vq(t["value"])} if t["from"] == "gpt" and t["value"].startswith(VQ_START)
                      else t for t in turns]
         if self.template:
-            return chat.template(self.tok, self.template, turns, upto, self.image_token)
-        return chat.vicuna(turns, self.eos, upto, self.image_token)
+            return chat.template(self.tok, self.template, turns, upto, self.image_token, system)
+        return chat.vicuna(turns, self.eos, upto, self.image_token, system)
 
     def _tokenize(self, text: str, budget: int) -> tuple[list, list, bool]:
         """(ids, offsets, cut) of `text`, at most `budget` tokens; a long text by growing prefixes."""
@@ -181,20 +181,21 @@ class Encoder:
         return {k: got[k] for k in ("pixel_values", "image_sizes") if k in got}
 
     # -- records
-    def encode_record(self, turns: list[dict], images: list) -> dict:
-        """The training row of a conversation with its images; ValueError(reason) if it cannot be used."""
+    def encode_record(self, turns: list[dict], images: list, system: Optional[str] = None) -> dict:
+        """The training row of a conversation with its images (and the record's system prompt); ValueError(reason)
+        if it cannot be used."""
         problem = image_problem(turns, len(images))
         if problem:
             raise ValueError(problem)
-        return self.tokens(self.render(turns), self.image_counts(images))
+        return self.tokens(self.render(turns, system=system), self.image_counts(images))
 
-    def prompt_ids(self, turns: list[dict], upto: int, images: list = ()) -> list[int]:
+    def prompt_ids(self, turns: list[dict], upto: int, images: list = (), system: Optional[str] = None) -> list[int]:
         """The generation prompt of gpt turn `upto`: the same tokens training puts before its answer."""
         images = list(images)
         problem = image_problem(turns[:upto], len(images))
         if problem:
             raise ValueError(problem)
-        return self.tokens(self.render(turns, upto), self.image_counts(images), limit=1 << 62)["input_ids"]
+        return self.tokens(self.render(turns, upto, system), self.image_counts(images), limit=1 << 62)["input_ids"]
 
     # -- the earlier interface (generate): segments() then encode()
     def segments(self, turns: list[dict], with_image: bool, upto: Optional[int] = None) -> tuple:
@@ -258,7 +259,7 @@ class Collator:
                 continue
             pictures = list(item.get("images") or [])
             try:
-                row = self.enc.encode_record(rec["conversations"], pictures)
+                row = self.enc.encode_record(rec["conversations"], pictures, chat.record_system(rec))
             except ValueError as e:
                 stats["skipped"][str(e)] += 1
                 skipped_ids.append(f"{rec.get('id')}: {e}")

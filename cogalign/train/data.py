@@ -24,8 +24,7 @@ import torch.utils.data
 
 from cogalign.errors import CogalignError, RecordError
 from cogalign.expand.layout import MANIFEST
-from cogalign.inputs.records import loads_exact
-from cogalign.expand.writer import IMAGE_BYTES, record_of_row
+from cogalign.expand.writer import IMAGE_BYTES, open_parquet, record_of_row, shard_line
 
 __all__ = ["ShardDataset", "EpochSampler", "modality_lengths", "shard_files", "shard_rows", "check_expand_output",
            "default_image_root", "input_image_bytes", "arrow_copy", "PAD"]
@@ -68,7 +67,7 @@ def check_expand_output(out: Path) -> None:
 def shard_rows(path: Path) -> int:
     """Records in one shard (a parquet footer's row count, or the non-blank lines of a JSON-lines file)."""
     if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return open_parquet(path).metadata.num_rows
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -91,7 +90,7 @@ def arrow_copy(shard: Path, cache: Path) -> Path:
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    pf = pq.ParquetFile(shard)
+    pf = open_parquet(shard)
     tmp = target.with_suffix(f".arrow.{os.getpid()}.tmp")  # ranks may write the same copy at once
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
         for batch in pf.iter_batches(batch_size=1024):
@@ -122,7 +121,7 @@ class _ShardReader:
                     pos += len(line)
         with open(self.path, "rb") as f:
             f.seek(self._offsets[row])
-            return loads_exact(f.readline())
+            return shard_line(self.path, row + 1, f.readline())
 
     def __getstate__(self):  # DataLoader workers open their own maps
         return {**self.__dict__, "_table": None}

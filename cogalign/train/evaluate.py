@@ -68,6 +68,9 @@ def read_predictions(path: Path) -> list[tuple]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise CogalignError(f"{path} line {n}: expected JSON {{\"id\", \"kind\", \"text\"}} "
                                     "with optional integers \"index\" and \"turn\"") from None
+            if out[-1][2] not in ("vq", "px"):  # else every such prediction passed for an unknown id
+                raise CogalignError(f"{path} line {n}: kind {p['kind']!r}: expected \"vq\" or \"px\" (the kind of the "
+                                    "inserted turn, as generate writes it)")
     return out
 
 

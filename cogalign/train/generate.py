@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cogalign.errors import CogalignError
-from cogalign.train.chat import end_of_turn_tokens
+from cogalign.train.chat import end_of_turn_tokens, record_system
 from cogalign.train.collate import IMAGE, Encoder, answer_kind, has_image_token
 
 __all__ = ["generate", "run_generate", "load_run", "run_config", "Prompt", "prompts", "inserted_turns",
@@ -34,16 +34,20 @@ DEFAULT_MAX_LENGTH = 2048  # when the run folder does not say what it was traine
 
 def load_run(run: Path):
     """(model, processor, vq_tokens) from a `cogalign train` output folder (or any LLaVA checkpoint)."""
-    from cogalign.train.model import require_transformers
+    from cogalign.train.model import quiet_hub_logs, require_transformers
 
     require_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar: generate shows its own
+    if (Path(run) / "adapter").is_dir() and not (Path(run) / "config.json").is_file():
+        raise CogalignError(f"{run} holds a LoRA adapter only ({Path(run) / 'adapter'}), no model: it was trained "
+                            "without --merge-lora; train again with --merge-lora to leave a model generate can load")
     try:
-        processor = AutoProcessor.from_pretrained(run)
-        model = AutoModelForImageTextToText.from_pretrained(run)
+        with quiet_hub_logs():
+            processor = AutoProcessor.from_pretrained(run)
+            model = AutoModelForImageTextToText.from_pretrained(run)
     except (OSError, ValueError) as e:
         raise CogalignError(f"cannot load {run}: {str(e).splitlines()[0] if str(e) else e} "
                             "(give a `cogalign train --out` folder)") from None
@@ -88,7 +92,8 @@ def item_images(item: dict) -> list:
     return list(images) if images and has_image_token(item["record"]["conversations"]) else []
 
 
-def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int):
+def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_length: int,
+               system: Optional[str] = None):
     """(ids, turns dropped, problem) of the prompt for turn `upto` within `max_length` tokens, dropping
     whole earlier turns (each start is a human turn); the `<image>` marks of the dropped turns move to
     the first kept one. (None, upto, "too_long") when even the question alone is too long; ValueError
@@ -100,7 +105,7 @@ def fit_prompt(enc: Encoder, turns: list[dict], upto: int, images: list, max_len
         if moved:
             kept[0] = {**kept[0], "value": f"{IMAGE}\n" * moved + kept[0]["value"]}
         try:
-            ids = enc.prompt_ids(kept, upto - j, images)
+            ids = enc.prompt_ids(kept, upto - j, images, system)
         except ValueError as e:
             if str(e) == "max_length_below_image":  # not even the image fits
                 break
@@ -119,7 +124,7 @@ def prompts(enc: Encoder, items: Iterator[dict], max_length: int) -> Iterator[Pr
         conv, images = rec["conversations"], item_images(item)
         for i, kind in inserted_turns(rec):
             try:
-                ids, dropped, problem = fit_prompt(enc, conv, i, images, max_length)
+                ids, dropped, problem = fit_prompt(enc, conv, i, images, max_length, record_system(rec))
             except ValueError as e:
                 ids, dropped, problem = None, 0, str(e)
             yield Prompt(rec.get("id"), item["position"], i, kind, ids, images, dropped, problem)
@@ -169,7 +174,8 @@ def greedy_answers(model, enc: Encoder, item: dict, turns, max_new_tokens: int) 
     """Greedy answers to the gpt turn indices `turns` of one `ShardDataset` item, in one batch, each
     given the image and the conversation before it (cut by the encoder's max_length, not shortened)."""
     conv, images = item["record"]["conversations"], item_images(item)
-    batch = [Prompt(item["record"].get("id"), item["position"], i, "", enc.prompt_ids(conv, i, images), images, 0)
+    system = record_system(item["record"])
+    batch = [Prompt(item["record"].get("id"), item["position"], i, "", enc.prompt_ids(conv, i, images, system), images, 0)
              for i in turns]
     return [text for text, _ in answer_batch(model, enc, batch, max_new_tokens)] if batch else []
 
@@ -206,18 +212,40 @@ def generate(model, processor, items: Iterator[dict], vq_tokens: str = "text", m
         yield from flush()
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an --out that is a folder, or a file that --overwrite does not allow."""
+def check_out(out: Path, overwrite: bool, data: Optional[Path] = None) -> None:
+    """Refuse, before any work, an --out that is a folder, or a file that --overwrite does not allow (with
+    `data`: a file of that expand output or its input)."""
     out = Path(out)
     if out.is_dir():
         raise CogalignError(f"--out {out} is a folder: name a .jsonl file, e.g. {out / 'predictions.jsonl'}")
     if out.exists() and not overwrite:
         raise CogalignError(f"--out {out} exists: choose another file, or pass --overwrite to replace it")
+    if data is not None and out.resolve().is_relative_to(Path(data).resolve()):
+        raise CogalignError(f"--out {out}: is inside the --data folder {data}; write it outside, e.g. predictions.jsonl")
+    if out.is_file():
+        _check_replaceable(out, data)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CogalignError(f"--out {out}: {parent} is a file, not a folder; choose another path")
             break
+
+
+def _check_replaceable(out: Path, data: Optional[Path]) -> None:
+    """--overwrite replaces a text file, never a binary one (an image, a parquet shard) nor the input the
+    --data run read."""
+    from cogalign.expand.layout import read_manifest
+    from cogalign.hub.export import _text, is_run_input
+
+    if not _text(out):
+        raise CogalignError(f"--out {out}: exists and is a binary file (an image?), so generate did not write it; "
+                            "it is never replaced, --overwrite or not: choose another file")
+    try:
+        manifest = read_manifest(Path(data)) if data is not None else None
+    except CogalignError:
+        manifest = None
+    if manifest is not None and is_run_input(out, manifest):
+        raise CogalignError(f"--out {out}: is the input the --data run read; it is never replaced: choose another file")
 
 
 def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, image_root: Optional[Path] = None,
@@ -228,7 +256,7 @@ def run_generate(run: Path, data: Path, out: Path, limit: Optional[int] = None, 
     from cogalign.expand.progress import Progress
     from cogalign.train.data import ShardDataset, check_expand_output
 
-    check_out(out, overwrite)
+    check_out(out, overwrite, data)
     check_expand_output(data)  # a missing shard would leave its turns unanswered without a word
     ds = ShardDataset(data, image_root=image_root, shuffle=False)
     model, processor, vq_tokens = load_run(run)

@@ -3,13 +3,14 @@ LLaVA-1.5 / LLaVA-NeXT (anyres tiles) — CLIP-style vision tower, projector, Ll
 byte-level BPE tokenizer trained on the shards."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from cogalign.errors import CogalignError
 
 __all__ = ["load", "tiny_model", "tiny_processor", "tiny_next_processor", "train_tokenizer", "shard_texts",
-           "add_vq_tokens", "codebook_size", "resize_mode", "require_transformers", "TINY_MODELS", "TINY_IMAGE",
+           "add_vq_tokens", "codebook_size", "resize_mode", "require_transformers", "quiet_hub_logs", "TINY_MODELS", "TINY_IMAGE",
            "TINY_PATCH", "TINY_GRID", "TINY_VOCAB", "SPECIALS"]
 
 TINY_IMAGE, TINY_PATCH = 32, 8
@@ -99,6 +100,20 @@ def tiny_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2, nex
     return LlavaForConditionalGeneration(LlavaConfig(**common))
 
 
+@contextmanager
+def quiet_hub_logs():
+    """huggingface_hub's warnings off while a model loads: offline, it logs two lines per retry of every file
+    (dozens) above the one-line error that follows."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 def load(model: str, data: Optional[Path] = None, seed: int = 0, tiny_layers: int = 2, tiny_hidden: int = 128):
     """(model, processor) for a Hub id / local folder (Auto classes), or a fresh `tiny` / `tiny-next`."""
     require_transformers()
@@ -111,8 +126,9 @@ def load(model: str, data: Optional[Path] = None, seed: int = 0, tiny_layers: in
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(model)
-        net = AutoModelForImageTextToText.from_pretrained(model)
+        with quiet_hub_logs():
+            processor = AutoProcessor.from_pretrained(model)
+            net = AutoModelForImageTextToText.from_pretrained(model)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CogalignError(f"cannot load model {model!r}: {first} (give a LLaVA checkpoint folder, a Hub id, or tiny)") from None

@@ -109,59 +109,61 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     args = build_training_args(kwargs)
     if args.world_size != plan.world_size:
         raise CogalignError(f"plan made for {plan.world_size} ranks but the Trainer runs {args.world_size}")
-    with args.main_process_first(desc="the Arrow copy of the shards"):
-        full = ShardDataset(cfg.data, cfg.image_root, allow_absolute_paths=cfg.allow_absolute_paths, cache=out / CACHE)
-    train_idx, val_idx = split(full.num_records, cfg.val_size, cfg.seed)
-    make = lambda idx: ShardDataset(cfg.data, full.image_root, allow_absolute_paths=cfg.allow_absolute_paths,  # noqa: E731
-                                    indices=idx, cache=out / CACHE)
-    train_ds, val_ds = make(train_idx), (make(val_idx) if len(val_idx) else None)
-    lengths = modality_lengths(train_ds) if cfg.group_by_modality_length else None
+    try:  # the shards' Arrow copy is deleted also when the run fails (bad --val-size, ...)
+        with args.main_process_first(desc="the Arrow copy of the shards"):
+            full = ShardDataset(cfg.data, cfg.image_root, allow_absolute_paths=cfg.allow_absolute_paths, cache=out / CACHE)
+        train_idx, val_idx = split(full.num_records, cfg.val_size, cfg.seed)
+        make = lambda idx: ShardDataset(cfg.data, full.image_root, allow_absolute_paths=cfg.allow_absolute_paths,  # noqa: E731
+                                        indices=idx, cache=out / CACHE)
+        train_ds, val_ds = make(train_idx), (make(val_idx) if len(val_idx) else None)
+        lengths = modality_lengths(train_ds) if cfg.group_by_modality_length else None
 
-    if cfg.lora:
-        from cogalign.train.lora import add_lora
+        if cfg.lora:
+            from cogalign.train.lora import add_lora
 
-        model = add_lora(model, plan, **cfg.lora)
-    group_params(model, plan)  # requires_grad from the plan before the Trainer wraps the model
-    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
-    from cogalign.train.model import resize_mode
+            model = add_lora(model, plan, **cfg.lora)
+        group_params(model, plan)  # requires_grad from the plan before the Trainer wraps the model
+        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
+        from cogalign.train.model import resize_mode
 
-    # the Encoder fits the image processor to expand's --resize (no centre crop) before it is saved
-    encoder = Encoder(processor, cfg.max_length, cfg.vq_tokens, resize_mode(cfg.data))
-    trainer = CogalignTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                              data_collator=Collator(encoder),
-                              processing_class=processor, plan=plan, run_dir=out, lengths=lengths)
-    quiet_callbacks(trainer, cfg.progress)
-    if not cfg.progress:
-        from transformers.utils import logging as hf_logging
+        # the Encoder fits the image processor to expand's --resize (no centre crop) before it is saved
+        encoder = Encoder(processor, cfg.max_length, cfg.vq_tokens, resize_mode(cfg.data))
+        trainer = CogalignTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                  data_collator=Collator(encoder),
+                                  processing_class=processor, plan=plan, run_dir=out, lengths=lengths)
+        quiet_callbacks(trainer, cfg.progress)
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    resume_from = None
-    if cfg.resume:
-        done = [c for c in checkpoints(out) if (c / "rank0_cogalign_state.json").exists()]  # saved to the end
-        if not done:
-            raise CogalignError(f"--resume: no complete checkpoint-N folder in {out} (start anew with --overwrite)")
-        resume_from = done[-1]
-        if not (resume_from / f"rank{args.process_index}_cogalign_state.json").exists():
-            raise CogalignError(f"--resume: {resume_from} was saved with another number of ranks "
-                                "(run with the same torchrun size)")
-        trainer.load_rank_state(resume_from)
-        step = int(resume_from.name.split("-")[1])
-        if args.process_index == 0:
-            for name in (TRAIN_LOG, EVAL_LOG):  # drop log lines written after the checkpoint
-                _truncate_log(out / name, step)
-    elif args.process_index == 0:
-        for name in (TRAIN_LOG, EVAL_LOG) if val_ds is not None else (TRAIN_LOG,):
-            (out / name).write_text("")
-    seen_before = trainer.total_stats()[0]["seen"]  # a resumed run's counts so far (the rate is this session's)
-    started = time.perf_counter()
-    try:
+            hf_logging.disable_progress_bar()
+        resume_from = None
+        if cfg.resume:
+            done = [c for c in checkpoints(out) if (c / "rank0_cogalign_state.json").exists()]  # saved to the end
+            if not done:
+                raise CogalignError(f"--resume: no complete checkpoint-N folder in {out} (start anew with --overwrite)")
+            resume_from = done[-1]
+            if not (resume_from / f"rank{args.process_index}_cogalign_state.json").exists():
+                raise CogalignError(f"--resume: {resume_from} was saved with another number of ranks "
+                                    "(run with the same torchrun size)")
+            trainer.load_rank_state(resume_from)
+            step = int(resume_from.name.split("-")[1])
+            if args.process_index == 0:
+                for name in (TRAIN_LOG, EVAL_LOG):  # drop log lines written after the checkpoint
+                    _truncate_log(out / name, step)
+        elif args.process_index == 0:
+            for name in (TRAIN_LOG, EVAL_LOG) if val_ds is not None else (TRAIN_LOG,):
+                (out / name).write_text("")
+        seen_before = trainer.total_stats()[0]["seen"]  # a resumed run's counts so far (the rate is this session's)
+        started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         stats, ids = trainer.total_stats()
         summary = _summary(trainer, stats, ids, round(time.perf_counter() - started, 3))
         summary.update(records=full.num_records, held_out=len(val_idx),  # every record of --data accounted for
                        records_per_second=round((stats["seen"] - seen_before) / max(summary["seconds"], 1e-9), 2))
         if stats["seen"] == 0:
+            if args.process_index == 0 and not cfg.resume:
+                _drop_new_run_files(out, before)  # so the same command, inputs fixed, runs again
             reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "no records"
             raise CogalignError(f"every record was skipped ({reasons}; first: {ids[0] if ids else '-'}): "
                                 "nothing was learned and no model is saved; fix the inputs (e.g. --image-root)")
@@ -172,6 +174,17 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     if args.process_index == 0:
         record_files(out, before)
     return summary
+
+
+def _drop_new_run_files(out: Path, before: set) -> None:
+    """Delete what a run that learned nothing wrote since it started (its checkpoint-N/ of an untrained model,
+    its logs); the folder is then a new run's again."""
+    from cogalign.train.runfolder import RUN_FILES
+
+    for p in out.iterdir():
+        if p.name in before or not (p.name in RUN_FILES or p in checkpoints(out)):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -26,6 +26,7 @@ def runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 def render_sample(data: Path, n: int, processor, max_length: int = 2048, vq_tokens: str = "text",
                   image_root: Optional[Path] = None) -> dict:
     """Record `n` of output folder `data` as training sees it: input text, supervised runs and image token counts."""
+    from cogalign.train.chat import record_system
     from cogalign.train.collate import Encoder
     from cogalign.train.data import ShardDataset
     from cogalign.train.model import resize_mode
@@ -39,7 +40,7 @@ def render_sample(data: Path, n: int, processor, max_length: int = 2048, vq_toke
         raise CogalignError(f"--print-sample {n}: training skips this record ({got['skip']}: {got['detail']})")
     enc = Encoder(processor, max_length, vq_tokens, resize_mode(data))
     try:
-        row = enc.encode_record(record["conversations"], got["images"])
+        row = enc.encode_record(record["conversations"], got["images"], record_system(record))
     except ValueError as e:
         raise CogalignError(f"--print-sample {n}: training skips record {record.get('id')!r} ({e})") from None
     ids = row["input_ids"]

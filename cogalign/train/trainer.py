@@ -77,6 +77,14 @@ class CogalignTrainer(Trainer):
         self.sums = torch.zeros(2 * len(KINDS), dtype=torch.float64, device=self.args.device)  # since the last log
         self._anchors = None
 
+    def _run_epoch(self, *args, **kwargs):
+        """An epoch, unless the run already reached its last step: the Trainer enters the epoch a finished
+        run was resumed in (it stopped mid-epoch at --max-steps) and would train one step past the end."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     # ---- data
     def _sampler(self, n: int, batch: int, shuffle: bool, lengths=None):
         multiple = batch * self.args.world_size
@@ -224,13 +232,34 @@ class CogalignTrainer(Trainer):
 
     # ---- checkpoints: this rank's counts travel with the Trainer's state
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, not by the Trainer
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         ckpt = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         state = {"stats": {**self.stats, "skipped": dict(self.stats["skipped"]),
                            "truncated": dict(self.stats["truncated"])},
                  "skipped_ids": self.skipped_ids[:1000], "sums": self.sums.tolist()}
         (ckpt / RANK_STATE.format(self.args.process_index)).write_text(json.dumps(state))
+        if limit and limit > 0 and self.args.should_save:
+            self._rotate_checkpoints(Path(self._get_output_dir(trial)), limit)
+
+    def _rotate_checkpoints(self, out: Path, limit: int) -> None:
+        """The Trainer's `save_total_limit` (the newest `limit` checkpoints and the best one stay), except that
+        an older checkpoint-N/ holding a file the run did not write (the user's) is kept whole, never deleted."""
+        import shutil
+
+        from cogalign.train.runfolder import _written_by_run, checkpoints, read_run_manifest
+
+        tree = set((read_run_manifest(out) or {}).get("tree", []))
+        best = self.state.best_model_checkpoint
+        for old in checkpoints(out)[:-limit]:
+            if best is not None and Path(best).resolve() == old.resolve():
+                continue
+            if all(_written_by_run(f.relative_to(out).as_posix(), tree) for f in old.rglob("*") if not f.is_dir()):
+                shutil.rmtree(old)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The weights of a checkpoint saved by save_pretrained. The Trainer loads its state dict as it
