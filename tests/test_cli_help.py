@@ -124,3 +124,10 @@ def test_train_help_keeps_its_help_column_wide_at_80_columns():
     assert help_width >= 24, row
     assert "--dataloader-num-workers" in out and "--workers" in out and "--no-tf32" in out
     assert len(out.splitlines()) < 300
+
+
+def test_version_flag_prints_the_package_version():
+    import cogalign
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"cogalign {cogalign.__version__}"

@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cogalign import __version__
+
+        typer.echo(f"cogalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print cogalign's version and exit. Default: off.")) -> None:
+    """Add cognition-alignment turns (VQ indices and RGB values of image regions) to LLaVA data."""
+
+
 def _default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
