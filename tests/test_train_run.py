@@ -100,6 +100,11 @@ def test_resume_of_a_finished_run_trains_nothing(quads, tmp_path):
     assert "steps: 2 " in again.stderr and not (tmp_path / "run" / "checkpoint-3").exists()
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == model and _log(tmp_path / "run") == log
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 2
+    fewer = [str(a) for a in args]
+    fewer[fewer.index("--max-steps") + 1] = "1"  # fewer steps than the run holds: it trained nothing, silently
+    proc = subprocess.run([sys.executable, "-m", "cogalign", "train", "--model", "tiny", "--no-progress", *fewer,
+                           "--resume"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "already at step 2 (checkpoint-2); give --max-steps 2 or more" in proc.stderr
 
 
 def test_checkpoint_rotation_keeps_a_checkpoint_holding_your_file(quads, tmp_path):

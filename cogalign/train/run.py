@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
     out, plan = Path(cfg.out), cfg.plan
     check_complete(cfg.data)
     if _rank() == 0:
-        prepare(out, pinned(cfg), cfg.resume, cfg.overwrite)
+        prepare(out, pinned(cfg), cfg.resume, cfg.overwrite, cfg.max_steps)
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     options = {"logging_steps": cfg.log_every, "save_steps": cfg.save_every, "save_total_limit": cfg.save_total_limit,
                "dataloader_num_workers": cfg.workers, "eval_steps": cfg.eval_steps, **cfg.options}

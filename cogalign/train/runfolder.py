@@ -70,9 +70,9 @@ def check(out: Path, resume: bool, overwrite: bool):
     return manifest
 
 
-def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
-    """`check`, then: a resume must pin the same options; --overwrite deletes the earlier run's files;
-    a new run writes its manifest."""
+def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool, max_steps: int | None = None) -> None:
+    """`check`, then: a resume must pin the same options and not ask for fewer steps than its last
+    checkpoint holds; --overwrite deletes the earlier run's files; a new run writes its manifest."""
     out = Path(out)
     manifest = check(out, resume, overwrite)
     if resume:
@@ -80,6 +80,10 @@ def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool) -> None:
         if changed:
             raise CogalignError(f"--resume: options differ from the run in {out}: {'; '.join(changed)}; "
                                 "give the same options (only --max-steps may grow), or start anew with --overwrite")
+        reached = int(checkpoints(out)[-1].name[11:])
+        if max_steps is not None and max_steps < reached:
+            raise CogalignError(f"--resume --max-steps {max_steps}: the run in {out} is already at step {reached} "
+                                f"(checkpoint-{reached}); give --max-steps {reached} or more")
         return
     if manifest is not None:
         delete_run(out, manifest)
