@@ -209,6 +209,12 @@ def test_cli_list_and_show():
     assert invoke("show", "18", "--kind", "px").output.strip() == SAMPLER.templates("px")[18]
     result = invoke("show", "20")
     assert result.exit_code == 2 and "out of range" in result.output
+    # `list` prints "px<TAB>18<TAB>...": the same two words work for `show` (they were "not a valid integer")
+    assert invoke("show", "px", "18").output.strip() == SAMPLER.templates("px")[18]
+    result = invoke("show", "rgb", "3")
+    assert result.exit_code == 2 and "the kind is vq or px" in result.output
+    result = invoke("show", "vq", "x")
+    assert result.exit_code == 2 and "'x' is not a template id" in result.output
 
 
 def test_cli_sample():

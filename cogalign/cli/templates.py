@@ -60,14 +60,24 @@ def list_templates(
 
 @templates_app.command("show")
 def show(
-    template_id: int = typer.Argument(..., metavar="ID", help="Template id, as printed by `templates list` (0-based)."),
-    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table: vq or px."),
+    first: str = typer.Argument(..., metavar="[KIND] ID", help="Template id, as printed by `templates list` (0-based), "
+                                "optionally after its kind as `list` prints it: `show 3`, `show px 3`."),
+    second: Optional[str] = typer.Argument(None, hidden=True),
+    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table: vq or px (a KIND before the ID wins). Default: vq."),
     templates: Optional[Path] = TemplatesOption,
 ) -> None:
     """Print one template."""
-    items = _sampler(templates).templates(kind.value)
+    kind_name, raw_id = (first, second) if second is not None else (kind.value, first)
+    if kind_name not in [k.value for k in Kind]:
+        fail(f"templates show {first} {second}: the kind is vq or px, e.g. `cogalign templates show px 3`")
+    try:
+        template_id = int(raw_id)
+    except ValueError:
+        fail(f"templates show: {raw_id!r} is not a template id; give a number from `cogalign templates list`, "
+             "e.g. `cogalign templates show vq 3`")
+    items = _sampler(templates).templates(kind_name)
     if not 0 <= template_id < len(items):
-        fail(f"{kind.value} template id {template_id} out of range 0..{len(items) - 1}")
+        fail(f"{kind_name} template id {template_id} out of range 0..{len(items) - 1}")
     typer.echo(items[template_id])
 
 
