@@ -79,7 +79,9 @@ def test_memory_format_idiom_sets_the_layout(crops, reference):
     (lambda t: t.to(torch.float16), ["float16", "CPU", "bfloat16"]),
     (lambda t: t.to("meta"), ["meta device", "cpu or cuda"]),
     (lambda t: t.double(), ["float64", "not an encoder precision", "bfloat16"]),
-], ids=["half", "to-float16", "to-meta", "double"])
+    (lambda t: t.to(torch.int8), ["torch.int8", "bfloat16"]),
+    (lambda t: t.to_empty(device="cpu"), ["to_empty", "uninitialized", "tok.to(device)"]),
+], ids=["half", "to-float16", "to-meta", "double", "to-int8", "to-empty"])
 def test_refused_idioms_leave_the_tokenizer_as_it_was(crops, reference, idiom, words):
     tok = load_tokenizer("demo")
     tok.bfloat16()

@@ -148,6 +148,21 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
         the same as `tok.to(device)` with "auto" resolved and a clear error where CUDA is missing."""
         return self.to(resolve_device(device))
 
+    def to(self, *args, **kwargs):
+        """nn.Module.to (see `_apply`); a dtype torch itself rejects (torch.int8, ...) is refused
+        as a TokenizerError in one line."""
+        try:
+            return nn.Module.to(self, *args, **kwargs)
+        except TypeError as exc:
+            raise TokenizerError(f"{self.name}: {' '.join(str(exc).split())}; use tok.to(torch.float32) (the default), "
+                                 "tok.to(torch.bfloat16) or, on a GPU, tok.to(torch.float16)") from None
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Refused: it would put uninitialized memory in place of the weights, and the tokenizer
+        would encode garbage under its old content_hash."""
+        raise TokenizerError(f"{self.name}: to_empty would replace the weights with uninitialized memory; move the "
+                             "tokenizer with tok.to(device), or build it there with load_tokenizer(..., device=...)")
+
     def _apply(self, fn, recurse: bool = True):
         """The hook under `.to()`, `.half()`, `.bfloat16()`, `.float()`, `.cuda()`, `.cpu()`: keeps
         `device` and the encoder mode in step with them. A device change moves the weights and sets
