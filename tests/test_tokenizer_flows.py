@@ -100,6 +100,16 @@ def test_convert_names_a_train_state_and_never_replaces_a_model(trained, tmp_pat
     assert (trained / "model.safetensors").read_bytes() == before and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_train_state_without_config_is_named_as_the_resume_state(trained, tmp_path):
+    """The README's `vq convert DIR/train_state.pt OUT` and `--vq DIR/train_state.pt` (no --config) name
+    the resume state and the model beside it, not 'not a checkpoint'."""
+    r = _cli("convert", trained / "train_state.pt", tmp_path / "x.safetensors")
+    _one_line_error(r, "resume state of `cogalign vq train`", str(trained / "model.safetensors"))
+    r = _cli("info", trained / "train_state.pt")
+    _one_line_error(r, "resume state of `cogalign vq train`", str(trained / "model.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.yaml").exists()
+
+
 # ----------------------------------------------------------------------------- #2, #10: resume
 
 def _fake_vgg(path, seed):
