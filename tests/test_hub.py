@@ -83,6 +83,24 @@ def test_offline_cache_gives_the_same_indices_as_the_path(offline, demo_files):
     assert load_tokenizer("hf://acme/many@v2/tiny").content_hash == tiny.content_hash
 
 
+def test_a_cached_commit_loads_without_asking_the_hub(offline, demo_files, monkeypatch):
+    """A run records its Hub tokenizer at a commit; `show`/`gallery`/resume load it by that hash.
+    With HF_HUB_OFFLINE unset and the Hub unreachable, huggingface_hub listed the commit's files
+    first (~25 s of retries, a dozen warning lines) before it fell back to the cache: a commit is
+    immutable, so a cached snapshot that holds the weights is used as it is."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    hub_cache(offline, "acme/vqgan-demo", demo_files)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+    monkeypatch.setattr(HfApi, "list_repo_tree", lambda self, *a, **kw: asked.append(a) or iter(()))
+    tok = load_tokenizer(f"hf://acme/vqgan-demo@{REV}")
+    assert asked == [] and tok.name == f"acme/vqgan-demo@{REV}"
+    assert tok.content_hash == load_tokenizer("demo").content_hash
+
+
 def test_offline_miss_says_where_it_looked(offline):
     with pytest.raises(TokenizerError) as ei:
         load_tokenizer("hf://acme/absent")

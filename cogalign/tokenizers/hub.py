@@ -118,6 +118,9 @@ def download(spec: str | HubSpec) -> Path:
     patterns = [where + p for p in WEIGHT_PATTERNS] + [where + d + "/*" for d in ("ckpts", "checkpoints", "configs")]
     cache = hub_cache_dir()
     offline = hub_offline()
+    cached = None if offline else _cached_commit(hs, patterns, cache)
+    if cached is not None:
+        return pick_weights(cached)
     try:
         root = snapshot_download(hs.repo_id, revision=hs.revision, cache_dir=str(cache), allow_patterns=patterns,
                                  local_files_only=offline)
@@ -138,6 +141,30 @@ def download(spec: str | HubSpec) -> Path:
     if not folder.is_dir():
         raise TokenizerError(f"{hs}: no folder {hs.subfolder!r} in {hs.repo_id} (snapshot {root})")
     return pick_weights(folder)
+
+
+def _cached_commit(hs: HubSpec, patterns: list[str], cache: Path) -> Path | None:
+    """The cached folder of a revision that is a full commit hash (immutable) and whose cached snapshot
+    already holds a checkpoint and a yaml, else None. huggingface_hub would list the commit's files on
+    the Hub first; unreachable, that is ~25 s of retries before it falls back to this same cache."""
+    import re
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from cogalign.tokenizers.checkpoints import CHECKPOINT_FOLDERS, CHECKPOINT_SUFFIXES, YAML_SUFFIXES
+
+    if not re.fullmatch(r"[0-9a-f]{40}", hs.revision or ""):
+        return None
+    try:
+        root = Path(snapshot_download(hs.repo_id, revision=hs.revision, cache_dir=str(cache),
+                                      allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    folder = root / hs.subfolder if hs.subfolder else root
+    files = [p for sub in ("", *CHECKPOINT_FOLDERS, "configs") for p in (folder / sub).glob("*") if p.is_file()]
+    has_weights = any(p.suffix.lower() in CHECKPOINT_SUFFIXES for p in files)
+    return folder if has_weights and any(p.suffix.lower() in YAML_SUFFIXES for p in files) else None
 
 
 def pick_weights(folder: Path) -> Path:
