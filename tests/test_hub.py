@@ -101,6 +101,28 @@ def test_a_cached_commit_loads_without_asking_the_hub(offline, demo_files, monke
     assert tok.content_hash == load_tokenizer("demo").content_hash
 
 
+def test_an_uncached_commit_with_the_hub_unreachable_is_one_line_at_once(offline, monkeypatch):
+    """The same commit not in the cache, the Hub unreachable: one line at once, not huggingface_hub's
+    retries of the commit's file listing (~25 s, a dozen warning lines) first."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    listed = []
+
+    def unreachable(self, *a, **kw):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "repo_info", unreachable)
+    monkeypatch.setattr(HfApi, "list_repo_tree", lambda self, *a, **kw: listed.append(a) or unreachable(self))
+    with pytest.raises(TokenizerError) as ei:
+        load_tokenizer(f"hf://acme/absent@{REV}")
+    msg = str(ei.value)
+    assert listed == [] and "\n" not in msg
+    assert f"hf://acme/absent@{REV}: not in the Hugging Face cache {offline}" in msg and "cannot be reached" in msg
+
+
 def test_offline_miss_says_where_it_looked(offline):
     with pytest.raises(TokenizerError) as ei:
         load_tokenizer("hf://acme/absent")

@@ -121,6 +121,8 @@ def download(spec: str | HubSpec) -> Path:
     cached = None if offline else _cached_commit(hs, patterns, cache)
     if cached is not None:
         return pick_weights(cached)
+    if not offline and _is_commit(hs.revision) and _hub_unreachable(hs.repo_id):
+        raise _not_cached(hs, cache, offline)  # before huggingface_hub's ~25 s of retries listing the commit
     try:
         root = snapshot_download(hs.repo_id, revision=hs.revision, cache_dir=str(cache), allow_patterns=patterns,
                                  local_files_only=offline)
@@ -130,10 +132,7 @@ def download(spec: str | HubSpec) -> Path:
     except RevisionNotFoundError:
         raise TokenizerError(f"{hs}: revision {hs.revision!r} does not exist in {hs.repo_id}") from None
     except LocalEntryNotFoundError:
-        how = ("HF_HUB_OFFLINE=1 is set, so only the cache is used; unset it to download"
-               if offline else "the Hub cannot be reached; download it once where it can")
-        raise TokenizerError(f"{hs}: not in the Hugging Face cache {cache} and {how}, or set HF_HUB_CACHE/HF_HOME "
-                             "to the cache that holds it") from None
+        raise _not_cached(hs, cache, offline) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{hs}: download failed ({msg}); retry, or use a local copy with --vq PATH") from None
@@ -143,18 +142,40 @@ def download(spec: str | HubSpec) -> Path:
     return pick_weights(folder)
 
 
+def _not_cached(hs: HubSpec, cache: Path, offline: bool) -> TokenizerError:
+    how = ("HF_HUB_OFFLINE=1 is set, so only the cache is used; unset it to download"
+           if offline else "the Hub cannot be reached; download it once where it can")
+    return TokenizerError(f"{hs}: not in the Hugging Face cache {cache} and {how}, or set HF_HUB_CACHE/HF_HOME "
+                          "to the cache that holds it")
+
+
+def _is_commit(revision: str | None) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[0-9a-f]{40}", revision or ""))
+
+
+def _hub_unreachable(repo_id: str) -> bool:
+    """Whether one request to the Hub fails in transport (no retries), as opposed to answering."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().repo_info(repo_id)
+    except Exception as exc:  # httpx transport errors (huggingface_hub >= 1.0), requests' before, OS errors
+        return isinstance(exc, OSError) or type(exc).__module__.startswith(("httpx", "requests"))
+    return False
+
+
 def _cached_commit(hs: HubSpec, patterns: list[str], cache: Path) -> Path | None:
     """The cached folder of a revision that is a full commit hash (immutable) and whose cached snapshot
     already holds a checkpoint and a yaml, else None. huggingface_hub would list the commit's files on
     the Hub first; unreachable, that is ~25 s of retries before it falls back to this same cache."""
-    import re
-
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from cogalign.tokenizers.checkpoints import CHECKPOINT_FOLDERS, CHECKPOINT_SUFFIXES, YAML_SUFFIXES
 
-    if not re.fullmatch(r"[0-9a-f]{40}", hs.revision or ""):
+    if not _is_commit(hs.revision):
         return None
     try:
         root = Path(snapshot_download(hs.repo_id, revision=hs.revision, cache_dir=str(cache),
