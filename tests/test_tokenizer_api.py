@@ -247,3 +247,19 @@ def test_readme_python_snippet_runs_as_written(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "bf16"
     assert namespace["indices"].shape == (1, 16, 16) and namespace["rgb"].shape == (1, 128, 128, 3)
     assert namespace["tok"].encoder_mode()["precision"] == "bf16"
+
+
+def test_an_empty_spec_is_refused_not_the_working_folder(tmp_path, monkeypatch):
+    """`load_tokenizer("")` / `--vq ""` loaded whatever checkpoint the working folder held, named ''."""
+    import shutil
+
+    from cogalign.tokenizers.presets import DEMO_DIR
+
+    for f in ("model.safetensors", "config.yaml"):
+        shutil.copy(DEMO_DIR / f, tmp_path / f)
+    monkeypatch.chdir(tmp_path)
+    for spec in ("", "  "):
+        with pytest.raises(TokenizerError) as ei:
+            load_tokenizer(spec)
+        assert "spec is empty" in _one_line(ei) and "vq list" in str(ei.value)
+    assert load_tokenizer(".").content_hash == load_tokenizer("demo").content_hash  # `.` says it on purpose

@@ -88,6 +88,9 @@ def _as_hub(value: str) -> str:
 def resolve(spec: str) -> tuple[Path, str]:
     """A tokenizer spec -> (local checkpoint folder or file, name). Downloads Hub tokenizers."""
     spec = str(spec)
+    if not spec.strip():  # Path("") is the working folder: it would load whatever checkpoint is there
+        raise TokenizerError(f"the tokenizer spec is empty; pass a name ({', '.join(BY_NAME)}; see `cogalign vq "
+                             "list`), hf://OWNER/REPO or a taming checkpoint folder (`.` for the working folder)")
     if spec == "demo":
         if not (DEMO_DIR / "model.safetensors").is_file():
             raise TokenizerError(f"{DEMO_DIR}: the demo tokenizer is missing from this install; reinstall cogalign")
