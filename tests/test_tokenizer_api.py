@@ -263,3 +263,22 @@ def test_an_empty_spec_is_refused_not_the_working_folder(tmp_path, monkeypatch):
             load_tokenizer(spec)
         assert "spec is empty" in _one_line(ei) and "vq list" in str(ei.value)
     assert load_tokenizer(".").content_hash == load_tokenizer("demo").content_hash  # `.` says it on purpose
+
+
+def test_decode_refuses_a_checkpoint_replaced_since_load(tmp_path):
+    """decode reads the decoder lazily from the tokenizer's file: replaced in between (`vq train --force`
+    or `--resume` into the same folder, a pickled tokenizer reloaded later), it decoded the indices
+    with another model's decoder and codebook, silently."""
+    (tmp_path / "config.yaml").write_text(taming_yaml())
+    save_file(make_random_taming_state(TINY_PARAMS, seed=0), str(tmp_path / "model.safetensors"))
+    tok = load_taming(tmp_path)
+    idx = tok.encode(photos((32, 32))[:1])
+    clone = pickle.dumps(tok)
+    save_file(make_random_taming_state(TINY_PARAMS, seed=1), str(tmp_path / "model.safetensors"))
+    for t in (tok, pickle.loads(clone)):
+        with pytest.raises(TokenizerError) as ei:
+            t.decode(idx)
+        msg = _one_line(ei)
+        assert "changed since tokenizer" in msg and tok.content_hash in msg and "load the tokenizer again" in msg
+    fresh = load_taming(tmp_path)
+    assert fresh.decode(fresh.encode(photos((32, 32))[:1])).shape == (1, 32, 32, 3)

@@ -16,7 +16,8 @@ from taming.modules.diffusionmodules.model import Decoder
 
 from cogalign.tokenizers.base import TokenizerError
 from cogalign.tokenizers.checkpoints import (DECODER_PREFIXES, apply_attn_type, find_checkpoint, hash_state_dict, normalize_params,
-                                             quantizer_kind, read_config, read_state_dict, strip_prefix)
+                                             quantizer_kind, read_config, read_state_dict, select_model_keys,
+                                             strip_prefix)
 
 
 __all__ = ["VQDecoder", "load_decoder", "decoder_from_files"]
@@ -85,12 +86,19 @@ def load_decoder(path: str | Path, trust_pickle: bool = False, name: str | None 
     return decoder_from_files(ckpt, cfg, trust_pickle=trust_pickle, name=name or (path.name if path.is_dir() else ckpt.stem))
 
 
-def decoder_from_files(ckpt: Path, cfg: Path, trust_pickle: bool = False, name: str | None = None) -> VQDecoder:
+def decoder_from_files(ckpt: Path, cfg: Path, trust_pickle: bool = False, name: str | None = None,
+                       encoder_hash: str | None = None) -> VQDecoder:
     """The decoder of checkpoint file `ckpt` with its model yaml `cfg` (what `load_taming` found),
-    float32 on the CPU. Refuses a Gumbel model and a checkpoint without decoder.* weights."""
+    float32 on the CPU. Refuses a Gumbel model and a checkpoint without decoder.* weights, and, given
+    `encoder_hash` (the tokenizer's content_hash), a file whose encoder path is no longer that one."""
     params, target = read_config(cfg)
     raw = strip_prefix(read_state_dict(ckpt, trust_pickle=trust_pickle))
     name = name or ckpt.stem
+    if encoder_hash:
+        now = hash_state_dict({k: v.float() for k, v in select_model_keys(raw).items()})
+        if now != encoder_hash:
+            raise TokenizerError(f"{ckpt}: changed since tokenizer {name} was loaded (encoder hash {now}, not "
+                                 f"{encoder_hash}), so its decoder would not match the indices; load the tokenizer again")
     if quantizer_kind(target, set(raw)) == "gumbel":
         raise TokenizerError(f"{ckpt}: a Gumbel VQGAN; decoding its indices is not supported (use a VQ model)")
     sd = {k: v.float() for k, v in raw.items() if k.startswith(DECODER_PREFIXES) or k == "quantize.embedding.weight"}

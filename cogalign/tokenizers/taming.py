@@ -356,7 +356,7 @@ class TamingVQTokenizer(VQTokenizer, nn.Module):
                 raise TokenizerError(f"{self.name}: built from a config, not loaded from a checkpoint, so it has no "
                                      "decoder weights; load it with load_tokenizer(NAME or PATH) to decode")
             decoder = decoder_from_files(Path(self.source), Path(self.config_path), trust_pickle=self.trust_pickle,
-                                         name=self.name).to(self.device)
+                                         name=self.name, encoder_hash=self.content_hash).to(self.device)
             self.__dict__["_decoder"] = decoder  # not a submodule: state_dict stays the encoder path
         return decoder.decode(indices)
 
