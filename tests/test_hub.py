@@ -257,3 +257,14 @@ def test_vq_list_names_sources_and_cache_state(offline, tmp_path):
     result = run_cli("vq", "info", "ldm-vq-f4", expect=2)
     assert "ommer-lab.com/files/latent-diffusion/vq-f4.zip" in result.output
     assert str(tmp_path / "home" / "tokenizers" / "ldm-vq-f4") in result.output
+    # another tokenizer installed under a catalog name is refused on use, so it is not listed as here
+    wrong = tmp_path / "home" / "tokenizers" / "ldm-vq-f8"
+    wrong.mkdir(parents=True)
+    shutil.copy(DEMO_DIR / "model.safetensors", wrong)
+    shutil.copy(DEMO_DIR / "config.yaml", wrong)
+    rows = {r["name"]: r for r in json.loads(run_cli("vq", "list", "--json").output)}
+    assert rows["ldm-vq-f8"]["local"] is False
+    assert "describes another tokenizer" in run_cli("vq", "info", "ldm-vq-f8", expect=2).output
+    shutil.copytree(wrong, tmp_path / "home" / "tokenizers" / "vqgan-4096")  # the demo has vqgan-4096's geometry
+    rows = {r["name"]: r for r in json.loads(run_cli("vq", "list", "--json").output)}
+    assert rows["vqgan-4096"]["local"] is True

@@ -151,7 +151,12 @@ def is_local(k: Known) -> bool:
     """Whether `resolve` would find this tokenizer without a download."""
     if k.kind == "shipped":
         return (DEMO_DIR / "model.safetensors").is_file()
-    if _has_files(cogalign_home() / "tokenizers" / k.name):
+    folder = cogalign_home() / "tokenizers" / k.name
+    if _has_files(folder):  # what `resolve` takes: usable only if it is that tokenizer
+        try:
+            check_installed(k, folder)
+        except TokenizerError:
+            return False
         return True
     repo = k.source if k.kind == "hub" else (_configured_repo(k.name) if k.name in _DESCRIPTIONS else None)
     if not repo:
