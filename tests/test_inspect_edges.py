@@ -158,6 +158,28 @@ def test_vqgan_4096_folder_without_weights_does_not_hide_the_hub_repo(tmp_path, 
         load_tokenizer("vqgan-4096")
 
 
+def test_show_of_a_vqgan_4096_run_from_the_hub_uses_the_commit_it_recorded(run, tmp_path, monkeypatch):
+    """A run with --vq vqgan-4096 found through $COGALIGN_VQGAN_4096 records `vqgan-4096 (OWNER/REPO@COMMIT)`;
+    show/gallery load that commit, as for an hf:// run: not 'vqgan-4096 is not installed' where the
+    variable is not set, and not wherever the repo's branch points now."""
+    from test_hub import hub_cache
+
+    sha = "a" * 40
+    cache, home = tmp_path / "hf", tmp_path / "home"
+    hub_cache(cache, "me/vqgan", {"model.safetensors": DEMO_DIR / "model.safetensors",
+                                  "config.yaml": DEMO_DIR / "config.yaml"}, rev=sha, branch="old")
+    for k, v in {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1", "COGALIGN_HOME": home}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("COGALIGN_VQGAN_4096", raising=False)
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    manifest = json.loads((out / "cogalign.json").read_text())
+    manifest["options"].update(vq="vqgan-4096", tokenizer_name=f"vqgan-4096 (me/vqgan@{sha})")
+    (out / "cogalign.json").write_text(json.dumps(manifest))
+    res = run_cli("show", out, "--id", "coffee", "--out", tmp_path / "x.png")
+    assert "PSNR" in res.output and "warning" not in res.output, res.output
+
+
 @pytest.mark.parametrize("text", ["tokenizers: [me/vqgan]", "- me/vqgan", "tokenizers: me/vqgan"])
 def test_config_file_of_the_wrong_shape_is_one_line(text, tmp_path, monkeypatch):
     home = tmp_path / "home"

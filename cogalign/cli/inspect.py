@@ -19,12 +19,18 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that u
 
 def _pinned_hub_spec(opts: dict) -> Optional[str]:
     """The run's hf:// tokenizer at the commit it resolved to then (recorded as OWNER/REPO@COMMIT[/SUB]),
-    not wherever its branch points now."""
+    not wherever its branch points now; so is a catalog name the run found on the Hub (recorded as
+    `NAME (OWNER/REPO@COMMIT)`: vqgan-4096 through $COGALIGN_VQGAN_4096, boris-vqgan-f16-16384)."""
+    import re
+
     from cogalign.tokenizers.hub import PREFIX, is_hub_spec
 
-    name = str(opts.get("tokenizer_name") or "")
-    if is_hub_spec(str(opts.get("vq") or "")) and "@" in name and " " not in name:
+    name, vq = str(opts.get("tokenizer_name") or ""), str(opts.get("vq") or "")
+    if is_hub_spec(vq) and "@" in name and " " not in name:
         return PREFIX + name
+    by_name = re.fullmatch(r"(\S+) \((\S+/\S+@[0-9a-f]{40}\S*)\)", name)
+    if by_name and by_name.group(1) == vq:
+        return PREFIX + by_name.group(2)
     return None
 
 
