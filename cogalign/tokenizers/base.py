@@ -9,7 +9,10 @@ import torch
 from cogalign.errors import CogalignError
 
 
-__all__ = ["PRECISIONS", "TokenizerError", "VQTokenizer", "resolve_device", "pixel_problem"]
+__all__ = ["PRECISIONS", "RESUME_STATES", "TokenizerError", "VQTokenizer", "resolve_device", "pixel_problem"]
+
+# `vq train`'s resume state (and its partial write): never a model checkpoint, never pushed
+RESUME_STATES = ("train_state.pt", "train_state.pt.tmp")
 
 # Encoder precisions (`--precision`): the name and its torch dtype. The codebook distance is
 # always computed in float32.

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from cogalign.tokenizers.base import TokenizerError
-from cogalign.tokenizers.hub import RESUME_STATES
+from cogalign.tokenizers.base import RESUME_STATES, TokenizerError
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "KEPT_PREFIXES", "DECODER_PREFIXES", "apply_attn_type", "hash_state_dict", "read_config",
@@ -197,7 +196,7 @@ def _pick_yaml(ckpt: Path, candidates: list[Path], where: str) -> Path:
         f"{ckpt}: several model configs found ({names}); keep one, or name the right one {ckpt.stem}.yaml beside the checkpoint")
 
 
-def resume_state_error(path: Path, step: int | None = None) -> TokenizerError:
+def _resume_state_error(path: Path, step: int | None = None) -> TokenizerError:
     """The one-line refusal of `vq train`'s resume state where a model checkpoint is expected."""
     at = f" (step {step})" if step is not None else ""
     return TokenizerError(
@@ -234,7 +233,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if path.suffix.lower() in YAML_SUFFIXES:
         raise TokenizerError(f"{path}: this is a config; pass the checkpoint file (or the folder holding both)")
     if path.name in RESUME_STATES:
-        raise resume_state_error(path)
+        raise _resume_state_error(path)
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise TokenizerError(f"{path}: not a checkpoint (expected .ckpt, .pth or .safetensors)")
     folder = path.parent
@@ -318,7 +317,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{path}: not a readable torch checkpoint ({msg}); is the file complete?") from None
     if isinstance(obj, dict) and {"step", "model", "opt", "config"} <= set(obj):
-        raise resume_state_error(path, obj.get("step"))
+        raise _resume_state_error(path, obj.get("step"))
     sd = obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from cogalign.tokenizers.base import TokenizerError
+from cogalign.tokenizers.base import RESUME_STATES, TokenizerError
 
 PREFIX = "hf://"
 # What a tokenizer folder needs; anything else in the repo (samples, logs) is not downloaded.
@@ -17,7 +17,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.ckpt", "*.pth", "*.yaml", "*.yml")
 PUSHED = ("*.safetensors", "*.yaml", "*.yml", "train_metrics.json")
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".pkl")
 # `vq train`'s resume state (optimizers, RNG): part of the run, not of the model; never uploaded.
-RESUME_STATES = ("train_state.pt", "train_state.pt.tmp")
 
 
 __all__ = [
