@@ -121,6 +121,21 @@ def test_an_uncached_commit_with_the_hub_unreachable_is_one_line_at_once(offline
     msg = str(ei.value)
     assert listed == [] and "\n" not in msg
     assert f"hf://acme/absent@{REV}: not in the Hugging Face cache {offline}" in msg and "cannot be reached" in msg
+    # an answer from the Hub (HfHubHTTPError is an OSError) is not taken for an unreachable Hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(self, *a, **kw):
+        import httpx2 as httpx  # what huggingface_hub >= 1.0 builds its errors on
+
+        request = httpx.Request("GET", "https://huggingface.co/api/models/acme/absent")
+        raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                      response=httpx.Response(404, request=request))
+
+    monkeypatch.setattr(HfApi, "repo_info", not_found)
+    monkeypatch.setattr(HfApi, "list_repo_tree", not_found)
+    with pytest.raises(TokenizerError) as ei:
+        load_tokenizer(f"hf://acme/absent@{REV}")
+    assert "not found or not accessible" in str(ei.value)
 
 
 def test_offline_miss_says_where_it_looked(offline):

@@ -157,9 +157,12 @@ def _is_commit(revision: str | None) -> bool:
 def _hub_unreachable(repo_id: str) -> bool:
     """Whether one request to the Hub fails in transport (no retries), as opposed to answering."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         HfApi().repo_info(repo_id)
+    except HfHubHTTPError:  # an answer (not found, gated, 5xx): snapshot_download reports it
+        return False
     except Exception as exc:  # httpx transport errors (huggingface_hub >= 1.0), requests' before, OS errors
         return isinstance(exc, OSError) or type(exc).__module__.startswith(("httpx", "requests"))
     return False
