@@ -404,15 +404,17 @@ class ShardPool:
         touched = sorted({conns[o] if o in conns else sentinels[o] for o in ready})
         dead = [i for i in touched if self.slots[i].proc.sentinel in ready]
         for i in touched:
-            conn = self.slots[i].from_worker
+            conn, messages = self.slots[i].from_worker, []
             try:
                 while conn.poll():  # what it sent before it died still counts (a shard it finished)
                     data = conn.recv_bytes()
                     self.received += len(data)
-                    self._handle(i, pickle.loads(data))
-            except (EOFError, OSError):
+                    messages.append(pickle.loads(data))
+            except (EOFError, OSError):  # the pipe broke: the worker died
                 if i not in dead:
                     dead.append(i)
+            for msg in messages:  # outside the try: an OSError a worker reports (disk full) is the run's error
+                self._handle(i, msg)
         for i in dead:
             self._crashed(i)
 
