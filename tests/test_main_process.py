@@ -207,3 +207,22 @@ def test_a_write_error_in_a_shard_worker_stops_the_run_with_its_message(tmp_path
     assert line.startswith("error: ") and "No space left on device" in line and "resume" in line, line
     assert "died" not in line
     assert len(list((tmp_path / "out" / "data").iterdir())) == 1  # shard 0 complete, shard 1 not published
+
+
+def test_shared_memory_has_no_name_once_the_workers_hold_it(tmp_path, monkeypatch):
+    """A kill -9 of the whole process group (Slurm, `timeout -s KILL`) kills the resource tracker too:
+    an arena still named under /dev/shm would stay there, taking RAM, until the machine reboots."""
+    from cogalign.expand.shardpool import ShardPool
+
+    named, handle = [], ShardPool._handle
+
+    def spy(self, i, msg):
+        if msg[0] == "done":
+            named.append((Path("/dev/shm") / self.slots[i].arena.name.lstrip("/")).exists())
+        return handle(self, i, msg)
+    monkeypatch.setattr(ShardPool, "_handle", spy)
+    options = ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16))
+    expand(EXAMPLES, tmp_path / "a", options, Runtime(workers=0, progress=False, shard_size=5))
+    expand(EXAMPLES, tmp_path / "b", options, Runtime(workers=2, progress=False, shard_size=5))
+    assert named == [False] * 3
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")

@@ -198,6 +198,8 @@ def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> N
     def send(msg) -> None:
         conn_out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
+    send(("attached",))  # the main process may drop the arena's name now: a kill -9 leaves nothing in /dev/shm
+
     encoder = ShmEncoder(arena, send, inbox, backlog, ctx.vq_factor)
     run = None
     try:
@@ -247,6 +249,7 @@ class Slot:
     arena: SharedMemory
     gen: int
     shards: deque = field(default_factory=deque)
+    unlinked: bool = False  # the arena's name is gone (the mapping lives until both processes close it)
 
 
 @dataclass
@@ -324,7 +327,13 @@ class ShardPool:
         slot.to_worker.close()
         slot.from_worker.close()
         slot.arena.close()
-        slot.arena.unlink()
+        ShardPool._unlink(slot)
+
+    @staticmethod
+    def _unlink(slot: Slot) -> None:
+        if not slot.unlinked:
+            slot.arena.unlink()
+            slot.unlinked = True
 
     def _send(self, slot: Slot, msg) -> None:
         try:
@@ -420,7 +429,9 @@ class ShardPool:
 
     def _handle(self, i: int, msg) -> None:
         kind, slot = msg[0], self.slots[i]
-        if kind == "vq":
+        if kind == "attached":
+            self._unlink(slot)
+        elif kind == "vq":
             _, ticket, crops = msg
             self.missing[(i, slot.gen, ticket)] = len(crops)
             for offset, shape in crops:
