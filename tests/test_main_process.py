@@ -226,3 +226,36 @@ def test_shared_memory_has_no_name_once_the_workers_hold_it(tmp_path, monkeypatc
     expand(EXAMPLES, tmp_path / "b", options, Runtime(workers=2, progress=False, shard_size=5))
     assert named == [False] * 3
     assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+
+
+CLOSE_KILLED = """
+import os, sys
+import cogalign.expand.writer as writer
+
+if __name__ == "__mp_main__":  # every shard worker dies while it compresses a shard (out of memory)
+    writer.ParquetShardWriter.close_partial = lambda self: os._exit(9)
+
+if __name__ == "__main__":
+    from cogalign.errors import CogalignError
+    from cogalign.expand.executor import Runtime, expand
+    from cogalign.options import ExpandOptions
+    try:
+        expand({examples!r}, sys.argv[1], ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
+               Runtime(workers=1, progress=False, shard_size=4))
+    except CogalignError as e:
+        print("error:", e)
+"""
+
+
+def test_workers_that_die_writing_every_shard_end_the_run(tmp_path):
+    """No record is to blame (the worker dies between records, closing the shard): each redo of the
+    shard counted as progress, and the run restarted workers for ever."""
+    script = tmp_path / "close_killed.py"
+    script.write_text(CLOSE_KILLED.format(examples=str(EXAMPLES)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("error: worker processes died") and "writing a shard" in line and "--workers 0" in line
+    assert not list((tmp_path / "out" / "data").iterdir())

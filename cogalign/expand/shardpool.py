@@ -282,6 +282,7 @@ class ShardPool:
         self.missing: dict[tuple, int] = {}  # (slot, gen, ticket) -> crops not yet encoded
         self.crashes: Counter = Counter()  # record index -> workers it killed
         self.crashed_in_a_row = 0
+        self.crashed_between_records = 0  # since a shard was last published: deaths no record can be blamed for
         self.held = 0  # bytes of records kept for redo
         self.received = 0  # bytes of messages that reached this process
         self.restarts = 0
@@ -448,6 +449,7 @@ class ShardPool:
             _, shard, tmp, stats, rejects, ids, seconds, progress = msg
             self._progress(progress)
             record = self.shards.pop(shard)
+            self.crashed_between_records = 0
             self.held -= record.nbytes
             slot.shards.remove(shard)
             self.on_done(shard, Path(tmp), stats, rejects, ids, seconds)
@@ -488,6 +490,12 @@ class ShardPool:
                                 "to see the error")
         if culprit >= 0:
             self.crashes[culprit] += 1
+        else:  # closing a shard (compressing it): redoing the shard would die there again, for ever
+            self.crashed_between_records += 1
+            if self.crashed_between_records > MAX_CONSECUTIVE_CRASHES:
+                raise CogalignError(f"worker processes died {self.crashed_between_records} times while writing a "
+                                    f"shard, not on a record (out of memory?): lower --shard-size or --workers, "
+                                    "or rerun with --workers 0 to see the error")
         for shape in list(self.groups):  # its crops died with it
             self.groups[shape] = [g for g in self.groups[shape] if g[:2] != (i, slot.gen)]
             if not self.groups[shape]:
