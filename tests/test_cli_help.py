@@ -131,3 +131,10 @@ def test_version_flag_prints_the_package_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"cogalign {cogalign.__version__}"
+
+
+def test_expand_options_say_their_default_once():
+    """`Default: 512MB. [default: 512MB]`: a help text that names its default, beside the one typer shows."""
+    for p in COMMANDS[("expand",)].params:
+        if p.param_type_name == "option" and p.show_default and p.default is not None and not p.is_flag:
+            assert "default:" not in (p.help or "").lower(), f"expand {p.opts[0]}: {p.help!r} says its default twice"

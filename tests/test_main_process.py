@@ -166,3 +166,96 @@ def test_a_cpu_encoder_takes_crops_as_soon_as_its_threads_can():
     finally:
         torch.set_num_threads(threads)
     assert encode_batch(SimpleNamespace(device=torch.device("cuda")), 32) == 32 and encode_batch(None, 32) == 32
+
+
+DISK_FULL = """
+import sys
+import cogalign.expand.writer as writer
+
+if __name__ == "__mp_main__":  # in each shard worker: the disk fills up at the 7th record written
+    original, calls = writer.ParquetShardWriter.write, [0]
+
+    def write(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= 7:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+    writer.ParquetShardWriter.write = write
+
+if __name__ == "__main__":
+    from cogalign.errors import CogalignError
+    from cogalign.expand.executor import Runtime, expand
+    from cogalign.options import ExpandOptions
+    try:
+        result = expand({examples!r}, sys.argv[1], ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
+                        Runtime(workers=1, progress=False, shard_size=4))
+    except CogalignError as e:
+        print("error:", e)
+"""
+
+
+def test_a_write_error_in_a_shard_worker_stops_the_run_with_its_message(tmp_path):
+    """A disk full in a worker is reported as such and ends the run (it was taken for a worker crash:
+    the worker was restarted again and again, redoing its shard, or the run ended blaming the workers)."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL.format(examples=str(EXAMPLES)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "No space left on device" in line and "resume" in line, line
+    assert "died" not in line
+    assert len(list((tmp_path / "out" / "data").iterdir())) == 1  # shard 0 complete, shard 1 not published
+
+
+def test_shared_memory_has_no_name_once_the_workers_hold_it(tmp_path, monkeypatch):
+    """A kill -9 of the whole process group (Slurm, `timeout -s KILL`) kills the resource tracker too:
+    an arena still named under /dev/shm would stay there, taking RAM, until the machine reboots."""
+    from cogalign.expand.shardpool import ShardPool
+
+    named, handle = [], ShardPool._handle
+
+    def spy(self, i, msg):
+        if msg[0] == "done":
+            named.append((Path("/dev/shm") / self.slots[i].arena.name.lstrip("/")).exists())
+        return handle(self, i, msg)
+    monkeypatch.setattr(ShardPool, "_handle", spy)
+    options = ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16))
+    expand(EXAMPLES, tmp_path / "a", options, Runtime(workers=0, progress=False, shard_size=5))
+    expand(EXAMPLES, tmp_path / "b", options, Runtime(workers=2, progress=False, shard_size=5))
+    assert named == [False] * 3
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+
+
+CLOSE_KILLED = """
+import os, sys
+import cogalign.expand.writer as writer
+
+if __name__ == "__mp_main__":  # every shard worker dies while it compresses a shard (out of memory)
+    writer.ParquetShardWriter.close_partial = lambda self: os._exit(9)
+
+if __name__ == "__main__":
+    from cogalign.errors import CogalignError
+    from cogalign.expand.executor import Runtime, expand
+    from cogalign.options import ExpandOptions
+    try:
+        expand({examples!r}, sys.argv[1], ExpandOptions(vq_resolution=(64, 64), px_resolution=(16, 16)),
+               Runtime(workers=1, progress=False, shard_size=4))
+    except CogalignError as e:
+        print("error:", e)
+"""
+
+
+def test_workers_that_die_writing_every_shard_end_the_run(tmp_path):
+    """No record is to blame (the worker dies between records, closing the shard): each redo of the
+    shard counted as progress, and the run restarted workers for ever."""
+    script = tmp_path / "close_killed.py"
+    script.write_text(CLOSE_KILLED.format(examples=str(EXAMPLES)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("error: worker processes died") and "writing a shard" in line and "--workers 0" in line
+    assert not list((tmp_path / "out" / "data").iterdir())

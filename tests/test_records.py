@@ -231,6 +231,7 @@ def test_malformed_array_raises_after_good_records(tmp_path):
     assert got == [(0, {"a": 0}), (1, {"a": 1})]
     msg = str(info.value)
     assert msg.startswith(f"{path}: invalid JSON after record 1: ") and "\n" not in msg
+    assert "repair the file" in msg and "JSONL" in msg  # and how to go on
     with pytest.raises(InputError, match="after record 1"):
         count_records(path)
 

@@ -97,7 +97,7 @@ def expand(
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Regions per tokenizer batch (1 to 4096; the decoder keeps about as many records in flight)."),
     workers: Optional[int] = Workers,
     device: str = typer.Option("auto", "--device", help="Tokenizer device: auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="VQ encoder precision: fp32, bf16 or fp16 (autocast; the codebook distance is always float32). bf16/fp16 are faster on GPUs but move some near-tie indices, so the precision is recorded in each record and the run manifest. fp16 is refused on the CPU (no fast kernels). Default: fp32."),
+    precision: str = typer.Option("fp32", "--precision", help="VQ encoder precision: fp32, bf16 or fp16 (autocast; the codebook distance is always float32). bf16/fp16 are faster on GPUs but move some near-tie indices, so the precision is recorded in each record and the run manifest. fp16 is refused on the CPU (no fast kernels)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the VQ encoder in channels_last memory layout (faster on some GPUs; other kernels, so some indices differ from taming's contiguous layout; recorded like --precision). Default: off (contiguous NCHW, as taming)."),
     compile_: bool = typer.Option(False, "--compile", help="Run the VQ encoder through torch.compile (compiled once per crop shape; on the CPU it then runs on one thread; recorded like --precision). Default: off (eager)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, max=MAX_SEED, help="Input records per output shard. Default: sized so a shard holds about 256 MB."),
@@ -109,7 +109,7 @@ def expand(
     allow_absolute_paths: bool = AllowAbs,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print how many records would be expanded and the estimated output size, then stop. Default: off."),
     llm_tokenizer: Optional[Path] = typer.Option(None, "--llm-tokenizer", help="With --dry-run: a Hugging Face tokenizer.json (or its folder); the new turns of a few real records are built and their token counts printed. Needs `pip install tokenizers`. Default: none."),
-    memory_budget: str = typer.Option("512MB", "--memory-budget", help="Bytes for the queues and buffers between the stages (records kept for redo, records awaiting VQ indices, shared-memory crops), e.g. 512MB, 2GB; never changes the output. Default: 512MB."),
+    memory_budget: str = typer.Option("512MB", "--memory-budget", help="Bytes for the queues and buffers between the stages (records kept for redo, records awaiting VQ indices, shared-memory crops), e.g. 512MB, 2GB; never changes the output."),
     ignore_disk_space: bool = typer.Option(False, "--ignore-disk-space", help="Start even when the estimated output is larger than the free space at --out. Default: off (refused before any work)."),
     no_progress: bool = NoProgress,
 ) -> None:

@@ -198,6 +198,8 @@ def worker_main(ctx, arena_name: str, window_bytes: int, conn_in, conn_out) -> N
     def send(msg) -> None:
         conn_out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
+    send(("attached",))  # the main process may drop the arena's name now: a kill -9 leaves nothing in /dev/shm
+
     encoder = ShmEncoder(arena, send, inbox, backlog, ctx.vq_factor)
     run = None
     try:
@@ -247,6 +249,7 @@ class Slot:
     arena: SharedMemory
     gen: int
     shards: deque = field(default_factory=deque)
+    unlinked: bool = False  # the arena's name is gone (the mapping lives until both processes close it)
 
 
 @dataclass
@@ -279,6 +282,7 @@ class ShardPool:
         self.missing: dict[tuple, int] = {}  # (slot, gen, ticket) -> crops not yet encoded
         self.crashes: Counter = Counter()  # record index -> workers it killed
         self.crashed_in_a_row = 0
+        self.crashed_between_records = 0  # since a shard was last published: deaths no record can be blamed for
         self.held = 0  # bytes of records kept for redo
         self.received = 0  # bytes of messages that reached this process
         self.restarts = 0
@@ -324,7 +328,13 @@ class ShardPool:
         slot.to_worker.close()
         slot.from_worker.close()
         slot.arena.close()
-        slot.arena.unlink()
+        ShardPool._unlink(slot)
+
+    @staticmethod
+    def _unlink(slot: Slot) -> None:
+        if not slot.unlinked:
+            slot.arena.unlink()
+            slot.unlinked = True
 
     def _send(self, slot: Slot, msg) -> None:
         try:
@@ -404,21 +414,25 @@ class ShardPool:
         touched = sorted({conns[o] if o in conns else sentinels[o] for o in ready})
         dead = [i for i in touched if self.slots[i].proc.sentinel in ready]
         for i in touched:
-            conn = self.slots[i].from_worker
+            conn, messages = self.slots[i].from_worker, []
             try:
                 while conn.poll():  # what it sent before it died still counts (a shard it finished)
                     data = conn.recv_bytes()
                     self.received += len(data)
-                    self._handle(i, pickle.loads(data))
-            except (EOFError, OSError):
+                    messages.append(pickle.loads(data))
+            except (EOFError, OSError):  # the pipe broke: the worker died
                 if i not in dead:
                     dead.append(i)
+            for msg in messages:  # outside the try: an OSError a worker reports (disk full) is the run's error
+                self._handle(i, msg)
         for i in dead:
             self._crashed(i)
 
     def _handle(self, i: int, msg) -> None:
         kind, slot = msg[0], self.slots[i]
-        if kind == "vq":
+        if kind == "attached":
+            self._unlink(slot)
+        elif kind == "vq":
             _, ticket, crops = msg
             self.missing[(i, slot.gen, ticket)] = len(crops)
             for offset, shape in crops:
@@ -435,6 +449,7 @@ class ShardPool:
             _, shard, tmp, stats, rejects, ids, seconds, progress = msg
             self._progress(progress)
             record = self.shards.pop(shard)
+            self.crashed_between_records = 0
             self.held -= record.nbytes
             slot.shards.remove(shard)
             self.on_done(shard, Path(tmp), stats, rejects, ids, seconds)
@@ -475,6 +490,12 @@ class ShardPool:
                                 "to see the error")
         if culprit >= 0:
             self.crashes[culprit] += 1
+        else:  # closing a shard (compressing it): redoing the shard would die there again, for ever
+            self.crashed_between_records += 1
+            if self.crashed_between_records > MAX_CONSECUTIVE_CRASHES:
+                raise CogalignError(f"worker processes died {self.crashed_between_records} times while writing a "
+                                    f"shard, not on a record (out of memory?): lower --shard-size or --workers, "
+                                    "or rerun with --workers 0 to see the error")
         for shape in list(self.groups):  # its crops died with it
             self.groups[shape] = [g for g in self.groups[shape] if g[:2] != (i, slot.gen)]
             if not self.groups[shape]:

@@ -259,7 +259,9 @@ def _iter_json(f, p: str, skip) -> Iterator[tuple[int, object]]:
                     raise InputError(f"{p}: invalid JSON after record {index}: {_one_line(e)}") from None
                 continue
             where = f"after record {index}" if index >= 0 else "before the first record"
-            raise InputError(f"{p}: invalid JSON {where}: {_one_line(e)}") from None
+            raise InputError(f"{p}: invalid JSON {where}: {_one_line(e)}; repair the file (cut short? "
+                             f"`python -m json.tool {os.path.basename(p)}` shows where), or give it as JSONL, whose bad lines "
+                             "are rejected one by one") from None
         if backend is ijson and scan.found:
             # This record may hold the hit (yajl made it "?"): read it again, and the rest.
             backend, items = None, reread(index + 1)
