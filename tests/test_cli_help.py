@@ -43,7 +43,7 @@ def test_options_say_their_default(path):
     for p in COMMANDS[path].params:
         if p.name == "help" or p.param_type_name != "option" or p.required:
             continue
-        shown = p.show_default and p.default is not None and not p.is_flag
+        shown = p.show_default and p.default is not None and (not p.is_flag or bool(p.secondary_opts))  # typer shows it
         said = "default" in (p.help or "").lower() or "give --id or --index" in (p.help or "").lower()
         assert p.help and (shown or said), f"{' '.join(path)} {p.opts[0]}: {p.help!r} does not say its default"
 
@@ -138,3 +138,11 @@ def test_expand_options_say_their_default_once():
     for p in COMMANDS[("expand",)].params:
         if p.param_type_name == "option" and p.show_default and p.default is not None and not p.is_flag:
             assert "default:" not in (p.help or "").lower(), f"expand {p.opts[0]}: {p.help!r} says its default twice"
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_options_say_their_default_once(path):
+    """Typer prints `[default: X]` itself: a help text that also says `Default: X.` said it twice."""
+    out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output
+    twice = [" ".join(line.split())[:120] for line in out.splitlines() if "Default:" in line and "[default:" in line]
+    assert not twice, twice

@@ -60,16 +60,17 @@ def list_templates(
 
 @templates_app.command("show")
 def show(
-    first: str = typer.Argument(..., metavar="[KIND] ID", help="Template id, as printed by `templates list` (0-based), "
-                                "optionally after its kind as `list` prints it: `show 3`, `show px 3`."),
-    second: Optional[str] = typer.Argument(None, hidden=True),
-    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table: vq or px (a KIND before the ID wins). Default: vq."),
+    words: list[str] = typer.Argument(..., metavar="[KIND] ID", help="Template id, as printed by `templates list` "
+                                      "(0-based), optionally after its kind as `list` prints it: `show 3`, `show px 3`."),
+    kind: Kind = typer.Option(Kind.vq, "--kind", help="Which table: vq or px (a KIND before the ID wins)."),
     templates: Optional[Path] = TemplatesOption,
 ) -> None:
     """Print one template."""
-    kind_name, raw_id = (first, second) if second is not None else (kind.value, first)
+    if len(words) > 2:
+        fail(f"templates show {' '.join(words)}: give [KIND] ID, e.g. `cogalign templates show px 3`")
+    kind_name, raw_id = words if len(words) == 2 else (kind.value, words[0])
     if kind_name not in [k.value for k in Kind]:
-        fail(f"templates show {first} {second}: the kind is vq or px, e.g. `cogalign templates show px 3`")
+        fail(f"templates show {' '.join(words)}: the kind is vq or px, e.g. `cogalign templates show px 3`")
     try:
         template_id = int(raw_id)
     except ValueError:
