@@ -133,6 +133,21 @@ def test_startup_estimate_needs_no_tokenizer_call():
     assert abs(need - encoded["estimated_output_bytes"]) <= 0.02 * encoded["estimated_output_bytes"], (need, encoded)
 
 
+def test_startup_estimate_counts_the_workers_writing(monkeypatch):
+    """The time estimate left out serialising and compressing, a shard worker's main cost at large
+    RGB answers (the start-up line said ~1 s for runs of 3-5 s): each record's write now counts."""
+    from cogalign.expand import estimate, validate
+    from cogalign.expand.executor import resolve_options
+
+    options, sampler, tokenizer = resolve_options(ExpandOptions(targets="px", px_resolution=(16, 16)), Runtime())
+    args = (EXAMPLES, options, tokenizer, sampler, EXAMPLES.parent, 2)
+    _, base, facts = validate.startup_estimate(*args)
+    assert estimate.write_seconds([{"conversations": [{"from": "human", "value": "x" * 10**6}]}] * 2, "parquet") > 0
+    monkeypatch.setattr(estimate, "write_seconds", lambda records, fmt, images=None: 10.0)
+    _, slow, _ = validate.startup_estimate(*args)
+    assert slow - base >= 0.9 * facts["would_expand"] * 10.0 / 2  # 10 s a record over 2 workers
+
+
 def test_encoder_flops_are_counted_without_running_it():
     """The estimate's encoder time rests on `flops`, counted from the modules' shapes: it matches
     what torch's FLOP counter sees in a real forward pass (convolutions, attention, lookup)."""

@@ -10,7 +10,7 @@ from cogalign.targets.regions import region_box
 
 __all__ = ["mean_digits", "region_pixels", "target_chars", "record_bytes", "auto_shard_size", "mean_image_bytes",
            "format_bytes", "output_bytes", "parse_size", "human_bytes", "synthetic_grid", "encoder_seconds",
-           "vq_crop_bytes", "SHARD_TARGET_BYTES", "MAX_SHARD_RECORDS", "DEFAULT_MEMORY_BUDGET"]
+           "vq_crop_bytes", "write_seconds", "SHARD_TARGET_BYTES", "MAX_SHARD_RECORDS", "DEFAULT_MEMORY_BUDGET"]
 
 SHARD_TARGET_BYTES = 256 * 1024 * 1024  # the Hub asks for shards under ~500 MB uncompressed
 MAX_SHARD_RECORDS = 10_000
@@ -131,6 +131,19 @@ def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
             pq.write_table(table, path, compression="zstd")
             sizes.append(path.stat().st_size)
     return max(0.0, (sizes[0] - sizes[1]) / len(records))
+
+
+def write_seconds(records: list, fmt: str, images: list | None = None) -> float:
+    """Seconds a shard worker spends serialising and compressing one of these records: a warm write
+    (Arrow's and zstd's first-use cost, paid once per worker, left out)."""
+    import time
+
+    if not records:
+        return 0.0
+    format_bytes(records[:1], fmt, images[:1] if images else None)  # warm-up
+    started = time.perf_counter()
+    format_bytes(records, fmt, images)
+    return (time.perf_counter() - started) / len(records)
 
 
 def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int, passed_input_bytes: int,

@@ -216,7 +216,7 @@ def _check_disk(input_path, out_dir, options, sampler, tokenizer, image_root, ru
                             f"{estimate.human_bytes(free)} is free there; shrink it with --px-resolution (e.g. 32) "
                             "or --targets vq, free some space, or pass --ignore-disk-space")
     return (f"expand: {n_planned} of {n_records} records to do; estimated output {estimate.human_bytes(need)}, "
-            f"about {_duration(seconds)} with {runtime.workers} worker{'s' if runtime.workers != 1 else ''}; {estimate.human_bytes(free)} free at {where}")
+            f"about {_duration(seconds)} with {runtime.workers} worker{'s' if runtime.workers != 1 else ''} after start-up; {estimate.human_bytes(free)} free at {where}")
 
 
 def _release_freed_memory() -> None:

@@ -112,7 +112,8 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
             timings: dict | None = None, skip=None, shard_size: int | None = None, encode: bool = True) -> dict:
     """Counts from the record checks alone, the new turns of a few real records (built and
     measured, see `sample_turns`) and from both the size of what expand would write.
-    `timings`, if given, gets the seconds per sampled record spent in a worker and in the encoder;
+    `timings`, if given, gets the seconds per sampled record spent in a worker (writing included) and in
+    the encoder;
     `skip(position)` leaves records out (a slice's start-up estimate reads only its own);
     `encode=False`: the VQ answers from indices of the right count, see `sample_turns`."""
     from cogalign.targets.templates import TemplateSampler
@@ -136,6 +137,9 @@ def dry_run(input_path: str | Path, options: ExpandOptions, tokenizer=None, samp
     facts, built = sample_turns(input_path, options, sampler or TemplateSampler.from_path(options.templates),
                                tokenizer, image_root, llm_tokenizer, samples, keep=True, timings=timings, skip=skip,
                                encode=encode)
+    if timings is not None and built["expanded"]:  # the worker also serialises and compresses each record
+        timings["worker"] = timings.get("worker", 0.0) + estimate.write_seconds(
+            built["expanded"], options.format, built.get("images"))
     shard_size = shard_size or estimate.auto_shard_size(options, tokenizer, input_path, image_root)
     n = sum(counts.values())
     if built["expanded"] or not counts["expand"]:
