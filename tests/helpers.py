@@ -1,7 +1,9 @@
 """Shared helpers for the end-to-end tests."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -46,3 +48,25 @@ def one_line_error(result, *words: str) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
+
+
+@contextlib.contextmanager
+def hub_warnings_seen():
+    """The records huggingface_hub logs while the block runs (a list, filled as they come)."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    seen: list = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hub_logging.get_logger("huggingface_hub").addHandler(handler)
+    try:
+        yield seen
+    finally:
+        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
+
+
+def log_a_hub_retry() -> None:
+    """What huggingface_hub logs before each retry of an unreachable Hub."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")

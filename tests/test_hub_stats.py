@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cogalign.expand.writer import read_shard
-from helpers import EXAMPLES, run_cli
+from helpers import EXAMPLES, hub_warnings_seen, log_a_hub_retry, run_cli
 from hub_fixtures import expand_examples
 
 
@@ -103,17 +103,11 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_without_the_hubs_retry_warn
     from cogalign.hub.stats import load_tokenizer
 
     def offline(spec):
-        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        log_a_hub_retry()
         raise OSError("cannot find the requested files in the local cache")
 
-    seen = []
-    handler = logging.Handler()
-    handler.emit = seen.append
-    hub_logging.get_logger("huggingface_hub").addHandler(handler)
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(offline))
-    try:
+    with hub_warnings_seen() as seen:
         with pytest.raises(CogalignError, match="--tokenizer some-org/tok: cannot load a tokenizer"):
             load_tokenizer("some-org/tok")
-    finally:
-        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
     assert seen == [] and hub_logging.get_verbosity() == logging.WARNING

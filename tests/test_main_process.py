@@ -71,13 +71,19 @@ if __name__ == "__main__":
 """
 
 
-def test_a_record_that_kills_its_shard_worker_twice_is_rejected(tmp_path):
-    script = tmp_path / "crashing.py"
-    script.write_text(CRASHING.format(examples=str(EXAMPLES)))
+def _run_script(tmp_path: Path, name: str, template: str, timeout: int):
+    """`template` (with `{examples}`) as a user's script, run on out/ in a fresh interpreter; it must exit 0."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(template.format(examples=str(EXAMPLES)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_record_that_kills_its_shard_worker_twice_is_rejected(tmp_path):
+    proc = _run_script(tmp_path, "crashing", CRASHING, timeout=300)
     assert proc.stdout.split()[0] == "2"  # the crash, then the same record again
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["input"] == 14 and report["reject_reasons"] == {"worker_crashed": 1}
@@ -212,12 +218,7 @@ if __name__ == "__main__":
 def test_a_write_error_in_a_shard_worker_stops_the_run_with_its_message(tmp_path):
     """A disk full in a worker is reported as such and ends the run (it was taken for a worker crash:
     the worker was restarted again and again, redoing its shard, or the run ended blaming the workers)."""
-    script = tmp_path / "disk_full.py"
-    script.write_text(DISK_FULL.format(examples=str(EXAMPLES)))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(tmp_path, "disk_full", DISK_FULL, timeout=120)
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("error: ") and "No space left on device" in line and "resume" in line, line
     assert "died" not in line
@@ -265,12 +266,7 @@ if __name__ == "__main__":
 def test_workers_that_die_writing_every_shard_end_the_run(tmp_path):
     """No record is to blame (the worker dies between records, closing the shard): each redo of the
     shard counted as progress, and the run restarted workers for ever."""
-    script = tmp_path / "close_killed.py"
-    script.write_text(CLOSE_KILLED.format(examples=str(EXAMPLES)))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                          env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(tmp_path, "close_killed", CLOSE_KILLED, timeout=60)
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("error: worker processes died") and "writing a shard" in line and "--workers 0" in line
     assert not list((tmp_path / "out" / "data").iterdir())

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.helpers import EXAMPLES, FAST, one_line_error as _one_line_error, run_cli  # noqa: E402
+from tests.helpers import (EXAMPLES, FAST, hub_warnings_seen, log_a_hub_retry, one_line_error as _one_line_error,  # noqa: E402
+                           run_cli)
 from tests.train_fixtures import expand_px, quadrant_set  # noqa: E402
 
 TINY_LR = ["projector=3e-3", "vision_tower=3e-3", "language_model=3e-3"]
@@ -420,17 +421,11 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line_without_retry_warnings(m
     from cogalign.train.model import load
 
     def offline(*args, **kwargs):
-        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        log_a_hub_retry()
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    seen = []
-    handler = logging.Handler()
-    handler.emit = seen.append
-    hub_logging.get_logger("huggingface_hub").addHandler(handler)
     monkeypatch.setattr(AutoProcessor, "from_pretrained", offline)
-    try:
+    with hub_warnings_seen() as seen:
         with pytest.raises(CogalignError, match="cannot load model 'someone/llava'"):
             load("someone/llava")
-    finally:
-        hub_logging.get_logger("huggingface_hub").removeHandler(handler)
     assert seen == [] and hub_logging.get_verbosity() == logging.WARNING
