@@ -138,6 +138,22 @@ def test_slurm_array_with_overwrite_concurrently(tmp_path, reference):
     assert data_digest(out) == reference
 
 
+def test_a_slices_overwrite_leaves_the_shared_folders_to_the_other_slices(tmp_path):
+    """A slice's --overwrite removed .partial/ (and data/, stats/) when they were empty, under another
+    slice writing into them at that moment: its next write failed with ENOENT (seen in CI, 1 run in ~5)."""
+    from cogalign.expand.layout import prepare, read_manifest
+
+    out = tmp_path / "out"
+    for i in (0, 1):
+        run_cli("expand", EXAMPLES, "--out", out, *ARGS, "--num-shards", "2", "--shard-index", str(i))
+    for name in ("data", "stats"):  # what the other slice's folders hold at the moment it starts
+        for f in (out / name).iterdir():
+            f.unlink()
+    (out / ".partial").mkdir(exist_ok=True)
+    assert prepare(out, read_manifest(out), overwrite=True, sliced=True, mine=lambda s: s % 2 == 0) == "overwrite"
+    assert all((out / name).is_dir() for name in (".partial", "data", "stats"))
+
+
 def test_slice_with_other_settings_is_refused_until_reset(tmp_path, reference):
     out = tmp_path / "out"
     expand(EXAMPLES, out, "--num-shards", "2", "--shard-index", "0", "--seed", "9")

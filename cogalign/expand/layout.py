@@ -214,7 +214,9 @@ def prepare(root: Path, manifest: dict, *, overwrite: bool, sliced: bool, mine) 
     if not diff:
         if overwrite:
             layout = Layout(root, manifest["num_shards"], manifest["format"])
-            _delete(root, [p for s in range(layout.num_shards) if mine(s) for p in layout.shard_files(s)])
+            # other slices may be writing: their folders stay (an emptied .partial/ or data/ removed
+            # under them failed their next write with ENOENT)
+            _delete(root, [p for s in range(layout.num_shards) if mine(s) for p in layout.shard_files(s)], keep_dirs=True)
             _delete_merged(root, old)
             return "overwrite"
         return "resume"
@@ -291,13 +293,13 @@ def _delete_merged(root: Path, manifest: dict) -> None:
     """The outputs merged from all shards: stale once any shard is redone."""
     top = _owned_top(manifest, Layout(root, manifest["num_shards"], manifest["format"]))
     _delete(root, ([root / CARD] if card_is_ours(root) else [])
-            + [root / name for name in top if name not in (MANIFEST, CARD_COPY)])
+            + [root / name for name in top if name not in (MANIFEST, CARD_COPY)], keep_dirs=True)
 
 
-def _delete(root: Path, paths: list[Path]) -> None:
+def _delete(root: Path, paths: list[Path], keep_dirs: bool = False) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
-    for d in (".partial", "stats", "data"):
+    for d in () if keep_dirs else (".partial", "stats", "data"):
         try:
             (root / d).rmdir()  # only if empty: a user's file there stays, and so does the folder
         except OSError:
