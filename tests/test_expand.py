@@ -238,3 +238,16 @@ def test_bad_slice_is_one_line_error(tmp_path):
 def test_out_of_range_numbers_are_usage_errors(tmp_path, option):
     result = run_cli("expand", EXAMPLES, "--out", tmp_path, *FAST, *option, expect=2)
     assert option[0] in result.output and not (tmp_path / "cogalign.json").exists()
+
+
+def test_duplicate_ids_beyond_64_bits_are_counted_exactly(tmp_path):
+    """ids were read back with orjson, which makes floats of them: 2**70 and 2**70 + 1 counted as one
+    duplicate id; report.json now keeps them exact."""
+    records = json.loads(EXAMPLES.read_text())
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(dict(r, id=i)) + "\n" for r, i in zip(records, [2**70, 2**70 + 1, 2**70])))
+    (tmp_path / "images").symlink_to(EXAMPLES.parent / "images")
+    run_cli("expand", src, "--out", tmp_path / "out", *FAST, "--workers", "0", "--targets", "px",
+            "--allow-absolute-paths")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["duplicate_ids"] == {"ids": 1, "records": 2, "examples": [2**70]}

@@ -579,3 +579,12 @@ def test_lone_surrogate_detail_names_the_element(tmp_path):
     got = list(iter_records(path))
     assert got[0] == (0, {"id": 1}) and got[2] == (2, {"id": "\U0001f600"})
     assert got[1][1].reason == "invalid_json" and "element 1" in got[1][1].detail and "\\ud800" in got[1][1].detail
+
+
+@pytest.mark.parametrize("value", [-(2**63) - 1, -(2**63), 2**64 - 1, 2**64, -(10**19), 10**30])
+def test_jsonl_integers_past_64_bits_stay_exact(value):
+    """orjson reads -2**63 - 1 (19 digits) as a float; only runs of 20 digits were sent to json.loads."""
+    from cogalign.inputs.records import loads_exact
+
+    got = loads_exact(f'{{"v": {value}}}'.encode())["v"]
+    assert type(got) is int and got == value

@@ -6,6 +6,7 @@ same whichever rank, slice or rerun writes it (`cogalign merge-report OUT`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections import Counter
@@ -14,7 +15,8 @@ from pathlib import Path
 import orjson
 
 from cogalign.expand.layout import CARD, CARD_COPY, Layout, card_is_ours, merged_name, read_manifest, write_card
-from cogalign.expand.writer import open_parquet, temp_name, write_atomic
+from cogalign.expand.writer import dumps, open_parquet, temp_name, write_atomic
+from cogalign.inputs.records import loads_exact
 
 __all__ = ["finalize", "summary_lines", "report_counts", "top_reasons", "dataset_card", "card_note", "dangling_note",
            "shareable_options", "source_dataset", "source_label", "arrow_bytes", "COUNTS"]
@@ -47,7 +49,7 @@ def finalize(out_dir: str | Path) -> dict:
             output_bytes += stats["bytes"]
             with open(layout.rejects_path(i), "rb") as f:
                 shutil.copyfileobj(f, rejects)
-            ids.update(orjson.dumps(x).decode() for x in orjson.loads(layout.ids_path(i).read_bytes()) if x is not None)
+            ids.update(dumps(x).decode() for x in loads_exact(layout.ids_path(i).read_bytes()) if x is not None)
     tmp.replace(out_dir / "rejects.jsonl")
     duplicates = {k: n for k, n in ids.items() if n > 1}
     report = {
@@ -57,13 +59,13 @@ def finalize(out_dir: str | Path) -> dict:
         "warnings": dict(sorted(warnings.items())),  # expanded all the same; LLaVA would mistreat them
         "converted": dict(sorted(converted.items())),  # role/content or messages records, now from/value
         "duplicate_ids": {"ids": len(duplicates), "records": sum(duplicates.values()),
-                          "examples": [orjson.loads(k) for k in sorted(duplicates)[:10]]},
+                          "examples": [loads_exact(k) for k in sorted(duplicates)[:10]]},
         "shards": layout.num_shards, "format": layout.fmt, "output_bytes": output_bytes,
         "arrow_bytes": arrow_bytes(layout),
         "fingerprint": manifest["fingerprint"], "options": shareable_options(manifest["options"]),
     }
     assert totals["input"] == manifest["records"], "every input record is accounted for"
-    write_atomic(out_dir / "report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    write_atomic(out_dir / "report.json", _indented(report))
     if layout.fmt in ("json", "jsonl"):
         _merge_llava_file(layout, merged_name(manifest["input"], layout.fmt))
     write_card(out_dir, dataset_card(report, manifest).encode())
@@ -324,3 +326,11 @@ def summary_lines(counts: dict, reject_reasons: dict, seconds: float, where: str
 def report_counts(report: dict) -> dict:
     """A report's totals in `summary_lines`' terms."""
     return {"expand": report["expanded"], "pass": report["passed"], "reject": report["rejected"]}
+
+
+def _indented(obj) -> bytes:
+    """JSON indented by 2; integers beyond 64 bits (duplicate ids) kept exact, as `dumps` keeps them."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+    except TypeError:
+        return json.dumps(obj, indent=2, ensure_ascii=False).encode()

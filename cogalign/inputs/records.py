@@ -278,11 +278,11 @@ def _iter_json(f, p: str, skip) -> Iterator[tuple[int, object]]:
 
 
 # orjson turns integers beyond 64 bits into floats (json.loads keeps them exact). Lines
-# with a run of 20+ digits (anywhere, strings included) are parsed by `json.loads`
+# with a run of 19+ digits (anywhere, strings included) are parsed by `json.loads`
 # instead; finding them costs about as much again as orjson itself, a cheap price
 # for exact pass-through of every other key.
 _DIGITS_TO_ZERO = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
-_LONG_DIGIT_RUN = b"0" * 20
+_LONG_DIGIT_RUN = b"0" * 19  # orjson: floats for integers past int64 min (19 digits) or uint64 max (20)
 
 
 def loads_exact(line: bytes | str) -> object:
