@@ -37,11 +37,16 @@ def _curve(run: Path, key: str = "loss") -> list[float]:
     return [line[key] for line in _log(run)]
 
 
+def _expanded_quadrants(tmp_path_factory, name: str, n: int, seed: int) -> Path:
+    """`n` quadrant records (seeded), expanded with RGB targets: the output folder."""
+    root = tmp_path_factory.mktemp(name)
+    expand_px(quadrant_set(root / "src", n, seed), root / "out")
+    return root / "out"
+
+
 @pytest.fixture(scope="module")
 def quads(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quads")
-    expand_px(quadrant_set(root / "src", 24, 0), root / "out")
-    return root / "out"
+    return _expanded_quadrants(tmp_path_factory, "quads", 24, 0)
 
 
 def test_two_gloo_ranks_match_one_rank(quads, tmp_path):
@@ -167,9 +172,7 @@ def test_learning_check_rgb_from_images(tmp_path, one_thread):
 
 @pytest.fixture(scope="module")
 def five(tmp_path_factory):
-    root = tmp_path_factory.mktemp("five")
-    expand_px(quadrant_set(root / "src", 5, 1), root / "out")
-    return root / "out"
+    return _expanded_quadrants(tmp_path_factory, "five", 5, 1)
 
 
 def test_two_ranks_where_only_one_has_a_record(five, tmp_path):
