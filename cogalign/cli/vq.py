@@ -167,12 +167,13 @@ def convert(
 
     if out.suffix != ".safetensors":
         fail(f"{out}: the output must end in .safetensors")
-    ours = out.exists() and _safetensors_producer(out) == "cogalign vq convert"
+    producer = _safetensors_producer(out) if out.exists() else None
+    ours = producer == "cogalign vq convert"
     if out.exists():
         if not force:
             fail(f"{out}: exists; pass --force to overwrite")
         if not ours:
-            fail(f"{out}: exists and was not written by `vq convert` ({_safetensors_producer(out) or 'unknown producer'}); "
+            fail(f"{out}: exists and was not written by `vq convert` ({producer or 'unknown producer'}); "
                  "--force never replaces a model it did not write: choose another OUT")
     try:
         cfg_path = config or find_checkpoint(ckpt)[1]

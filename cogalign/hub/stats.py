@@ -39,14 +39,10 @@ def load_tokenizer(spec: str):
         if path.exists() or path.suffix == ".json":
             raise CogalignError(f"{file}: no tokenizer.json there; pass a Hugging Face fast tokenizer file, "
                                 "its folder, or a Hub id")
-        from huggingface_hub.utils import logging as hub_logging
+        from cogalign.train.model import quiet_hub_logs
 
-        level = hub_logging.get_verbosity()
-        hub_logging.set_verbosity_error()  # its retry warnings would add lines to the one-line error below
-        try:
+        with quiet_hub_logs():  # its retry warnings would add lines to the one-line error below
             return Tokenizer.from_pretrained(spec)
-        finally:
-            hub_logging.set_verbosity(level)
     except CogalignError:
         raise
     except Exception as e:

@@ -163,9 +163,14 @@ def _hub_unreachable(repo_id: str) -> bool:
         HfApi().repo_info(repo_id)
     except HfHubHTTPError:  # an answer (not found, gated, 5xx): snapshot_download reports it
         return False
-    except Exception as exc:  # httpx transport errors (huggingface_hub >= 1.0), requests' before, OS errors
-        return isinstance(exc, OSError) or type(exc).__module__.startswith(("httpx", "requests"))
+    except Exception as exc:
+        return _transport_error(exc)
     return False
+
+
+def _transport_error(exc: BaseException) -> bool:
+    """A failure to reach the Hub: httpx transport errors (huggingface_hub >= 1.0), requests' before, OS errors."""
+    return isinstance(exc, OSError) or type(exc).__module__.startswith(("httpx", "requests"))
 
 
 def _cached_commit(hs: HubSpec, patterns: list[str], cache: Path) -> Path | None:
@@ -344,8 +349,8 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     except HfHubHTTPError as exc:
         msg = " ".join(str(exc).split())[:200]
         raise TokenizerError(f"{repo_id}: upload failed ({msg}); check `hf auth login` and write access") from None
-    except Exception as exc:  # offline mode, httpx transport errors (huggingface_hub >= 1.0), OS errors
-        if not isinstance(exc, OSError) and not type(exc).__module__.startswith(("httpx", "requests")):
+    except Exception as exc:  # offline mode, or the Hub out of reach
+        if not _transport_error(exc):
             raise
         how = "HF_HUB_OFFLINE=1 is set; unset it to upload" if hub_offline() else "retry where the Hub can be reached"
         raise TokenizerError(f"{repo_id}: the Hub cannot be reached ({type(exc).__name__}); {how} "

@@ -58,7 +58,6 @@ def check_expand_output(out: Path) -> None:
     """An `expand` output (it has cogalign.json) must be complete, as for train, export and publish; a
     bare data/ folder of shards is read as it is."""
     from cogalign.hub.output import check_complete
-    from cogalign.expand.layout import MANIFEST
 
     if (Path(out) / MANIFEST).is_file():
         check_complete(out)

@@ -181,8 +181,9 @@ def _drop_new_run_files(out: Path, before: set) -> None:
     its logs); the folder is then a new run's again."""
     from cogalign.train.runfolder import RUN_FILES
 
+    made = set(checkpoints(out))
     for p in out.iterdir():
-        if p.name in before or not (p.name in RUN_FILES or p in checkpoints(out)):
+        if p.name in before or not (p.name in RUN_FILES or p in made):
             continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
