@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.train.runfolder import RUN_MANIFEST, checkpoints, prepare, record_files  # noqa: F401
+from cogalign.train.runfolder import (RUN_MANIFEST, checkpoint_step, checkpoints, complete_checkpoints,  # noqa: F401
+                                      prepare, record_files)
 from cogalign.train.stages import GROUPS, Plan
 
 __all__ = ["TrainConfig", "train", "pinned", "split", "RUN_CONFIG", "CACHE"]
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
             hf_logging.disable_progress_bar()
         resume_from = None
         if cfg.resume:
-            done = [c for c in checkpoints(out) if (c / "rank0_cogalign_state.json").exists()]  # saved to the end
+            done = complete_checkpoints(out)
             if not done:
                 raise CogalignError(f"--resume: no complete checkpoint-N folder in {out} (start anew with --overwrite)")
             resume_from = done[-1]
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, model, processor) -> dict:
                 raise CogalignError(f"--resume: {resume_from} was saved with another number of ranks "
                                     "(run with the same torchrun size)")
             trainer.load_rank_state(resume_from)
-            step = int(resume_from.name.split("-")[1])
+            step = checkpoint_step(resume_from)
             if args.process_index == 0:
                 for name in (TRAIN_LOG, EVAL_LOG):  # drop log lines written after the checkpoint
                     _truncate_log(out / name, step)

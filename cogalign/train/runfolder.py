@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cogalign.errors import CogalignError
 
-__all__ = ["prepare", "check", "checkpoints", "read_run_manifest", "write_manifest", "pin_differences", "delete_run",
-           "record_files", "RUN_MANIFEST", "TOOL", "RUN_FILES"]
+__all__ = ["prepare", "check", "checkpoints", "complete_checkpoints", "checkpoint_step", "read_run_manifest",
+           "write_manifest", "pin_differences", "delete_run", "record_files", "RUN_MANIFEST", "TOOL", "RUN_FILES"]
 
 RUN_MANIFEST = "cogalign_run.json"
 TOOL = "cogalign train"
@@ -26,8 +26,18 @@ RUN_FILES = ["train_log.jsonl", "eval_log.jsonl", "train_summary.json", "cogalig
 
 def checkpoints(out: Path) -> list[Path]:
     """The Trainer's checkpoint-N folders, oldest first."""
-    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoint-N folders saved to the end (each rank's state written last), oldest first."""
+    return [c for c in checkpoints(out) if (c / "rank0_cogalign_state.json").exists()]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of a checkpoint-N folder."""
+    return int(Path(checkpoint).name[len("checkpoint-"):])
 
 
 def read_run_manifest(out: Path):
@@ -64,7 +74,8 @@ def check(out: Path, resume: bool, overwrite: bool):
     if resume and (manifest is None or not checkpoints(out)):
         raise CogalignError(f"--resume: no checkpoint-N folder in {out} (start without --resume)")
     if not resume and not overwrite and manifest is not None and entries != [RUN_MANIFEST]:
-        what = checkpoints(out)[-1].name if checkpoints(out) else entries[0]
+        found = checkpoints(out)
+        what = found[-1].name if found else entries[0]
         raise CogalignError(f"--out {out} holds an earlier run ({what}): continue it with --resume, "
                             "or replace it with --overwrite")
     return manifest
@@ -80,7 +91,8 @@ def prepare(out: Path, pinned: dict, resume: bool, overwrite: bool, max_steps: i
         if changed:
             raise CogalignError(f"--resume: options differ from the run in {out}: {'; '.join(changed)}; "
                                 "give the same options (only --max-steps may grow), or start anew with --overwrite")
-        reached = int(checkpoints(out)[-1].name[11:])
+        done = complete_checkpoints(out)
+        reached = checkpoint_step(done[-1]) if done else 0  # where the run resumes (none: run.py says so)
         if max_steps is not None and max_steps < reached:
             raise CogalignError(f"--resume --max-steps {max_steps}: the run in {out} is already at step {reached} "
                                 f"(checkpoint-{reached}); give --max-steps {reached} or more")
