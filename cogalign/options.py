@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from cogalign.errors import CogalignError, OptionError
+from cogalign.errors import OptionError
 
 __all__ = ["ExpandOptions", "parse_resolution", "parse_list", "TARGET_KINDS", "RESIZE_MODES", "RESAMPLE_FILTERS",
            "VQ_SCOPES", "OUTPUT_FORMATS", "VQ_PRECISIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_SEED"]
