@@ -16,8 +16,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from cogalign.errors import CogalignError, RecordError
 from cogalign.expand.worker import EXPAND, PASS, REJECT, LocalEncoder, Prepared, WorkerContext, check_given, finish, \
     prepare, tokenizer_identity

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CogalignError", "RecordError", "InputError", "OptionError", "python_wording"]
+__all__ = ["CogalignError", "RecordError", "InputError", "OptionError", "python_wording", "cli_flag"]
 
 
 class CogalignError(Exception):
@@ -28,6 +28,14 @@ class InputError(CogalignError):
 _PARAMETERS = {"precision": "vq_precision", "channels-last": "vq_channels_last", "compile": "vq_compile",
                "num-shards": "num_slices", "shard-index": "slice_index", "out": "out_dir"}
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( (?=['\"(\[\d]|-\d))?")
+
+
+_FLAGS = {parameter: flag for flag, parameter in _PARAMETERS.items()}
+
+
+def cli_flag(parameter: str) -> str:
+    """The `--flag` for Python parameter `parameter` (`vq_compile` -> `--compile`), the inverse of `python_wording`."""
+    return "--" + _FLAGS.get(parameter, parameter.replace("_", "-"))
 
 
 def python_wording(message: str) -> str:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from cogalign.errors import CogalignError, OptionError
+from cogalign.errors import OptionError, cli_flag
 
 __all__ = ["ExpandOptions", "parse_resolution", "parse_list", "TARGET_KINDS", "RESIZE_MODES", "RESAMPLE_FILTERS",
-           "VQ_SCOPES", "OUTPUT_FORMATS", "VQ_PRECISIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_SEED"]
+           "VQ_SCOPES", "OUTPUT_FORMATS", "VQ_PRECISIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_SEED", "check_bools"]
 
 TARGET_KINDS = ("vq", "px")
 RESIZE_MODES = ("stretch", "pad", "crop")
@@ -120,11 +120,8 @@ class ExpandOptions:
         for name, allowed in (("resize", RESIZE_MODES), ("resample", RESAMPLE_FILTERS),
                               ("vq_scope", VQ_SCOPES), ("format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
-                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        for name in ("allow_absolute_paths", "embed_images", "vq_channels_last", "vq_compile"):
-            if not isinstance(getattr(self, name), bool):  # "false" is truthy: refuse, never guess
-                flag = {"vq_channels_last": "channels-last", "vq_compile": "compile"}.get(name, name.replace("_", "-"))
-                raise OptionError(f"--{flag} {getattr(self, name)!r}: give True or False")
+                raise OptionError(f"{cli_flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        check_bools(self, ("allow_absolute_paths", "embed_images", "vq_channels_last", "vq_compile"))
         if self.embed_images and self.format != "parquet":
             raise OptionError(f"--embed-images needs --format parquet (got {self.format!r}): "
                               "LLaVA JSON files hold image paths, not bytes")
@@ -154,3 +151,10 @@ class ExpandOptions:
         d.pop("tokenizer_name")  # hf://alice/tok and its folder on disk: the same hash is the same tokenizer
         d.pop("templates")
         return hashlib.sha256(orjson.dumps(d, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def check_bools(obj, names) -> None:
+    """Refuse a non-bool in any of `obj`'s fields `names` ("false" is truthy: refuse, never guess)."""
+    for name in names:
+        if not isinstance(getattr(obj, name), bool):
+            raise OptionError(f"{cli_flag(name)} {getattr(obj, name)!r}: give True or False")

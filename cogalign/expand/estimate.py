@@ -102,7 +102,7 @@ def mean_image_bytes(input_path, image_root, options, samples: int = 64, scan: i
 
 def _records(pairs):
     """The (position, record) pairs until the input turns out unreadable (the run reports that itself)."""
-    from cogalign.errors import CogalignError, RecordError
+    from cogalign.errors import CogalignError
 
     try:
         yield from pairs
@@ -114,8 +114,6 @@ def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
     """Mean bytes one of these records takes in a `fmt` shard, measured by writing them
     (parquet: zstd-compressed, less the fixed size of an empty shard). Written with pyarrow
     directly, not through a shard writer: an estimate is no record written."""
-    import pyarrow.parquet as pq
-
     from cogalign.expand.writer import EMBEDDED_SCHEMA, SCHEMA, dumps, embed, rows_to_table, to_row
 
     if not records:
@@ -124,13 +122,8 @@ def format_bytes(records: list, fmt: str, images: list | None = None) -> float:
         return sum(len(dumps(r)) + 1 for r in records) / len(records)
     schema = EMBEDDED_SCHEMA if images is not None else SCHEMA
     rows = [embed(to_row(r), r, data) for r, data in zip(records, images or [None] * len(records))]
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = []
-        for table in (rows_to_table(rows, schema), schema.empty_table()):
-            path = Path(tmp) / f"sample-{table.num_rows}.parquet"
-            pq.write_table(table, path, compression="zstd")
-            sizes.append(path.stat().st_size)
-    return max(0.0, (sizes[0] - sizes[1]) / len(records))
+    full, empty = _parquet_bytes(rows_to_table(rows, schema)), _parquet_bytes(schema.empty_table())
+    return max(0.0, (full - empty) / len(records))
 
 
 def write_seconds(records: list, fmt: str, images: list | None = None) -> float:
@@ -159,19 +152,20 @@ def output_bytes(fmt: str, *, expand: int, passed: int, expand_input_bytes: int,
         lines = expand_input_bytes + passed_input_bytes + expand * growth
         merged = lines + (expand + passed) + 4 if fmt == "json" else lines  # ",\n" in place of "\n", brackets
         return int(lines + merged)
-    per_shard = _empty_parquet_bytes()
+    from cogalign.expand.writer import SCHEMA
+
+    per_shard = _parquet_bytes(SCHEMA.empty_table())
     return int(expand * format_bytes(samples["expanded"], fmt, samples.get("images")) + passed * format_bytes(samples["passed"], fmt)
                + shards * per_shard)
 
 
-def _empty_parquet_bytes() -> int:
+def _parquet_bytes(table) -> int:
+    """Bytes `table` takes as a zstd-compressed parquet file."""
     import pyarrow.parquet as pq
 
-    from cogalign.expand.writer import SCHEMA
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "empty.parquet"
-        pq.write_table(SCHEMA.empty_table(), path, compression="zstd")
+        path = Path(tmp) / "sample.parquet"
+        pq.write_table(table, path, compression="zstd")
         return path.stat().st_size
 
 

@@ -22,11 +22,11 @@ import orjson
 
 from cogalign.expand import distributed, estimate, report, validate
 from cogalign.expand import layout as layout_mod
-from cogalign.errors import CogalignError, OptionError, python_wording
+from cogalign.errors import CogalignError, OptionError, cli_flag, python_wording
 from cogalign.expand.identity import input_identity
 from cogalign.inputs import count_input, image_root as resolve_image_root, iter_input, resolve_input
 from cogalign.expand.layout import Layout
-from cogalign.options import ExpandOptions
+from cogalign.options import ExpandOptions, check_bools
 from cogalign.expand import writer as writer_mod
 from cogalign.expand.pool import refuse_while_spawning
 from cogalign.expand.progress import Progress
@@ -71,11 +71,9 @@ class Runtime:
             except TypeError:
                 number = low - 1
             if isinstance(value, bool) or not low <= number <= high:
-                raise OptionError(f"--{name.replace('_', '-')} {value!r}: an integer from {low} to {high}")
+                raise OptionError(f"{cli_flag(name)} {value!r}: an integer from {low} to {high}")
             setattr(self, name, number)
-        for name in ("overwrite", "progress", "trust_pickle", "ignore_disk_space"):
-            if not isinstance(getattr(self, name), bool):  # "no" is truthy: refuse, never guess
-                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: give True or False")
+        check_bools(self, ("overwrite", "progress", "trust_pickle", "ignore_disk_space"))
 
 
 @dataclass

@@ -18,7 +18,6 @@ import pickle
 import queue
 import signal
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cogalign.errors import CogalignError
-from cogalign.expand.pool import MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, refuse_while_spawning, unguarded_main_message
+from cogalign.expand.pool import (MAX_CONSECUTIVE_CRASHES, UNGUARDED_EXIT, _exit_with_parent, refuse_while_spawning,
+                                  unguarded_main_message)
 
 __all__ = ["ShardPool", "ShardInput", "ShmEncoder", "Ring", "Slot", "encode_batch", "return_large_blocks",
            "worker_main"]
@@ -165,12 +165,6 @@ def return_large_blocks() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def _receive(conn, inbox: queue.Queue) -> None:
