@@ -141,7 +141,8 @@ def _prepare_llava(index: int, record: object, converted: str, ctx: WorkerContex
                           "provenance): expand the original input instead, with every target at once")
     if given is not None:
         name = record.get("image") if isinstance(record.get("image"), str) else f"the image of record {index}"
-        image, data = load_image_object(given, name, opts.max_image_pixels, ctx.image_root, opts.allow_absolute_paths)
+        image, data = load_image_object(given, name, opts.max_image_pixels, ctx.image_root, opts.allow_absolute_paths,
+                                        read_bytes=opts.embed_images)
     elif isinstance(check.image, EmbeddedImage):  # bytes from the input itself, no file
         data = check.image.data
         image = load_image_bytes(data, check.image, opts.max_image_pixels)

@@ -281,7 +281,7 @@ def _convert(im: Image.Image, path_s: str, max_pixels: int) -> Image.Image:
 
 
 def load_image_object(image, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_root: Path | None = None,
-                      allow_absolute: bool = False) -> tuple[Image.Image, bytes | None]:
+                      allow_absolute: bool = False, read_bytes: bool = True) -> tuple[Image.Image, bytes | None]:
     """(8-bit RGB image, the file's bytes or None) for an image given in memory or by path, decoded
     with the same checks and conversion as `load_image` (a file's bytes give the same pixels):
 
@@ -291,7 +291,8 @@ def load_image_object(image, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
     - a `PIL.Image.Image` (left unchanged; its first frame); a uint8 `numpy` array (H, W), (H, W, 3) RGB
       or (H, W, 4) RGBA.
 
-    Anything else is `RecordError("image_bad_type")`; `name` stands for the image in messages."""
+    Anything else is `RecordError("image_bad_type")`; `name` stands for the image in messages.
+    `read_bytes=False`: a file given by path is not read a second time for its bytes (None)."""
     if isinstance(image, dict) and set(image) <= {"bytes", "path"}:
         if image.get("bytes") is not None:
             image = bytes(image["bytes"])
@@ -301,11 +302,11 @@ def load_image_object(image, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
             raise RecordError("image_bad_type", f"{name}: the {{bytes, path}} image has neither bytes nor a path")
     if isinstance(image, str):
         path = resolve_image_path(image, image_root if image_root is not None else Path("."), allow_absolute)
-        return load_image(path, max_pixels), path.read_bytes()
+        return load_image(path, max_pixels), path.read_bytes() if read_bytes else None
     if isinstance(image, os.PathLike):
         path = Path(image)
         path = path if path.is_absolute() or image_root is None else Path(image_root) / path
-        return load_image(path, max_pixels), path.read_bytes()
+        return load_image(path, max_pixels), path.read_bytes() if read_bytes else None
     if isinstance(image, (bytes, bytearray, memoryview)):
         return load_image_bytes(image, name, max_pixels), bytes(image)
     if isinstance(image, Image.Image):
